@@ -1,0 +1,243 @@
+//! Client subcommands: one channel builder, one error type, and the calls.
+
+use std::{future::Future, time::Duration};
+
+use tokio::io::AsyncBufReadExt as _;
+use tokio_stream::{StreamExt as _, wrappers::LinesStream};
+use tonic::{Code, Request, Status, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::{
+    cli::ClientArgs,
+    pb::{HelloRequest, greeter_client::GreeterClient},
+};
+
+/// Deadline of unary, server-streaming and health calls when `--timeout` is not given.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What went wrong on the client side, worded for the person at the terminal.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid server address {addr:?}: {reason}")]
+    Address { addr: String, reason: String },
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("{rpc} failed: {} ({})", code_name(.status.code()), .status.message())]
+    Rpc { rpc: &'static str, status: Status },
+    #[error("{rpc} failed: DEADLINE_EXCEEDED (no answer within {timeout:?})")]
+    Deadline {
+        rpc: &'static str,
+        timeout: Duration,
+    },
+    #[error("reading stdin: {0}")]
+    Stdin(#[from] std::io::Error),
+    #[error("not serving: {service:?} is {status}")]
+    NotServing { service: String, status: String },
+}
+
+/// gRPC's canonical upper-case name of a status code, as grpcurl and every other stack print it.
+pub fn code_name(code: Code) -> String {
+    let camel = format!("{code:?}");
+    let mut name = String::with_capacity(camel.len() + 4);
+    for (i, c) in camel.char_indices() {
+        if c.is_uppercase() && i > 0 {
+            name.push('_');
+        }
+        name.push(c.to_ascii_uppercase());
+    }
+    name
+}
+
+/// Connects to `args.addr`, accepting `host:port` as well as a full URI.
+pub async fn connect(args: &ClientArgs) -> Result<Channel, ClientError> {
+    let uri = if args.addr.contains("://") {
+        args.addr.clone()
+    } else {
+        format!("http://{}", args.addr)
+    };
+    let endpoint = Channel::from_shared(uri.clone()).map_err(|e| ClientError::Address {
+        addr: args.addr.clone(),
+        reason: e.to_string(),
+    })?;
+    let connect_timeout = args.timeout.unwrap_or(DEFAULT_TIMEOUT);
+    endpoint
+        .connect_timeout(connect_timeout)
+        .connect()
+        .await
+        .map_err(|e| ClientError::Connect {
+            addr: uri,
+            reason: error_chain(&e),
+        })
+}
+
+/// "transport error" alone says nothing; the causes below it say "Connection refused".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // hyper and tonic wrap the same io::Error at several levels; say each thing once.
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Runs `call` under the deadline: sent to the server as `grpc-timeout`, and enforced here too, so
+/// a server that ignores it still cannot hang the client.
+async fn with_deadline<T, F>(
+    rpc: &'static str,
+    timeout: Option<Duration>,
+    call: impl FnOnce(Option<Duration>) -> F,
+) -> Result<T, ClientError>
+where
+    F: Future<Output = Result<T, Status>>,
+{
+    let result = match timeout {
+        Some(limit) => tokio::time::timeout(limit, call(Some(limit)))
+            .await
+            .map_err(|_| ClientError::Deadline {
+                rpc,
+                timeout: limit,
+            })?,
+        None => call(None).await,
+    };
+    result.map_err(|status| match status.code() {
+        Code::DeadlineExceeded => ClientError::Deadline {
+            rpc,
+            timeout: timeout.unwrap_or_default(),
+        },
+        _ => ClientError::Rpc { rpc, status },
+    })
+}
+
+fn request<T>(message: T, timeout: Option<Duration>) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Some(limit) = timeout {
+        request.set_timeout(limit);
+    }
+    request
+}
+
+/// Which unary Greeter RPC to call.
+#[derive(Debug, Clone, Copy)]
+pub enum Unary {
+    SayHello,
+    SayHelloAgain,
+}
+
+/// Calls a unary RPC and returns the greeting.
+pub async fn unary(args: &ClientArgs, rpc: Unary, name: String) -> Result<String, ClientError> {
+    let mut client = GreeterClient::new(connect(args).await?);
+    let timeout = Some(args.timeout.unwrap_or(DEFAULT_TIMEOUT));
+    let reply = match rpc {
+        Unary::SayHello => {
+            with_deadline("SayHello", timeout, |t| {
+                client.say_hello(request(HelloRequest { name }, t))
+            })
+            .await?
+        }
+        Unary::SayHelloAgain => {
+            with_deadline("SayHelloAgain", timeout, |t| {
+                client.say_hello_again(request(HelloRequest { name }, t))
+            })
+            .await?
+        }
+    };
+    Ok(reply.into_inner().message)
+}
+
+/// Calls SayHelloStreamReply and hands each greeting to `print` as it arrives.
+pub async fn stream(
+    args: &ClientArgs,
+    name: String,
+    mut print: impl FnMut(&str),
+) -> Result<(), ClientError> {
+    let mut client = GreeterClient::new(connect(args).await?);
+    let timeout = Some(args.timeout.unwrap_or(DEFAULT_TIMEOUT));
+    with_deadline("SayHelloStreamReply", timeout, |t| async move {
+        let mut replies = client
+            .say_hello_stream_reply(request(HelloRequest { name }, t))
+            .await?
+            .into_inner();
+        while let Some(reply) = replies.message().await? {
+            print(&reply.message);
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Calls SayHelloBidiStream with one name per stdin line, handing replies to `print` as they come.
+pub async fn chat(args: &ClientArgs, mut print: impl FnMut(&str)) -> Result<(), ClientError> {
+    let mut client = GreeterClient::new(connect(args).await?);
+    let stdin = tokio::io::BufReader::new(tokio::io::stdin());
+    // A stdin read error ends the outbound stream; it is reported after the replies drain.
+    let (error_tx, mut error_rx) = tokio::sync::oneshot::channel();
+    let mut error_tx = Some(error_tx);
+    let names = LinesStream::new(stdin.lines()).map_while(move |line| match line {
+        Ok(name) => Some(HelloRequest { name }),
+        Err(e) => {
+            if let Some(tx) = error_tx.take() {
+                let _ = tx.send(e);
+            }
+            None
+        }
+    });
+    with_deadline("SayHelloBidiStream", args.timeout, |t| async move {
+        let mut replies = client
+            .say_hello_bidi_stream(request(names, t))
+            .await?
+            .into_inner();
+        while let Some(reply) = replies.message().await? {
+            print(&reply.message);
+        }
+        Ok(())
+    })
+    .await?;
+    match error_rx.try_recv() {
+        Ok(e) => Err(ClientError::Stdin(e)),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Checks health of `service` and succeeds only when it is SERVING.
+pub async fn health(args: &ClientArgs, service: String) -> Result<(), ClientError> {
+    let mut client = HealthClient::new(connect(args).await?);
+    let timeout = Some(args.timeout.unwrap_or(DEFAULT_TIMEOUT));
+    let reply = with_deadline("Health/Check", timeout, |t| {
+        client.check(request(
+            HealthCheckRequest {
+                service: service.clone(),
+            },
+            t,
+        ))
+    })
+    .await?;
+    let status = reply.into_inner().status();
+    if status == ServingStatus::Serving {
+        Ok(())
+    } else {
+        Err(ClientError::NotServing {
+            service,
+            status: status.as_str_name().to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_names_are_grpc_canonical() {
+        assert_eq!(code_name(Code::InvalidArgument), "INVALID_ARGUMENT");
+        assert_eq!(code_name(Code::Ok), "OK");
+        assert_eq!(code_name(Code::DeadlineExceeded), "DEADLINE_EXCEEDED");
+    }
+}

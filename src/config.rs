@@ -1,0 +1,498 @@
+//! Typed configuration, layered and validated before anything binds.
+//!
+//! Layers, later wins: the embedded default (`config/default.toml`, compiled in), each `--config`
+//! file in order, `GREETER__SECTION__KEY` environment variables, then command-line overrides.
+//! Every error names the key and the layer it came from, because "invalid type: string" alone
+//! sends an operator hunting through four layers.
+//!
+//! The configuration holds no secrets by design: TLS keys and token hashes live in files the config
+//! only points to, so `greeter config show` can print it whole.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use config::{Environment, File, FileFormat};
+use serde::{Deserialize, Serialize};
+
+/// The embedded default: what `greeter serve` runs with when given no file.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+const ENV_PREFIX: &str = "GREETER";
+const ENV_SEPARATOR: &str = "__";
+const EMBEDDED_ORIGIN: &str = "the embedded default config";
+const OVERRIDE_ORIGIN: &str = "the command line";
+
+/// The whole configuration. Every section is required after merging, which the embedded default
+/// guarantees, so no value here has a second, hidden default in Rust code.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub tls: TlsConfig,
+    pub auth: AuthConfig,
+    pub greeter: GreeterConfig,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the gRPC listener.
+    pub listen: SocketAddr,
+    /// Explicit opt-out of the secure-by-default guard for non-loopback addresses.
+    pub allow_insecure: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GreeterConfig {
+    /// Longest accepted name in UTF-8 bytes.
+    pub max_name_bytes: usize,
+    /// The greetings of `SayHelloStreamReply`, in order.
+    pub stream_greetings: Vec<String>,
+    /// Pause between two greetings of `SayHelloStreamReply`.
+    #[serde(with = "humantime_serde")]
+    pub stream_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long open calls may run after a shutdown signal before the process exits anyway.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// An `EnvFilter` directive; `RUST_LOG` wins when set.
+    pub filter: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Text on a terminal, JSON otherwise.
+    Auto,
+    Text,
+    Json,
+}
+
+/// A configuration that could not be loaded: which layer, which key, what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{origin}: {}{message}", key.as_ref().map(|k| format!("key `{k}`: ")).unwrap_or_default())]
+pub struct ConfigError {
+    /// The file path, environment variable or "the command line" that set the offending value.
+    pub origin: String,
+    /// The dotted key, when the error is about one key.
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(origin: impl Into<String>, key: Option<&str>, message: impl Into<String>) -> Self {
+        Self {
+            origin: origin.into(),
+            key: key.map(str::to_owned),
+            message: message.into(),
+        }
+    }
+}
+
+/// Where the layers come from. Tests pass their own environment instead of mutating the process's.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// `--config` files, in order; later files win.
+    pub files: Vec<PathBuf>,
+    /// `(name, value)` pairs to read `GREETER__*` variables from.
+    pub env: Vec<(String, String)>,
+    /// `(dotted key, value)` pairs from command-line flags.
+    pub overrides: Vec<(String, String)>,
+}
+
+impl Sources {
+    /// Files and flags as given, environment from this process.
+    pub fn from_process(files: Vec<PathBuf>, overrides: Vec<(String, String)>) -> Self {
+        Self {
+            files,
+            env: std::env::vars().collect(),
+            overrides,
+        }
+    }
+}
+
+impl Config {
+    /// The embedded default alone.
+    pub fn embedded() -> Self {
+        Self::load(&Sources::default()).expect("the embedded default config is valid")
+    }
+
+    /// Merges every layer, then validates the result.
+    ///
+    /// Each layer is first checked on its own on top of the embedded default, so that an unknown
+    /// key or a value of the wrong type is reported against the file or variable that holds it
+    /// rather than against the merged whole.
+    pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
+        for file in &sources.files {
+            if !file.is_file() {
+                return Err(ConfigError::new(
+                    file.display().to_string(),
+                    None,
+                    "config file not found (or not a regular file)",
+                ));
+            }
+            let layer = embedded_builder().add_source(file_source(file));
+            build(layer, &file.display().to_string())?;
+        }
+        let env = env_source(&sources.env);
+        build(
+            embedded_builder().add_source(env.clone()),
+            "the environment",
+        )?;
+        let mut overrides = embedded_builder();
+        for (key, value) in &sources.overrides {
+            overrides = overrides
+                .set_override(key.as_str(), value.as_str())
+                .map_err(|e| convert(e, OVERRIDE_ORIGIN))?;
+        }
+        build(overrides, OVERRIDE_ORIGIN)?;
+
+        let mut merged = embedded_builder();
+        for file in &sources.files {
+            merged = merged.add_source(file_source(file));
+        }
+        merged = merged.add_source(env);
+        for (key, value) in &sources.overrides {
+            merged = merged
+                .set_override(key.as_str(), value.as_str())
+                .map_err(|e| convert(e, OVERRIDE_ORIGIN))?;
+        }
+        let config = build(merged, "the merged config")?;
+        config.validate(&Origins(sources))?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot: ranges, non-empty lists, and the secure-by-default guard.
+    fn validate(&self, origins: &Origins<'_>) -> Result<(), ConfigError> {
+        let fail = |key: &str, message: String| Err(origins.error(key, message));
+
+        if self.greeter.max_name_bytes == 0 {
+            return fail("greeter.max_name_bytes", "must be at least 1".into());
+        }
+        if self.greeter.stream_greetings.is_empty() {
+            return fail(
+                "greeter.stream_greetings",
+                "must hold at least one greeting".into(),
+            );
+        }
+        if let Some(bad) = self
+            .greeter
+            .stream_greetings
+            .iter()
+            .find(|g| g.trim().is_empty() || g.chars().any(char::is_control))
+        {
+            return fail(
+                "greeter.stream_greetings",
+                format!("{bad:?} is empty or holds a control character"),
+            );
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.filter) {
+            return fail("log.filter", format!("not a valid log filter: {e}"));
+        }
+        if self.tls.enabled {
+            return fail(
+                "tls.enabled",
+                "TLS is not available in this build yet; set tls.enabled = false".into(),
+            );
+        }
+        if self.auth.enabled {
+            return fail(
+                "auth.enabled",
+                "authentication is not available in this build yet; set auth.enabled = false"
+                    .into(),
+            );
+        }
+        let listen = self.server.listen;
+        let exposed = !listen.ip().is_loopback();
+        let unprotected = !self.tls.enabled || !self.auth.enabled;
+        if exposed && unprotected && !self.server.allow_insecure {
+            return fail(
+                "server.listen",
+                format!(
+                    "refusing to serve {listen} (not a loopback address) without TLS and \
+                     authentication: enable both (tls.enabled = true, auth.enabled = true), \
+                     listen on 127.0.0.1 / [::1], or opt out explicitly with \
+                     server.allow_insecure = true"
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// True when the server will accept plaintext, unauthenticated calls from beyond this host:
+    /// worth a warning at every start.
+    pub fn is_insecure_exposed(&self) -> bool {
+        !self.server.listen.ip().is_loopback() && (!self.tls.enabled || !self.auth.enabled)
+    }
+
+    /// The effective configuration as TOML, for `greeter config show`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the config serializes to TOML")
+    }
+}
+
+/// Answers "which layer set this key?" for errors found after merging, by asking the layers in
+/// reverse order of precedence (the config crate's merged values do not keep their origin).
+struct Origins<'a>(&'a Sources);
+
+impl Origins<'_> {
+    fn error(&self, key: &str, message: String) -> ConfigError {
+        ConfigError::new(self.origin_of(key), Some(key), message)
+    }
+
+    fn origin_of(&self, key: &str) -> String {
+        if self.0.overrides.iter().any(|(k, _)| k == key) {
+            return OVERRIDE_ORIGIN.to_owned();
+        }
+        let var = env_var_name(key);
+        if self.0.env.iter().any(|(name, _)| *name == var) {
+            return format!("environment variable {var}");
+        }
+        self.0
+            .files
+            .iter()
+            .rev()
+            .find(|file| file_sets(file, key))
+            .map_or_else(
+                || EMBEDDED_ORIGIN.to_owned(),
+                |file| file.display().to_string(),
+            )
+    }
+}
+
+/// Whether the TOML file at `path` sets the dotted `key` (it parsed once already, in `load`).
+fn file_sets(path: &Path, key: &str) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return false;
+    };
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return false;
+    };
+    let mut parts = key.split('.');
+    let mut value = parts.next().and_then(|first| table.get(first));
+    for part in parts {
+        value = value.and_then(|v| v.get(part));
+    }
+    value.is_some()
+}
+
+/// The config crate names layers by URI ("config/x.toml", "the environment"); we name the exact
+/// variable for environment values so the operator can `unset` it.
+fn describe_origin(origin: &str, key: &str) -> String {
+    if origin == "the environment" || origin.eq_ignore_ascii_case("environment") {
+        format!("environment variable {}", env_var_name(key))
+    } else {
+        origin.to_owned()
+    }
+}
+
+/// `server.listen` -> `GREETER__SERVER__LISTEN`.
+pub fn env_var_name(key: &str) -> String {
+    let path = key.to_uppercase().replace('.', ENV_SEPARATOR);
+    format!("{ENV_PREFIX}{ENV_SEPARATOR}{path}")
+}
+
+type Builder = config::ConfigBuilder<config::builder::DefaultState>;
+
+fn embedded_builder() -> Builder {
+    config::Config::builder().add_source(
+        File::from_str(DEFAULT_TOML, FileFormat::Toml), // origin: None, named EMBEDDED_ORIGIN
+    )
+}
+
+fn file_source(path: &Path) -> File<config::FileSourceFile, FileFormat> {
+    File::from(path).format(FileFormat::Toml).required(true)
+}
+
+fn env_source(vars: &[(String, String)]) -> Environment {
+    Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator(ENV_SEPARATOR)
+        .separator(ENV_SEPARATOR)
+        .try_parsing(true)
+        .list_separator(",")
+        .with_list_parse_key("greeter.stream_greetings")
+        .source(Some(vars.iter().cloned().collect()))
+}
+
+/// Builds and deserializes one layer on top of the embedded default; errors name `origin`.
+fn build(builder: Builder, origin: &str) -> Result<Config, ConfigError> {
+    builder
+        .build()
+        .and_then(config::Config::try_deserialize)
+        .map_err(|e| convert(e, origin))
+}
+
+/// Turns the config crate's error into ours, keeping the most precise origin and key it knows.
+fn convert(error: config::ConfigError, fallback_origin: &str) -> ConfigError {
+    let (origin, key, message) = unpack(error);
+    let origin = origin.unwrap_or_else(|| fallback_origin.to_owned());
+    let key = key.filter(|k| !k.is_empty());
+    ConfigError {
+        origin: describe_origin(&origin, key.as_deref().unwrap_or_default()),
+        key,
+        message,
+    }
+}
+
+/// `(origin, dotted key, message)` of a config crate error.
+fn unpack(error: config::ConfigError) -> (Option<String>, Option<String>, String) {
+    use config::ConfigError as E;
+    match error {
+        E::FileParse { uri, cause } => (
+            Some(uri.unwrap_or_else(|| EMBEDDED_ORIGIN.to_owned())),
+            None,
+            format!("not valid TOML: {}", cause.to_string().trim_end()),
+        ),
+        E::Type {
+            origin,
+            unexpected,
+            expected,
+            key,
+        } => (
+            origin,
+            key,
+            format!("expected {expected}, found {unexpected}"),
+        ),
+        E::At { error, origin, key } => {
+            let (inner_origin, inner_key, message) = unpack(*error);
+            let key = match (key, inner_key) {
+                (Some(parent), Some(child)) if message.starts_with("unknown field") => {
+                    Some(format!("{parent}.{child}"))
+                }
+                (key, inner_key) => key.or(inner_key),
+            };
+            (origin.or(inner_origin), key, message)
+        }
+        E::Message(message) => {
+            // serde reports an unknown key as a message about its parent; name the key itself.
+            let unknown = message
+                .strip_prefix("unknown field `")
+                .and_then(|rest| rest.split_once('`'))
+                .map(|(field, _)| field.to_owned());
+            (None, unknown, message)
+        }
+        E::NotFound(key) => (None, Some(key), "missing".to_owned()),
+        other => (None, None, other.to_string()),
+    }
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Text => "text",
+            Self::Json => "json",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_env(vars: &[(&str, &str)]) -> Sources {
+        Sources {
+            env: vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Sources::default()
+        }
+    }
+
+    #[test]
+    fn embedded_default_is_loopback_plaintext() {
+        let config = Config::embedded();
+        assert_eq!(config.server.listen, "127.0.0.1:50051".parse().unwrap());
+        assert!(!config.tls.enabled && !config.auth.enabled);
+        assert!(!config.is_insecure_exposed());
+        assert_eq!(config.greeter.max_name_bytes, 1024);
+    }
+
+    #[test]
+    fn env_overrides_embedded_and_names_the_variable_on_error() {
+        let config =
+            Config::load(&with_env(&[("GREETER__GREETER__MAX_NAME_BYTES", "16")])).unwrap();
+        assert_eq!(config.greeter.max_name_bytes, 16);
+
+        let err =
+            Config::load(&with_env(&[("GREETER__GREETER__MAX_NAME_BYTES", "lots")])).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("greeter.max_name_bytes"), "{err}");
+        assert!(
+            err.origin.contains("GREETER__GREETER__MAX_NAME_BYTES"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn env_list_is_comma_separated() {
+        let config = Config::load(&with_env(&[(
+            "GREETER__GREETER__STREAM_GREETINGS",
+            "Hi,Yo",
+        )]))
+        .unwrap();
+        assert_eq!(config.greeter.stream_greetings, ["Hi", "Yo"]);
+    }
+
+    #[test]
+    fn insecure_guard_names_key_and_opt_out() {
+        let sources = Sources {
+            overrides: vec![("server.listen".into(), "0.0.0.0:50051".into())],
+            ..Sources::default()
+        };
+        let err = Config::load(&sources).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("server.listen"));
+        assert_eq!(err.origin, OVERRIDE_ORIGIN);
+        assert!(
+            err.message.contains("server.allow_insecure = true"),
+            "{err}"
+        );
+
+        let mut opted_out = sources.clone();
+        opted_out
+            .overrides
+            .push(("server.allow_insecure".into(), "true".into()));
+        assert!(Config::load(&opted_out).unwrap().is_insecure_exposed());
+    }
+
+    #[test]
+    fn env_var_names_follow_the_documented_scheme() {
+        assert_eq!(env_var_name("server.listen"), "GREETER__SERVER__LISTEN");
+    }
+
+    #[test]
+    fn show_round_trips_through_toml() {
+        let config = Config::embedded();
+        let again: Config = toml::from_str(&config.to_toml()).unwrap();
+        assert_eq!(config, again);
+    }
+}

@@ -1,0 +1,13 @@
+//! greeter: gRPC's helloworld Greeter grown into a production service.
+//!
+//! The binary (`src/main.rs`) only parses the command line and dispatches; everything it runs is
+//! here, so integration tests drive the same code paths through this library.
+
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod logging;
+pub mod pb;
+pub mod server;
+pub mod service;
+pub mod shutdown;

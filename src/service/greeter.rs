@@ -1,0 +1,93 @@
+//! `helloworld.Greeter`: the four RPCs.
+//!
+//! Streams here are lazy: a reply is produced only when the transport asks for the next one, so a
+//! slow reader applies backpressure through HTTP/2 flow control all the way to this code, nothing
+//! is buffered beyond the stream window, and dropping the response (client gone) drops the work.
+
+use std::{pin::Pin, sync::Arc};
+
+use tokio_stream::{Stream, StreamExt as _};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::validate_name;
+use crate::{
+    config::GreeterConfig,
+    pb::{HelloReply, HelloRequest, greeter_server},
+};
+
+/// The stream type of both streaming RPCs.
+pub type ReplyStream = Pin<Box<dyn Stream<Item = Result<HelloReply, Status>> + Send + 'static>>;
+
+/// The Greeter service; cheap to clone (shares its settings).
+#[derive(Debug, Clone)]
+pub struct Greeter {
+    settings: Arc<GreeterConfig>,
+}
+
+impl Greeter {
+    pub fn new(settings: GreeterConfig) -> Self {
+        Self {
+            settings: Arc::new(settings),
+        }
+    }
+
+    fn greet(&self, greeting: &str, name: &str) -> Result<HelloReply, Status> {
+        let name = validate_name(name, self.settings.max_name_bytes)?;
+        Ok(HelloReply {
+            message: format!("{greeting}, {name}!"),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl greeter_server::Greeter for Greeter {
+    async fn say_hello(
+        &self,
+        request: Request<HelloRequest>,
+    ) -> Result<Response<HelloReply>, Status> {
+        self.greet("Hello", &request.get_ref().name)
+            .map(Response::new)
+    }
+
+    async fn say_hello_again(
+        &self,
+        request: Request<HelloRequest>,
+    ) -> Result<Response<HelloReply>, Status> {
+        self.greet("Hello again", &request.get_ref().name)
+            .map(Response::new)
+    }
+
+    type SayHelloStreamReplyStream = ReplyStream;
+
+    /// One greeting per configured language, `stream_interval` apart. The name is validated once,
+    /// up front, so a bad name fails the call before any reply is sent.
+    async fn say_hello_stream_reply(
+        &self,
+        request: Request<HelloRequest>,
+    ) -> Result<Response<Self::SayHelloStreamReplyStream>, Status> {
+        let name = validate_name(&request.get_ref().name, self.settings.max_name_bytes)?.to_owned();
+        let settings = Arc::clone(&self.settings);
+        let replies = (0..settings.stream_greetings.len()).map(move |i| {
+            Ok(HelloReply {
+                message: format!("{}, {name}!", settings.stream_greetings[i]),
+            })
+        });
+        let stream = tokio_stream::iter(replies).throttle(self.settings.stream_interval);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type SayHelloBidiStreamStream = ReplyStream;
+
+    /// A reply per request, in order, as each arrives. An invalid name ends the stream with
+    /// INVALID_ARGUMENT (a gRPC stream carries one final status); the replies before it stand.
+    async fn say_hello_bidi_stream(
+        &self,
+        request: Request<Streaming<HelloRequest>>,
+    ) -> Result<Response<Self::SayHelloBidiStreamStream>, Status> {
+        let this = self.clone();
+        let replies = request
+            .into_inner()
+            .map(move |request| this.greet("Hello", &request?.name));
+        Ok(Response::new(Box::pin(replies)))
+    }
+}

@@ -1,0 +1,294 @@
+//! The `greeter` binary across the process boundary: config errors and exit codes, the insecure
+//! bind guard, the client subcommands against a served port, and SIGTERM.
+
+mod common;
+
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Output, Stdio},
+    time::Duration,
+};
+
+use common::{BinaryServer, greeter_bin};
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run(args: &[&str]) -> Output {
+    greeter_bin()
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Asserts a config failure: exit 2 before binding anything, and a message naming file and key.
+fn assert_config_error(args: &[&str], file: &str, key: &str) -> String {
+    let output = run(args);
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(err.contains(file), "names the file {file:?}: {err}");
+    assert!(
+        err.contains(&format!("`{key}`")),
+        "names the key {key:?}: {err}"
+    );
+    err
+}
+
+#[test]
+fn config_errors_name_the_key_and_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let unknown = write(
+        dir.path(),
+        "unknown.toml",
+        "[server]\nlisen = \"127.0.0.1:1\"\n",
+    );
+    let wrong_type = write(
+        dir.path(),
+        "type.toml",
+        "[greeter]\nmax_name_bytes = \"lots\"\n",
+    );
+    let bad_addr = write(
+        dir.path(),
+        "addr.toml",
+        "[server]\nlisten = \"localhost\"\n",
+    );
+
+    for (file, key) in [
+        (&unknown, "server.lisen"),
+        (&wrong_type, "greeter.max_name_bytes"),
+        (&bad_addr, "server.listen"),
+    ] {
+        let path = file.to_str().unwrap();
+        assert_config_error(&["serve", "--config", path], path, key);
+        assert_config_error(&["config", "check", "-c", path], path, key);
+    }
+}
+
+#[test]
+fn later_files_win_and_errors_name_the_file_that_set_the_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write(dir.path(), "good.toml", "[greeter]\nmax_name_bytes = 9\n");
+    let empty = write(
+        dir.path(),
+        "empty.toml",
+        "[greeter]\nstream_greetings = []\n",
+    );
+    let shown = run(&["config", "show", "-c", good.to_str().unwrap()]);
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    assert!(
+        stdout(&shown).contains("max_name_bytes = 9"),
+        "{}",
+        stdout(&shown)
+    );
+
+    let path = empty.to_str().unwrap();
+    assert_config_error(
+        &["config", "check", "-c", good.to_str().unwrap(), "-c", path],
+        path,
+        "greeter.stream_greetings",
+    );
+}
+
+#[test]
+fn malformed_and_missing_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = write(dir.path(), "broken.toml", "[server\nlisten = ");
+    let path = broken.to_str().unwrap();
+    let output = run(&["config", "check", "-c", path]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains(path) && stderr(&output).contains("not valid TOML"));
+
+    let missing = dir.path().join("nope.toml");
+    let path = missing.to_str().unwrap();
+    let output = run(&["serve", "-c", path]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains(path) && stderr(&output).contains("not found"));
+}
+
+#[test]
+fn environment_errors_name_the_variable() {
+    let output = greeter_bin()
+        .args(["config", "check"])
+        .env("GREETER__GREETER__MAX_NAME_BYTES", "-3")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let err = stderr(&output);
+    assert!(err.contains("GREETER__GREETER__MAX_NAME_BYTES"), "{err}");
+}
+
+#[test]
+fn non_loopback_without_tls_and_auth_refuses_to_start_unless_opted_out() {
+    let err = assert_config_error(
+        &["serve", "--listen", "0.0.0.0:0"],
+        "the command line",
+        "server.listen",
+    );
+    assert!(err.contains("server.allow_insecure = true"), "{err}");
+    assert!(
+        err.contains("tls.enabled") && err.contains("auth.enabled"),
+        "{err}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let exposed = write(
+        dir.path(),
+        "exposed.toml",
+        "[server]\nlisten = \"[::]:50051\"\n",
+    );
+    let path = exposed.to_str().unwrap();
+    assert_config_error(&["config", "check", "-c", path], path, "server.listen");
+
+    let opted_out = greeter_bin()
+        .args(["config", "check", "-c", path])
+        .env("GREETER__SERVER__ALLOW_INSECURE", "true")
+        .output()
+        .unwrap();
+    assert!(opted_out.status.success(), "{}", stderr(&opted_out));
+}
+
+fn json_log_config(dir: &Path, extra: &str) -> PathBuf {
+    write(
+        dir,
+        "server.toml",
+        &format!("[log]\nformat = \"json\"\nfilter = \"info\"\n{extra}"),
+    )
+}
+
+#[test]
+fn client_subcommands_talk_to_a_served_binary_and_sigterm_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = json_log_config(
+        dir.path(),
+        "[greeter]\nstream_interval = \"1ms\"\nstream_greetings = [\"Hello\", \"Hola\"]\n",
+    );
+    let mut server = BinaryServer::start(&config, &[]);
+    let addr = server.addr_arg();
+
+    let health = run(&["health", "--addr", &addr]);
+    assert!(health.status.success(), "{}", stderr(&health));
+    assert_eq!(stdout(&health), "SERVING\n");
+
+    let hello = run(&["hello", "you", "--addr", &addr]);
+    assert_eq!(stdout(&hello), "Hello, you!\n", "{}", stderr(&hello));
+    let again = run(&["hello-again", "you", "--addr", &addr]);
+    assert_eq!(stdout(&again), "Hello again, you!\n");
+    let stream = run(&["stream", "you", "--addr", &addr]);
+    assert_eq!(stdout(&stream), "Hello, you!\nHola, you!\n");
+
+    let mut chat = greeter_bin()
+        .args(["chat", "--addr", &addr])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    chat.stdin.take().unwrap().write_all(b"Ana\nBo\n").unwrap();
+    let chat = chat.wait_with_output().unwrap();
+    assert!(chat.status.success());
+    assert_eq!(stdout(&chat), "Hello, Ana!\nHello, Bo!\n");
+
+    let invalid = run(&["hello", "a\u{7}", "--addr", &addr]);
+    assert_eq!(invalid.status.code(), Some(1));
+    assert!(
+        stderr(&invalid).contains("INVALID_ARGUMENT"),
+        "{}",
+        stderr(&invalid)
+    );
+
+    let unknown = run(&["health", "no.such.Service", "--addr", &addr]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(
+        stderr(&unknown).contains("NOT_FOUND"),
+        "{}",
+        stderr(&unknown)
+    );
+
+    let (code, took) = server.terminate();
+    assert_eq!(code, Some(0), "logs:\n{}", server.logs.lock().unwrap());
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let logs = server.logs.lock().unwrap();
+    assert!(logs.contains("\"signal\":\"SIGTERM\""), "{logs}");
+}
+
+#[test]
+fn client_timeout_reports_deadline_exceeded() {
+    let dir = tempfile::tempdir().unwrap();
+    // Ten greetings a second apart: the stream cannot finish within the deadline.
+    let config = json_log_config(dir.path(), "[greeter]\nstream_interval = \"1s\"\n");
+    let server = BinaryServer::start(&config, &[]);
+    let output = run(&[
+        "stream",
+        "you",
+        "--addr",
+        &server.addr_arg(),
+        "--timeout",
+        "300ms",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("DEADLINE_EXCEEDED"),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(
+        stdout(&output),
+        "Hello, you!\n",
+        "the first greeting came before the deadline"
+    );
+}
+
+#[test]
+fn unreachable_server_is_a_clear_error() {
+    let output = run(&["hello", "--addr", "127.0.0.1:1", "--timeout", "2s"]);
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert!(
+        err.contains("cannot connect to http://127.0.0.1:1"),
+        "{err}"
+    );
+    assert!(err.contains("refused"), "{err}");
+}
+
+#[test]
+fn help_and_version_are_complete() {
+    let version = run(&["--version"]);
+    assert!(stdout(&version).starts_with(&format!("greeter {}", env!("CARGO_PKG_VERSION"))));
+    assert!(stdout(&version).contains("commit"));
+    for sub in [
+        "serve",
+        "hello",
+        "hello-again",
+        "stream",
+        "chat",
+        "health",
+        "config",
+    ] {
+        let help = run(&[sub, "--help"]);
+        assert!(help.status.success(), "{sub} --help");
+        assert!(!stdout(&help).is_empty());
+    }
+    let serve = stdout(&run(&["serve", "--help"]));
+    assert!(
+        serve.contains("127.0.0.1:50051"),
+        "serve --help states the default: {serve}"
+    );
+    let hello = stdout(&run(&["hello", "--help"]));
+    assert!(
+        hello.contains("[default: 127.0.0.1:50051]") && hello.contains("10s"),
+        "{hello}"
+    );
+}

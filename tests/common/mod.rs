@@ -1,0 +1,190 @@
+//! Starting real servers for tests: in-process through the library, or as the built binary where
+//! the process boundary matters (signals, exit codes, config files). Nothing here is mocked.
+
+#![allow(dead_code)] // each test crate uses its own subset of these helpers
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use greeter::{
+    config::{Config, Sources},
+    server::{Server, ServerError},
+};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+
+/// The embedded default, on an ephemeral loopback port, with a fast stream so tests stay quick.
+pub fn test_config(extra: &[(&str, &str)]) -> Config {
+    let mut overrides = vec![
+        ("server.listen".to_owned(), "127.0.0.1:0".to_owned()),
+        ("greeter.stream_interval".to_owned(), "1ms".to_owned()),
+    ];
+    overrides.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    Config::load(&Sources {
+        overrides,
+        ..Sources::default()
+    })
+    .expect("test config is valid")
+}
+
+/// A server running in this process on a loopback port.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub health: tonic_health::server::HealthReporter,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), ServerError>>>,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(test_config(&[])).await
+    }
+
+    pub async fn start_with(config: Config) -> Self {
+        let server = Server::bind(config).await.expect("bind a loopback port");
+        let addr = server.local_addr();
+        let health = server.health();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            health,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn uri(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.uri())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to the test server")
+    }
+
+    /// Starts the shutdown sequence without waiting for it.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Shuts down and waits (bounded) for `serve` to return.
+    pub async fn stop(mut self) -> Result<(), ServerError> {
+        self.begin_shutdown();
+        let task = self.task.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(15), task)
+            .await
+            .expect("server stops within 15s")
+            .expect("server task does not panic")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.begin_shutdown();
+    }
+}
+
+/// The built `greeter` binary.
+pub fn greeter_bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_greeter"))
+}
+
+/// `greeter serve` as a child process; its stderr (JSON logs) is collected for assertions.
+pub struct BinaryServer {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub logs: Arc<Mutex<String>>,
+}
+
+impl BinaryServer {
+    /// Starts `greeter serve --listen 127.0.0.1:0 -c <config>` and learns the port from the
+    /// startup log line, which is itself part of the contract (operators read it).
+    pub fn start(config: &Path, extra_args: &[&str]) -> Self {
+        let mut child = greeter_bin()
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(config)
+            .args(extra_args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn greeter serve");
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(String::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let sink = Arc::clone(&logs);
+        std::thread::spawn(move || {
+            let mut addr_tx = Some(addr_tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("greeter serving") {
+                    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+                    let addr = event["listen"].as_str().unwrap().parse().unwrap();
+                    if let Some(tx) = addr_tx.take() {
+                        let _ = tx.send(addr);
+                    }
+                }
+                let mut logs = sink.lock().unwrap();
+                logs.push_str(&line);
+                logs.push('\n');
+            }
+        });
+        let addr = match addr_rx.recv_timeout(Duration::from_secs(15)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "greeter serve did not log its address; logs:\n{}",
+                    logs.lock().unwrap()
+                );
+            }
+        };
+        Self { child, addr, logs }
+    }
+
+    pub fn addr_arg(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit; returns the exit code and how long it took.
+    pub fn terminate(&mut self) -> (Option<i32>, Duration) {
+        let started = Instant::now();
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+        let deadline = started + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code(), started.elapsed());
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("greeter did not exit within 20s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for BinaryServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
