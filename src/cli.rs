@@ -46,6 +46,60 @@ pub enum Command {
     ///
     /// Usable as a container HEALTHCHECK or Kubernetes exec probe.
     Health(HealthArgs),
+    /// Development certificates (a CA, a server and a client certificate), made without openssl.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Bearer tokens for auth.tokens_file.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Write ca.pem, server.pem, server.key, client.pem and client.key into --out.
+    ///
+    /// For development and tests only: production certificates come from your PKI.
+    Generate(CertsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CertsArgs {
+    /// Output folder (created if missing)
+    #[arg(long, default_value = "certs")]
+    pub out: PathBuf,
+    /// DNS name or IP address the server certificate is valid for; repeat for several
+    /// [default: localhost, 127.0.0.1, ::1]
+    #[arg(long = "host", value_name = "HOST")]
+    pub hosts: Vec<String>,
+    /// Common name of the client certificate: the identity mTLS callers show in logs
+    #[arg(long, default_value = "greeter-client")]
+    pub client_name: String,
+    /// Validity of the server and client certificates, in days
+    #[arg(long, default_value_t = 90)]
+    pub days: u64,
+    /// Overwrite existing files
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Mint a random token; print it once, with the entry (its hash) for the tokens file.
+    New(TokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// Who holds the token: shown in logs and PERMISSION_DENIED messages, never the token
+    #[arg(long)]
+    pub name: String,
+    /// A scope the token grants (see auth.policy); repeat for several
+    #[arg(long = "scope", value_name = "SCOPE", required = true)]
+    pub scopes: Vec<String>,
+    /// Append the entry to this tokens file (created, mode 0600, if missing) and print only the
+    /// token, for scripts: TOKEN=$(greeter token new --name ci --scope greeter --append FILE)
+    #[arg(long, value_name = "FILE")]
+    pub append: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -95,6 +149,32 @@ pub struct ClientArgs {
     /// [default: 10s; none for chat]
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub timeout: Option<Duration>,
+    /// Connect with TLS (implied by --ca, --cert and https:// addresses); without --ca the
+    /// server certificate must chain to the Mozilla root set
+    #[arg(long)]
+    pub tls: bool,
+    /// PEM CA bundle to verify the server certificate with
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate for mTLS (with --key)
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of --cert
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Name to verify the server certificate against [default: the host of --addr]
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
+    /// Bearer token, sent as `authorization: Bearer <token>`
+    #[arg(long, env = "GREETER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl ClientArgs {
+    /// Whether to speak TLS.
+    pub fn use_tls(&self) -> bool {
+        self.tls || self.ca.is_some() || self.cert.is_some() || self.addr.starts_with("https://")
+    }
 }
 
 #[derive(Debug, Args)]

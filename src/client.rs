@@ -4,7 +4,11 @@ use std::{future::Future, time::Duration};
 
 use tokio::io::AsyncBufReadExt as _;
 use tokio_stream::{StreamExt as _, wrappers::LinesStream};
-use tonic::{Code, Request, Status, transport::Channel};
+use tonic::{
+    Code, Request, Status,
+    metadata::{Ascii, MetadataValue},
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
+};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -24,7 +28,7 @@ pub enum ClientError {
     Address { addr: String, reason: String },
     #[error("cannot connect to {addr}: {reason}")]
     Connect { addr: String, reason: String },
-    #[error("{rpc} failed: {} ({})", code_name(.status.code()), .status.message())]
+    #[error("{rpc} failed: {} ({})", code_name(.status.code()), describe(.status))]
     Rpc { rpc: &'static str, status: Status },
     #[error("{rpc} failed: DEADLINE_EXCEEDED (no answer within {timeout:?})")]
     Deadline {
@@ -35,6 +39,13 @@ pub enum ClientError {
     Stdin(#[from] std::io::Error),
     #[error("not serving: {service:?} is {status}")]
     NotServing { service: String, status: String },
+    #[error("{path}: {source}")]
+    ReadFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--token: {0}")]
+    Token(String),
 }
 
 /// gRPC's canonical upper-case name of a status code, as grpcurl and every other stack print it.
@@ -50,26 +61,99 @@ pub fn code_name(code: Code) -> String {
     name
 }
 
-/// Connects to `args.addr`, accepting `host:port` as well as a full URI.
-pub async fn connect(args: &ClientArgs) -> Result<Channel, ClientError> {
+/// An open channel plus what every call on it carries.
+pub struct Session {
+    channel: Channel,
+    authorization: Option<MetadataValue<Ascii>>,
+}
+
+impl Session {
+    /// A request with the deadline (sent as `grpc-timeout`) and the bearer token, if any.
+    fn request<T>(&self, message: T, timeout: Option<Duration>) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(limit) = timeout {
+            request.set_timeout(limit);
+        }
+        if let Some(value) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        request
+    }
+}
+
+/// Connects to `args.addr` (`host:port` or a URI), over TLS when asked.
+pub async fn connect(args: &ClientArgs) -> Result<Session, ClientError> {
+    let tls = args.use_tls();
     let uri = if args.addr.contains("://") {
         args.addr.clone()
     } else {
-        format!("http://{}", args.addr)
+        format!("{}://{}", if tls { "https" } else { "http" }, args.addr)
     };
-    let endpoint = Channel::from_shared(uri.clone()).map_err(|e| ClientError::Address {
+    let address_error = |reason: String| ClientError::Address {
         addr: args.addr.clone(),
-        reason: e.to_string(),
-    })?;
+        reason,
+    };
+    let mut endpoint =
+        Channel::from_shared(uri.clone()).map_err(|e| address_error(e.to_string()))?;
+    if tls {
+        endpoint = endpoint
+            .tls_config(tls_config(args)?)
+            .map_err(|e| address_error(error_chain(&e)))?;
+    }
+    let authorization = args
+        .token
+        .as_deref()
+        .map(|token| {
+            format!("Bearer {token}")
+                .parse::<MetadataValue<Ascii>>()
+                .map_err(|_| ClientError::Token("not a valid header value".into()))
+        })
+        .transpose()?;
     let connect_timeout = args.timeout.unwrap_or(DEFAULT_TIMEOUT);
-    endpoint
+    let channel = endpoint
         .connect_timeout(connect_timeout)
         .connect()
         .await
         .map_err(|e| ClientError::Connect {
             addr: uri,
             reason: error_chain(&e),
+        })?;
+    Ok(Session {
+        channel,
+        authorization,
+    })
+}
+
+fn tls_config(args: &ClientArgs) -> Result<ClientTlsConfig, ClientError> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| ClientError::ReadFile {
+            path: path.to_owned(),
+            source,
         })
+    };
+    let mut config = ClientTlsConfig::new();
+    config = match &args.ca {
+        Some(ca) => config.ca_certificate(Certificate::from_pem(read(ca)?)),
+        None => config.with_webpki_roots(),
+    };
+    if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
+        config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    if let Some(name) = &args.server_name {
+        config = config.domain_name(name.clone());
+    }
+    Ok(config)
+}
+
+/// A status's message, plus its causes when tonic made it from a transport error (a message of
+/// "transport error" alone does not say that the server speaks TLS and we did not).
+fn describe(status: &Status) -> String {
+    match std::error::Error::source(status) {
+        Some(source) => format!("{}: {}", status.message(), error_chain(source)),
+        None => status.message().to_owned(),
+    }
 }
 
 /// "transport error" alone says nothing; the causes below it say "Connection refused".
@@ -116,14 +200,6 @@ where
     })
 }
 
-fn request<T>(message: T, timeout: Option<Duration>) -> Request<T> {
-    let mut request = Request::new(message);
-    if let Some(limit) = timeout {
-        request.set_timeout(limit);
-    }
-    request
-}
-
 /// Which unary Greeter RPC to call.
 #[derive(Debug, Clone, Copy)]
 pub enum Unary {
@@ -133,18 +209,19 @@ pub enum Unary {
 
 /// Calls a unary RPC and returns the greeting.
 pub async fn unary(args: &ClientArgs, rpc: Unary, name: String) -> Result<String, ClientError> {
-    let mut client = GreeterClient::new(connect(args).await?);
+    let session = connect(args).await?;
+    let mut client = GreeterClient::new(session.channel.clone());
     let timeout = Some(args.timeout.unwrap_or(DEFAULT_TIMEOUT));
     let reply = match rpc {
         Unary::SayHello => {
             with_deadline("SayHello", timeout, |t| {
-                client.say_hello(request(HelloRequest { name }, t))
+                client.say_hello(session.request(HelloRequest { name }, t))
             })
             .await?
         }
         Unary::SayHelloAgain => {
             with_deadline("SayHelloAgain", timeout, |t| {
-                client.say_hello_again(request(HelloRequest { name }, t))
+                client.say_hello_again(session.request(HelloRequest { name }, t))
             })
             .await?
         }
@@ -158,11 +235,12 @@ pub async fn stream(
     name: String,
     mut print: impl FnMut(&str),
 ) -> Result<(), ClientError> {
-    let mut client = GreeterClient::new(connect(args).await?);
+    let session = connect(args).await?;
+    let mut client = GreeterClient::new(session.channel.clone());
     let timeout = Some(args.timeout.unwrap_or(DEFAULT_TIMEOUT));
     with_deadline("SayHelloStreamReply", timeout, |t| async move {
         let mut replies = client
-            .say_hello_stream_reply(request(HelloRequest { name }, t))
+            .say_hello_stream_reply(session.request(HelloRequest { name }, t))
             .await?
             .into_inner();
         while let Some(reply) = replies.message().await? {
@@ -175,7 +253,8 @@ pub async fn stream(
 
 /// Calls SayHelloBidiStream with one name per stdin line, handing replies to `print` as they come.
 pub async fn chat(args: &ClientArgs, mut print: impl FnMut(&str)) -> Result<(), ClientError> {
-    let mut client = GreeterClient::new(connect(args).await?);
+    let session = connect(args).await?;
+    let mut client = GreeterClient::new(session.channel.clone());
     let stdin = tokio::io::BufReader::new(tokio::io::stdin());
     // A stdin read error ends the outbound stream; it is reported after the replies drain.
     let (error_tx, mut error_rx) = tokio::sync::oneshot::channel();
@@ -191,7 +270,7 @@ pub async fn chat(args: &ClientArgs, mut print: impl FnMut(&str)) -> Result<(), 
     });
     with_deadline("SayHelloBidiStream", args.timeout, |t| async move {
         let mut replies = client
-            .say_hello_bidi_stream(request(names, t))
+            .say_hello_bidi_stream(session.request(names, t))
             .await?
             .into_inner();
         while let Some(reply) = replies.message().await? {
@@ -208,10 +287,11 @@ pub async fn chat(args: &ClientArgs, mut print: impl FnMut(&str)) -> Result<(), 
 
 /// Checks health of `service` and succeeds only when it is SERVING.
 pub async fn health(args: &ClientArgs, service: String) -> Result<(), ClientError> {
-    let mut client = HealthClient::new(connect(args).await?);
+    let session = connect(args).await?;
+    let mut client = HealthClient::new(session.channel.clone());
     let timeout = Some(args.timeout.unwrap_or(DEFAULT_TIMEOUT));
     let reply = with_deadline("Health/Check", timeout, |t| {
-        client.check(request(
+        client.check(session.request(
             HealthCheckRequest {
                 service: service.clone(),
             },

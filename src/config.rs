@@ -34,6 +34,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub tls: TlsConfig,
     pub auth: AuthConfig,
+    pub probe: ProbeConfig,
     pub greeter: GreeterConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
@@ -52,12 +53,72 @@ pub struct ServerConfig {
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     pub enabled: bool,
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) matching `cert`.
+    pub key: PathBuf,
+    /// PEM CA bundle that client certificates must chain to; empty: no client certificates.
+    pub client_ca: PathBuf,
+    pub client_auth: ClientAuth,
+    /// A TLS handshake not finished within this is dropped, so idle sockets cannot pile up.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// How often the certificate, key and CA files are re-read (SIGHUP re-reads at once).
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+/// Whether the TLS listener asks for client certificates (mTLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// Never ask.
+    None,
+    /// Ask; verify one if presented, admit clients without.
+    Optional,
+    /// Refuse the handshake without a certificate from `tls.client_ca`.
+    Required,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     pub enabled: bool,
+    /// TOML file of `[[tokens]]` entries: name, sha256 (hex) of the token, scopes.
+    pub tokens_file: PathBuf,
+    /// What authenticates a caller.
+    pub mode: AuthMode,
+    /// Scopes granted to a caller authenticated by a verified client certificate.
+    pub client_cert_scopes: Vec<String>,
+    /// How often the tokens file is re-read (SIGHUP re-reads at once).
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+    /// Method pattern -> "open" or the scope a caller needs. Patterns are a full method path
+    /// (`/helloworld.Greeter/SayHello`), a service (`/helloworld.Greeter/*`) or `*`; the most
+    /// specific wins. Methods no pattern matches are refused: fail closed.
+    pub policy: std::collections::BTreeMap<String, String>,
+}
+
+/// Which credentials a call must carry when `auth.enabled`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// A bearer token.
+    Token,
+    /// A client certificate verified against `tls.client_ca`.
+    ClientCert,
+    /// Either one (a token, when present, decides).
+    Either,
+    /// Both: the certificate proves the machine, the token's scopes decide.
+    Both,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeConfig {
+    /// Plaintext listener serving only grpc.health.v1.Health; empty string: none.
+    #[serde(with = "optional_addr")]
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -75,6 +136,10 @@ pub struct GreeterConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownConfig {
+    /// After a shutdown signal, how long to keep serving with health NOT_SERVING so that load
+    /// balancers and endpoints controllers stop sending before the listener closes.
+    #[serde(with = "humantime_serde")]
+    pub delay: Duration,
     /// How long open calls may run after a shutdown signal before the process exits anyway.
     #[serde(with = "humantime_serde")]
     pub grace: Duration,
@@ -219,17 +284,32 @@ impl Config {
             return fail("log.filter", format!("not a valid log filter: {e}"));
         }
         if self.tls.enabled {
-            return fail(
-                "tls.enabled",
-                "TLS is not available in this build yet; set tls.enabled = false".into(),
-            );
+            for (key, path) in [("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
+                if path.as_os_str().is_empty() {
+                    return fail(key, "required when tls.enabled = true".into());
+                }
+            }
+        }
+        let has_ca = !self.tls.client_ca.as_os_str().is_empty();
+        match (self.tls.client_auth, has_ca) {
+            (ClientAuth::None, true) => {
+                return fail(
+                    "tls.client_ca",
+                    "is set but tls.client_auth = \"none\": set client_auth to \"optional\" \
+                     or \"required\", or remove client_ca"
+                        .into(),
+                );
+            }
+            (ClientAuth::Optional | ClientAuth::Required, false) => {
+                return fail(
+                    "tls.client_auth",
+                    "client certificates need tls.client_ca (the CA bundle to verify them)".into(),
+                );
+            }
+            _ => {}
         }
         if self.auth.enabled {
-            return fail(
-                "auth.enabled",
-                "authentication is not available in this build yet; set auth.enabled = false"
-                    .into(),
-            );
+            self.validate_auth(origins)?;
         }
         let listen = self.server.listen;
         let exposed = !listen.ip().is_loopback();
@@ -244,6 +324,60 @@ impl Config {
                      server.allow_insecure = true"
                 ),
             );
+        }
+        Ok(())
+    }
+
+    fn validate_auth(&self, origins: &Origins<'_>) -> Result<(), ConfigError> {
+        let auth = &self.auth;
+        let uses_tokens = matches!(
+            auth.mode,
+            AuthMode::Token | AuthMode::Either | AuthMode::Both
+        );
+        let uses_certs = auth.mode != AuthMode::Token;
+        if uses_tokens && auth.tokens_file.as_os_str().is_empty() {
+            return Err(origins.error(
+                "auth.tokens_file",
+                format!("required with auth.mode = \"{}\"", auth.mode.as_str()),
+            ));
+        }
+        if uses_certs && !(self.tls.enabled && self.tls.client_auth != ClientAuth::None) {
+            return Err(origins.error(
+                "auth.mode",
+                format!(
+                    "\"{}\" needs client certificates: tls.enabled = true and tls.client_auth \
+                     = \"optional\" or \"required\"",
+                    auth.mode.as_str()
+                ),
+            ));
+        }
+        if auth.mode == AuthMode::Both && self.tls.client_auth != ClientAuth::Required {
+            return Err(origins.error(
+                "tls.client_auth",
+                "must be \"required\" with auth.mode = \"both\"".into(),
+            ));
+        }
+        for (pattern, rule) in &auth.policy {
+            let key = format!("auth.policy.\"{pattern}\"");
+            let valid_pattern = pattern == "*"
+                || (pattern.starts_with('/')
+                    && pattern.matches('/').count() == 2
+                    && !pattern[1..].starts_with('/'));
+            if !valid_pattern {
+                return Err(origins.error(
+                    "auth.policy",
+                    format!(
+                        "{key}: a pattern is \"*\", \"/package.Service/*\" or \
+                         \"/package.Service/Method\""
+                    ),
+                ));
+            }
+            if rule.trim().is_empty() {
+                return Err(origins.error(
+                    "auth.policy",
+                    format!("{key}: give \"open\" or a scope name"),
+                ));
+            }
         }
         Ok(())
     }
@@ -405,6 +539,41 @@ fn unpack(error: config::ConfigError) -> (Option<String>, Option<String>, String
     }
 }
 
+impl AuthMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Token => "token",
+            Self::ClientCert => "client_cert",
+            Self::Either => "either",
+            Self::Both => "both",
+        }
+    }
+}
+
+/// `listen = ""` means "no such listener": TOML has no null.
+mod optional_addr {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(addr: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match addr {
+            Some(addr) => s.collect_str(addr),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse()
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("{e} ({text:?})")))
+    }
+}
+
 impl fmt::Display for LogFormat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -482,6 +651,64 @@ mod tests {
             .overrides
             .push(("server.allow_insecure".into(), "true".into()));
         assert!(Config::load(&opted_out).unwrap().is_insecure_exposed());
+    }
+
+    fn with_overrides(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::load(&Sources {
+            overrides: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Sources::default()
+        })
+    }
+
+    #[test]
+    fn tls_and_auth_settings_must_agree() {
+        let key_of = |pairs: &[(&str, &str)]| with_overrides(pairs).unwrap_err().key.unwrap();
+        assert_eq!(key_of(&[("tls.client_ca", "ca.pem")]), "tls.client_ca");
+        assert_eq!(
+            key_of(&[("tls.client_auth", "required")]),
+            "tls.client_auth"
+        );
+        assert_eq!(
+            key_of(&[("auth.enabled", "true"), ("auth.mode", "client_cert")]),
+            "auth.mode"
+        );
+        assert_eq!(
+            key_of(&[("auth.enabled", "true"), ("auth.tokens_file", "")]),
+            "auth.tokens_file"
+        );
+        assert_eq!(
+            key_of(&[("auth.enabled", "true"), ("auth.policy.bad", "x")]),
+            "auth.policy"
+        );
+        assert!(with_overrides(&[("auth.enabled", "true")]).is_ok());
+    }
+
+    #[test]
+    fn exposed_addresses_need_both_tls_and_auth() {
+        let exposed = [("server.listen", "0.0.0.0:1"), ("tls.enabled", "true")];
+        assert_eq!(
+            with_overrides(&exposed).unwrap_err().key.as_deref(),
+            Some("server.listen")
+        );
+        let secured = [exposed[0], exposed[1], ("auth.enabled", "true")];
+        assert!(!with_overrides(&secured).unwrap().is_insecure_exposed());
+    }
+
+    #[test]
+    fn probe_listen_is_optional() {
+        assert_eq!(Config::embedded().probe.listen, None);
+        let config = with_overrides(&[("probe.listen", "127.0.0.1:8081")]).unwrap();
+        assert_eq!(config.probe.listen, Some("127.0.0.1:8081".parse().unwrap()));
+        assert_eq!(
+            with_overrides(&[("probe.listen", "nope")])
+                .unwrap_err()
+                .key
+                .as_deref(),
+            Some("probe.listen")
+        );
     }
 
     #[test]

@@ -3,11 +3,16 @@
 //! The binary (`src/main.rs`) only parses the command line and dispatches; everything it runs is
 //! here, so integration tests drive the same code paths through this library.
 
+pub mod auth;
+pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod listener;
 pub mod logging;
 pub mod pb;
+pub mod reload;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod tls;

@@ -19,7 +19,10 @@ pub fn init(filter: &str, format: LogFormat) {
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     // A second init (tests in one process) keeps the first subscriber; that is fine.
     let _ = if json {
         builder.json().flatten_event(true).try_init()

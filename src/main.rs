@@ -1,22 +1,48 @@
 //! The `greeter` binary: parse, dispatch, map errors to exit codes.
 //!
 //! Exit codes: 0 success; 1 a runtime failure (cannot bind, call failed, not serving);
-//! 2 bad usage or configuration (clap uses 2 for usage errors too).
+//! 2 bad usage or configuration, TLS and token files included (clap uses 2 for usage errors too).
 
-use std::process::ExitCode;
+use std::{io::Write as _, process::ExitCode};
 
 use clap::Parser as _;
 use greeter::{
-    cli::{Cli, Command, ConfigArgs, ConfigCommand},
-    client::{self, Unary},
+    auth,
+    certs::{CertsError, DevPki, PkiOptions},
+    cli::{CertsArgs, Cli, Command, ConfigArgs, ConfigCommand, TokenArgs, TokenCommand},
+    client::{self, ClientError, Unary},
     config::{Config, ConfigError, LogFormat, Sources},
     logging,
-    server::Server,
+    server::{Credentials, Server, ServerError},
     shutdown,
 };
 
-const EXIT_FAILURE: u8 = 1;
-const EXIT_CONFIG: u8 = 2;
+/// Everything that can end a command unsuccessfully, with its exit code.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Server(#[from] ServerError),
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Certs(#[from] CertsError),
+    #[error("{path}: {source}")]
+    Write {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl Failure {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Self::Config(_) | Self::Server(ServerError::Tls(_) | ServerError::Tokens(_)) => 2,
+            _ => 1,
+        }
+    }
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -24,51 +50,65 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("building the tokio runtime");
-    runtime.block_on(run(cli.command))
-}
-
-async fn run(command: Command) -> ExitCode {
-    match command {
-        Command::Serve(args) => serve(&args.config).await,
-        Command::Config(ConfigCommand::Check(args)) => match load(&args) {
-            Ok(_) => {
-                println!("configuration is valid");
-                ExitCode::SUCCESS
-            }
-            Err(e) => config_failure(&e),
-        },
-        Command::Config(ConfigCommand::Show(args)) => match load(&args) {
-            Ok(config) => {
-                print!("{}", config.to_toml());
-                ExitCode::SUCCESS
-            }
-            Err(e) => config_failure(&e),
-        },
-        client_command => {
-            logging::init("warn", LogFormat::Text);
-            let result = match client_command {
-                Command::Hello(a) => client::unary(&a.client, Unary::SayHello, a.name)
-                    .await
-                    .map(|reply| println!("{reply}")),
-                Command::HelloAgain(a) => client::unary(&a.client, Unary::SayHelloAgain, a.name)
-                    .await
-                    .map(|reply| println!("{reply}")),
-                Command::Stream(a) => client::stream(&a.client, a.name, |r| println!("{r}")).await,
-                Command::Chat(a) => client::chat(&a, |r| println!("{r}")).await,
-                Command::Health(a) => client::health(&a.client, a.service)
-                    .await
-                    .map(|()| println!("SERVING")),
-                Command::Serve(_) | Command::Config(_) => unreachable!("handled above"),
-            };
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("greeter: {e}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            }
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("greeter: {failure}");
+            ExitCode::from(failure.exit_code())
         }
     }
+}
+
+async fn run(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Serve(args) => serve(&args.config).await,
+        Command::Config(ConfigCommand::Check(args)) => {
+            let config = load(&args)?;
+            Credentials::load(&config)?;
+            println!("configuration is valid");
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Show(args)) => {
+            print!("{}", load(&args)?.to_toml());
+            Ok(())
+        }
+        Command::Certs(greeter::cli::CertsCommand::Generate(args)) => generate_certs(args),
+        Command::Token(TokenCommand::New(args)) => new_token(&args),
+        Command::Hello(a) => {
+            client_logging();
+            println!(
+                "{}",
+                client::unary(&a.client, Unary::SayHello, a.name).await?
+            );
+            Ok(())
+        }
+        Command::HelloAgain(a) => {
+            client_logging();
+            println!(
+                "{}",
+                client::unary(&a.client, Unary::SayHelloAgain, a.name).await?
+            );
+            Ok(())
+        }
+        Command::Stream(a) => {
+            client_logging();
+            Ok(client::stream(&a.client, a.name, |r| println!("{r}")).await?)
+        }
+        Command::Chat(a) => {
+            client_logging();
+            Ok(client::chat(&a, |r| println!("{r}")).await?)
+        }
+        Command::Health(a) => {
+            client_logging();
+            client::health(&a.client, a.service).await?;
+            println!("SERVING");
+            Ok(())
+        }
+    }
+}
+
+fn client_logging() {
+    logging::init("warn", LogFormat::Text);
 }
 
 fn load(args: &ConfigArgs) -> Result<Config, ConfigError> {
@@ -78,33 +118,63 @@ fn load(args: &ConfigArgs) -> Result<Config, ConfigError> {
     ))
 }
 
-fn config_failure(error: &ConfigError) -> ExitCode {
-    eprintln!("greeter: invalid configuration: {error}");
-    ExitCode::from(EXIT_CONFIG)
-}
-
-async fn serve(args: &ConfigArgs) -> ExitCode {
-    let config = match load(args) {
-        Ok(config) => config,
-        Err(e) => return config_failure(&e),
-    };
+async fn serve(args: &ConfigArgs) -> Result<(), Failure> {
+    let config = load(args)?;
     logging::init(&config.log.filter, config.log.format);
-    let server = match Server::bind(config).await {
-        Ok(server) => server,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
+    let server = Server::bind(config).await?;
     let stop = async {
         let signal = shutdown::terminate().await;
         tracing::info!(signal, "shutdown requested");
     };
-    match server.serve(stop).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            ExitCode::from(EXIT_FAILURE)
+    server.serve(stop).await?;
+    Ok(())
+}
+
+fn generate_certs(args: CertsArgs) -> Result<(), Failure> {
+    let hosts = if args.hosts.is_empty() {
+        vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]
+    } else {
+        args.hosts
+    };
+    let options = PkiOptions::valid_for_days(hosts, args.client_name, args.days);
+    for path in DevPki::generate(&options)?.write(&args.out, args.force)? {
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn new_token(args: &TokenArgs) -> Result<(), Failure> {
+    let token = auth::generate();
+    let entry = auth::entry_toml(&auth::entry_for(&token, &args.name, &args.scopes));
+    match &args.append {
+        Some(path) => {
+            append_private(path, &entry).map_err(|source| Failure::Write {
+                path: path.clone(),
+                source,
+            })?;
+            println!("{token}");
+        }
+        None => {
+            println!(
+                "# token for {:?}, shown once (the server keeps only its hash):",
+                args.name
+            );
+            println!("{token}");
+            println!();
+            println!("# append to the tokens file (auth.tokens_file):");
+            print!("{entry}");
         }
     }
+    Ok(())
+}
+
+/// Appends to a tokens file, creating it readable by its owner only.
+fn append_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(format!("\n{text}").as_bytes())
 }

@@ -188,3 +188,81 @@ impl Drop for BinaryServer {
         let _ = self.child.wait();
     }
 }
+
+/// Development certificates written to a temporary folder: real PEM files, as operators have.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub pki: greeter::certs::DevPki,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = generate_pki("greeter-client");
+        pki.write(dir.path(), false).unwrap();
+        Self { dir, pki }
+    }
+
+    pub fn path(&self, file: &str) -> String {
+        self.dir.path().join(file).to_str().unwrap().to_owned()
+    }
+
+    /// Config overrides serving TLS with this PKI's server certificate.
+    pub fn tls_overrides(&self) -> Vec<(String, String)> {
+        vec![
+            ("tls.enabled".into(), "true".into()),
+            ("tls.cert".into(), self.path("server.pem")),
+            ("tls.key".into(), self.path("server.key")),
+            ("tls.reload_interval".into(), "50ms".into()),
+        ]
+    }
+
+    /// A TLS client config trusting this PKI's CA, optionally presenting its client certificate.
+    pub fn client_tls(&self, with_client_cert: bool) -> tonic::transport::ClientTlsConfig {
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.pki.ca_cert))
+            .domain_name("localhost");
+        if with_client_cert {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                &self.pki.client_cert,
+                &self.pki.client_key,
+            ));
+        }
+        tls
+    }
+}
+
+pub fn generate_pki(client_name: &str) -> greeter::certs::DevPki {
+    let options = greeter::certs::PkiOptions::valid_for_days(
+        vec!["localhost".into(), "127.0.0.1".into()],
+        client_name.into(),
+        30,
+    );
+    greeter::certs::DevPki::generate(&options).unwrap()
+}
+
+/// A config from the embedded default plus `overrides`, on an ephemeral loopback port.
+pub fn config_with(overrides: Vec<(String, String)>) -> Config {
+    let mut all = vec![
+        ("server.listen".to_owned(), "127.0.0.1:0".to_owned()),
+        ("greeter.stream_interval".to_owned(), "1ms".to_owned()),
+    ];
+    all.extend(overrides);
+    Config::load(&Sources {
+        overrides: all,
+        ..Sources::default()
+    })
+    .expect("test config is valid")
+}
+
+/// Connects over TLS to `addr` (verifying the name "localhost").
+pub async fn tls_channel(
+    addr: SocketAddr,
+    tls: tonic::transport::ClientTlsConfig,
+) -> Result<Channel, tonic::transport::Error> {
+    Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)?
+        .connect()
+        .await
+}

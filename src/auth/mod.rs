@@ -1,0 +1,406 @@
+//! Authentication and per-method authorization, as a tower layer over the HTTP request.
+//!
+//! tonic interceptors are synchronous and do not see which method is called; a layer sees the
+//! path (`/package.Service/Method`), the headers and the connection's TLS identity, and answers
+//! with a gRPC status before any handler or decoder runs.
+
+mod tokens;
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use arc_swap::ArcSwap;
+use futures_util::future::{Either, Ready, ready};
+use tonic::{Status, body::Body, codegen::http};
+use tower::{Layer, Service};
+
+pub use tokens::{
+    Holder, TOKEN_PREFIX, TokenEntry, TokenStore, TokensError, entry_for, entry_toml, generate,
+    sha256,
+};
+
+use crate::{
+    config::{AuthConfig, AuthMode},
+    listener::PeerInfo,
+};
+
+/// Who made a call, as established by the auth layer; in the request extensions for handlers and
+/// logs. Never holds the token itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// An open method, or auth disabled.
+    Anonymous,
+    /// A bearer token, by its holder's name.
+    Token(Arc<str>),
+    /// A verified client certificate, by its subject.
+    ClientCert(String),
+}
+
+/// What a method requires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Rule {
+    Open,
+    Scope(String),
+}
+
+/// Method pattern -> rule, from `auth.policy`.
+#[derive(Debug, Clone)]
+struct Policy(BTreeMap<String, Rule>);
+
+impl Policy {
+    fn new(config: &BTreeMap<String, String>) -> Self {
+        Self(
+            config
+                .iter()
+                .map(|(pattern, rule)| {
+                    let rule = match rule.as_str() {
+                        "open" => Rule::Open,
+                        scope => Rule::Scope(scope.to_owned()),
+                    };
+                    (pattern.clone(), rule)
+                })
+                .collect(),
+        )
+    }
+
+    /// The most specific rule for `path`: the method, then its service, then `*`. `None`: no rule
+    /// covers it, and the call is refused.
+    fn rule(&self, path: &str) -> Option<&Rule> {
+        if let Some(rule) = self.0.get(path) {
+            return Some(rule);
+        }
+        let service_wildcard = path
+            .rfind('/')
+            .filter(|&i| i > 0)
+            .map(|i| format!("{}/*", &path[..i]));
+        service_wildcard
+            .and_then(|pattern| self.0.get(&pattern))
+            .or_else(|| self.0.get("*"))
+    }
+}
+
+/// Decides whether a request may proceed. Cheap to clone; the token set reloads underneath.
+#[derive(Debug, Clone)]
+pub struct Authenticator {
+    mode: AuthMode,
+    tokens: Arc<ArcSwap<TokenStore>>,
+    cert_scopes: Arc<[String]>,
+    policy: Arc<Policy>,
+}
+
+impl Authenticator {
+    pub fn new(config: &AuthConfig, tokens: TokenStore) -> Self {
+        Self {
+            mode: config.mode,
+            tokens: Arc::new(ArcSwap::from_pointee(tokens)),
+            cert_scopes: config.client_cert_scopes.clone().into(),
+            policy: Arc::new(Policy::new(&config.policy)),
+        }
+    }
+
+    /// Installs a new token set (after a reload); calls in flight finish with the old one.
+    pub fn replace_tokens(&self, tokens: TokenStore) {
+        self.tokens.store(Arc::new(tokens));
+    }
+
+    /// The verdict for one call.
+    pub fn authorize(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        peer: Option<&PeerInfo>,
+    ) -> Result<Caller, Status> {
+        let required = match self.policy.rule(path) {
+            Some(Rule::Open) => return Ok(Caller::Anonymous),
+            Some(Rule::Scope(scope)) => scope,
+            None => {
+                return Err(Status::permission_denied(format!(
+                    "{path} is not allowed by the server's auth policy"
+                )));
+            }
+        };
+        let cert = peer.and_then(|p| p.client_cert.as_deref());
+        let token = bearer_token(headers)?;
+        let tokens = self.tokens.load();
+        let (caller, scopes): (Caller, &[String]) = match (self.mode, token, cert) {
+            (AuthMode::Token | AuthMode::Either, Some(token), _)
+            | (AuthMode::Both, Some(token), Some(_)) => {
+                let holder = tokens
+                    .authenticate(token)
+                    .ok_or_else(|| Status::unauthenticated("invalid bearer token"))?;
+                (Caller::Token(Arc::clone(&holder.name)), &holder.scopes)
+            }
+            (AuthMode::ClientCert | AuthMode::Either, _, Some(cert)) => {
+                (Caller::ClientCert(cert.subject.clone()), &self.cert_scopes)
+            }
+            (AuthMode::Token, None, _) => return Err(missing("authorization: Bearer <token>")),
+            (AuthMode::ClientCert, _, None) => return Err(missing("a client certificate")),
+            (AuthMode::Either, None, None) => {
+                return Err(missing("a bearer token or a client certificate"));
+            }
+            (AuthMode::Both, None, _) => {
+                return Err(missing(
+                    "authorization: Bearer <token> (and a client certificate)",
+                ));
+            }
+            (AuthMode::Both, Some(_), None) => {
+                return Err(missing("a client certificate (and a bearer token)"));
+            }
+        };
+        if scopes.iter().any(|s| s == required) {
+            Ok(caller)
+        } else {
+            let who = match &caller {
+                Caller::Token(name) => format!("token {name:?}"),
+                Caller::ClientCert(subject) => format!("client certificate {subject:?}"),
+                Caller::Anonymous => "caller".to_owned(),
+            };
+            Err(Status::permission_denied(format!(
+                "{who} lacks scope {required:?}, required by {path}"
+            )))
+        }
+    }
+}
+
+fn missing(what: &str) -> Status {
+    Status::unauthenticated(format!("missing credentials: this method requires {what}"))
+}
+
+/// The token of an `authorization: Bearer <token>` header; `None` when there is no header.
+/// Never puts the header's value in an error.
+fn bearer_token(headers: &http::HeaderMap) -> Result<Option<&str>, Status> {
+    let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let malformed =
+        || Status::unauthenticated("malformed authorization header: expected \"Bearer <token>\"");
+    let value = value.to_str().map_err(|_| malformed())?;
+    let (scheme, token) = value.split_once(' ').ok_or_else(malformed)?;
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+        return Err(malformed());
+    }
+    Ok(Some(token))
+}
+
+/// The tower layer: `None` (auth disabled) passes every call through as `Caller::Anonymous`.
+#[derive(Debug, Clone)]
+pub struct AuthLayer {
+    auth: Option<Authenticator>,
+}
+
+impl AuthLayer {
+    pub fn new(auth: Option<Authenticator>) -> Self {
+        Self { auth }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            auth: self.auth.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    auth: Option<Authenticator>,
+}
+
+impl<S, B> Service<http::Request<B>> for AuthService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>>,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Either<Ready<Result<Self::Response, Self::Error>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let verdict = match &self.auth {
+            None => Ok(Caller::Anonymous),
+            Some(auth) => auth.authorize(
+                request.uri().path(),
+                request.headers(),
+                request.extensions().get::<PeerInfo>(),
+            ),
+        };
+        match verdict {
+            Ok(caller) => {
+                request.extensions_mut().insert(caller);
+                Either::Right(self.inner.call(request))
+            }
+            Err(status) => {
+                tracing::debug!(path = request.uri().path(), code = ?status.code(), "call refused: {}", status.message());
+                Either::Left(ready(Ok(status.into_http())))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use super::*;
+    use crate::tls::ClientIdentity;
+
+    fn config(mode: AuthMode) -> AuthConfig {
+        let mut config = crate::config::Config::embedded().auth;
+        config.mode = mode;
+        config.client_cert_scopes = vec!["greeter".into()];
+        config
+    }
+
+    fn store(token: &str, scopes: &[&str]) -> TokenStore {
+        let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+        TokenStore::parse(&entry_toml(&entry_for(token, "ci", &scopes)), "t").unwrap()
+    }
+
+    fn headers(value: Option<&str>) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        if let Some(value) = value {
+            headers.insert(http::header::AUTHORIZATION, value.parse().unwrap());
+        }
+        headers
+    }
+
+    fn peer(with_cert: bool) -> PeerInfo {
+        PeerInfo {
+            remote_addr: "127.0.0.1:1".parse().unwrap(),
+            client_cert: with_cert.then(|| {
+                Arc::new(ClientIdentity {
+                    subject: "CN=client".into(),
+                    sans: vec![],
+                })
+            }),
+        }
+    }
+
+    const HELLO: &str = "/helloworld.Greeter/SayHello";
+    const REFLECT: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+    const HEALTH: &str = "/grpc.health.v1.Health/Check";
+
+    #[test]
+    fn token_mode_codes() {
+        let auth = Authenticator::new(&config(AuthMode::Token), store("secret", &["greeter"]));
+        let code = |path, header| {
+            auth.authorize(path, &headers(header), Some(&peer(false)))
+                .map_err(|s| s.code())
+        };
+        assert_eq!(
+            code(HELLO, Some("Bearer secret")),
+            Ok(Caller::Token("ci".into()))
+        );
+        assert_eq!(
+            code(HELLO, Some("bearer secret")),
+            Ok(Caller::Token("ci".into()))
+        );
+        assert_eq!(code(HELLO, None), Err(Code::Unauthenticated));
+        assert_eq!(
+            code(HELLO, Some("Basic secret")),
+            Err(Code::Unauthenticated)
+        );
+        assert_eq!(code(HELLO, Some("Bearer ")), Err(Code::Unauthenticated));
+        assert_eq!(
+            code(HELLO, Some("Bearer wrong")),
+            Err(Code::Unauthenticated)
+        );
+        assert_eq!(
+            code(REFLECT, Some("Bearer secret")),
+            Err(Code::PermissionDenied)
+        );
+        assert_eq!(code(HEALTH, None), Ok(Caller::Anonymous));
+        assert_eq!(
+            code("/other.Service/Call", Some("Bearer secret")),
+            Err(Code::PermissionDenied)
+        );
+    }
+
+    #[test]
+    fn messages_never_echo_the_token() {
+        let auth = Authenticator::new(&config(AuthMode::Token), store("secret", &["greeter"]));
+        for header in ["Bearer hunter2", "Basic hunter2", "hunter2"] {
+            let status = auth
+                .authorize(HELLO, &headers(Some(header)), None)
+                .unwrap_err();
+            assert!(
+                !status.message().contains("hunter2"),
+                "{}",
+                status.message()
+            );
+        }
+    }
+
+    #[test]
+    fn certificate_modes() {
+        let tokens = || store("secret", &["greeter", "reflection"]);
+        let either = Authenticator::new(&config(AuthMode::Either), tokens());
+        assert_eq!(
+            either
+                .authorize(HELLO, &headers(None), Some(&peer(true)))
+                .unwrap(),
+            Caller::ClientCert("CN=client".into())
+        );
+        // A token, when present, decides: a bad one is refused even with a certificate.
+        assert_eq!(
+            either
+                .authorize(HELLO, &headers(Some("Bearer bad")), Some(&peer(true)))
+                .unwrap_err()
+                .code(),
+            Code::Unauthenticated
+        );
+        // Certificate scopes come from auth.client_cert_scopes.
+        assert_eq!(
+            either
+                .authorize(REFLECT, &headers(None), Some(&peer(true)))
+                .unwrap_err()
+                .code(),
+            Code::PermissionDenied
+        );
+
+        let both = Authenticator::new(&config(AuthMode::Both), tokens());
+        let ok = both.authorize(REFLECT, &headers(Some("Bearer secret")), Some(&peer(true)));
+        assert_eq!(ok.unwrap(), Caller::Token("ci".into()));
+        for (header, with_cert) in [(Some("Bearer secret"), false), (None, true)] {
+            let status = both
+                .authorize(HELLO, &headers(header), Some(&peer(with_cert)))
+                .unwrap_err();
+            assert_eq!(status.code(), Code::Unauthenticated);
+        }
+
+        let cert_only = Authenticator::new(&config(AuthMode::ClientCert), tokens());
+        let status = cert_only
+            .authorize(HELLO, &headers(Some("Bearer secret")), Some(&peer(false)))
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated);
+    }
+
+    #[test]
+    fn most_specific_pattern_wins() {
+        let mut rules = BTreeMap::new();
+        rules.insert("*".to_owned(), "admin".to_owned());
+        rules.insert("/helloworld.Greeter/*".to_owned(), "greeter".to_owned());
+        rules.insert(HELLO.to_owned(), "open".to_owned());
+        let policy = Policy::new(&rules);
+        assert_eq!(policy.rule(HELLO), Some(&Rule::Open));
+        assert_eq!(
+            policy.rule("/helloworld.Greeter/SayHelloAgain"),
+            Some(&Rule::Scope("greeter".into()))
+        );
+        assert_eq!(policy.rule("/x.Y/Z"), Some(&Rule::Scope("admin".into())));
+        rules.remove("*");
+        assert_eq!(Policy::new(&rules).rule("/x.Y/Z"), None);
+    }
+}

@@ -1,0 +1,106 @@
+//! Re-reading files that rotate under a running server: certificates, keys, CA bundles, tokens.
+//!
+//! Polls the files' contents rather than watching inodes: Kubernetes updates Secret volumes by
+//! swapping a `..data` symlink, which inotify on the file path misses, while reading through the
+//! path always sees what a new open would. The files are small; a read every few seconds costs
+//! nothing. SIGHUP forces a reload at once.
+
+use std::{path::PathBuf, time::Duration};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+/// Sends a tick on every SIGHUP the process receives.
+pub fn hangups() -> watch::Receiver<()> {
+    let (tx, rx) = watch::channel(());
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    info!("SIGHUP: reloading certificates and tokens");
+                    if tx.send(()).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Err(e) => error!("cannot install a SIGHUP handler; files still reload on change: {e}"),
+    }
+    rx
+}
+
+/// A digest of each file's content (`None`: unreadable), to notice any change.
+fn fingerprint(paths: &[PathBuf]) -> Vec<Option<ring::digest::Digest>> {
+    paths
+        .iter()
+        .map(|p| {
+            std::fs::read(p)
+                .ok()
+                .map(|bytes| ring::digest::digest(&ring::digest::SHA256, &bytes))
+        })
+        .collect()
+}
+
+fn same(a: &[Option<ring::digest::Digest>], b: &[Option<ring::digest::Digest>]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| match (x, y) {
+            (Some(x), Some(y)) => x.as_ref() == y.as_ref(),
+            (None, None) => true,
+            _ => false,
+        })
+}
+
+/// Calls `reload` whenever the content of `paths` changes (checked every `interval`) or SIGHUP
+/// arrives, until `stop`. `reload` builds and installs the new state, or returns why it cannot:
+/// the old state then stays in force and the failure is logged once per distinct content.
+pub fn spawn<E, F>(
+    what: &'static str,
+    paths: Vec<PathBuf>,
+    interval: Duration,
+    hangups: watch::Receiver<()>,
+    stop: CancellationToken,
+    mut reload: F,
+) where
+    E: std::fmt::Display,
+    F: FnMut() -> Result<String, E> + Send + 'static,
+{
+    let mut seen = fingerprint(&paths);
+    let mut hangups = Some(hangups);
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(interval.max(Duration::from_millis(10)));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let forced = tokio::select! {
+                () = stop.cancelled() => return,
+                _ = ticks.tick() => false,
+                changed = next_hangup(&mut hangups) => {
+                    if changed.is_err() {
+                        // No more SIGHUPs can come; keep polling.
+                        hangups = None;
+                        continue;
+                    }
+                    true
+                }
+            };
+            let now = fingerprint(&paths);
+            if !forced && same(&now, &seen) {
+                continue;
+            }
+            seen = now;
+            match reload() {
+                Ok(summary) => info!(what, %summary, "reloaded"),
+                Err(e) => error!(what, "reload refused, previous version stays in force: {e}"),
+            }
+        }
+    });
+}
+
+async fn next_hangup(
+    hangups: &mut Option<watch::Receiver<()>>,
+) -> Result<(), watch::error::RecvError> {
+    match hangups {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
+    }
+}

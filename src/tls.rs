@@ -1,0 +1,273 @@
+//! TLS material: loading PEM files into a rustls `ServerConfig`, and swapping it on rotation.
+//!
+//! tonic's `ServerTlsConfig` takes PEM bytes once and cannot change them, so greeter builds its own
+//! `rustls::ServerConfig` and accepts with tokio-rustls. Rotation swaps the whole config (cert, key
+//! and client CA together) behind an `ArcSwap`: each new connection reads the current one, open
+//! connections keep the config they shook hands with.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::SystemTime,
+};
+
+use arc_swap::ArcSwap;
+use rustls::{
+    RootCertStore, ServerConfig,
+    crypto::CryptoProvider,
+    server::{WebPkiClientVerifier, danger::ClientCertVerifier},
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
+
+use crate::config::{ClientAuth, TlsConfig};
+
+/// What is wrong with the TLS material, naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: no PEM {what} found: {reason}")]
+    Pem {
+        path: PathBuf,
+        what: &'static str,
+        reason: String,
+    },
+    #[error("{path}: not a valid X.509 certificate: {reason}")]
+    Certificate { path: PathBuf, reason: String },
+    #[error("{path}: certificate expired at {not_after} (subject {subject})")]
+    Expired {
+        path: PathBuf,
+        not_after: String,
+        subject: String,
+    },
+    #[error("{path}: certificate is not valid before {not_before} (subject {subject})")]
+    NotYetValid {
+        path: PathBuf,
+        not_before: String,
+        subject: String,
+    },
+    #[error("{key}: private key does not match the certificate in {cert}: {reason}")]
+    KeyMismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
+    #[error("{path}: cannot use as client CA: {reason}")]
+    ClientCa { path: PathBuf, reason: String },
+}
+
+/// The crypto provider, chosen once: ring needs no cmake or clang to build.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A loaded, validated server configuration plus what operators want to know about it.
+#[derive(Debug)]
+pub struct Material {
+    pub config: Arc<ServerConfig>,
+    pub leaf: CertSummary,
+}
+
+/// The parts of a certificate worth logging and testing against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertSummary {
+    /// RFC 4514 subject, e.g. `CN=greeter`.
+    pub subject: String,
+    /// Serial number, lowercase hex: tells which certificate a connection got.
+    pub serial: String,
+    /// Expiry as Unix seconds.
+    pub not_after_unix: i64,
+}
+
+/// Loads `tls.cert`, `tls.key` and (when configured) `tls.client_ca` into a rustls config: TLS 1.3
+/// and 1.2 only, ALPN `h2` only (gRPC needs HTTP/2), and client certificate verification as
+/// `tls.client_auth` says. Refuses an expired or not-yet-valid leaf, and a key that does not
+/// belong to the certificate.
+pub fn load(settings: &TlsConfig) -> Result<Material, TlsError> {
+    let chain = read_certs(&settings.cert)?;
+    let leaf = summarize(&settings.cert, &chain[0], SystemTime::now())?;
+    let key = read_key(&settings.key)?;
+
+    let provider = provider();
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("ring supports TLS 1.2 and 1.3");
+    let builder = match client_verifier(settings, &provider)? {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::KeyMismatch {
+            cert: settings.cert.clone(),
+            key: settings.key.clone(),
+            reason: e.to_string(),
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Material {
+        config: Arc::new(config),
+        leaf,
+    })
+}
+
+fn client_verifier(
+    settings: &TlsConfig,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Option<Arc<dyn ClientCertVerifier>>, TlsError> {
+    if settings.client_auth == ClientAuth::None {
+        return Ok(None);
+    }
+    let path = &settings.client_ca;
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs(path)? {
+        roots.add(cert).map_err(|e| TlsError::ClientCa {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    }
+    let builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider));
+    let builder = match settings.client_auth {
+        ClientAuth::Optional => builder.allow_unauthenticated(),
+        _ => builder,
+    };
+    builder.build().map(Some).map_err(|e| TlsError::ClientCa {
+        path: path.clone(),
+        reason: e.to_string(),
+    })
+}
+
+/// Reads every certificate of a PEM file; at least one.
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = read(path)?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            path: path.to_owned(),
+            what: "certificate",
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            path: path.to_owned(),
+            what: "certificate",
+            reason: "the file holds no CERTIFICATE block".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Reads the first private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
+pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let bytes = read(path)?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| TlsError::Pem {
+        path: path.to_owned(),
+        what: "private key",
+        reason: e.to_string(),
+    })
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Parses `der` and checks it is valid at `now`.
+pub fn summarize(
+    path: &Path,
+    der: &CertificateDer<'_>,
+    now: SystemTime,
+) -> Result<CertSummary, TlsError> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| TlsError::Certificate {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let subject = cert.subject().to_string();
+    let validity = cert.validity();
+    let now_unix = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    if validity.not_after.timestamp() < now_unix {
+        return Err(TlsError::Expired {
+            path: path.to_owned(),
+            not_after: validity.not_after.to_string(),
+            subject,
+        });
+    }
+    if validity.not_before.timestamp() > now_unix {
+        return Err(TlsError::NotYetValid {
+            path: path.to_owned(),
+            not_before: validity.not_before.to_string(),
+            subject,
+        });
+    }
+    Ok(CertSummary {
+        subject,
+        serial: cert.raw_serial_as_string().replace(':', ""),
+        not_after_unix: validity.not_after.timestamp(),
+    })
+}
+
+/// Who a verified client certificate names: the subject and its DNS, URI and email SANs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientIdentity {
+    pub subject: String,
+    pub sans: Vec<String>,
+}
+
+impl ClientIdentity {
+    /// Reads the identity of a client's leaf certificate. rustls has verified it already.
+    pub fn from_der(der: &CertificateDer<'_>) -> Option<Self> {
+        let (_, cert) = X509Certificate::from_der(der).ok()?;
+        let sans = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|ext| {
+                ext.value
+                    .general_names
+                    .iter()
+                    .filter_map(|name| match name {
+                        GeneralName::DNSName(n) => Some(format!("dns:{n}")),
+                        GeneralName::URI(u) => Some(format!("uri:{u}")),
+                        GeneralName::RFC822Name(e) => Some(format!("email:{e}")),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some(Self {
+            subject: cert.subject().to_string(),
+            sans,
+        })
+    }
+}
+
+/// The current server config, swappable while serving.
+#[derive(Debug, Clone)]
+pub struct Reloadable {
+    current: Arc<ArcSwap<ServerConfig>>,
+}
+
+impl Reloadable {
+    pub fn new(config: Arc<ServerConfig>) -> Self {
+        Self {
+            current: Arc::new(ArcSwap::new(config)),
+        }
+    }
+
+    /// An acceptor for one new connection, with whatever material is current.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.current.load_full())
+    }
+
+    pub fn replace(&self, config: Arc<ServerConfig>) {
+        self.current.store(config);
+    }
+}

@@ -1,0 +1,260 @@
+//! Token authentication and per-method policy against a real server, with a real tokens file that
+//! is rewritten while the server runs.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Pki, TestServer, config_with, tls_channel};
+use greeter::{
+    auth,
+    pb::{HelloRequest, greeter_client::GreeterClient},
+};
+use tonic::{Code, Request, transport::Channel};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+struct Tokens {
+    dir: tempfile::TempDir,
+}
+
+impl Tokens {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self) -> String {
+        self.dir
+            .path()
+            .join("tokens.toml")
+            .to_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// Rewrites the file with one entry per `(token, name, scopes)`, atomically (rename), as
+    /// deploy tools and Kubernetes do.
+    fn write(&self, entries: &[(&str, &str, &[&str])]) {
+        let text: String = entries
+            .iter()
+            .map(|(token, name, scopes)| {
+                let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+                auth::entry_toml(&auth::entry_for(token, name, &scopes)) + "\n"
+            })
+            .collect();
+        self.write_raw(&text);
+    }
+
+    fn write_raw(&self, text: &str) {
+        let tmp = self.dir.path().join("tokens.toml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(tmp, self.path()).unwrap();
+    }
+
+    fn overrides(&self) -> Vec<(String, String)> {
+        vec![
+            ("auth.enabled".into(), "true".into()),
+            ("auth.tokens_file".into(), self.path()),
+            ("auth.reload_interval".into(), "50ms".into()),
+        ]
+    }
+}
+
+async fn say_hello(channel: &Channel, authorization: Option<&str>) -> Result<String, Code> {
+    let mut request = Request::new(HelloRequest { name: "you".into() });
+    if let Some(value) = authorization {
+        request
+            .metadata_mut()
+            .insert("authorization", value.parse().unwrap());
+    }
+    GreeterClient::new(channel.clone())
+        .say_hello(request)
+        .await
+        .map(|r| r.into_inner().message)
+        .map_err(|s| s.code())
+}
+
+async fn list_services(channel: &Channel, authorization: Option<&str>) -> Result<(), Code> {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest,
+    };
+    let message = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut request = Request::new(tokio_stream::iter([message]));
+    if let Some(value) = authorization {
+        request
+            .metadata_mut()
+            .insert("authorization", value.parse().unwrap());
+    }
+    let mut responses = ServerReflectionClient::new(channel.clone())
+        .server_reflection_info(request)
+        .await
+        .map_err(|s| s.code())?
+        .into_inner();
+    responses.message().await.map(|_| ()).map_err(|s| s.code())
+}
+
+#[tokio::test]
+async fn every_refusal_has_its_exact_status_code() {
+    let tokens = Tokens::new();
+    tokens.write(&[
+        ("grt_greeter", "app", &["greeter"]),
+        ("grt_ops", "ops", &["reflection"]),
+    ]);
+    let server = TestServer::start_with(config_with(tokens.overrides())).await;
+    let channel = server.channel().await;
+
+    assert_eq!(
+        say_hello(&channel, Some("Bearer grt_greeter")).await,
+        Ok("Hello, you!".into())
+    );
+    assert_eq!(say_hello(&channel, None).await, Err(Code::Unauthenticated));
+    assert_eq!(
+        say_hello(&channel, Some("Basic grt_greeter")).await,
+        Err(Code::Unauthenticated)
+    );
+    assert_eq!(
+        say_hello(&channel, Some("grt_greeter")).await,
+        Err(Code::Unauthenticated)
+    );
+    assert_eq!(
+        say_hello(&channel, Some("Bearer grt_unknown")).await,
+        Err(Code::Unauthenticated)
+    );
+    assert_eq!(
+        say_hello(&channel, Some("Bearer grt_ops")).await,
+        Err(Code::PermissionDenied)
+    );
+
+    assert_eq!(
+        list_services(&channel, Some("Bearer grt_ops")).await,
+        Ok(())
+    );
+    assert_eq!(
+        list_services(&channel, None).await,
+        Err(Code::Unauthenticated)
+    );
+    assert_eq!(
+        list_services(&channel, Some("Bearer grt_greeter")).await,
+        Err(Code::PermissionDenied)
+    );
+
+    // Health stays open: probes carry no credentials.
+    let health = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await;
+    assert!(health.is_ok(), "{health:?}");
+}
+
+#[tokio::test]
+async fn refusal_messages_never_echo_the_token() {
+    let tokens = Tokens::new();
+    tokens.write(&[("grt_greeter", "app", &["reflection"])]);
+    let server = TestServer::start_with(config_with(tokens.overrides())).await;
+    let mut client = GreeterClient::new(server.channel().await);
+    for header in [
+        "Bearer grt_secret_value",
+        "Bearer grt_greeter",
+        "Token grt_secret_value",
+    ] {
+        let mut request = Request::new(HelloRequest { name: "x".into() });
+        request
+            .metadata_mut()
+            .insert("authorization", header.parse().unwrap());
+        let status = client.say_hello(request).await.unwrap_err();
+        assert!(!status.message().contains("grt_"), "{}", status.message());
+    }
+}
+
+async fn eventually(channel: &Channel, token: &str, expected: Result<String, Code>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let header = format!("Bearer {token}");
+    loop {
+        let got = say_hello(channel, Some(&header)).await;
+        if got == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{token}: still {got:?}, want {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn tokens_file_reloads_add_and_revoke_and_a_bad_file_keeps_the_old_set() {
+    let tokens = Tokens::new();
+    tokens.write(&[("grt_first", "first", &["greeter"])]);
+    let server = TestServer::start_with(config_with(tokens.overrides())).await;
+    let channel = server.channel().await;
+    let hello = Ok("Hello, you!".to_owned());
+
+    assert_eq!(
+        say_hello(&channel, Some("Bearer grt_second")).await,
+        Err(Code::Unauthenticated)
+    );
+    tokens.write(&[
+        ("grt_first", "first", &["greeter"]),
+        ("grt_second", "second", &["greeter"]),
+    ]);
+    eventually(&channel, "grt_second", hello.clone()).await;
+
+    tokens.write(&[("grt_second", "second", &["greeter"])]);
+    eventually(&channel, "grt_first", Err(Code::Unauthenticated)).await;
+
+    // A broken file is refused; the tokens in force stay in force.
+    tokens
+        .write_raw("[[tokens]]\nname = \"broken\"\nsha256 = \"not hex\"\nscopes = [\"greeter\"]\n");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(say_hello(&channel, Some("Bearer grt_second")).await, hello);
+}
+
+#[tokio::test]
+async fn mtls_and_tokens_combine_as_configured() {
+    let pki = Pki::new();
+    let tokens = Tokens::new();
+    tokens.write(&[("grt_app", "app", &["greeter"])]);
+    let mut overrides = pki.tls_overrides();
+    overrides.extend(tokens.overrides());
+    overrides.push(("tls.client_ca".into(), pki.path("ca.pem")));
+    overrides.push(("tls.client_auth".into(), "required".into()));
+    overrides.push(("auth.mode".into(), "both".into()));
+    let server = TestServer::start_with(config_with(overrides.clone())).await;
+    let channel = tls_channel(server.addr, pki.client_tls(true))
+        .await
+        .unwrap();
+    assert_eq!(
+        say_hello(&channel, Some("Bearer grt_app")).await,
+        Ok("Hello, you!".into())
+    );
+    assert_eq!(say_hello(&channel, None).await, Err(Code::Unauthenticated));
+
+    // client_cert mode: the certificate alone authenticates, with auth.client_cert_scopes.
+    overrides.retain(|(k, _)| k != "auth.mode" && k != "tls.client_auth");
+    overrides.push(("auth.mode".into(), "client_cert".into()));
+    overrides.push(("tls.client_auth".into(), "optional".into()));
+    let config = {
+        let mut config = config_with(overrides);
+        config.auth.client_cert_scopes = vec!["greeter".into()];
+        config
+    };
+    let server = TestServer::start_with(config).await;
+    let with_cert = tls_channel(server.addr, pki.client_tls(true))
+        .await
+        .unwrap();
+    assert_eq!(say_hello(&with_cert, None).await, Ok("Hello, you!".into()));
+    let without = tls_channel(server.addr, pki.client_tls(false))
+        .await
+        .unwrap();
+    assert_eq!(
+        say_hello(&without, Some("Bearer grt_app")).await,
+        Err(Code::Unauthenticated)
+    );
+}

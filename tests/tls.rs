@@ -1,0 +1,341 @@
+//! TLS and mTLS with real certificates on real files, real handshakes, and rotation while calls
+//! are running.
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use common::{Pki, TestServer, config_with, generate_pki, tls_channel};
+use greeter::{
+    pb::{HelloRequest, greeter_client::GreeterClient},
+    server::{Server, ServerError},
+    tls::TlsError,
+};
+use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+use tonic::transport::Channel;
+
+fn hello(name: &str) -> HelloRequest {
+    HelloRequest { name: name.into() }
+}
+
+async fn greet(channel: Channel) -> Result<String, tonic::Status> {
+    let reply = GreeterClient::new(channel).say_hello(hello("tls")).await?;
+    Ok(reply.into_inner().message)
+}
+
+#[tokio::test]
+async fn tls_calls_work_and_plaintext_is_refused() {
+    let pki = Pki::new();
+    let server = TestServer::start_with(config_with(pki.tls_overrides())).await;
+
+    let channel = tls_channel(server.addr, pki.client_tls(false))
+        .await
+        .unwrap();
+    assert_eq!(greet(channel).await.unwrap(), "Hello, tls!");
+
+    // A plaintext HTTP/2 client gets no answer from a TLS port.
+    let plain = Channel::from_shared(server.uri()).unwrap().connect().await;
+    if let Ok(plain) = plain {
+        let status = greet(plain).await.unwrap_err();
+        assert_ne!(status.code(), tonic::Code::Ok);
+    }
+}
+
+#[tokio::test]
+async fn a_server_certificate_from_another_ca_is_refused_by_the_client() {
+    let pki = Pki::new();
+    let server = TestServer::start_with(config_with(pki.tls_overrides())).await;
+    let other = generate_pki("someone");
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&other.ca_cert))
+        .domain_name("localhost");
+    let err = tls_channel(server.addr, tls).await.unwrap_err();
+    let chain = format!("{err:?}");
+    assert!(chain.contains("InvalidCertificate"), "{chain}");
+}
+
+fn mtls_overrides(pki: &Pki, mode: &str) -> Vec<(String, String)> {
+    let mut overrides = pki.tls_overrides();
+    overrides.push(("tls.client_ca".into(), pki.path("ca.pem")));
+    overrides.push(("tls.client_auth".into(), mode.into()));
+    overrides
+}
+
+#[tokio::test]
+async fn mtls_required_refuses_missing_and_foreign_client_certificates() {
+    let pki = Pki::new();
+    let server = TestServer::start_with(config_with(mtls_overrides(&pki, "required"))).await;
+
+    let channel = tls_channel(server.addr, pki.client_tls(true))
+        .await
+        .unwrap();
+    assert_eq!(greet(channel).await.unwrap(), "Hello, tls!");
+
+    // TLS 1.3 reports a refused client certificate after the handshake: on connect or first call.
+    let without = match tls_channel(server.addr, pki.client_tls(false)).await {
+        Ok(channel) => greet(channel).await.is_err(),
+        Err(_) => true,
+    };
+    assert!(without, "a client without a certificate must be refused");
+
+    let stranger = generate_pki("stranger");
+    let foreign = pki
+        .client_tls(false)
+        .identity(tonic::transport::Identity::from_pem(
+            &stranger.client_cert,
+            &stranger.client_key,
+        ));
+    let refused = match tls_channel(server.addr, foreign).await {
+        Ok(channel) => greet(channel).await.is_err(),
+        Err(_) => true,
+    };
+    assert!(
+        refused,
+        "a client certificate from another CA must be refused"
+    );
+}
+
+#[tokio::test]
+async fn mtls_optional_admits_clients_with_and_without_certificates() {
+    let pki = Pki::new();
+    let server = TestServer::start_with(config_with(mtls_overrides(&pki, "optional"))).await;
+    for with_cert in [true, false] {
+        let channel = tls_channel(server.addr, pki.client_tls(with_cert))
+            .await
+            .unwrap();
+        assert_eq!(
+            greet(channel).await.unwrap(),
+            "Hello, tls!",
+            "with_cert={with_cert}"
+        );
+    }
+}
+
+/// Runs `openssl s_client` limited to one protocol version; true when the handshake succeeded.
+fn openssl_handshake(addr: SocketAddr, version_flag: &str, ca: &str) -> bool {
+    let output = Command::new("openssl")
+        .args(["s_client", "-connect", &addr.to_string(), version_flag])
+        // Let the client offer old protocols at all, so a refusal is the server's.
+        .args([
+            "-cipher",
+            "DEFAULT:@SECLEVEL=0",
+            "-CAfile",
+            ca,
+            "-alpn",
+            "h2",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl is installed (scripts/install-tools installs it)");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    output.status.success() && text.contains("Verify return code: 0 (ok)")
+}
+
+#[tokio::test]
+async fn only_tls_1_2_and_1_3_are_spoken() {
+    let pki = Pki::new();
+    let server = TestServer::start_with(config_with(pki.tls_overrides())).await;
+    let (addr, ca) = (server.addr, pki.path("ca.pem"));
+    let results = tokio::task::spawn_blocking(move || {
+        ["-tls1_3", "-tls1_2", "-tls1_1", "-tls1"]
+            .map(|flag| (flag, openssl_handshake(addr, flag, &ca)))
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        results,
+        [
+            ("-tls1_3", true),
+            ("-tls1_2", true),
+            ("-tls1_1", false),
+            ("-tls1", false)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn startup_errors_name_the_file_and_the_problem() {
+    let pki = Pki::new();
+    let other = generate_pki("x");
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    std::fs::write(path("garbage.pem"), "not a certificate").unwrap();
+    std::fs::write(path("other.key"), &other.server_key).unwrap();
+    let expired = greeter::certs::DevPki::generate(&greeter::certs::PkiOptions {
+        hosts: vec!["localhost".into()],
+        client_name: "c".into(),
+        not_before: std::time::SystemTime::now() - Duration::from_secs(10 * 86_400),
+        not_after: std::time::SystemTime::now() - Duration::from_secs(86_400),
+    })
+    .unwrap();
+    std::fs::write(path("expired.pem"), &expired.server_cert).unwrap();
+    std::fs::write(path("expired.key"), &expired.server_key).unwrap();
+
+    type Case = (String, String, fn(&TlsError) -> bool);
+    let cases: [Case; 4] = [
+        (path("missing.pem"), pki.path("server.key"), |e| {
+            matches!(e, TlsError::Read { .. })
+        }),
+        (path("garbage.pem"), pki.path("server.key"), |e| {
+            matches!(e, TlsError::Pem { .. })
+        }),
+        (pki.path("server.pem"), path("other.key"), |e| {
+            matches!(e, TlsError::KeyMismatch { .. })
+        }),
+        (path("expired.pem"), path("expired.key"), |e| {
+            matches!(e, TlsError::Expired { .. })
+        }),
+    ];
+    for (cert, key, expected) in cases {
+        let mut overrides = pki.tls_overrides();
+        overrides.retain(|(k, _)| k != "tls.cert" && k != "tls.key");
+        overrides.push(("tls.cert".into(), cert.clone()));
+        overrides.push(("tls.key".into(), key.clone()));
+        let Err(ServerError::Tls(error)) = Server::bind(config_with(overrides)).await else {
+            panic!("{cert} + {key} must be refused");
+        };
+        assert!(expected(&error), "{cert} + {key}: {error}");
+        let message = error.to_string();
+        assert!(
+            message.contains(&cert) || message.contains(&key),
+            "names the file: {message}"
+        );
+    }
+}
+
+/// The serial of the certificate a fresh TLS connection to `addr` is given.
+async fn served_serial(addr: SocketAddr, ca_pem: &str) -> String {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(greeter::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stream = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let leaf = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
+    greeter::tls::summarize("served".as_ref(), &leaf, std::time::SystemTime::now())
+        .unwrap()
+        .serial
+}
+
+async fn wait_for_serial(addr: SocketAddr, ca: &str, serial: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served_serial(addr, ca).await != serial {
+        assert!(
+            Instant::now() < deadline,
+            "new certificate not served within 10s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn certificates_rotate_without_failing_a_call_and_garbage_is_refused() {
+    let pki = Pki::new();
+    let server = TestServer::start_with(config_with(pki.tls_overrides())).await;
+    let ca = pki.pki.ca_cert.clone();
+    let first_serial = served_serial(server.addr, &ca).await;
+
+    // Load during the swap: a bidi stream and a loop of unary calls on one connection each.
+    let channel = tls_channel(server.addr, pki.client_tls(false))
+        .await
+        .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let unary = {
+        let (channel, stop, ok, failed) =
+            (channel.clone(), stop.clone(), ok.clone(), failed.clone());
+        tokio::spawn(async move {
+            let mut client = GreeterClient::new(channel);
+            while !stop.load(Ordering::Relaxed) {
+                match client.say_hello(hello("rotating")).await {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut bidi = GreeterClient::new(channel.clone())
+        .say_hello_bidi_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(hello("before")).await.unwrap();
+    assert_eq!(
+        bidi.message().await.unwrap().unwrap().message,
+        "Hello, before!"
+    );
+
+    // Rotate to a certificate from a new CA, the harder case: open connections keep the material
+    // they shook hands with, new connections (trusting both CAs) get the new serial.
+    let renewed = greeter::certs::DevPki::generate(&greeter::certs::PkiOptions::valid_for_days(
+        vec!["localhost".into()],
+        "c".into(),
+        30,
+    ))
+    .unwrap();
+    std::fs::write(pki.path("server.key"), &renewed.server_key).unwrap();
+    std::fs::write(pki.path("server.pem"), &renewed.server_cert).unwrap();
+    let both_cas = format!("{ca}{}", renewed.ca_cert);
+    wait_for_serial(
+        server.addr,
+        &both_cas,
+        &served_serial_of(&renewed.server_cert),
+    )
+    .await;
+    assert_ne!(first_serial, served_serial_of(&renewed.server_cert));
+
+    // The open stream and connection kept working through the swap.
+    tx.send(hello("after")).await.unwrap();
+    assert_eq!(
+        bidi.message().await.unwrap().unwrap().message,
+        "Hello, after!"
+    );
+
+    // Garbage: refused, the renewed certificate keeps serving.
+    std::fs::write(
+        pki.path("server.pem"),
+        "-----BEGIN CERTIFICATE-----\nnope\n",
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        served_serial(server.addr, &both_cas).await,
+        served_serial_of(&renewed.server_cert)
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    unary.await.unwrap();
+    drop(tx);
+    assert!(ok.load(Ordering::Relaxed) > 0);
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "no call failed during rotation"
+    );
+}
+
+fn served_serial_of(cert_pem: &str) -> String {
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+    greeter::tls::summarize("renewed".as_ref(), &der, std::time::SystemTime::now())
+        .unwrap()
+        .serial
+}
