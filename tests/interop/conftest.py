@@ -6,8 +6,13 @@
   loopback port (GREETER_BIN defaults to target/debug/greeter, relative paths are taken from
   the repo root), ready once grpc.health.v1 Check("") says SERVING, stopped with SIGTERM.
 * grpcurl: $GRPCURL, else .tools/bin/grpcurl (scripts/install-tools), else PATH.
+* One TLS + bearer-token greeter per session (`secure_greeter`): dev certificates from
+  `greeter certs generate`, two tokens from `greeter token new --append`, a config file with TLS
+  on, mTLS off, auth on and a plaintext probe listener; ready once Check("") on the probe port
+  says SERVING. Tests that need other settings (mTLS) start their own with start_secure_greeter.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -16,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -86,24 +92,38 @@ def free_port():
         return s.getsockname()[1]
 
 
-class GreeterProcess:
-    """A `greeter serve --listen` subprocess, ready (SERVING) once constructed."""
+def require_greeter_bin():
+    exe = greeter_bin()
+    if not (exe.is_file() and os.access(exe, os.X_OK)):
+        pytest.fail(f"greeter binary not found or not executable: {exe} "
+                    "(run `cargo build`, or set GREETER_BIN)", pytrace=False)
+    return exe
 
-    def __init__(self, workdir):
-        exe = greeter_bin()
-        if not (exe.is_file() and os.access(exe, os.X_OK)):
-            pytest.fail(f"greeter binary not found or not executable: {exe} "
-                        "(run `cargo build`, or set GREETER_BIN)", pytrace=False)
+
+class GreeterProcess:
+    """A `greeter serve [--config FILE] [EXTRA_ARGS] --listen` subprocess, ready (SERVING) once
+    constructed.
+
+    Listens on 127.0.0.1:`port` (default: a free port). Readiness is grpc.health.v1 Check("") over
+    plaintext on `health_addr`: the main listener by default; give the probe listener's address
+    when the main one speaks TLS. (The server binds both listeners before it serves, and turns
+    SERVING only once both serve.)
+    """
+
+    def __init__(self, workdir, config=None, extra_args=(), health_addr=None, port=None):
+        exe = require_greeter_bin()
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = port or free_port()
         self.addr = f"127.0.0.1:{self.port}"
+        self.health_addr = health_addr or self.addr
         self.stderr_path = workdir / "greeter.stderr"
         self.stdout_path = workdir / "greeter.stdout"
-        self.argv = [str(exe), "serve", "--listen", self.addr]
+        config_args = ["--config", str(config)] if config is not None else []
+        self.argv = [str(exe), "serve", *config_args, *extra_args, "--listen", self.addr]
         _server_logs.append(self.stderr_path)
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            # cwd is an empty directory: the server must run on its embedded default config.
+            # cwd is an empty directory: without --config the server runs on its embedded default.
             self.proc = subprocess.Popen(self.argv, cwd=workdir, stdin=subprocess.DEVNULL,
                                          stdout=out, stderr=err)
         try:
@@ -117,7 +137,11 @@ class GreeterProcess:
 
         deadline = time.monotonic() + READY_TIMEOUT
         last = "no answer yet"
-        with grpc.insecure_channel(self.addr) as channel:
+        # Short reconnect backoff: a first attempt made before the server listens must not cost
+        # the default 1 s backoff.
+        options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", 200), ("grpc.use_local_subchannel_pool", 1)]
+        with grpc.insecure_channel(self.health_addr, options=options) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 code = self.proc.poll()
@@ -126,7 +150,8 @@ class GreeterProcess:
                                 f"{tail(self.stderr_path)}", pytrace=False)
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    pytest.fail(f"{' '.join(self.argv)}: health Check(\"\") not SERVING within "
+                    pytest.fail(f"{' '.join(self.argv)}: health Check(\"\") on {self.health_addr} "
+                                f"not SERVING within "
                                 f"{READY_TIMEOUT:.0f} s (last: {last}); stderr:\n"
                                 f"{tail(self.stderr_path)}", pytrace=False)
                 try:
@@ -187,3 +212,188 @@ def grpcurl():
         if c and os.path.isfile(c) and os.access(c, os.X_OK):
             return c
     pytest.fail("grpcurl not found: run scripts/install-tools (or set GRPCURL)", pytrace=False)
+
+
+# ---- TLS, tokens and the secure server ------------------------------------------------------
+
+def greeter_cli(*args, cwd, check=True, env=None):
+    """Runs `$GREETER_BIN ARGS` (bounded by SUBPROCESS_TIMEOUT) and returns the CompletedProcess;
+    with `check`, fails the test unless it exits 0."""
+    argv = [str(require_greeter_bin()), *map(str, args)]
+    try:
+        res = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                             text=True, timeout=SUBPROCESS_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{argv} still running after {SUBPROCESS_TIMEOUT:.0f} s:\n{e.stdout}{e.stderr}",
+                    pytrace=False)
+    if check and res.returncode != 0:
+        pytest.fail(f"{argv} exited {res.returncode}:\n{res.stdout}{res.stderr}", pytrace=False)
+    return res
+
+
+@dataclass(frozen=True)
+class Pki:
+    """The files of `greeter certs generate --out DIR`."""
+
+    dir: Path
+
+    ca = property(lambda self: self.dir / "ca.pem")
+    server_cert = property(lambda self: self.dir / "server.pem")
+    server_key = property(lambda self: self.dir / "server.key")
+    client_cert = property(lambda self: self.dir / "client.pem")
+    client_key = property(lambda self: self.dir / "client.key")
+
+    def read(self, name):
+        """Bytes of one of the files: "ca", "server_cert", "client_key", ..."""
+        return getattr(self, name).read_bytes()
+
+
+def make_pki(out, hosts=("localhost", "127.0.0.1")):
+    """A dev CA with a server certificate for `hosts` and a client certificate, made by greeter."""
+    out = Path(out)
+    host_args = [a for h in hosts for a in ("--host", h)]
+    greeter_cli("certs", "generate", "--out", out, *host_args, cwd=out.parent)
+    pki = Pki(out)
+    for name in ("ca", "server_cert", "server_key", "client_cert", "client_key"):
+        path = getattr(pki, name)
+        if not (path.is_file() and b"-----BEGIN " in path.read_bytes()):
+            pytest.fail(f"greeter certs generate did not write a PEM {path}", pytrace=False)
+    return pki
+
+
+def new_token(tokens_file, name, scopes):
+    """`greeter token new --append`: appends the entry to tokens_file, returns the token."""
+    scope_args = [a for s in scopes for a in ("--scope", s)]
+    out = greeter_cli("token", "new", "--name", name, *scope_args, "--append", tokens_file,
+                      cwd=Path(tokens_file).parent).stdout
+    lines = out.splitlines()
+    if len(lines) != 1 or not lines[0].strip() or lines[0] != lines[0].strip():
+        pytest.fail(f"greeter token new --append printed {out!r}, expected the token alone on one "
+                    "line", pytrace=False)
+    return lines[0]
+
+
+def toml_str(value):
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def secure_config(path, pki, tokens_file, probe_addr, client_auth="none"):
+    """Writes a greeter config: TLS with pki's server certificate (client certificates verified
+    against pki's CA unless client_auth is "none"), token auth with tokens_file on the default
+    policy, and a plaintext probe listener on probe_addr."""
+    mtls = "" if client_auth == "none" else (
+        f"client_ca = {toml_str(pki.ca)}\nclient_auth = {toml_str(client_auth)}\n")
+    Path(path).write_text(
+        "[tls]\n"
+        "enabled = true\n"
+        f"cert = {toml_str(pki.server_cert)}\n"
+        f"key = {toml_str(pki.server_key)}\n"
+        f"{mtls}"
+        "\n[auth]\n"
+        "enabled = true\n"
+        f"tokens_file = {toml_str(tokens_file)}\n"
+        "\n[probe]\n"
+        f"listen = {toml_str(probe_addr)}\n")
+    return Path(path)
+
+
+def two_free_ports():
+    """Two distinct free loopback ports: the main and the probe listener."""
+    first = free_port()
+    for _ in range(20):
+        second = free_port()
+        if second != first:
+            return first, second
+    pytest.fail("could not find two distinct free loopback ports", pytrace=False)
+
+
+def tls_channel(target, root_certificates, token=None, private_key=None, certificate_chain=None):
+    """A grpcio TLS channel, the root certificates given explicitly (never the default roots),
+    with the token as call credentials (authorization: Bearer TOKEN) when one is given, and a
+    subchannel pool of its own so that no connection state is shared with other tests."""
+    creds = grpc.ssl_channel_credentials(root_certificates=root_certificates,
+                                         private_key=private_key,
+                                         certificate_chain=certificate_chain)
+    if token is not None:
+        creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
+    return grpc.secure_channel(target, creds, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+@dataclass(frozen=True)
+class SecureMaterial:
+    """What a secure server and its clients share: a dev PKI and a tokens file with two tokens."""
+
+    pki: Pki
+    tokens_file: Path
+    token: str  # scopes greeter + reflection
+    reflection_token: str  # scope reflection only
+
+
+@pytest.fixture(scope="session")
+def secure_material(tmp_path_factory):
+    base = tmp_path_factory.mktemp("material")
+    pki = make_pki(base / "pki")
+    tokens_file = base / "tokens.toml"
+    token = new_token(tokens_file, "interop-full", ["greeter", "reflection"])
+    reflection_token = new_token(tokens_file, "interop-reflection", ["reflection"])
+    return SecureMaterial(pki=pki, tokens_file=tokens_file, token=token,
+                          reflection_token=reflection_token)
+
+
+def start_secure_greeter(workdir, material, client_auth="none"):
+    """A TLS + token greeter on material, with a probe listener; returns (GreeterProcess, probe
+    address). Ready once Check("") on the probe says SERVING."""
+    workdir = Path(workdir)
+    port, probe_port = two_free_ports()
+    probe_addr = f"127.0.0.1:{probe_port}"
+    config = secure_config(workdir / "greeter.toml", material.pki, material.tokens_file, probe_addr,
+                           client_auth=client_auth)
+    server = GreeterProcess(workdir / "server", config=config, health_addr=probe_addr, port=port)
+    return server, probe_addr
+
+
+@dataclass(frozen=True)
+class SecureGreeter:
+    server: GreeterProcess
+    material: SecureMaterial
+    probe_addr: str  # plaintext, health only
+
+    pki = property(lambda self: self.material.pki)
+    tokens_file = property(lambda self: self.material.tokens_file)
+    token = property(lambda self: self.material.token)
+    reflection_token = property(lambda self: self.material.reflection_token)
+
+    @property
+    def port(self):
+        return self.server.port
+
+    @property
+    def target(self):
+        """localhost:PORT: a name the server certificate is issued for."""
+        return f"localhost:{self.server.port}"
+
+
+@pytest.fixture(scope="session")
+def secure_greeter(secure_material, tmp_path_factory):
+    """The session's TLS + token greeter (SecureGreeter), mTLS off, probe listener on."""
+    server, probe_addr = start_secure_greeter(tmp_path_factory.mktemp("secure"), secure_material)
+    yield SecureGreeter(server=server, material=secure_material, probe_addr=probe_addr)
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def other_pki(tmp_path_factory):
+    """A second, unrelated dev PKI (same host names): its CA must not be trusted by anyone."""
+    return make_pki(tmp_path_factory.mktemp("other") / "pki")
+
+
+def grpcurl_run(grpcurl, cwd, *args):
+    """grpcurl ARGS, bounded (-max-time and SUBPROCESS_TIMEOUT); returns the CompletedProcess,
+    whatever its exit code."""
+    argv = [grpcurl, "-max-time", str(int(RPC_TIMEOUT)), *args]
+    try:
+        return subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=SUBPROCESS_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{argv} still running after {SUBPROCESS_TIMEOUT:.0f} s:\n{e.stdout}{e.stderr}",
+                    pytrace=False)
