@@ -35,6 +35,9 @@ pub struct Config {
     pub tls: TlsConfig,
     pub auth: AuthConfig,
     pub probe: ProbeConfig,
+    pub deadline: DeadlineConfig,
+    pub limits: LimitsConfig,
+    pub connection: ConnectionConfig,
     pub greeter: GreeterConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
@@ -119,6 +122,61 @@ pub struct ProbeConfig {
     /// Plaintext listener serving only grpc.health.v1.Health; empty string: none.
     #[serde(with = "optional_addr")]
     pub listen: Option<SocketAddr>,
+}
+
+/// Deadlines: `default` when the client sends none, `max` caps what it asks; zero means none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadlineConfig {
+    #[serde(with = "humantime_serde")]
+    pub default: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+    /// Per-method (`/pkg.Service/Method`) or per-service (`/pkg.Service/*`) overrides.
+    pub methods: std::collections::BTreeMap<String, DeadlineLimits>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadlineLimits {
+    #[serde(with = "humantime_serde")]
+    pub default: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+}
+
+/// Sizes and counts that bound memory and work; every HTTP/2 limit is set explicitly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_recv_message_bytes: usize,
+    pub max_send_message_bytes: usize,
+    pub max_connections: usize,
+    pub max_concurrent_calls: usize,
+    pub max_concurrent_calls_per_connection: usize,
+    pub max_concurrent_streams: u32,
+    pub max_header_list_bytes: u32,
+    pub max_frame_bytes: u32,
+    pub initial_stream_window_bytes: u32,
+    pub initial_connection_window_bytes: u32,
+    pub max_pending_accept_reset_streams: usize,
+    pub max_local_error_reset_streams: usize,
+}
+
+/// HTTP/2 connection management: keepalive pings, idle and age limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionConfig {
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_idle: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_age_grace: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -280,6 +338,7 @@ impl Config {
                 format!("{bad:?} is empty or holds a control character"),
             );
         }
+        self.validate_limits(origins)?;
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.filter) {
             return fail("log.filter", format!("not a valid log filter: {e}"));
         }
@@ -324,6 +383,66 @@ impl Config {
                      server.allow_insecure = true"
                 ),
             );
+        }
+        Ok(())
+    }
+
+    fn validate_limits(&self, origins: &Origins<'_>) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let positive = [
+            (
+                "limits.max_recv_message_bytes",
+                l.max_recv_message_bytes as u64,
+            ),
+            (
+                "limits.max_send_message_bytes",
+                l.max_send_message_bytes as u64,
+            ),
+            ("limits.max_connections", l.max_connections as u64),
+            ("limits.max_concurrent_calls", l.max_concurrent_calls as u64),
+            (
+                "limits.max_concurrent_calls_per_connection",
+                l.max_concurrent_calls_per_connection as u64,
+            ),
+            (
+                "limits.max_concurrent_streams",
+                u64::from(l.max_concurrent_streams),
+            ),
+            (
+                "limits.max_header_list_bytes",
+                u64::from(l.max_header_list_bytes),
+            ),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(origins.error(key, "must be at least 1".into()));
+        }
+        // RFC 9113 bounds SETTINGS_MAX_FRAME_SIZE and the flow-control windows.
+        if !(16_384..=16_777_215).contains(&l.max_frame_bytes) {
+            return Err(origins.error(
+                "limits.max_frame_bytes",
+                "must be between 16384 and 16777215 (RFC 9113)".into(),
+            ));
+        }
+        for (key, window) in [
+            (
+                "limits.initial_stream_window_bytes",
+                l.initial_stream_window_bytes,
+            ),
+            (
+                "limits.initial_connection_window_bytes",
+                l.initial_connection_window_bytes,
+            ),
+        ] {
+            if !(65_535..=2_147_483_647).contains(&window) {
+                return Err(origins.error(key, "must be between 65535 and 2147483647".into()));
+            }
+        }
+        let c = &self.connection;
+        if !c.keepalive_interval.is_zero() && c.keepalive_timeout.is_zero() {
+            return Err(origins.error(
+                "connection.keepalive_timeout",
+                "must be above zero when keepalive_interval is set".into(),
+            ));
         }
         Ok(())
     }

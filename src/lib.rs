@@ -4,12 +4,17 @@
 //! here, so integration tests drive the same code paths through this library.
 
 pub mod auth;
+pub mod call;
 pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod connection;
+pub mod deadline;
+pub mod limit;
 pub mod listener;
 pub mod logging;
+pub mod methods;
 pub mod pb;
 pub mod reload;
 pub mod server;

@@ -1,8 +1,8 @@
 //! Accepting connections: TCP, optionally TLS, each tagged with who is on the other end.
 //!
 //! TLS handshakes run in their own tasks under a timeout, so one slow or hostile client cannot
-//! stall the accept loop. Accepted connections reach tonic through a bounded channel; when the
-//! loop stops (shutdown), the listening socket closes at once and the kernel refuses new clients.
+//! stall the accept loop. When the loop stops (shutdown), the listening socket closes at once and
+//! the kernel refuses new clients.
 
 use std::{
     io,
@@ -16,18 +16,16 @@ use std::{
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::mpsc,
+    sync::{OwnedSemaphorePermit, Semaphore},
 };
 use tokio_rustls::server::TlsStream;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::{either::Either, sync::CancellationToken};
-use tonic::transport::server::Connected;
 use tracing::{debug, warn};
 
 use crate::tls::{ClientIdentity, Reloadable};
 
-/// Connection facts every request of the connection carries (tonic puts it in the request
-/// extensions): the auth layer, logs and handlers read it from there.
+/// Connection facts every request of the connection carries in its extensions: the auth layer,
+/// logs and handlers read it from there.
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
     pub remote_addr: SocketAddr,
@@ -41,11 +39,14 @@ pub struct Connection {
     peer: PeerInfo,
 }
 
-impl Connected for Connection {
-    type ConnectInfo = PeerInfo;
+impl Connection {
+    fn new(io: Either<TcpStream, Box<TlsStream<TcpStream>>>, peer: PeerInfo) -> Self {
+        Self { io, peer }
+    }
 
-    fn connect_info(&self) -> PeerInfo {
-        self.peer.clone()
+    /// Who is on the other end.
+    pub fn peer(&self) -> &PeerInfo {
+        &self.peer
     }
 }
 
@@ -96,76 +97,74 @@ pub struct TlsAccept {
     pub handshake_timeout: Duration,
 }
 
-/// Accepts on `listener` until `stop`, yielding connections for tonic's `serve_with_incoming`.
-pub fn incoming(
+/// Receives each accepted (and, for TLS, handshaken) connection with its connection-limit permit.
+pub type OnConnection = Arc<dyn Fn(Connection, OwnedSemaphorePermit) + Send + Sync>;
+
+/// Accepts on `listener` until `stop`, handing each connection to `on_connection`. At most
+/// `permits` connections are open at once: past that, clients wait in the kernel's accept queue
+/// (as with grpc-go's limit listener) rather than being accepted and starved.
+pub async fn accept(
     listener: TcpListener,
     tls: Option<TlsAccept>,
+    permits: Arc<Semaphore>,
     stop: CancellationToken,
-) -> ReceiverStream<io::Result<Connection>> {
-    // Small: accepted connections wait here only until tonic picks them up.
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                () = stop.cancelled() => break,
-                accepted = listener.accept() => accepted,
-            };
-            let (tcp, remote_addr) = match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning; the next accept may work.
-                    warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            if let Err(e) = tcp.set_nodelay(true) {
-                debug!(%remote_addr, "cannot set TCP_NODELAY: {e}");
+    on_connection: OnConnection,
+) {
+    loop {
+        let permit = tokio::select! {
+            () = stop.cancelled() => break,
+            permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        let accepted = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, remote_addr) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning; the next accept may work.
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
             }
-            match &tls {
-                None => {
-                    let connection = Connection {
-                        io: Either::Left(tcp),
-                        peer: PeerInfo {
-                            remote_addr,
-                            client_cert: None,
-                        },
-                    };
-                    if tx.send(Ok(connection)).await.is_err() {
-                        break;
-                    }
-                }
-                Some(tls) => {
-                    let acceptor = tls.material.acceptor();
-                    let timeout = tls.handshake_timeout;
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                            Ok(Ok(stream)) => {
-                                let client_cert = stream
-                                    .get_ref()
-                                    .1
-                                    .peer_certificates()
-                                    .and_then(|certs| certs.first())
-                                    .and_then(ClientIdentity::from_der)
-                                    .map(Arc::new);
-                                let connection = Connection {
-                                    io: Either::Right(Box::new(stream)),
-                                    peer: PeerInfo {
-                                        remote_addr,
-                                        client_cert,
-                                    },
-                                };
-                                let _ = tx.send(Ok(connection)).await;
-                            }
-                            Ok(Err(e)) => debug!(%remote_addr, "TLS handshake failed: {e}"),
-                            Err(_) => debug!(%remote_addr, "TLS handshake timed out"),
-                        }
-                    });
-                }
-            }
+        };
+        if let Err(e) = tcp.set_nodelay(true) {
+            debug!(%remote_addr, "cannot set TCP_NODELAY: {e}");
         }
-        debug!("listener closed");
-    });
-    ReceiverStream::new(rx)
+        let Some(tls) = &tls else {
+            let peer = PeerInfo {
+                remote_addr,
+                client_cert: None,
+            };
+            on_connection(Connection::new(Either::Left(tcp), peer), permit);
+            continue;
+        };
+        let acceptor = tls.material.acceptor();
+        let timeout = tls.handshake_timeout;
+        let on_connection = Arc::clone(&on_connection);
+        tokio::spawn(async move {
+            match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => {
+                    let client_cert = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|certs| certs.first())
+                        .and_then(ClientIdentity::from_der)
+                        .map(Arc::new);
+                    let peer = PeerInfo {
+                        remote_addr,
+                        client_cert,
+                    };
+                    on_connection(
+                        Connection::new(Either::Right(Box::new(stream)), peer),
+                        permit,
+                    );
+                }
+                Ok(Err(e)) => debug!(%remote_addr, "TLS handshake failed: {e}"),
+                Err(_) => debug!(%remote_addr, "TLS handshake timed out"),
+            }
+        });
+    }
+    debug!("listener closed");
 }

@@ -14,7 +14,7 @@ use greeter::{
     config::{Config, ConfigError, LogFormat, Sources},
     logging,
     server::{Credentials, Server, ServerError},
-    shutdown,
+    shutdown::Signals,
 };
 
 /// Everything that can end a command unsuccessfully, with its exit code.
@@ -121,9 +121,10 @@ fn load(args: &ConfigArgs) -> Result<Config, ConfigError> {
 async fn serve(args: &ConfigArgs) -> Result<(), Failure> {
     let config = load(args)?;
     logging::init(&config.log.filter, config.log.format);
+    let signals = Signals::install().map_err(ServerError::Signals)?;
     let server = Server::bind(config).await?;
     let stop = async {
-        let signal = shutdown::terminate().await;
+        let signal = signals.first().await;
         tracing::info!(signal, "shutdown requested");
     };
     server.serve(stop).await?;

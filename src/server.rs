@@ -1,21 +1,39 @@
 //! The gRPC server: listeners, the tower stack, routes, health, reloads and shutdown, assembled in
 //! one place so the path of a call reads top to bottom in [`Server::serve`].
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use hyper::body::Incoming;
+use tokio::{
+    net::TcpListener,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::{codegen::http, service::Routes};
 use tonic_health::{
     ServingStatus,
     pb::health_server::HealthServer,
     server::{HealthReporter, HealthService},
 };
+use tower::ServiceBuilder;
 use tracing::{info, warn};
 
 use crate::{
     auth::{AuthLayer, Authenticator, TokenStore, TokensError},
+    call::{CallLayer, CallStats},
     config::{AuthMode, Config},
-    listener::{self, TlsAccept},
+    connection,
+    deadline::DeadlinePolicy,
+    limit::{Activity, LimitLayer, ShedCount},
+    listener::{self, Connection, OnConnection, TlsAccept},
+    methods::Catalog,
     pb::{self, greeter_server::GreeterServer},
     reload,
     service::Greeter,
@@ -38,10 +56,10 @@ pub enum ServerError {
     Tls(#[from] TlsError),
     #[error("tokens (auth.tokens_file): {0}")]
     Tokens(#[from] TokensError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    #[error("gRPC transport failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
 }
 
 /// TLS and token material, loaded and checked: what `config check` verifies beyond the config
@@ -85,6 +103,7 @@ pub struct Server {
     listener: TcpListener,
     probe_listener: Option<TcpListener>,
     health: HealthReporter,
+    stats: Arc<Stats>,
 }
 
 impl Server {
@@ -106,6 +125,7 @@ impl Server {
             listener,
             probe_listener,
             health,
+            stats: Arc::default(),
         })
     }
 
@@ -119,14 +139,20 @@ impl Server {
         self.probe_listener.as_ref().map(local_addr)
     }
 
+    /// Counters of calls refused or cut short; they keep counting while the server runs.
+    pub fn stats(&self) -> Arc<Stats> {
+        Arc::clone(&self.stats)
+    }
+
     /// A handle on the health state, e.g. to take the service out of rotation.
     pub fn health(&self) -> HealthReporter {
         self.health.clone()
     }
 
     /// Serves until `shutdown` completes, then drains: health turns NOT_SERVING, the server keeps
-    /// answering for `shutdown.delay`, the listeners close, and open calls get `shutdown.grace` to
-    /// finish before this returns regardless.
+    /// answering for `shutdown.delay`, the listeners close, connections get GOAWAY, server
+    /// streams end with UNAVAILABLE, and unary calls get up to `shutdown.grace` to finish before
+    /// this returns regardless.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
         let local_addr = self.local_addr();
         let probe_addr = self.probe_addr();
@@ -136,59 +162,86 @@ impl Server {
             listener,
             probe_listener,
             health,
+            stats,
         } = self;
 
-        // Stops the accept loops (and with them tonic's accept loop); then connections drain.
-        let stop_accepting = CancellationToken::new();
+        // Set when the listeners close: connections send GOAWAY, streams end, accept loops stop.
+        let draining = CancellationToken::new();
         // Stops background work (reloaders) once serving is over.
         let background = CancellationToken::new();
         let _stop_background = background.clone().drop_guard();
         spawn_reloaders(&config, &credentials, &background);
 
-        // Both protocols (grpcurl before 1.9 and many tools speak only v1alpha), each describing
-        // everything served, the other reflection protocol included, as grpc-go does.
-        let reflection = || {
-            tonic_reflection::server::Builder::configure()
-                .include_reflection_service(false)
-                .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(
-                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-                )
+        let limits = &config.limits;
+        let health_service = || {
+            HealthServer::new(HealthService::from_health_reporter(health.clone()))
+                .max_decoding_message_size(limits.max_recv_message_bytes)
+                .max_encoding_message_size(limits.max_send_message_bytes)
         };
-        let health_service =
-            || HealthServer::new(HealthService::from_health_reporter(health.clone()));
+        // Both reflection protocols (grpcurl before 1.9 and many tools speak only v1alpha), each
+        // describing everything served, the other reflection protocol included, as grpc-go does.
+        let descriptor_sets = [
+            pb::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ];
+        let reflection = || {
+            descriptor_sets.iter().fold(
+                tonic_reflection::server::Builder::configure().include_reflection_service(false),
+                |builder, set| builder.register_encoded_file_descriptor_set(set),
+            )
+        };
+        let greeter = GreeterServer::new(Greeter::new(config.greeter.clone()))
+            .max_decoding_message_size(limits.max_recv_message_bytes)
+            .max_encoding_message_size(limits.max_send_message_bytes);
+        let routes = Routes::new(greeter)
+            .add_service(health_service())
+            .add_service(reflection().build_v1()?)
+            .add_service(reflection().build_v1alpha()?)
+            .prepare();
+        let probe_routes = Routes::new(health_service()).prepare();
 
-        // The path of a call, outermost first: connection (TCP, TLS) -> auth -> route -> handler.
+        // The path of a call, outermost first. Per connection: TCP -> TLS -> HTTP/2 (limits,
+        // keepalive, idle, age). Per call: peer info -> concurrency limit (sheds) -> auth ->
+        // deadline, drain and cancellation -> route -> handler.
+        let stack = Stack {
+            settings: Arc::new(connection::Settings::new(limits, &config.connection)),
+            calls: Arc::new(Semaphore::new(limits.max_concurrent_calls)),
+            calls_per_connection: limits.max_concurrent_calls_per_connection,
+            call_layer: CallLayer::new(
+                DeadlinePolicy::new(&config.deadline),
+                Catalog::from_encoded_sets(&descriptor_sets),
+                draining.clone(),
+                Arc::clone(&stats.calls),
+            ),
+            shed: Arc::clone(&stats.shed),
+            accepted: Arc::clone(&stats.connections_accepted),
+            draining: draining.clone(),
+            connections: TaskTracker::new(),
+        };
+        let connection_permits = Arc::new(Semaphore::new(limits.max_connections));
         let tls = credentials.tls.as_ref().map(|(material, _)| TlsAccept {
             material: material.clone(),
             handshake_timeout: config.tls.handshake_timeout,
         });
-        let main = tonic::transport::Server::builder()
-            .layer(AuthLayer::new(credentials.auth.clone()))
-            .add_service(GreeterServer::new(Greeter::new(config.greeter.clone())))
-            .add_service(health_service())
-            .add_service(reflection().build_v1()?)
-            .add_service(reflection().build_v1alpha()?)
-            .serve_with_incoming_shutdown(
-                listener::incoming(listener, tls, stop_accepting.clone()),
-                stop_accepting.clone().cancelled_owned(),
-            );
-
-        // The probe listener: plaintext, health only, same health state.
-        let probe = async {
-            let Some(probe_listener) = probe_listener else {
-                return Ok(());
-            };
-            tonic::transport::Server::builder()
-                .add_service(health_service())
-                .serve_with_incoming_shutdown(
-                    listener::incoming(probe_listener, None, stop_accepting.clone()),
-                    stop_accepting.clone().cancelled_owned(),
-                )
-                .await
-        };
+        stack.connections.spawn(listener::accept(
+            listener,
+            tls,
+            Arc::clone(&connection_permits),
+            draining.clone(),
+            stack.on_connection(routes, AuthLayer::new(credentials.auth.clone())),
+        ));
+        if let Some(probe_listener) = probe_listener {
+            // Plaintext, health only, the same health state; never behind auth.
+            stack.connections.spawn(listener::accept(
+                probe_listener,
+                None,
+                connection_permits,
+                draining.clone(),
+                stack.on_connection(probe_routes, AuthLayer::new(None)),
+            ));
+        }
 
         set_all(&health, ServingStatus::Serving).await;
         info!(
@@ -204,35 +257,90 @@ impl Server {
             warn!(listen = %local_addr, "serving plaintext or unauthenticated calls beyond loopback (server.allow_insecure = true)");
         }
 
-        let drain = {
-            let health = health.clone();
-            let stop_accepting = stop_accepting.clone();
-            let delay = config.shutdown.delay;
-            async move {
-                shutdown.await;
-                set_all(&health, ServingStatus::NotServing).await;
-                info!(delay = ?delay, "shutting down: health NOT_SERVING");
-                tokio::time::sleep(delay).await;
-                info!("closing listeners; draining open calls");
-                stop_accepting.cancel();
-                std::future::pending::<()>().await;
-            }
-        };
-
+        shutdown.await;
+        set_all(&health, ServingStatus::NotServing).await;
+        let delay = config.shutdown.delay;
+        info!(?delay, "shutting down: health NOT_SERVING");
+        tokio::time::sleep(delay).await;
+        info!(
+            connections = stack.connections.len(),
+            "closing listeners; draining open calls"
+        );
+        draining.cancel();
+        stack.connections.close();
         let grace = config.shutdown.grace;
-        tokio::select! {
-            (main, probe) = async { tokio::join!(main, probe) } => {
-                main?;
-                probe?;
-                info!("all calls finished; stopped");
-            }
-            () = expire(&stop_accepting, grace) => {
-                warn!(grace = ?grace, "shutdown grace expired; abandoning the calls still open");
-            }
-            () = drain => unreachable!("drain never completes"),
+        if tokio::time::timeout(grace, stack.connections.wait())
+            .await
+            .is_ok()
+        {
+            info!("all calls finished; stopped");
+        } else {
+            warn!(
+                ?grace,
+                "shutdown grace expired; abandoning the calls still open"
+            );
         }
         Ok(())
     }
+}
+
+/// What every connection of a server shares, and how a new connection is served.
+#[derive(Clone)]
+struct Stack {
+    settings: Arc<connection::Settings>,
+    calls: Arc<Semaphore>,
+    calls_per_connection: usize,
+    call_layer: CallLayer,
+    shed: Arc<ShedCount>,
+    accepted: Arc<AtomicU64>,
+    draining: CancellationToken,
+    connections: TaskTracker,
+}
+
+impl Stack {
+    /// The per-connection service over `routes`, spawned for each accepted connection.
+    fn on_connection(&self, routes: Routes, auth: AuthLayer) -> OnConnection {
+        let stack = self.clone();
+        Arc::new(move |conn: Connection, permit: OwnedSemaphorePermit| {
+            stack.accepted.fetch_add(1, Ordering::Relaxed);
+            let activity = Arc::new(Activity::default());
+            let peer = conn.peer().clone();
+            let service = ServiceBuilder::new()
+                .map_request(move |mut request: http::Request<Incoming>| {
+                    request.extensions_mut().insert(peer.clone());
+                    request
+                })
+                .layer(LimitLayer::new(
+                    Arc::clone(&stack.calls),
+                    stack.calls_per_connection,
+                    Arc::clone(&activity),
+                    Arc::clone(&stack.shed),
+                ))
+                .layer(auth.clone())
+                .layer(stack.call_layer.clone())
+                .service(routes.clone());
+            let serving = connection::serve(
+                conn,
+                service,
+                Arc::clone(&stack.settings),
+                activity,
+                stack.draining.clone(),
+            );
+            stack.connections.spawn(async move {
+                serving.await;
+                drop(permit);
+            });
+        })
+    }
+}
+
+/// Counters of what the server refused or cut short.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub calls: Arc<CallStats>,
+    pub shed: Arc<ShedCount>,
+    /// Connections accepted (TLS ones once their handshake succeeded), probe port included.
+    pub connections_accepted: Arc<AtomicU64>,
 }
 
 /// Re-reads TLS material and tokens when their files change or SIGHUP arrives.
@@ -294,12 +402,6 @@ fn local_addr(listener: &TcpListener) -> SocketAddr {
     listener
         .local_addr()
         .expect("a bound TCP listener has a local address")
-}
-
-/// Completes `grace` after the listeners close; never before.
-async fn expire(stop_accepting: &CancellationToken, grace: Duration) {
-    stop_accepting.cancelled().await;
-    tokio::time::sleep(grace).await;
 }
 
 async fn set_all(health: &HealthReporter, status: ServingStatus) {

@@ -1,25 +1,39 @@
 //! Process signals that stop the server.
 
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
-/// Waits for SIGTERM (Kubernetes, `podman stop`) or SIGINT (Ctrl-C) and names the one received.
+/// SIGTERM (Kubernetes, `podman stop`) and SIGINT (Ctrl-C) handlers.
 ///
-/// A second signal while draining means the operator wants out now: the process exits at once with
-/// the conventional 128 + signal number.
-pub async fn terminate() -> &'static str {
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
-    let first = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tokio::spawn(async move {
-        let code = tokio::select! {
-            _ = term.recv() => 128 + 15,
-            _ = int.recv() => 128 + 2,
+/// Installed before the server binds: a signal that arrives between "serving" and the first poll
+/// of the shutdown future would otherwise take the default action and kill the process mid-call.
+pub struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    pub fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for the first signal and names it. A second signal while draining means the operator
+    /// wants out now: the process exits at once with the conventional 128 + signal number.
+    pub async fn first(mut self) -> &'static str {
+        let first = tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
         };
-        tracing::warn!("second signal while draining: exiting now");
-        std::process::exit(code);
-    });
-    first
+        tokio::spawn(async move {
+            let code = tokio::select! {
+                _ = self.term.recv() => 128 + 15,
+                _ = self.int.recv() => 128 + 2,
+            };
+            tracing::warn!("second signal while draining: exiting now");
+            std::process::exit(code);
+        });
+        first
+    }
 }

@@ -14,7 +14,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use futures_util::future::{Either, Ready, ready};
-use tonic::{Status, body::Body, codegen::http};
+use tonic::{Status, codegen::http};
 use tower::{Layer, Service};
 
 pub use tokens::{
@@ -215,11 +215,12 @@ pub struct AuthService<S> {
     auth: Option<Authenticator>,
 }
 
-impl<S, B> Service<http::Request<B>> for AuthService<S>
+impl<S, B, ResBody> Service<http::Request<B>> for AuthService<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<Body>>,
+    S: Service<http::Request<B>, Response = http::Response<ResBody>>,
+    ResBody: Default,
 {
-    type Response = http::Response<Body>;
+    type Response = http::Response<ResBody>;
     type Error = S::Error;
     type Future = Either<Ready<Result<Self::Response, Self::Error>>, S::Future>;
 

@@ -36,7 +36,9 @@ pub fn test_config(extra: &[(&str, &str)]) -> Config {
 /// A server running in this process on a loopback port.
 pub struct TestServer {
     pub addr: SocketAddr,
+    pub probe_addr: Option<SocketAddr>,
     pub health: tonic_health::server::HealthReporter,
+    pub stats: std::sync::Arc<greeter::server::Stats>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServerError>>>,
 }
@@ -49,14 +51,18 @@ impl TestServer {
     pub async fn start_with(config: Config) -> Self {
         let server = Server::bind(config).await.expect("bind a loopback port");
         let addr = server.local_addr();
+        let probe_addr = server.probe_addr();
         let health = server.health();
+        let stats = server.stats();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(async {
             let _ = stopped.await;
         }));
         Self {
             addr,
+            probe_addr,
             health,
+            stats,
             stop: Some(stop),
             task: Some(task),
         }

@@ -1,0 +1,144 @@
+//! One HTTP/2 connection: every protocol limit set explicitly, keepalive pings, and GOAWAY when
+//! the connection is idle too long, too old, or the server drains.
+//!
+//! greeter drives hyper directly instead of through `tonic::transport::Server`: tonic passes its
+//! own values for some limits (and has panicked with a connection-age grace in some 0.14
+//! releases), answers deadlines with CANCELLED, and waits for open streams without bound at
+//! shutdown. Here each of those is decided in one visible place.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use hyper::{body::Incoming, server::conn::http2};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
+use tokio::time::{Instant, sleep, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tonic::codegen::http;
+use tower::Service;
+use tracing::debug;
+
+use crate::{
+    config::{ConnectionConfig, LimitsConfig},
+    limit::Activity,
+    listener::Connection,
+};
+
+/// The HTTP/2 server settings and the connection lifetime rules, built once from config.
+#[derive(Clone)]
+pub struct Settings {
+    http2: http2::Builder<TokioExecutor>,
+    max_idle: Option<Duration>,
+    max_age: Option<Duration>,
+    max_age_grace: Duration,
+}
+
+impl Settings {
+    pub fn new(limits: &LimitsConfig, connection: &ConnectionConfig) -> Self {
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .max_header_list_size(limits.max_header_list_bytes)
+            .max_frame_size(limits.max_frame_bytes)
+            .initial_stream_window_size(limits.initial_stream_window_bytes)
+            .initial_connection_window_size(limits.initial_connection_window_bytes)
+            .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(limits.max_local_error_reset_streams)
+            // Bound what one slow reader can make the server buffer per stream.
+            .max_send_buf_size(limits.initial_stream_window_bytes as usize);
+        if !connection.keepalive_interval.is_zero() {
+            http2
+                .keep_alive_interval(connection.keepalive_interval)
+                .keep_alive_timeout(connection.keepalive_timeout);
+        }
+        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+        Self {
+            http2,
+            max_idle: nonzero(connection.max_idle),
+            max_age: nonzero(connection.max_age),
+            max_age_grace: connection.max_age_grace,
+        }
+    }
+}
+
+/// Serves `connection` with `service` until the client leaves, or until GOAWAY (idle, age or
+/// `draining`) has let its calls finish. A connection past its age grace is closed outright.
+pub async fn serve<S, B>(
+    connection: Connection,
+    service: S,
+    settings: Arc<Settings>,
+    activity: Arc<Activity>,
+    draining: CancellationToken,
+) where
+    S: Service<http::Request<Incoming>, Response = http::Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let peer = connection.peer().remote_addr;
+    let conn = settings
+        .http2
+        .serve_connection(TokioIo::new(connection), TowerToHyperService::new(service));
+    tokio::pin!(conn);
+
+    let far = Instant::now() + Duration::from_secs(100 * 365 * 86_400);
+    let age_limit = settings
+        .max_age
+        .map_or(far, |age| Instant::now() + jittered(age));
+    let idle_check = settings.max_idle.unwrap_or(Duration::MAX);
+    let mut force_close_at = far;
+    let mut goaway_sent = false;
+    let mut started_at_last_check = activity.started();
+
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    debug!(%peer, "connection ended with an error: {e}");
+                }
+                return;
+            }
+            () = draining.cancelled(), if !goaway_sent => {
+                debug!(%peer, "draining: GOAWAY");
+                conn.as_mut().graceful_shutdown();
+                goaway_sent = true;
+            }
+            () = sleep_until(age_limit), if !goaway_sent => {
+                debug!(%peer, "max connection age: GOAWAY");
+                conn.as_mut().graceful_shutdown();
+                goaway_sent = true;
+                force_close_at = Instant::now() + settings.max_age_grace;
+            }
+            () = sleep(idle_check), if !goaway_sent && settings.max_idle.is_some() => {
+                let started = activity.started();
+                if activity.in_flight() == 0 && started == started_at_last_check {
+                    debug!(%peer, "max connection idle: GOAWAY");
+                    conn.as_mut().graceful_shutdown();
+                    goaway_sent = true;
+                }
+                started_at_last_check = started;
+            }
+            () = sleep_until(force_close_at) => {
+                debug!(%peer, "max connection age grace passed: closing with calls still open");
+                return;
+            }
+        }
+    }
+}
+
+/// ±10% around `age`, as grpc-go does, so connections made together do not all reconnect together.
+fn jittered(age: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    // A value in [0.9, 1.1) from the clock's low bits: spread, not secrecy, is the point.
+    let factor = 0.9 + f64::from(nanos % 1000) / 5000.0;
+    age.mul_f64(factor)
+}

@@ -1,0 +1,174 @@
+//! Call deadlines: what the client asked for (`grpc-timeout`), bounded by server policy.
+//!
+//! tonic reads `grpc-timeout` but answers an expired deadline with CANCELLED, and only until the
+//! response headers are sent, so a stream outlives its deadline (tonic #1826, #936). greeter does
+//! not hand `grpc-timeout` to tonic; [`crate::call`] enforces the deadline computed here on every
+//! call kind and answers DEADLINE_EXCEEDED, as every other gRPC stack does.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use tonic::codegen::http::HeaderMap;
+
+use crate::config::{DeadlineConfig, DeadlineLimits};
+
+/// Parses a `grpc-timeout` value: up to 8 ASCII digits and a unit (H, M, S, m, u, n), per the
+/// gRPC over HTTP/2 spec. `None` for anything else; a malformed header is treated as absent.
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// The server's deadline rules, per method.
+#[derive(Debug, Clone)]
+pub struct DeadlinePolicy {
+    all: DeadlineLimits,
+    methods: BTreeMap<String, DeadlineLimits>,
+}
+
+impl DeadlinePolicy {
+    pub fn new(config: &DeadlineConfig) -> Self {
+        Self {
+            all: DeadlineLimits {
+                default: config.default,
+                max: config.max,
+            },
+            methods: config.methods.clone(),
+        }
+    }
+
+    /// How long a call to `path` may run: the client's `grpc-timeout`, or the method's default
+    /// when it sent none, capped at the method's maximum. A limit of zero means "none".
+    pub fn budget(&self, path: &str, headers: &HeaderMap) -> Option<Duration> {
+        let limits = self.limits(path);
+        let asked = headers
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        let wanted = asked.or(nonzero(limits.default));
+        match (wanted, nonzero(limits.max)) {
+            (Some(wanted), Some(max)) => Some(wanted.min(max)),
+            (Some(wanted), None) => Some(wanted),
+            (None, max) => max,
+        }
+    }
+
+    fn limits(&self, path: &str) -> &DeadlineLimits {
+        if let Some(limits) = self.methods.get(path) {
+            return limits;
+        }
+        path.rfind('/')
+            .filter(|&i| i > 0)
+            .and_then(|i| self.methods.get(&format!("{}/*", &path[..i])))
+            .unwrap_or(&self.all)
+    }
+}
+
+fn nonzero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(
+            parse_grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in ["", "S", "123456789S", "1x", "-1S", "1.5S", " 1S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    fn policy() -> DeadlinePolicy {
+        let mut methods = BTreeMap::new();
+        methods.insert(
+            "/helloworld.Greeter/SayHelloBidiStream".to_owned(),
+            DeadlineLimits {
+                default: Duration::ZERO,
+                max: Duration::from_secs(3600),
+            },
+        );
+        methods.insert(
+            "/grpc.health.v1.Health/*".to_owned(),
+            DeadlineLimits {
+                default: Duration::ZERO,
+                max: Duration::ZERO,
+            },
+        );
+        DeadlinePolicy::new(&DeadlineConfig {
+            default: Duration::from_secs(30),
+            max: Duration::from_secs(300),
+            methods,
+        })
+    }
+
+    fn headers(timeout: Option<&str>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Some(t) = timeout {
+            headers.insert("grpc-timeout", t.parse().unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn default_applies_without_a_client_deadline_and_max_caps_it() {
+        let p = policy();
+        let hello = "/helloworld.Greeter/SayHello";
+        assert_eq!(
+            p.budget(hello, &headers(None)),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            p.budget(hello, &headers(Some("5S"))),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            p.budget(hello, &headers(Some("1H"))),
+            Some(Duration::from_secs(300))
+        );
+        assert_eq!(
+            p.budget(hello, &headers(Some("junk"))),
+            Some(Duration::from_secs(30))
+        );
+    }
+
+    #[test]
+    fn per_method_and_per_service_overrides() {
+        let p = policy();
+        let chat = "/helloworld.Greeter/SayHelloBidiStream";
+        assert_eq!(
+            p.budget(chat, &headers(None)),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(
+            p.budget(chat, &headers(Some("2H"))),
+            Some(Duration::from_secs(3600))
+        );
+        let watch = "/grpc.health.v1.Health/Watch";
+        assert_eq!(p.budget(watch, &headers(None)), None);
+        assert_eq!(
+            p.budget(watch, &headers(Some("1S"))),
+            Some(Duration::from_secs(1))
+        );
+    }
+}

@@ -1,0 +1,217 @@
+//! Concurrency limits that shed instead of queueing: a call over the global or the per-connection
+//! limit is answered RESOURCE_EXHAUSTED at once (grpc-go's convention for server overload).
+//!
+//! tower's `ConcurrencyLimit` + `LoadShed` release their permit when the response *headers* are
+//! ready, which for a gRPC stream is the moment it starts; here the permit lives in the response
+//! body, so a stream counts until it ends and the limit bounds real work and memory.
+
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::{Status, codegen::http};
+use tower::{Layer, Service};
+
+/// What one connection is doing, for idle detection.
+#[derive(Debug, Default)]
+pub struct Activity {
+    in_flight: AtomicUsize,
+    started: AtomicU64,
+}
+
+impl Activity {
+    /// Calls in progress on the connection.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Calls ever started on the connection: unchanged between two looks means none started.
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::Acquire)
+    }
+}
+
+/// Counts calls refused for overload.
+#[derive(Debug, Default)]
+pub struct ShedCount(AtomicU64);
+
+impl ShedCount {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One instance per connection: the global semaphore is shared, the connection's is its own.
+#[derive(Debug, Clone)]
+pub struct LimitLayer {
+    global: Arc<Semaphore>,
+    connection: Arc<Semaphore>,
+    activity: Arc<Activity>,
+    shed: Arc<ShedCount>,
+}
+
+impl LimitLayer {
+    pub fn new(
+        global: Arc<Semaphore>,
+        per_connection: usize,
+        activity: Arc<Activity>,
+        shed: Arc<ShedCount>,
+    ) -> Self {
+        Self {
+            global,
+            connection: Arc::new(Semaphore::new(per_connection)),
+            activity,
+            shed,
+        }
+    }
+}
+
+impl<S> Layer<S> for LimitLayer {
+    type Service = Limit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Limit {
+            inner,
+            limits: self.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Limit<S> {
+    inner: S,
+    limits: LimitLayer,
+}
+
+/// The permits and the activity count of one call, released when its response body is dropped.
+#[derive(Debug)]
+pub struct CallPermit {
+    _connection: OwnedSemaphorePermit,
+    _global: OwnedSemaphorePermit,
+    activity: Arc<Activity>,
+}
+
+impl Drop for CallPermit {
+    fn drop(&mut self) {
+        self.activity.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Limit<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    ResBody: Default,
+{
+    type Response = http::Response<PermitBody<ResBody>>;
+    type Error = S::Error;
+    type Future = LimitFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let limits = &self.limits;
+        let permit = match (
+            Arc::clone(&limits.connection).try_acquire_owned(),
+            Arc::clone(&limits.global).try_acquire_owned(),
+        ) {
+            (Ok(connection), Ok(global)) => CallPermit {
+                _connection: connection,
+                _global: global,
+                activity: Arc::clone(&limits.activity),
+            },
+            (connection, _) => {
+                limits.shed.0.fetch_add(1, Ordering::Relaxed);
+                let scope = if connection.is_err() {
+                    "on this connection"
+                } else {
+                    "on this server"
+                };
+                let status = Status::resource_exhausted(format!(
+                    "server overloaded: too many concurrent calls {scope}; retry with backoff"
+                ));
+                return LimitFuture::Shed {
+                    response: Some(status.into_http()),
+                };
+            }
+        };
+        limits.activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        limits.activity.started.fetch_add(1, Ordering::AcqRel);
+        LimitFuture::Admitted {
+            inner: self.inner.call(request),
+            permit: Some(permit),
+        }
+    }
+}
+
+pin_project! {
+    #[project = LimitFutureProj]
+    pub enum LimitFuture<F> {
+        Admitted { #[pin] inner: F, permit: Option<CallPermit> },
+        Shed { response: Option<http::Response<()>> },
+    }
+}
+
+impl<F, B, E> Future for LimitFuture<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+    B: Default,
+{
+    type Output = Result<http::Response<PermitBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            LimitFutureProj::Admitted { inner, permit } => {
+                let response = std::task::ready!(inner.poll(cx))?;
+                let permit = permit.take();
+                Poll::Ready(Ok(response.map(|inner| PermitBody { inner, permit })))
+            }
+            LimitFutureProj::Shed { response } => {
+                let response = response.take().expect("polled after completion");
+                Poll::Ready(Ok(response.map(|()| PermitBody {
+                    inner: B::default(),
+                    permit: None,
+                })))
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// A response body that holds its call's permits until it is dropped.
+    pub struct PermitBody<B> {
+        #[pin]
+        inner: B,
+        permit: Option<CallPermit>,
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for PermitBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,98 @@
+//! The catalog of every method served, read from the same descriptor sets reflection serves, so
+//! that layers can tell a unary call from a stream without hard-coding method names.
+
+use std::collections::HashMap;
+
+use prost::Message as _;
+use prost_types::FileDescriptorSet;
+
+/// The four gRPC call shapes, named as go-grpc-prometheus labels them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MethodKind {
+    Unary,
+    ClientStream,
+    ServerStream,
+    BidiStream,
+}
+
+impl MethodKind {
+    /// Whether the server sends a stream: such calls are ended by the server at shutdown.
+    pub fn server_streams(self) -> bool {
+        matches!(self, Self::ServerStream | Self::BidiStream)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unary => "unary",
+            Self::ClientStream => "client_stream",
+            Self::ServerStream => "server_stream",
+            Self::BidiStream => "bidi_stream",
+        }
+    }
+}
+
+/// `/package.Service/Method` -> kind, for every method of the given descriptor sets.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog(HashMap<String, MethodKind>);
+
+impl Catalog {
+    /// Builds the catalog from encoded `FileDescriptorSet`s (as `build.rs` and the tonic crates
+    /// embed them).
+    ///
+    /// # Panics
+    /// If a set does not decode: they are compiled in, so that is a build defect.
+    pub fn from_encoded_sets(sets: &[&[u8]]) -> Self {
+        let mut methods = HashMap::new();
+        for encoded in sets {
+            let set = FileDescriptorSet::decode(*encoded).expect("embedded descriptor set decodes");
+            for file in set.file {
+                let package = file.package();
+                for service in &file.service {
+                    for method in &service.method {
+                        let kind = match (method.client_streaming(), method.server_streaming()) {
+                            (false, false) => MethodKind::Unary,
+                            (true, false) => MethodKind::ClientStream,
+                            (false, true) => MethodKind::ServerStream,
+                            (true, true) => MethodKind::BidiStream,
+                        };
+                        let path = if package.is_empty() {
+                            format!("/{}/{}", service.name(), method.name())
+                        } else {
+                            format!("/{package}.{}/{}", service.name(), method.name())
+                        };
+                        methods.insert(path, kind);
+                    }
+                }
+            }
+        }
+        Self(methods)
+    }
+
+    /// The kind of a method; `None` for a path no served service has.
+    pub fn kind(&self, path: &str) -> Option<MethodKind> {
+        self.0.get(path).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greeter_methods_have_their_kinds() {
+        let catalog = Catalog::from_encoded_sets(&[
+            crate::pb::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ]);
+        let kind = |m: &str| catalog.kind(&format!("/helloworld.Greeter/{m}"));
+        assert_eq!(kind("SayHello"), Some(MethodKind::Unary));
+        assert_eq!(kind("SayHelloAgain"), Some(MethodKind::Unary));
+        assert_eq!(kind("SayHelloStreamReply"), Some(MethodKind::ServerStream));
+        assert_eq!(kind("SayHelloBidiStream"), Some(MethodKind::BidiStream));
+        assert_eq!(
+            catalog.kind("/grpc.health.v1.Health/Watch"),
+            Some(MethodKind::ServerStream)
+        );
+        assert_eq!(catalog.kind("/nope.Nope/Nope"), None);
+    }
+}

@@ -1,0 +1,481 @@
+//! Deadlines on every call kind, limits, overload shedding and HTTP/2 connection management,
+//! against a real server on loopback. Time bounds asserted here are generous upper bounds (the
+//! machine is shared): they prove "ends on time, not never", not speed.
+
+mod common;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use common::{TestServer, config_with};
+use greeter::pb::{HelloRequest, greeter_client::GreeterClient};
+use tonic::{Code, Request, transport::Channel};
+
+fn overrides(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn hello(name: &str) -> HelloRequest {
+    HelloRequest { name: name.into() }
+}
+
+fn with_timeout<T>(message: T, timeout: Duration) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
+/// Waits (bounded) until `condition` holds.
+async fn eventually(what: &str, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !condition() {
+        assert!(Instant::now() < deadline, "{what}: not within 5s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn slow_stream_server(extra: &[(&str, &str)]) -> TestServer {
+    let mut pairs = vec![("greeter.stream_interval", "1s")];
+    pairs.extend_from_slice(extra);
+    TestServer::start_with(config_with(overrides(&pairs))).await
+}
+
+#[tokio::test]
+async fn server_stream_past_its_deadline_ends_with_deadline_exceeded() {
+    let server = slow_stream_server(&[]).await;
+    let mut client = GreeterClient::new(server.channel().await);
+    let started = Instant::now();
+    let mut replies = client
+        .say_hello_stream_reply(with_timeout(hello("you"), Duration::from_millis(300)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        replies.message().await.unwrap().unwrap().message,
+        "Hello, you!"
+    );
+    let status = replies.message().await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(server.stats.calls.deadline_exceeded(), 1);
+}
+
+#[tokio::test]
+async fn bidi_stream_past_its_deadline_ends_with_deadline_exceeded() {
+    let server = TestServer::start().await;
+    let mut client = GreeterClient::new(server.channel().await);
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut replies = client
+        .say_hello_bidi_stream(with_timeout(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            Duration::from_millis(300),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(hello("a")).await.unwrap();
+    assert_eq!(
+        replies.message().await.unwrap().unwrap().message,
+        "Hello, a!"
+    );
+    // Keep the request stream open and idle: only the deadline can end the call.
+    let status = replies.message().await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    drop(tx);
+}
+
+/// A raw HTTP/2 client: sends headers and then nothing, the case of a slow or stuck uploader.
+async fn h2_client(server: &TestServer) -> h2::client::SendRequest<Bytes> {
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+fn grpc_request(path: &str, timeout: Option<&str>) -> http::Request<()> {
+    let mut request = http::Request::post(format!("http://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(t) = timeout {
+        request = request.header("grpc-timeout", t);
+    }
+    request.body(()).unwrap()
+}
+
+/// The final grpc-status of a response: from its headers (trailers-only) or its trailers.
+async fn grpc_status(response: h2::client::ResponseFuture) -> String {
+    let response = response.await.unwrap();
+    if let Some(status) = response.headers().get("grpc-status") {
+        return status.to_str().unwrap().to_owned();
+    }
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        chunk.unwrap();
+    }
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    trailers["grpc-status"].to_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn unary_call_whose_request_never_completes_gets_deadline_exceeded() {
+    let server = TestServer::start().await;
+    let mut client = h2_client(&server).await;
+    let started = Instant::now();
+    let (response, _body_never_sent) = client
+        .send_request(
+            grpc_request("/helloworld.Greeter/SayHello", Some("300m")),
+            false,
+        )
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(5), grpc_status(response))
+        .await
+        .expect("answered within 5s");
+    assert_eq!(status, "4", "DEADLINE_EXCEEDED, not CANCELLED (1)");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+}
+
+#[tokio::test]
+async fn default_deadline_applies_when_the_client_sends_none_and_max_caps_it() {
+    let server = TestServer::start_with(config_with(overrides(&[
+        ("deadline.default", "300ms"),
+        ("deadline.max", "600ms"),
+    ])))
+    .await;
+    let mut client = h2_client(&server).await;
+    for (timeout, at_least, at_most) in [(None, 250, 3000), (Some("1H"), 550, 3500)] {
+        let started = Instant::now();
+        let (response, _open) = client
+            .send_request(grpc_request("/helloworld.Greeter/SayHello", timeout), false)
+            .unwrap();
+        assert_eq!(grpc_status(response).await, "4");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(at_least) && took < Duration::from_millis(at_most),
+            "{timeout:?}: {took:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn per_method_deadline_overrides_apply_to_streams() {
+    let mut config = config_with(vec![]);
+    let limits = greeter::config::DeadlineLimits {
+        default: Duration::from_millis(300),
+        max: Duration::from_millis(300),
+    };
+    config
+        .deadline
+        .methods
+        .insert("/helloworld.Greeter/SayHelloBidiStream".into(), limits);
+    let server = TestServer::start_with(config).await;
+    let mut client = h2_client(&server).await;
+    let (response, _open) = client
+        .send_request(
+            grpc_request("/helloworld.Greeter/SayHelloBidiStream", None),
+            false,
+        )
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(5), grpc_status(response))
+        .await
+        .expect("the override ended the stream");
+    assert_eq!(status, "4");
+}
+
+#[tokio::test]
+async fn a_client_that_cancels_stops_the_handler() {
+    let server = slow_stream_server(&[]).await;
+    let mut client = GreeterClient::new(server.channel().await);
+    let mut replies = client
+        .say_hello_stream_reply(hello("you"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(replies.message().await.unwrap().is_some());
+    assert_eq!(server.stats.calls.cancelled(), 0);
+    drop(replies);
+    let stats = Arc::clone(&server.stats);
+    eventually("cancel observed server-side", || {
+        stats.calls.cancelled() == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_message_over_the_size_limit_is_resource_exhausted() {
+    let server = TestServer::start_with(config_with(overrides(&[
+        ("limits.max_recv_message_bytes", "2048"),
+        ("greeter.max_name_bytes", "100000"),
+    ])))
+    .await;
+    let mut client = GreeterClient::new(server.channel().await);
+    let status = client
+        .say_hello(hello(&"x".repeat(4096)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(client.say_hello(hello(&"x".repeat(1000))).await.is_ok());
+}
+
+/// Opens a slow server stream on `channel` and waits for its first reply: one call in progress.
+async fn hold_a_call(channel: Channel) -> tonic::Streaming<greeter::pb::HelloReply> {
+    let mut replies = GreeterClient::new(channel)
+        .say_hello_stream_reply(hello("held"))
+        .await
+        .unwrap()
+        .into_inner();
+    replies.message().await.unwrap().unwrap();
+    replies
+}
+
+#[tokio::test]
+async fn per_connection_call_limit_refuses_the_extra_call_and_the_connection_stays_healthy() {
+    let server = slow_stream_server(&[("limits.max_concurrent_calls_per_connection", "2")]).await;
+    let channel = server.channel().await;
+    let held = [
+        hold_a_call(channel.clone()).await,
+        hold_a_call(channel.clone()).await,
+    ];
+    let mut client = GreeterClient::new(channel.clone());
+    let status = client.say_hello(hello("third")).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    // Another connection is not affected by this one's limit.
+    let other = server.channel().await;
+    assert!(
+        GreeterClient::new(other)
+            .say_hello(hello("x"))
+            .await
+            .is_ok()
+    );
+    drop(held);
+    let stats = Arc::clone(&server.stats);
+    eventually("held calls released", || stats.calls.cancelled() == 2).await;
+    assert!(
+        client.say_hello(hello("after")).await.is_ok(),
+        "same connection recovers"
+    );
+}
+
+#[tokio::test]
+async fn http2_settings_advertise_the_stream_limit() {
+    let server = TestServer::start_with(config_with(overrides(&[(
+        "limits.max_concurrent_streams",
+        "7",
+    )])))
+    .await;
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    // The client learns the server's SETTINGS once it has read them; a request round-trips them.
+    let (response, _) = client
+        .send_request(grpc_request("/grpc.health.v1.Health/Check", None), true)
+        .unwrap();
+    let _ = response.await;
+    assert_eq!(client.current_max_send_streams(), 7);
+}
+
+#[tokio::test]
+async fn global_overload_sheds_fast_with_resource_exhausted_and_recovers() {
+    let server = slow_stream_server(&[("limits.max_concurrent_calls", "2")]).await;
+    let held = [
+        hold_a_call(server.channel().await).await,
+        hold_a_call(server.channel().await).await,
+    ];
+    let mut client = GreeterClient::new(server.channel().await);
+    let started = Instant::now();
+    let status = client.say_hello(hello("shed")).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "sheds at once, no queueing"
+    );
+    assert_eq!(server.stats.shed.get(), 1);
+    drop(held);
+    let stats = Arc::clone(&server.stats);
+    eventually("held calls released", || stats.calls.cancelled() == 2).await;
+    assert!(client.say_hello(hello("recovered")).await.is_ok());
+}
+
+/// HTTP/2 frames as bytes: the hostile client writes HEADERS + RST_STREAM pairs in bursts, which
+/// is what the rapid-reset attack (CVE-2023-44487) does. The h2 crate's client will not do that:
+/// it drops queued HEADERS when a stream is reset before they are flushed.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut bytes = vec![len[1], len[2], len[3], kind, flags];
+    bytes.extend_from_slice(&stream.to_be_bytes());
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
+fn rapid_reset_burst(first_stream: u32, pairs: u32) -> Vec<u8> {
+    // HPACK, static table only: :method POST, :scheme http, :path /.
+    const HEADER_BLOCK: [u8; 3] = [0x83, 0x86, 0x84];
+    const HEADERS: u8 = 0x1;
+    const RST_STREAM: u8 = 0x3;
+    const END_HEADERS: u8 = 0x4;
+    const CANCEL: u32 = 0x8;
+    (0..pairs)
+        .flat_map(|i| {
+            let stream = first_stream + 2 * i;
+            let mut pair = frame(HEADERS, END_HEADERS, stream, &HEADER_BLOCK);
+            pair.extend(frame(RST_STREAM, 0, stream, &CANCEL.to_be_bytes()));
+            pair
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn rapid_reset_client_is_cut_off_while_others_are_served() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let server = TestServer::start().await;
+    let mut good = GreeterClient::new(server.channel().await);
+
+    let mut attacker = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    attacker
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    attacker.write_all(&frame(0x4, 0, 0, &[])).await.unwrap(); // empty SETTINGS
+    let mut next_stream = 1;
+    let mut cut_off = false;
+    for _ in 0..100 {
+        let burst = rapid_reset_burst(next_stream, 100);
+        next_stream += 200;
+        if attacker.write_all(&burst).await.is_err() {
+            cut_off = true;
+            break;
+        }
+    }
+    // The server answers with GOAWAY (ENHANCE_YOUR_CALM) and closes: reading reaches EOF.
+    let mut sink = vec![0u8; 64 * 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match attacker.read(&mut sink).await {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    assert!(
+        cut_off || closed,
+        "the rapid-reset client must be disconnected"
+    );
+
+    let reply = good
+        .say_hello(hello("still here"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.message, "Hello, still here!");
+}
+
+/// Unary calls in a loop on one channel for `run`; returns (succeeded, failed).
+async fn call_for(channel: Channel, run: Duration) -> (usize, usize) {
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let until = Instant::now() + run;
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (channel, ok, failed) = (channel.clone(), ok.clone(), failed.clone());
+            tokio::spawn(async move {
+                let mut client = GreeterClient::new(channel);
+                while Instant::now() < until {
+                    match client.say_hello(hello("aging")).await {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(status) => {
+                            eprintln!("failed: {status:?}");
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
+}
+
+#[tokio::test]
+async fn max_connection_age_rotates_connections_without_failing_a_call() {
+    let server = TestServer::start_with(config_with(overrides(&[
+        ("connection.max_age", "300ms"),
+        ("connection.max_age_grace", "5s"),
+    ])))
+    .await;
+    let (ok, failed) = call_for(server.channel().await, Duration::from_secs(2)).await;
+    assert!(ok > 50, "{ok} calls");
+    assert_eq!(failed, 0, "no call fails because of connection age");
+    let accepted = server.stats.connections_accepted.load(Ordering::Relaxed);
+    assert!(
+        accepted >= 3,
+        "GOAWAY made the client reconnect: {accepted} connections"
+    );
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_and_clients_reconnect() {
+    let server =
+        TestServer::start_with(config_with(overrides(&[("connection.max_idle", "200ms")]))).await;
+    let mut client = GreeterClient::new(server.channel().await);
+    assert!(client.say_hello(hello("first")).await.is_ok());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(client.say_hello(hello("second")).await.is_ok());
+    let accepted = server.stats.connections_accepted.load(Ordering::Relaxed);
+    assert_eq!(
+        accepted, 2,
+        "the idle connection was closed and a new one made"
+    );
+}
+
+#[tokio::test]
+async fn probe_port_serves_health_and_nothing_else() {
+    let server =
+        TestServer::start_with(config_with(overrides(&[("probe.listen", "127.0.0.1:0")]))).await;
+    let probe = Channel::from_shared(format!("http://{}", server.probe_addr.unwrap()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let status = tonic_health::pb::health_client::HealthClient::new(probe.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "helloworld.Greeter".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    let greeter = GreeterClient::new(probe.clone())
+        .say_hello(hello("x"))
+        .await;
+    assert_eq!(greeter.unwrap_err().code(), Code::Unimplemented);
+    let reflection =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(probe)
+            .server_reflection_info(tokio_stream::empty())
+            .await;
+    assert_eq!(reflection.unwrap_err().code(), Code::Unimplemented);
+}

@@ -1,0 +1,247 @@
+//! Graceful shutdown of the real binary under load: SIGTERM with unary calls and streams in
+//! flight, and a second signal that cuts the drain short.
+
+mod common;
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use common::BinaryServer;
+use greeter::pb::{HelloRequest, greeter_client::GreeterClient};
+use tonic::{Code, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+fn config(dir: &tempfile::TempDir, shutdown: &str) -> PathBuf {
+    let path = dir.path().join("server.toml");
+    std::fs::write(
+        &path,
+        format!("[log]\nformat = \"json\"\nfilter = \"info\"\n\n[shutdown]\n{shutdown}\n"),
+    )
+    .unwrap();
+    path
+}
+
+async fn channel(server: &BinaryServer) -> Channel {
+    Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn hello(name: &str) -> HelloRequest {
+    HelloRequest { name: name.into() }
+}
+
+/// Sends SIGTERM and returns at once.
+fn sigterm(server: &BinaryServer) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits (bounded) for the process to exit: its code and when.
+async fn wait_exit(server: &mut BinaryServer, limit: Duration) -> (Option<i32>, Instant) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            return (status.code(), Instant::now());
+        }
+        assert!(Instant::now() < deadline, "did not exit within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_fails_no_call_and_exits_zero_within_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = BinaryServer::start(&config(&dir, "delay = \"1s\"\ngrace = \"5s\""), &[]);
+
+    // Balancers learn NOT_SERVING from health and stop sending new calls; so do these clients.
+    let not_serving = Arc::new(AtomicBool::new(false));
+    let mut watch = HealthClient::new(channel(&server).await)
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
+    );
+
+    let (ok, failed, in_flight, peak) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let mut channels = Vec::new();
+    for _ in 0..4 {
+        channels.push(channel(&server).await);
+    }
+    let callers: Vec<_> = (0..100)
+        .map(|i| {
+            let channel = channels[i % channels.len()].clone();
+            let (stop, ok, failed, in_flight, peak) = (
+                not_serving.clone(),
+                ok.clone(),
+                failed.clone(),
+                in_flight.clone(),
+                peak.clone(),
+            );
+            tokio::spawn(async move {
+                let mut client = GreeterClient::new(channel);
+                while !stop.load(Ordering::SeqCst) {
+                    let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    match client.say_hello(hello("load")).await {
+                        Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
+                        Err(status) => {
+                            eprintln!("unary call failed during shutdown: {status:?}");
+                            failed.fetch_add(1, Ordering::SeqCst)
+                        }
+                    };
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+
+    // A few chats that stay open: the drain must end them, with a clear status.
+    let mut chats = Vec::new();
+    for _ in 0..3 {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let mut replies = GreeterClient::new(channel(&server).await)
+            .say_hello_bidi_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        tx.send(hello("chat")).await.unwrap();
+        assert_eq!(
+            replies.message().await.unwrap().unwrap().message,
+            "Hello, chat!"
+        );
+        chats.push((tx, replies));
+    }
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let calls_before = ok.load(Ordering::SeqCst);
+    let in_flight_at_sigterm = in_flight.load(Ordering::SeqCst);
+    let signalled = Instant::now();
+    sigterm(&server);
+
+    // Health says NOT_SERVING first, while the listener still accepts (shutdown.delay).
+    let update = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("a health update within 5s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(update.status(), ServingStatus::NotServing);
+    not_serving.store(true, Ordering::SeqCst);
+    let seen_after = signalled.elapsed();
+    assert!(
+        tokio::net::TcpStream::connect(server.addr).await.is_ok(),
+        "the listener still accepts right after health turned NOT_SERVING"
+    );
+
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    for (tx, mut replies) in chats {
+        let status = tokio::time::timeout(Duration::from_secs(5), replies.message())
+            .await
+            .expect("the stream ends within 5s")
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert_eq!(status.message(), "server shutting down");
+        drop(tx);
+    }
+
+    let (code, exited) = wait_exit(&mut server, Duration::from_secs(10)).await;
+    let exit_after = exited - signalled;
+    eprintln!(
+        "shutdown figures: {calls_before} calls before SIGTERM, {in_flight_at_sigterm} in flight \
+         at SIGTERM (peak {}), {} ok in total, {} failed; NOT_SERVING seen after {seen_after:?}; \
+         exit {code:?} after {exit_after:?}",
+        peak.load(Ordering::SeqCst),
+        ok.load(Ordering::SeqCst),
+        failed.load(Ordering::SeqCst),
+    );
+    assert_eq!(failed.load(Ordering::SeqCst), 0, "no unary call failed");
+    assert!(
+        calls_before > 100,
+        "the server was under load: {calls_before} calls"
+    );
+    assert_eq!(code, Some(0));
+    // delay (1s) + a fast drain; the grace (5s) bounds it from above.
+    assert!(exit_after >= Duration::from_millis(900), "{exit_after:?}");
+    assert!(exit_after < Duration::from_secs(6), "{exit_after:?}");
+    let logs = server.logs.lock().unwrap();
+    assert!(logs.contains("all calls finished"), "{logs}");
+}
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = BinaryServer::start(&config(&dir, "delay = \"30s\"\ngrace = \"30s\""), &[]);
+    sigterm(&server);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(server.child.try_wait().unwrap().is_none(), "still draining");
+    let second = Instant::now();
+    sigterm(&server);
+    let (code, exited) = wait_exit(&mut server, Duration::from_secs(5)).await;
+    assert_eq!(code, Some(128 + 15));
+    assert!(exited - second < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn the_drain_is_bounded_by_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    // A health Watch has no deadline and only ends when the server ends it; a client that ignores
+    // GOAWAY keeps its connection. Neither may keep the process alive past the grace.
+    let mut server = BinaryServer::start(&config(&dir, "delay = \"0s\"\ngrace = \"1s\""), &[]);
+    let client = h2_idle_client(server.addr).await;
+    let signalled = Instant::now();
+    sigterm(&server);
+    let (code, exited) = wait_exit(&mut server, Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0), "{}", server.logs.lock().unwrap());
+    assert!(
+        exited - signalled < Duration::from_secs(4),
+        "{:?}",
+        exited - signalled
+    );
+    client.abort();
+}
+
+/// A raw HTTP/2 connection with one request whose body never ends: the server cannot finish it.
+async fn h2_idle_client(addr: std::net::SocketAddr) -> tokio::task::JoinHandle<()> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let task = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let request = http::Request::post(format!("http://{addr}/helloworld.Greeter/SayHello"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (_response, stream) = client.send_request(request, false).unwrap();
+    // Keep the request stream open for the life of the task.
+    tokio::spawn(async move {
+        let _keep = (client, stream);
+        std::future::pending::<()>().await;
+    });
+    task
+}
