@@ -46,12 +46,49 @@ pub enum Command {
     ///
     /// Usable as a container HEALTHCHECK or Kubernetes exec probe.
     Health(HealthArgs),
+    /// Load-test a Greeter server (this one or any helloworld server) and report throughput,
+    /// latency percentiles and answers by gRPC status code.
+    Bench(BenchArgs),
     /// Development certificates (a CA, a server and a client certificate), made without openssl.
     #[command(subcommand)]
     Certs(CertsCommand),
     /// Bearer tokens for auth.tokens_file.
     #[command(subcommand)]
     Token(TokenCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The RPC to drive
+    #[arg(long, value_enum, default_value = "unary")]
+    pub rpc: crate::bench::BenchRpc,
+    /// HTTP/2 connections to open
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Concurrent calls (unary) or streams (bidi) per connection
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// How long to measure, after the warm-up
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub duration: Duration,
+    /// Stop after this many measured requests (the duration still bounds the run)
+    #[arg(long)]
+    pub requests: Option<u64>,
+    /// Warm-up before measuring (connections, caches, CPU frequency)
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    pub warmup: Duration,
+    /// Open loop at this many requests per second in total; latency then counts from each
+    /// call's scheduled start (no coordinated omission) [default: closed loop, max throughput]
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// The name sent in every request
+    #[arg(long, default_value = "bench")]
+    pub name: String,
+    /// Print the report as JSON (for scripts) instead of a table
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 #[derive(Debug, Subcommand)]

@@ -68,8 +68,13 @@ pub struct Session {
 }
 
 impl Session {
+    /// The channel: cheap to clone, all clones share the one HTTP/2 connection.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
     /// A request with the deadline (sent as `grpc-timeout`) and the bearer token, if any.
-    fn request<T>(&self, message: T, timeout: Option<Duration>) -> Request<T> {
+    pub fn request<T>(&self, message: T, timeout: Option<Duration>) -> Request<T> {
         let mut request = Request::new(message);
         if let Some(limit) = timeout {
             request.set_timeout(limit);

@@ -4,6 +4,7 @@
 //! here, so integration tests drive the same code paths through this library.
 
 pub mod auth;
+pub mod bench;
 pub mod call;
 pub mod certs;
 pub mod cli;

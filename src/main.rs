@@ -8,8 +8,9 @@ use std::{io::Write as _, process::ExitCode};
 use clap::Parser as _;
 use greeter::{
     auth,
+    bench::Plan,
     certs::{CertsError, DevPki, PkiOptions},
-    cli::{CertsArgs, Cli, Command, ConfigArgs, ConfigCommand, TokenArgs, TokenCommand},
+    cli::{BenchArgs, CertsArgs, Cli, Command, ConfigArgs, ConfigCommand, TokenArgs, TokenCommand},
     client::{self, ClientError, Unary},
     config::{Config, ConfigError, LogFormat, Sources},
     logging,
@@ -72,6 +73,7 @@ async fn run(command: Command) -> Result<(), Failure> {
             print!("{}", load(&args)?.to_toml());
             Ok(())
         }
+        Command::Bench(args) => bench(&args).await,
         Command::Certs(greeter::cli::CertsCommand::Generate(args)) => generate_certs(args),
         Command::Token(TokenCommand::New(args)) => new_token(&args),
         Command::Hello(a) => {
@@ -128,6 +130,30 @@ async fn serve(args: &ConfigArgs) -> Result<(), Failure> {
         tracing::info!(signal, "shutdown requested");
     };
     server.serve(stop).await?;
+    Ok(())
+}
+
+async fn bench(args: &BenchArgs) -> Result<(), Failure> {
+    client_logging();
+    let plan = Plan {
+        rpc: args.rpc,
+        connections: args.connections.max(1),
+        concurrency: args.concurrency.max(1),
+        duration: args.duration,
+        requests: args.requests,
+        warmup: args.warmup,
+        rate: args.rate,
+        name: args.name.clone(),
+    };
+    let report = greeter::bench::run(&args.client, &plan).await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).expect("a report serializes")
+        );
+    } else {
+        print!("{}", report.table());
+    }
     Ok(())
 }
 

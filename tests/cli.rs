@@ -292,3 +292,80 @@ fn help_and_version_are_complete() {
         "{hello}"
     );
 }
+
+#[test]
+fn bench_counts_answers_by_status_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    std::fs::write(&tokens, "").unwrap();
+    let config = json_log_config(
+        dir.path(),
+        &format!(
+            "[auth]\nenabled = true\ntokens_file = {:?}\n",
+            tokens.to_str().unwrap()
+        ),
+    );
+    let server = BinaryServer::start(&config, &[]);
+    let addr = server.addr_arg();
+    let args = [
+        "bench",
+        "--addr",
+        &addr,
+        "--json",
+        "--connections",
+        "2",
+        "--concurrency",
+        "2",
+        "--warmup",
+        "0s",
+        "--duration",
+        "10s",
+        "--requests",
+        "200",
+    ];
+    // No token: every answer is UNAUTHENTICATED, and the report says so rather than "200 OK".
+    let output = run(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["ok"], 0, "{report}");
+    let refused = report["status"]["UNAUTHENTICATED"].as_u64().unwrap();
+    assert!(refused >= 200, "{report}");
+    assert_eq!(report["requests"].as_u64().unwrap(), refused);
+}
+
+#[test]
+fn bench_measures_unary_and_bidi() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = BinaryServer::start(&json_log_config(dir.path(), ""), &[]);
+    let addr = server.addr_arg();
+    for rpc in ["unary", "bidi"] {
+        let output = run(&[
+            "bench",
+            "--addr",
+            &addr,
+            "--rpc",
+            rpc,
+            "--json",
+            "--warmup",
+            "0s",
+            "--duration",
+            "10s",
+            "--requests",
+            "300",
+            "--rate",
+            "2000",
+        ]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(report["mode"], "open");
+        assert!(report["ok"].as_u64().unwrap() >= 300, "{report}");
+        assert_eq!(
+            report["status"].as_object().unwrap().len(),
+            1,
+            "only OK: {report}"
+        );
+        let p50 = report["latency_us"]["p50"].as_u64().unwrap();
+        let max = report["latency_us"]["max"].as_u64().unwrap();
+        assert!(p50 > 0 && p50 <= max, "{report}");
+    }
+}
