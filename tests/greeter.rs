@@ -158,6 +158,11 @@ async fn bidi_invalid_name_ends_the_stream_after_earlier_replies() {
     );
     let status = replies.message().await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+    use tonic_types::StatusExt as _;
+    assert!(
+        status.get_details_bad_request().is_some(),
+        "details in stream trailers"
+    );
 }
 
 /// HelloRequest as the wire sees it, so a test can send bytes that are not UTF-8.

@@ -1,6 +1,7 @@
 //! Input validation for names: the one field a caller controls.
 
-use tonic::Status;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt as _};
 
 /// Why a name was refused. Kept as a type so the rules are testable without a server.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -11,9 +12,13 @@ pub enum NameError {
     ControlCharacter { code: u32, at: usize },
 }
 
+/// INVALID_ARGUMENT with a `google.rpc.BadRequest` detail naming the field, so clients that read
+/// rich errors (grpcurl, Python's grpc_status, tonic-types) get the violation structured.
 impl From<NameError> for Status {
     fn from(error: NameError) -> Self {
-        Status::invalid_argument(error.to_string())
+        let message = error.to_string();
+        let details = ErrorDetails::with_bad_request_violation("name", message.clone());
+        Status::with_error_details(Code::InvalidArgument, message, details)
     }
 }
 
@@ -68,7 +73,10 @@ mod tests {
     #[test]
     fn refusal_is_invalid_argument() {
         let status = Status::from(NameError::TooLong { len: 9, max: 8 });
-        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().contains("maximum is 8 bytes"));
+        let violation = &status.get_details_bad_request().unwrap().field_violations[0];
+        assert_eq!(violation.field, "name");
+        assert_eq!(violation.description, status.message());
     }
 }
