@@ -14,6 +14,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -385,6 +386,23 @@ def secure_greeter(secure_material, tmp_path_factory):
 def other_pki(tmp_path_factory):
     """A second, unrelated dev PKI (same host names): its CA must not be trusted by anyone."""
     return make_pki(tmp_path_factory.mktemp("other") / "pki")
+
+
+REFLECTION_SERVICES = {"grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"}
+
+_REQ, _REP = r"\.helloworld\.HelloRequest", r"\.helloworld\.HelloReply"
+GREETER_RPC_SIGNATURES = {
+    "SayHello": rf"rpc SayHello \( {_REQ} \) returns \( {_REP} \)",
+    "SayHelloAgain": rf"rpc SayHelloAgain \( {_REQ} \) returns \( {_REP} \)",
+    "SayHelloStreamReply": rf"rpc SayHelloStreamReply \( {_REQ} \) returns \( stream {_REP} \)",
+    "SayHelloBidiStream": rf"rpc SayHelloBidiStream \( stream {_REQ} \) returns \( stream {_REP} \)",
+}
+
+
+def missing_greeter_rpcs(describe_output):
+    """The Greeter RPCs whose exact signature `grpcurl describe helloworld.Greeter` did not print."""
+    return [name for name, pattern in GREETER_RPC_SIGNATURES.items()
+            if not re.search(pattern, describe_output)]
 
 
 def grpcurl_run(grpcurl, cwd, *args):

@@ -2,16 +2,12 @@
 Python client of grpc.reflection.v1 (stubs from protos/reflection_v1.proto)."""
 
 import json
-import re
 import subprocess
 
 import grpc
 from google.protobuf import descriptor_pb2
 
-from conftest import RPC_TIMEOUT, SUBPROCESS_TIMEOUT
-
-REFLECTION_SERVICES = {"grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"}
-
+from conftest import REFLECTION_SERVICES, RPC_TIMEOUT, SUBPROCESS_TIMEOUT, missing_greeter_rpcs
 
 def run_grpcurl(grpcurl, cwd, *args):
     # No -proto / -protoset / -import-path: everything comes from the server's reflection.
@@ -30,14 +26,7 @@ def test_grpcurl_list(grpcurl, greeter, tmp_path):
 
 def test_grpcurl_describe_greeter(grpcurl, greeter, tmp_path):
     out = run_grpcurl(grpcurl, tmp_path, greeter.addr, "describe", "helloworld.Greeter")
-    req, rep = r"\.helloworld\.HelloRequest", r"\.helloworld\.HelloReply"
-    expected = {
-        "SayHello": rf"rpc SayHello \( {req} \) returns \( {rep} \)",
-        "SayHelloAgain": rf"rpc SayHelloAgain \( {req} \) returns \( {rep} \)",
-        "SayHelloStreamReply": rf"rpc SayHelloStreamReply \( {req} \) returns \( stream {rep} \)",
-        "SayHelloBidiStream": rf"rpc SayHelloBidiStream \( stream {req} \) returns \( stream {rep} \)",
-    }
-    missing = [name for name, pattern in expected.items() if not re.search(pattern, out)]
+    missing = missing_greeter_rpcs(out)
     assert not missing, f"describe lacks {missing}:\n{out}"
 
 

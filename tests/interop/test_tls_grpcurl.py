@@ -2,12 +2,8 @@
 everything through reflection (grpcurl 1.8.6 speaks v1alpha), no proto files."""
 
 import json
-import re
 
-from conftest import grpcurl_run
-
-REFLECTION_SERVICES = {"grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"}
-
+from conftest import REFLECTION_SERVICES, grpcurl_run, missing_greeter_rpcs
 
 def grpcurl_tls(grpcurl, cwd, secure_greeter, token, *command, data=None, ca=None):
     """grpcurl -cacert CA [-H 'authorization: Bearer TOKEN'] [-d DATA] localhost:PORT COMMAND..."""
@@ -35,14 +31,7 @@ def test_describe_greeter(grpcurl, secure_greeter, tmp_path):
     res = grpcurl_tls(grpcurl, tmp_path, secure_greeter, secure_greeter.reflection_token,
                       "describe", "helloworld.Greeter")
     assert res.returncode == 0, report(res)
-    req, rep = r"\.helloworld\.HelloRequest", r"\.helloworld\.HelloReply"
-    expected = {
-        "SayHello": rf"rpc SayHello \( {req} \) returns \( {rep} \)",
-        "SayHelloAgain": rf"rpc SayHelloAgain \( {req} \) returns \( {rep} \)",
-        "SayHelloStreamReply": rf"rpc SayHelloStreamReply \( {req} \) returns \( stream {rep} \)",
-        "SayHelloBidiStream": rf"rpc SayHelloBidiStream \( stream {req} \) returns \( stream {rep} \)",
-    }
-    missing = [name for name, pattern in expected.items() if not re.search(pattern, res.stdout)]
+    missing = missing_greeter_rpcs(res.stdout)
     assert not missing, f"describe lacks {missing}:\n{report(res)}"
 
 
