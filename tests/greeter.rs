@@ -12,6 +12,18 @@ fn hello(name: &str) -> HelloRequest {
     HelloRequest { name: name.into() }
 }
 
+/// Every greeting SayHelloStreamReply sends for `name`, in order.
+async fn stream_replies(server: &TestServer, name: &str) -> Vec<String> {
+    GreeterClient::new(server.channel().await)
+        .say_hello_stream_reply(hello(name))
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|r| r.unwrap().message)
+        .collect()
+        .await
+}
+
 #[tokio::test]
 async fn unary_greetings_match_the_quick_start() {
     let server = TestServer::start().await;
@@ -40,17 +52,7 @@ async fn stream_reply_sends_every_configured_greeting_in_order() {
         .collect();
     assert!(expected.len() > 1);
     let server = TestServer::start_with(config).await;
-    let mut client = GreeterClient::new(server.channel().await);
-
-    let replies: Vec<String> = client
-        .say_hello_stream_reply(hello("you"))
-        .await
-        .unwrap()
-        .into_inner()
-        .map(|r| r.unwrap().message)
-        .collect()
-        .await;
-    assert_eq!(replies, expected);
+    assert_eq!(stream_replies(&server, "you").await, expected);
 }
 
 #[tokio::test]
@@ -68,16 +70,10 @@ async fn stream_reply_count_follows_config() {
     })
     .unwrap();
     let server = TestServer::start_with(config).await;
-    let mut client = GreeterClient::new(server.channel().await);
-    let replies: Vec<String> = client
-        .say_hello_stream_reply(hello("Ana"))
-        .await
-        .unwrap()
-        .into_inner()
-        .map(|r| r.unwrap().message)
-        .collect()
-        .await;
-    assert_eq!(replies, ["Hi, Ana!", "Salut, Ana!", "Hej, Ana!"]);
+    assert_eq!(
+        stream_replies(&server, "Ana").await,
+        ["Hi, Ana!", "Salut, Ana!", "Hej, Ana!"]
+    );
 }
 
 #[tokio::test]
