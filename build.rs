@@ -27,10 +27,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// `greeter --version` names the commit it was built from when there is one; a source tarball
-/// without `.git` builds too and just says "unknown".
+/// `greeter --version` names the commit it was built from when there is one. Builds without
+/// `.git` (container builds, source tarballs) can pass it as `GREETER_GIT_COMMIT`; otherwise
+/// "unknown".
 fn emit_git_commit() {
-    let commit = std::process::Command::new("git")
+    println!("cargo:rerun-if-env-changed=GREETER_GIT_COMMIT");
+    let from_env = env::var("GREETER_GIT_COMMIT")
+        .ok()
+        .filter(|c| !c.trim().is_empty());
+    let commit = from_env.or_else(git_head).unwrap_or_else(|| "unknown".to_owned());
+    println!("cargo:rustc-env=GREETER_GIT_COMMIT={commit}");
+    for path in [".git/HEAD", ".git/refs/heads", ".git/packed-refs"] {
+        if std::path::Path::new(path).exists() {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    }
+}
+
+fn git_head() -> Option<String> {
+    std::process::Command::new("git")
         .args(["rev-parse", "--short=12", "HEAD"])
         .output()
         .ok()
@@ -38,11 +53,4 @@ fn emit_git_commit() {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown".to_owned());
-    println!("cargo:rustc-env=GREETER_GIT_COMMIT={commit}");
-    for path in [".git/HEAD", ".git/refs/heads", ".git/packed-refs"] {
-        if std::path::Path::new(path).exists() {
-            println!("cargo:rerun-if-changed={path}");
-        }
-    }
 }
