@@ -70,7 +70,7 @@ async fn run(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Config(ConfigCommand::Show(args)) => {
-            print!("{}", load(&args)?.to_toml());
+            print_out(&load(&args)?.to_toml());
             Ok(())
         }
         Command::Bench(args) => bench(&args).await,
@@ -106,6 +106,18 @@ async fn run(command: Command) -> Result<(), Failure> {
             println!("SERVING");
             Ok(())
         }
+    }
+}
+
+/// Writes to stdout; a reader that went away (`greeter config show | head`) is not an error.
+fn print_out(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("greeter: writing to stdout: {e}");
     }
 }
 
@@ -152,7 +164,7 @@ async fn bench(args: &BenchArgs) -> Result<(), Failure> {
             serde_json::to_string(&report).expect("a report serializes")
         );
     } else {
-        print!("{}", report.table());
+        print_out(&report.table());
     }
     Ok(())
 }

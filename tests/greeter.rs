@@ -212,3 +212,31 @@ async fn unknown_methods_and_services_are_unimplemented() {
         assert_eq!(status.code(), Code::Unimplemented, "{path}: {status:?}");
     }
 }
+
+#[tokio::test]
+async fn stream_reply_ends_as_soon_as_the_last_greeting_is_sent() {
+    let mut config = common::config_with(vec![("greeter.stream_interval".into(), "2s".into())]);
+    config.greeter.stream_greetings = vec!["Hi".into(), "Yo".into()];
+    let server = TestServer::start_with(config).await;
+    let mut replies = GreeterClient::new(server.channel().await)
+        .say_hello_stream_reply(hello("you"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        replies.message().await.unwrap().unwrap().message,
+        "Hi, you!"
+    );
+    assert_eq!(
+        replies.message().await.unwrap().unwrap().message,
+        "Yo, you!"
+    );
+    let last = std::time::Instant::now();
+    assert!(replies.message().await.unwrap().is_none());
+    // Not another interval (2s) of idling before the end: generous against a loaded machine.
+    assert!(
+        last.elapsed() < std::time::Duration::from_secs(1),
+        "{:?}",
+        last.elapsed()
+    );
+}

@@ -72,7 +72,15 @@ impl greeter_server::Greeter for Greeter {
                 message: format!("{}, {name}!", settings.stream_greetings[i]),
             })
         });
-        let stream = tokio_stream::iter(replies).throttle(self.settings.stream_interval);
+        // The pause goes before every greeting but the first, so the stream ends as soon as the
+        // last greeting is sent (a throttle would idle one more interval before ending).
+        let interval = self.settings.stream_interval;
+        let stream = tokio_stream::iter(replies.enumerate()).then(move |(i, reply)| async move {
+            if i > 0 {
+                tokio::time::sleep(interval).await;
+            }
+            reply
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 
