@@ -6,6 +6,9 @@
   loopback port (GREETER_BIN defaults to target/debug/greeter, relative paths are taken from
   the repo root), ready once grpc.health.v1 Check("") says SERVING, stopped with SIGTERM.
 * grpcurl: $GRPCURL, else .tools/bin/grpcurl (scripts/install-tools), else PATH.
+* buf (`buf curl`): $BUF, else .tools/venv/bin/buf (PyPI buf-bin, scripts/install-tools), else PATH.
+* Node client: `node` from PATH running tests/interop/node/client.js with the modules that
+  scripts/install-tools put in .tools/node/node_modules (`npm ci` of tests/interop/node/).
 * One TLS + bearer-token greeter per session (`secure_greeter`): dev certificates from
   `greeter certs generate`, two tokens from `greeter token new --append`, a config file with TLS
   on, mTLS off, auth on and a plaintext probe listener; ready once Check("") on the probe port
@@ -101,6 +104,21 @@ def require_greeter_bin():
     return exe
 
 
+_has_metrics = {}
+
+
+def binary_has_metrics(exe, cwd):
+    """Whether this greeter binary's configuration has metrics.listen (asked once per binary)."""
+    st = Path(exe).stat()
+    key = (str(exe), st.st_mtime_ns, st.st_size)
+    if key not in _has_metrics:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GREETER__")}
+        shown = greeter_cli("config", "show", cwd=cwd, env=env).stdout
+        section = re.search(r"^\[metrics\]\n(.*?)(?=^\[|\Z)", shown, re.M | re.S)
+        _has_metrics[key] = bool(section and re.search(r"^listen\s*=", section.group(1), re.M))
+    return _has_metrics[key]
+
+
 class GreeterProcess:
     """A `greeter serve [--config FILE] [EXTRA_ARGS] --listen` subprocess, ready (SERVING) once
     constructed.
@@ -108,10 +126,15 @@ class GreeterProcess:
     Listens on 127.0.0.1:`port` (default: a free port). Readiness is grpc.health.v1 Check("") over
     plaintext on `health_addr`: the main listener by default; give the probe listener's address
     when the main one speaks TLS. (The server binds both listeners before it serves, and turns
-    SERVING only once both serve.)
+    SERVING only once both serve.) `env`: extra environment variables for the server (e.g.
+    GREETER__GREETER__STREAM_INTERVAL), on top of this process's environment.
+
+    When the binary has a metrics listener (`metrics.listen`, on a fixed port by default), it is
+    put on a free loopback port of its own (`metrics_addr`), so that servers run side by side;
+    give GREETER__METRICS__LISTEN in `env` to choose otherwise.
     """
 
-    def __init__(self, workdir, config=None, extra_args=(), health_addr=None, port=None):
+    def __init__(self, workdir, config=None, extra_args=(), health_addr=None, port=None, env=None):
         exe = require_greeter_bin()
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -121,12 +144,22 @@ class GreeterProcess:
         self.stderr_path = workdir / "greeter.stderr"
         self.stdout_path = workdir / "greeter.stdout"
         config_args = ["--config", str(config)] if config is not None else []
+        env = dict(env or {})
+        self.metrics_addr = None
+        if "GREETER__METRICS__LISTEN" not in env and binary_has_metrics(exe, workdir):
+            taken = {self.addr, self.health_addr}
+            metrics_addr = next(a for a in (f"127.0.0.1:{free_port()}" for _ in range(20))
+                                if a not in taken)
+            env["GREETER__METRICS__LISTEN"] = metrics_addr
+        if env.get("GREETER__METRICS__LISTEN"):
+            self.metrics_addr = env["GREETER__METRICS__LISTEN"]
         self.argv = [str(exe), "serve", *config_args, *extra_args, "--listen", self.addr]
         _server_logs.append(self.stderr_path)
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             # cwd is an empty directory: without --config the server runs on its embedded default.
             self.proc = subprocess.Popen(self.argv, cwd=workdir, stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=err)
+                                         stdout=out, stderr=err,
+                                         env={**os.environ, **env})
         try:
             self._wait_serving()
         except BaseException:
@@ -215,6 +248,38 @@ def grpcurl():
     pytest.fail("grpcurl not found: run scripts/install-tools (or set GRPCURL)", pytrace=False)
 
 
+def executable(path):
+    return bool(path) and os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+@pytest.fixture(scope="session")
+def buf():
+    """The buf CLI (for `buf curl`)."""
+    for c in [os.environ.get("BUF"), str(ROOT / ".tools" / "venv" / "bin" / "buf"), shutil.which("buf")]:
+        if executable(c):
+            return c
+    pytest.fail("buf not found: run scripts/install-tools (or set BUF)", pytrace=False)
+
+
+NODE_MODULES = ROOT / ".tools" / "node" / "node_modules"
+NODE_CLIENT = HERE / "node" / "client.js"
+
+
+@pytest.fixture(scope="session")
+def node_client():
+    """argv prefix and environment that run the Node interop client: `node client.js`, with
+    NODE_PATH at the modules scripts/install-tools installed."""
+    node = shutil.which("node")
+    if not executable(node):
+        pytest.fail("node not found on PATH: run scripts/install-tools", pytrace=False)
+    for module in ("@grpc/grpc-js", "@grpc/proto-loader"):
+        if not (NODE_MODULES / module / "package.json").is_file():
+            pytest.fail(f"{module} not in {NODE_MODULES}: run scripts/install-tools", pytrace=False)
+    env = {k: v for k, v in os.environ.items() if k not in ("GREETER_TOKEN", "NODE_OPTIONS")}
+    env["NODE_PATH"] = str(NODE_MODULES)
+    return [node, str(NODE_CLIENT)], env
+
+
 # ---- TLS, tokens and the secure server ------------------------------------------------------
 
 def greeter_cli(*args, cwd, check=True, env=None):
@@ -230,6 +295,19 @@ def greeter_cli(*args, cwd, check=True, env=None):
     if check and res.returncode != 0:
         pytest.fail(f"{argv} exited {res.returncode}:\n{res.stdout}{res.stderr}", pytrace=False)
     return res
+
+
+def greeter_config_show(cwd, *config_files, env=None):
+    """The merged configuration `greeter config show [--config FILE]...` prints, parsed (TOML), as
+    a server started the same way (same files, same environment) runs with."""
+    import tomllib
+
+    args = [a for f in config_files for a in ("--config", f)]
+    out = greeter_cli("config", "show", *args, cwd=cwd, env=env).stdout
+    try:
+        return tomllib.loads(out)
+    except tomllib.TOMLDecodeError as e:
+        pytest.fail(f"greeter config show printed no valid TOML ({e}):\n{out}", pytrace=False)
 
 
 @dataclass(frozen=True)
