@@ -35,7 +35,9 @@ fn emit_git_commit() {
     let from_env = env::var("GREETER_GIT_COMMIT")
         .ok()
         .filter(|c| !c.trim().is_empty());
-    let commit = from_env.or_else(git_head).unwrap_or_else(|| "unknown".to_owned());
+    let commit = from_env
+        .or_else(git_head)
+        .unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=GREETER_GIT_COMMIT={commit}");
     for path in [".git/HEAD", ".git/refs/heads", ".git/packed-refs"] {
         if std::path::Path::new(path).exists() {
