@@ -102,7 +102,7 @@ pub struct CallService<S> {
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for CallService<S>
 where
     S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
-    ResBody: Default,
+    ResBody: Body + Default,
 {
     type Response = http::Response<CallBody<ResBody>>;
     type Error = S::Error;
@@ -175,7 +175,7 @@ pin_project! {
 impl<F, B, E> Future for CallFuture<F>
 where
     F: Future<Output = Result<http::Response<B>, E>>,
-    B: Default,
+    B: Body + Default,
 {
     type Output = Result<http::Response<CallBody<B>>, E>;
 
@@ -186,9 +186,11 @@ where
             return Poll::Ready(response.map(|mut r| {
                 size_limit_is_resource_exhausted(r.headers_mut());
                 r.map(|inner| CallBody {
+                    // A trailers-only answer (every error status) is over before it is sent:
+                    // hyper drops it unpolled, which is no cancellation.
+                    finished: inner.is_end_stream(),
                     inner: Some(inner),
                     ending,
-                    finished: false,
                 })
             }));
         }
