@@ -162,17 +162,13 @@ impl Visit for Members<'_, '_> {
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.member(field, |w| {
-            w.write_char('"')?;
-            write!(Escaped(&mut *w), "{value:?}")?;
-            w.write_char('"')
+            write_formatted_string(w, format_args!("{value:?}"))
         });
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         self.member(field, |w| {
-            w.write_char('"')?;
-            write!(Escaped(&mut *w), "{value}")?;
-            w.write_char('"')
+            write_formatted_string(w, format_args!("{value}"))
         });
     }
 
@@ -180,7 +176,7 @@ impl Visit for Members<'_, '_> {
         // JSON has no NaN or infinity; serde_json writes them as null too.
         self.member(field, |w| {
             if value.is_finite() {
-                write!(w, "{value}")
+                write_formatted(w, format_args!("{value}"))
             } else {
                 w.write_str("null")
             }
@@ -188,23 +184,78 @@ impl Visit for Members<'_, '_> {
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.member(field, |w| write!(w, "{value}"));
+        self.member(field, |w| write_formatted(w, format_args!("{value}")));
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.member(field, |w| write!(w, "{value}"));
+        self.member(field, |w| write_formatted(w, format_args!("{value}")));
     }
 
     fn record_i128(&mut self, field: &Field, value: i128) {
-        self.member(field, |w| write!(w, "{value}"));
+        self.member(field, |w| write_formatted(w, format_args!("{value}")));
     }
 
     fn record_u128(&mut self, field: &Field, value: u128) {
-        self.member(field, |w| write!(w, "{value}"));
+        self.member(field, |w| write_formatted(w, format_args!("{value}")));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
         self.member(field, |w| w.write_str(if value { "true" } else { "false" }));
+    }
+}
+
+/// Formatted text as a JSON string, quotes included.
+fn write_formatted_string(writer: &mut impl fmt::Write, text: fmt::Arguments<'_>) -> fmt::Result {
+    let mut staged = Staged::default();
+    if staged.write_fmt(text).is_ok() {
+        write_string(writer, staged.as_str())
+    } else {
+        writer.write_char('"')?;
+        Escaped(&mut *writer).write_fmt(text)?;
+        writer.write_char('"')
+    }
+}
+
+/// Formatted text as it is (a number).
+fn write_formatted(writer: &mut impl fmt::Write, text: fmt::Arguments<'_>) -> fmt::Result {
+    let mut staged = Staged::default();
+    if staged.write_fmt(text).is_ok() {
+        writer.write_str(staged.as_str())
+    } else {
+        writer.write_fmt(text)
+    }
+}
+
+/// Collects a formatted value on the stack: `fmt` writes a value in many small pieces (an
+/// address is seven), and each write to the line buffer costs a dynamic call and an escape scan.
+/// A value longer than this is formatted again, straight to the line.
+struct Staged {
+    bytes: [u8; 256],
+    len: usize,
+}
+
+impl Default for Staged {
+    fn default() -> Self {
+        Self {
+            bytes: [0; 256],
+            len: 0,
+        }
+    }
+}
+
+impl Staged {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len]).expect("only whole `str`s are copied in")
+    }
+}
+
+impl fmt::Write for Staged {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        let room = self.bytes.get_mut(self.len..end).ok_or(fmt::Error)?;
+        room.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }
 
@@ -410,6 +461,15 @@ mod tests {
             }
             assert_eq!(first_to_escape(&vec![b'x'; len]), None);
         }
+    }
+
+    #[test]
+    fn long_formatted_values_are_written_whole() {
+        let long = "x\"y".repeat(200);
+        let lines = capture(|| tracing::info!(long = ?long, big = u64::MAX, "{long}"));
+        assert_eq!(lines[0]["long"], format!("{long:?}"));
+        assert_eq!(lines[0]["message"], long);
+        assert_eq!(lines[0]["big"], u64::MAX);
     }
 
     #[test]
