@@ -41,6 +41,7 @@ pub struct Config {
     pub greeter: GreeterConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -209,6 +210,16 @@ pub struct LogConfig {
     /// An `EnvFilter` directive; `RUST_LOG` wins when set.
     pub filter: String,
     pub format: LogFormat,
+}
+
+/// Prometheus metrics: a plain HTTP listener of its own, so scrapes never compete with gRPC
+/// calls for connection or call limits, and never need the gRPC listener's TLS or tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address serving `GET /metrics`; empty string: no listener, and no per-call metrics kept.
+    #[serde(with = "optional_addr")]
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -827,6 +838,28 @@ mod tests {
                 .key
                 .as_deref(),
             Some("probe.listen")
+        );
+    }
+
+    #[test]
+    fn metrics_listen_defaults_to_loopback_and_can_be_disabled() {
+        assert_eq!(
+            Config::embedded().metrics.listen,
+            Some("127.0.0.1:9090".parse().unwrap())
+        );
+        assert_eq!(
+            with_overrides(&[("metrics.listen", "")])
+                .unwrap()
+                .metrics
+                .listen,
+            None
+        );
+        assert_eq!(
+            with_overrides(&[("metrics.listen", "9090")])
+                .unwrap_err()
+                .key
+                .as_deref(),
+            Some("metrics.listen")
         );
     }
 

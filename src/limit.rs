@@ -40,13 +40,27 @@ impl Activity {
     }
 }
 
-/// Counts calls refused for overload.
+/// Counts calls refused for overload, by the limit that refused them.
 #[derive(Debug, Default)]
-pub struct ShedCount(AtomicU64);
+pub struct ShedCount {
+    connection: AtomicU64,
+    server: AtomicU64,
+}
 
 impl ShedCount {
+    /// Calls refused by either limit.
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.on_connection() + self.on_server()
+    }
+
+    /// Calls refused by `limits.max_concurrent_calls_per_connection`.
+    pub fn on_connection(&self) -> u64 {
+        self.connection.load(Ordering::Relaxed)
+    }
+
+    /// Calls refused by `limits.max_concurrent_calls`.
+    pub fn on_server(&self) -> u64 {
+        self.server.load(Ordering::Relaxed)
     }
 }
 
@@ -131,12 +145,12 @@ where
                 activity: Arc::clone(&limits.activity),
             },
             (connection, _) => {
-                limits.shed.0.fetch_add(1, Ordering::Relaxed);
-                let scope = if connection.is_err() {
-                    "on this connection"
+                let (count, scope) = if connection.is_err() {
+                    (&limits.shed.connection, "on this connection")
                 } else {
-                    "on this server"
+                    (&limits.shed.server, "on this server")
                 };
+                count.fetch_add(1, Ordering::Relaxed);
                 let status = Status::resource_exhausted(format!(
                     "server overloaded: too many concurrent calls {scope}; retry with backoff"
                 ));

@@ -22,7 +22,10 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::{either::Either, sync::CancellationToken};
 use tracing::{debug, warn};
 
-use crate::tls::{ClientIdentity, Reloadable};
+use crate::{
+    metrics::CounterSet,
+    tls::{ClientIdentity, Reloadable},
+};
 
 /// Connection facts every request of the connection carries in its extensions: the auth layer,
 /// logs and handlers read it from there.
@@ -90,11 +93,13 @@ impl AsyncWrite for Connection {
     }
 }
 
-/// TLS for a listener: the swappable material and how long a handshake may take.
+/// TLS for a listener: the swappable material, how long a handshake may take, and where to
+/// count the handshakes that fail (`error`) or take too long (`timeout`).
 #[derive(Debug, Clone)]
 pub struct TlsAccept {
     pub material: Reloadable,
     pub handshake_timeout: Duration,
+    pub handshake_failures: CounterSet,
 }
 
 /// Receives each accepted (and, for TLS, handshaken) connection with its connection-limit permit.
@@ -142,6 +147,7 @@ pub async fn accept(
         let acceptor = tls.material.acceptor();
         let timeout = tls.handshake_timeout;
         let on_connection = Arc::clone(&on_connection);
+        let failures = tls.handshake_failures.clone();
         tokio::spawn(async move {
             match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => {
@@ -161,8 +167,14 @@ pub async fn accept(
                         permit,
                     );
                 }
-                Ok(Err(e)) => debug!(%remote_addr, "TLS handshake failed: {e}"),
-                Err(_) => debug!(%remote_addr, "TLS handshake timed out"),
+                Ok(Err(e)) => {
+                    failures.inc("error");
+                    debug!(%remote_addr, "TLS handshake failed: {e}");
+                }
+                Err(_) => {
+                    failures.inc("timeout");
+                    debug!(%remote_addr, "TLS handshake timed out");
+                }
             }
         });
     }

@@ -11,6 +11,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
+use crate::metrics::ReloadOutcomes;
+
 /// Sends a tick on every SIGHUP the process receives.
 pub fn hangups() -> watch::Receiver<()> {
     let (tx, rx) = watch::channel(());
@@ -53,13 +55,15 @@ fn same(a: &[Option<ring::digest::Digest>], b: &[Option<ring::digest::Digest>]) 
 
 /// Calls `reload` whenever the content of `paths` changes (checked every `interval`) or SIGHUP
 /// arrives, until `stop`. `reload` builds and installs the new state, or returns why it cannot:
-/// the old state then stays in force and the failure is logged once per distinct content.
+/// the old state then stays in force and the failure is logged and counted in `outcomes` once
+/// per distinct content, so an alert on failures fires on a bad rotation, not on every poll.
 pub fn spawn<E, F>(
     what: &'static str,
     paths: Vec<PathBuf>,
     interval: Duration,
     hangups: watch::Receiver<()>,
     stop: CancellationToken,
+    outcomes: ReloadOutcomes,
     mut reload: F,
 ) where
     E: std::fmt::Display,
@@ -88,7 +92,9 @@ pub fn spawn<E, F>(
                 continue;
             }
             seen = now;
-            match reload() {
+            let result = reload();
+            outcomes.record(result.is_ok());
+            match result {
                 Ok(summary) => info!(what, %summary, "reloaded"),
                 Err(e) => error!(what, "reload refused, previous version stays in force: {e}"),
             }

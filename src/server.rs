@@ -11,6 +11,7 @@ use std::{
 };
 
 use hyper::body::Incoming;
+use prometheus_client::{metrics::gauge::Gauge, registry::Registry};
 use tokio::{
     net::TcpListener,
     sync::{OwnedSemaphorePermit, Semaphore},
@@ -34,6 +35,8 @@ use crate::{
     limit::{Activity, LimitLayer, ShedCount},
     listener::{self, Connection, OnConnection, TlsAccept},
     methods::Catalog,
+    metrics::{self, CounterFn, CounterFnSet, GrpcMetrics, Reloads, ServerMetrics, exporter},
+    observe::ObserveLayer,
     pb::{self, greeter_server::GreeterServer},
     reload,
     service::Greeter,
@@ -102,6 +105,7 @@ pub struct Server {
     credentials: Credentials,
     listener: TcpListener,
     probe_listener: Option<TcpListener>,
+    metrics_listener: Option<TcpListener>,
     health: HealthReporter,
     stats: Arc<Stats>,
 }
@@ -117,6 +121,10 @@ impl Server {
             Some(addr) => Some(bind(addr, "probe.listen").await?),
             None => None,
         };
+        let metrics_listener = match config.metrics.listen {
+            Some(addr) => Some(bind(addr, "metrics.listen").await?),
+            None => None,
+        };
         let health = HealthReporter::new();
         set_all(&health, ServingStatus::NotServing).await;
         Ok(Self {
@@ -124,6 +132,7 @@ impl Server {
             credentials,
             listener,
             probe_listener,
+            metrics_listener,
             health,
             stats: Arc::default(),
         })
@@ -139,6 +148,11 @@ impl Server {
         self.probe_listener.as_ref().map(local_addr)
     }
 
+    /// The metrics listener's address (`GET /metrics`), when one is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().map(local_addr)
+    }
+
     /// Counters of calls refused or cut short; they keep counting while the server runs.
     pub fn stats(&self) -> Arc<Stats> {
         Arc::clone(&self.stats)
@@ -152,25 +166,26 @@ impl Server {
     /// Serves until `shutdown` completes, then drains: health turns NOT_SERVING, the server keeps
     /// answering for `shutdown.delay`, the listeners close, connections get GOAWAY, server
     /// streams end with UNAVAILABLE, and unary calls get up to `shutdown.grace` to finish before
-    /// this returns regardless.
+    /// this returns regardless. Metrics stay scrapeable until then.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
         let local_addr = self.local_addr();
         let probe_addr = self.probe_addr();
+        let metrics_addr = self.metrics_addr();
         let Self {
             config,
             credentials,
             listener,
             probe_listener,
+            metrics_listener,
             health,
             stats,
         } = self;
 
         // Set when the listeners close: connections send GOAWAY, streams end, accept loops stop.
         let draining = CancellationToken::new();
-        // Stops background work (reloaders) once serving is over.
+        // Stops background work (reloaders, the metrics listener) once serving is over.
         let background = CancellationToken::new();
         let _stop_background = background.clone().drop_guard();
-        spawn_reloaders(&config, &credentials, &background);
 
         let limits = &config.limits;
         let health_service = || {
@@ -186,6 +201,21 @@ impl Server {
             tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
             tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
         ];
+
+        // Every series exists from here on, at zero; the layers and tasks get handles on them.
+        let mut registry = Registry::default();
+        let grpc_metrics = Arc::new(GrpcMetrics::register(&mut registry, &descriptor_sets));
+        let server_metrics = ServerMetrics::register(&mut registry);
+        stats.register(&mut registry);
+        metrics::process::register(&mut registry);
+        spawn_reloaders(&config, &credentials, &background, &mut registry);
+        let exporter = metrics_listener.map(|metrics_listener| {
+            tokio::spawn(exporter::serve(
+                metrics_listener,
+                Arc::new(registry),
+                background.clone(),
+            ))
+        });
         let reflection = || {
             descriptor_sets.iter().fold(
                 tonic_reflection::server::Builder::configure().include_reflection_service(false),
@@ -203,10 +233,12 @@ impl Server {
         let probe_routes = Routes::new(health_service()).prepare();
 
         // The path of a call, outermost first. Per connection: TCP -> TLS -> HTTP/2 (limits,
-        // keepalive, idle, age). Per call: peer info -> concurrency limit (sheds) -> auth ->
-        // deadline, drain and cancellation -> route -> handler.
+        // keepalive, idle, age). Per call: peer info -> request id, log span, metrics and access
+        // log -> concurrency limit (sheds) -> auth -> deadline, drain and cancellation -> route
+        // -> handler.
         let stack = Stack {
             settings: Arc::new(connection::Settings::new(limits, &config.connection)),
+            observe: ObserveLayer::new(grpc_metrics, metrics_addr.is_some()),
             calls: Arc::new(Semaphore::new(limits.max_concurrent_calls)),
             calls_per_connection: limits.max_concurrent_calls_per_connection,
             call_layer: CallLayer::new(
@@ -217,6 +249,7 @@ impl Server {
             ),
             shed: Arc::clone(&stats.shed),
             accepted: Arc::clone(&stats.connections_accepted),
+            connections_open: server_metrics.connections_open.clone(),
             draining: draining.clone(),
             connections: TaskTracker::new(),
         };
@@ -224,13 +257,18 @@ impl Server {
         let tls = credentials.tls.as_ref().map(|(material, _)| TlsAccept {
             material: material.clone(),
             handshake_timeout: config.tls.handshake_timeout,
+            handshake_failures: server_metrics.tls_handshake_failures.clone(),
         });
+        let auth_failures = server_metrics.auth_failures;
         stack.connections.spawn(listener::accept(
             listener,
             tls,
             Arc::clone(&connection_permits),
             draining.clone(),
-            stack.on_connection(routes, AuthLayer::new(credentials.auth.clone())),
+            stack.on_connection(
+                routes,
+                AuthLayer::new(credentials.auth.clone(), auth_failures.clone()),
+            ),
         ));
         if let Some(probe_listener) = probe_listener {
             // Plaintext, health only, the same health state; never behind auth.
@@ -239,7 +277,7 @@ impl Server {
                 None,
                 connection_permits,
                 draining.clone(),
-                stack.on_connection(probe_routes, AuthLayer::new(None)),
+                stack.on_connection(probe_routes, AuthLayer::new(None, auth_failures)),
             ));
         }
 
@@ -247,6 +285,7 @@ impl Server {
         info!(
             listen = %local_addr,
             probe = ?probe_addr,
+            metrics = metrics_addr.map(tracing::field::display),
             tls = config.tls.enabled,
             client_auth = ?config.tls.client_auth,
             auth = config.auth.enabled,
@@ -280,6 +319,12 @@ impl Server {
                 "shutdown grace expired; abandoning the calls still open"
             );
         }
+        // Scrapes worked through the drain; the metrics port closes before this returns, so a
+        // restarted server can bind it again at once.
+        background.cancel();
+        if let Some(exporter) = exporter {
+            let _ = exporter.await;
+        }
         Ok(())
     }
 }
@@ -288,11 +333,13 @@ impl Server {
 #[derive(Clone)]
 struct Stack {
     settings: Arc<connection::Settings>,
+    observe: ObserveLayer,
     calls: Arc<Semaphore>,
     calls_per_connection: usize,
     call_layer: CallLayer,
     shed: Arc<ShedCount>,
     accepted: Arc<AtomicU64>,
+    connections_open: Gauge,
     draining: CancellationToken,
     connections: TaskTracker,
 }
@@ -303,6 +350,7 @@ impl Stack {
         let stack = self.clone();
         Arc::new(move |conn: Connection, permit: OwnedSemaphorePermit| {
             stack.accepted.fetch_add(1, Ordering::Relaxed);
+            let open = OpenConnection::new(stack.connections_open.clone());
             let activity = Arc::new(Activity::default());
             let peer = conn.peer().clone();
             let service = ServiceBuilder::new()
@@ -310,6 +358,7 @@ impl Stack {
                     request.extensions_mut().insert(peer.clone());
                     request
                 })
+                .layer(stack.observe.clone())
                 .layer(LimitLayer::new(
                     Arc::clone(&stack.calls),
                     stack.calls_per_connection,
@@ -328,9 +377,26 @@ impl Stack {
             );
             stack.connections.spawn(async move {
                 serving.await;
+                drop(open);
                 drop(permit);
             });
         })
+    }
+}
+
+/// One count in `greeter_connections_open` while the connection is served.
+struct OpenConnection(Gauge);
+
+impl OpenConnection {
+    fn new(gauge: Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -343,10 +409,58 @@ pub struct Stats {
     pub connections_accepted: Arc<AtomicU64>,
 }
 
-/// Re-reads TLS material and tokens when their files change or SIGHUP arrives.
-fn spawn_reloaders(config: &Config, credentials: &Credentials, stop: &CancellationToken) {
+impl Stats {
+    /// Exposes the counters as `greeter_*` metrics, read at each scrape.
+    fn register(&self, registry: &mut Registry) {
+        let accepted = Arc::clone(&self.connections_accepted);
+        registry.register(
+            "greeter_connections_accepted",
+            "Connections accepted (TLS ones once their handshake succeeded), probe port included",
+            CounterFn::new(move || accepted.load(Ordering::Relaxed)),
+        );
+        let (on_connection, on_server) = (Arc::clone(&self.shed), Arc::clone(&self.shed));
+        registry.register(
+            "greeter_calls_shed",
+            "Calls refused with RESOURCE_EXHAUSTED at once because a concurrency limit was \
+             reached, by limit (connection: max_concurrent_calls_per_connection, server: \
+             max_concurrent_calls)",
+            CounterFnSet::new("limit")
+                .with("connection", move || on_connection.on_connection())
+                .with("server", move || on_server.on_server()),
+        );
+        let calls = Arc::clone(&self.calls);
+        registry.register(
+            "greeter_calls_deadline_exceeded",
+            "Calls the server ended with DEADLINE_EXCEEDED because their deadline passed",
+            CounterFn::new(move || calls.deadline_exceeded()),
+        );
+        let calls = Arc::clone(&self.calls);
+        registry.register(
+            "greeter_calls_cancelled",
+            "Calls whose client reset the stream or disconnected before the call ended",
+            CounterFn::new(move || calls.cancelled()),
+        );
+        let calls = Arc::clone(&self.calls);
+        registry.register(
+            "greeter_streams_ended_by_shutdown",
+            "Server streams ended with UNAVAILABLE because the server was shutting down",
+            CounterFn::new(move || calls.ended_by_shutdown()),
+        );
+    }
+}
+
+/// Re-reads TLS material and tokens when their files change or SIGHUP arrives, counting the
+/// outcomes and keeping the certificate expiry gauge current.
+fn spawn_reloaders(
+    config: &Config,
+    credentials: &Credentials,
+    stop: &CancellationToken,
+    registry: &mut Registry,
+) {
     let hangups = reload::hangups();
-    if let Some((material, _)) = &credentials.tls {
+    let reloads = Reloads::register(registry);
+    if let Some((material, leaf)) = &credentials.tls {
+        let expiry = metrics::register_certificate_expiry(registry, leaf.not_after_unix);
         let settings = config.tls.clone();
         let mut paths = vec![settings.cert.clone(), settings.key.clone()];
         if !settings.client_ca.as_os_str().is_empty() {
@@ -359,9 +473,11 @@ fn spawn_reloaders(config: &Config, credentials: &Credentials, stop: &Cancellati
             settings.reload_interval,
             hangups.clone(),
             stop.clone(),
+            reloads.kind("tls"),
             move || {
                 tls::load(&settings).map(|loaded| {
                     material.replace(loaded.config);
+                    expiry.set(loaded.leaf.not_after_unix);
                     format!(
                         "certificate serial {} ({})",
                         loaded.leaf.serial, loaded.leaf.subject
@@ -381,6 +497,7 @@ fn spawn_reloaders(config: &Config, credentials: &Credentials, stop: &Cancellati
             config.auth.reload_interval,
             hangups,
             stop.clone(),
+            reloads.kind("tokens"),
             move || {
                 TokenStore::load(&path).map(|tokens| {
                     let count = tokens.len();

@@ -8,12 +8,14 @@ mod tokens;
 
 use std::{
     collections::BTreeMap,
+    pin::Pin,
     sync::Arc,
     task::{Context, Poll},
 };
 
 use arc_swap::ArcSwap;
 use futures_util::future::{Either, Ready, ready};
+use pin_project_lite::pin_project;
 use tonic::{Status, codegen::http};
 use tower::{Layer, Service};
 
@@ -25,7 +27,40 @@ pub use tokens::{
 use crate::{
     config::{AuthConfig, AuthMode},
     listener::PeerInfo,
+    metrics::CounterSet,
 };
+
+/// Why calls are refused, as `greeter_auth_failures_total{reason}` counts them.
+pub const REFUSAL_REASONS: &[&str] = &[
+    NO_POLICY,
+    MISSING_CREDENTIALS,
+    MALFORMED_HEADER,
+    INVALID_TOKEN,
+    MISSING_SCOPE,
+];
+/// No `auth.policy` pattern covers the method (PERMISSION_DENIED).
+const NO_POLICY: &str = "no_policy";
+/// The method needs credentials the call does not carry (UNAUTHENTICATED).
+const MISSING_CREDENTIALS: &str = "missing_credentials";
+/// An `authorization` header that is not `Bearer <token>` (UNAUTHENTICATED).
+const MALFORMED_HEADER: &str = "malformed_header";
+/// A bearer token no entry of the tokens file matches (UNAUTHENTICATED).
+const INVALID_TOKEN: &str = "invalid_token";
+/// Authenticated, but without the scope the method requires (PERMISSION_DENIED).
+const MISSING_SCOPE: &str = "missing_scope";
+
+/// A refused call: the status to answer with and the reason to count.
+#[derive(Debug)]
+struct Refusal {
+    reason: &'static str,
+    status: Status,
+}
+
+impl Refusal {
+    fn new(reason: &'static str, status: Status) -> Self {
+        Self { reason, status }
+    }
+}
 
 /// Who made a call, as established by the auth layer; in the request extensions for handlers and
 /// logs. Never holds the token itself.
@@ -113,24 +148,39 @@ impl Authenticator {
         headers: &http::HeaderMap,
         peer: Option<&PeerInfo>,
     ) -> Result<Caller, Status> {
+        self.check(path, headers, peer).map_err(|r| r.status)
+    }
+
+    fn check(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        peer: Option<&PeerInfo>,
+    ) -> Result<Caller, Refusal> {
         let required = match self.policy.rule(path) {
             Some(Rule::Open) => return Ok(Caller::Anonymous),
             Some(Rule::Scope(scope)) => scope,
             None => {
-                return Err(Status::permission_denied(format!(
-                    "{path} is not allowed by the server's auth policy"
-                )));
+                return Err(Refusal::new(
+                    NO_POLICY,
+                    Status::permission_denied(format!(
+                        "{path} is not allowed by the server's auth policy"
+                    )),
+                ));
             }
         };
         let cert = peer.and_then(|p| p.client_cert.as_deref());
-        let token = bearer_token(headers)?;
+        let token = bearer_token(headers).map_err(|s| Refusal::new(MALFORMED_HEADER, s))?;
         let tokens = self.tokens.load();
         let (caller, scopes): (Caller, &[String]) = match (self.mode, token, cert) {
             (AuthMode::Token | AuthMode::Either, Some(token), _)
             | (AuthMode::Both, Some(token), Some(_)) => {
-                let holder = tokens
-                    .authenticate(token)
-                    .ok_or_else(|| Status::unauthenticated("invalid bearer token"))?;
+                let holder = tokens.authenticate(token).ok_or_else(|| {
+                    Refusal::new(
+                        INVALID_TOKEN,
+                        Status::unauthenticated("invalid bearer token"),
+                    )
+                })?;
                 (Caller::Token(Arc::clone(&holder.name)), &holder.scopes)
             }
             (AuthMode::ClientCert | AuthMode::Either, _, Some(cert)) => {
@@ -158,15 +208,21 @@ impl Authenticator {
                 Caller::ClientCert(subject) => format!("client certificate {subject:?}"),
                 Caller::Anonymous => "caller".to_owned(),
             };
-            Err(Status::permission_denied(format!(
-                "{who} lacks scope {required:?}, required by {path}"
-            )))
+            Err(Refusal::new(
+                MISSING_SCOPE,
+                Status::permission_denied(format!(
+                    "{who} lacks scope {required:?}, required by {path}"
+                )),
+            ))
         }
     }
 }
 
-fn missing(what: &str) -> Status {
-    Status::unauthenticated(format!("missing credentials: this method requires {what}"))
+fn missing(what: &str) -> Refusal {
+    Refusal::new(
+        MISSING_CREDENTIALS,
+        Status::unauthenticated(format!("missing credentials: this method requires {what}")),
+    )
 }
 
 /// The token of an `authorization: Bearer <token>` header; `None` when there is no header.
@@ -187,14 +243,18 @@ fn bearer_token(headers: &http::HeaderMap) -> Result<Option<&str>, Status> {
 }
 
 /// The tower layer: `None` (auth disabled) passes every call through as `Caller::Anonymous`.
+/// The caller goes in the request extensions (for handlers) and in the response extensions (for
+/// the access log, which wraps this layer and never sees the request again).
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
     auth: Option<Authenticator>,
+    failures: CounterSet,
 }
 
 impl AuthLayer {
-    pub fn new(auth: Option<Authenticator>) -> Self {
-        Self { auth }
+    /// `failures` counts refusals by reason ([`REFUSAL_REASONS`]).
+    pub fn new(auth: Option<Authenticator>, failures: CounterSet) -> Self {
+        Self { auth, failures }
     }
 }
 
@@ -205,6 +265,7 @@ impl<S> Layer<S> for AuthLayer {
         AuthService {
             inner,
             auth: self.auth.clone(),
+            failures: self.failures.clone(),
         }
     }
 }
@@ -213,6 +274,7 @@ impl<S> Layer<S> for AuthLayer {
 pub struct AuthService<S> {
     inner: S,
     auth: Option<Authenticator>,
+    failures: CounterSet,
 }
 
 impl<S, B, ResBody> Service<http::Request<B>> for AuthService<S>
@@ -222,7 +284,7 @@ where
 {
     type Response = http::Response<ResBody>;
     type Error = S::Error;
-    type Future = Either<Ready<Result<Self::Response, Self::Error>>, S::Future>;
+    type Future = Either<Ready<Result<Self::Response, Self::Error>>, WithCaller<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -231,7 +293,7 @@ where
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let verdict = match &self.auth {
             None => Ok(Caller::Anonymous),
-            Some(auth) => auth.authorize(
+            Some(auth) => auth.check(
                 request.uri().path(),
                 request.headers(),
                 request.extensions().get::<PeerInfo>(),
@@ -239,14 +301,45 @@ where
         };
         match verdict {
             Ok(caller) => {
+                // Anonymous is what the access log assumes without one: spare the allocation.
+                let identified = (caller != Caller::Anonymous).then(|| caller.clone());
                 request.extensions_mut().insert(caller);
-                Either::Right(self.inner.call(request))
+                Either::Right(WithCaller {
+                    inner: self.inner.call(request),
+                    caller: identified,
+                })
             }
-            Err(status) => {
-                tracing::debug!(path = request.uri().path(), code = ?status.code(), "call refused: {}", status.message());
+            Err(Refusal { reason, status }) => {
+                self.failures.inc(reason);
+                tracing::debug!(path = request.uri().path(), code = ?status.code(), reason, "call refused: {}", status.message());
                 Either::Left(ready(Ok(status.into_http())))
             }
         }
+    }
+}
+
+pin_project! {
+    /// The inner service's response, with the admitted caller in its extensions.
+    pub struct WithCaller<F> {
+        #[pin]
+        inner: F,
+        caller: Option<Caller>,
+    }
+}
+
+impl<F, B, E> Future for WithCaller<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut response = std::task::ready!(this.inner.poll(cx))?;
+        if let Some(caller) = this.caller.take() {
+            response.extensions_mut().insert(caller);
+        }
+        Poll::Ready(Ok(response))
     }
 }
 
@@ -386,6 +479,24 @@ mod tests {
             .authorize(HELLO, &headers(Some("Bearer secret")), Some(&peer(false)))
             .unwrap_err();
         assert_eq!(status.code(), Code::Unauthenticated);
+    }
+
+    #[test]
+    fn refusals_name_their_reason() {
+        let auth = Authenticator::new(&config(AuthMode::Token), store("secret", &["greeter"]));
+        let reason = |path, header| {
+            auth.check(path, &headers(header), Some(&peer(false)))
+                .unwrap_err()
+                .reason
+        };
+        assert_eq!(reason(HELLO, None), MISSING_CREDENTIALS);
+        assert_eq!(reason(HELLO, Some("Basic x")), MALFORMED_HEADER);
+        assert_eq!(reason(HELLO, Some("Bearer wrong")), INVALID_TOKEN);
+        assert_eq!(reason(REFLECT, Some("Bearer secret")), MISSING_SCOPE);
+        assert_eq!(reason("/other.Service/Call", None), NO_POLICY);
+        for reason in REFUSAL_REASONS {
+            assert!(reason.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
+        }
     }
 
     #[test]

@@ -19,10 +19,12 @@ use greeter::{
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 
-/// The embedded default, on an ephemeral loopback port, with a fast stream so tests stay quick.
+/// The embedded default, on ephemeral loopback ports (gRPC and metrics), with a fast stream so
+/// tests stay quick.
 pub fn test_config(extra: &[(&str, &str)]) -> Config {
     let mut overrides = vec![
         ("server.listen".to_owned(), "127.0.0.1:0".to_owned()),
+        ("metrics.listen".to_owned(), "127.0.0.1:0".to_owned()),
         ("greeter.stream_interval".to_owned(), "1ms".to_owned()),
     ];
     overrides.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
@@ -37,6 +39,7 @@ pub fn test_config(extra: &[(&str, &str)]) -> Config {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub probe_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
     pub health: tonic_health::server::HealthReporter,
     pub stats: std::sync::Arc<greeter::server::Stats>,
     stop: Option<oneshot::Sender<()>>,
@@ -52,6 +55,7 @@ impl TestServer {
         let server = Server::bind(config).await.expect("bind a loopback port");
         let addr = server.local_addr();
         let probe_addr = server.probe_addr();
+        let metrics_addr = server.metrics_addr();
         let health = server.health();
         let stats = server.stats();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -61,6 +65,7 @@ impl TestServer {
         Self {
             addr,
             probe_addr,
+            metrics_addr,
             health,
             stats,
             stop: Some(stop),
@@ -113,18 +118,22 @@ pub fn greeter_bin() -> Command {
 pub struct BinaryServer {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The metrics listener, on an ephemeral loopback port so servers can run side by side.
+    pub metrics_addr: Option<SocketAddr>,
     pub logs: Arc<Mutex<String>>,
 }
 
 impl BinaryServer {
-    /// Starts `greeter serve --listen 127.0.0.1:0 -c <config>` and learns the port from the
-    /// startup log line, which is itself part of the contract (operators read it).
+    /// Starts `greeter serve --listen 127.0.0.1:0 -c <config>` (metrics on 127.0.0.1:0 too) and
+    /// learns the ports from the startup log line, which is itself part of the contract
+    /// (operators read it).
     pub fn start(config: &Path, extra_args: &[&str]) -> Self {
         let mut child = greeter_bin()
             .args(["serve", "--listen", "127.0.0.1:0", "--config"])
             .arg(config)
             .args(extra_args)
             .env_remove("RUST_LOG")
+            .env("GREETER__METRICS__LISTEN", "127.0.0.1:0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -139,9 +148,11 @@ impl BinaryServer {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("greeter serving") {
                     let event: serde_json::Value = serde_json::from_str(&line).unwrap();
-                    let addr = event["listen"].as_str().unwrap().parse().unwrap();
+                    let addr: SocketAddr = event["listen"].as_str().unwrap().parse().unwrap();
+                    let metrics_addr: Option<SocketAddr> =
+                        event["metrics"].as_str().map(|a| a.parse().unwrap());
                     if let Some(tx) = addr_tx.take() {
-                        let _ = tx.send(addr);
+                        let _ = tx.send((addr, metrics_addr));
                     }
                 }
                 let mut logs = sink.lock().unwrap();
@@ -149,8 +160,8 @@ impl BinaryServer {
                 logs.push('\n');
             }
         });
-        let addr = match addr_rx.recv_timeout(Duration::from_secs(15)) {
-            Ok(addr) => addr,
+        let (addr, metrics_addr) = match addr_rx.recv_timeout(Duration::from_secs(15)) {
+            Ok(addrs) => addrs,
             Err(_) => {
                 let _ = child.kill();
                 panic!(
@@ -159,7 +170,12 @@ impl BinaryServer {
                 );
             }
         };
-        Self { child, addr, logs }
+        Self {
+            child,
+            addr,
+            metrics_addr,
+            logs,
+        }
     }
 
     pub fn addr_arg(&self) -> String {
@@ -247,10 +263,11 @@ pub fn generate_pki(client_name: &str) -> greeter::certs::DevPki {
     greeter::certs::DevPki::generate(&options).unwrap()
 }
 
-/// A config from the embedded default plus `overrides`, on an ephemeral loopback port.
+/// A config from the embedded default plus `overrides`, on ephemeral loopback ports.
 pub fn config_with(overrides: Vec<(String, String)>) -> Config {
     let mut all = vec![
         ("server.listen".to_owned(), "127.0.0.1:0".to_owned()),
+        ("metrics.listen".to_owned(), "127.0.0.1:0".to_owned()),
         ("greeter.stream_interval".to_owned(), "1ms".to_owned()),
     ];
     all.extend(overrides);
@@ -271,4 +288,72 @@ pub async fn tls_channel(
         .tls_config(tls)?
         .connect()
         .await
+}
+
+/// An HTTP/1.1 response as a test sees it.
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header lines, names lowercased.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A plain `METHOD path` request over a fresh TCP connection (`Connection: close`), as a scraper
+/// or curl would send it; `accept` is the Accept header, if any.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    accept: Option<&str>,
+) -> HttpResponse {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
+    let request =
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut raw))
+        .await
+        .expect("the response arrives within 10s")
+        .unwrap();
+    let raw = String::from_utf8(raw).expect("a UTF-8 response");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a header block");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    HttpResponse {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+/// `GET /metrics` on a metrics listener; panics unless it answers 200.
+pub async fn scrape(metrics_addr: SocketAddr) -> String {
+    let response = http_request(metrics_addr, "GET", "/metrics", None).await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    response.body
 }

@@ -1,0 +1,320 @@
+//! Prometheus metrics: the registry, the metrics of the server as a whole, and how they are served.
+//!
+//! Every series a server exposes is created when the server starts, at zero, so that `rate()` and
+//! `absent()` work before the first event and the hot path never builds a label set: layers and
+//! tasks hold cloned handles (an `Arc`'d atomic each) and only increment them.
+//!
+//! - [`grpc`]: go-grpc-prometheus' `grpc_server_*` families, per method.
+//! - [`process`]: `process_*`, read from `/proc` at each scrape.
+//! - [`exporter`]: the plain HTTP listener serving `GET /metrics`.
+//! - here: `greeter_*`, what the server itself does (connections, TLS, auth, reloads).
+
+pub mod exporter;
+pub mod grpc;
+pub mod process;
+
+use std::fmt;
+
+use prometheus_client::{
+    encoding::{EncodeMetric, MetricEncoder, NoLabelSet},
+    metrics::{MetricType, TypedMetric, counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+pub use grpc::{GrpcMetrics, MethodMetrics};
+
+/// One label pair with static key and value: every `greeter_*` label value is known up front.
+pub type Label = [(&'static str, &'static str); 1];
+
+/// Counters of one family, one per value of its single label, all created up front.
+#[derive(Debug, Clone)]
+pub struct CounterSet {
+    counters: std::sync::Arc<[(&'static str, Counter)]>,
+}
+
+impl CounterSet {
+    /// Registers `name{label=value}` for each of `values`.
+    pub fn register(
+        registry: &mut Registry,
+        name: &str,
+        help: &str,
+        label: &'static str,
+        values: &[&'static str],
+    ) -> Self {
+        let family = Family::<Label, Counter>::default();
+        registry.register(name, help, family.clone());
+        let counters = values
+            .iter()
+            .map(|&value| (value, family.get_or_create_owned(&[(label, value)])))
+            .collect();
+        Self { counters }
+    }
+
+    /// Counts one event with this label value.
+    ///
+    /// # Panics
+    /// In debug builds, for a value the set was not registered with: a programming error.
+    pub fn inc(&self, value: &str) {
+        match self.counters.iter().find(|(v, _)| *v == value) {
+            Some((_, counter)) => {
+                counter.inc();
+            }
+            None => debug_assert!(false, "{value:?} is not a registered label value"),
+        }
+    }
+}
+
+/// `greeter_reloads_total{kind, outcome}`: series exist only for the kinds of file in use.
+#[derive(Debug, Clone)]
+pub struct Reloads(Family<[(&'static str, &'static str); 2], Counter>);
+
+impl Reloads {
+    pub fn register(registry: &mut Registry) -> Self {
+        let family = Family::default();
+        registry.register(
+            "greeter_reloads",
+            "Reloads of rotated files by kind (tls, tokens) and outcome (success, failure); a \
+             failed reload keeps the previous version in force",
+            family.clone(),
+        );
+        Self(family)
+    }
+
+    /// The counters of one kind of file, created at zero.
+    pub fn kind(&self, kind: &'static str) -> ReloadOutcomes {
+        ReloadOutcomes {
+            success: self
+                .0
+                .get_or_create_owned(&[("kind", kind), ("outcome", "success")]),
+            failure: self
+                .0
+                .get_or_create_owned(&[("kind", kind), ("outcome", "failure")]),
+        }
+    }
+}
+
+/// Success and failure counts of reloading one kind of file.
+#[derive(Debug, Clone)]
+pub struct ReloadOutcomes {
+    success: Counter,
+    failure: Counter,
+}
+
+impl ReloadOutcomes {
+    pub fn record(&self, succeeded: bool) {
+        if succeeded {
+            self.success.inc();
+        } else {
+            self.failure.inc();
+        }
+    }
+}
+
+/// The gauges and counters of the server as a whole (the per-call ones are in [`GrpcMetrics`]).
+#[derive(Debug, Clone)]
+pub struct ServerMetrics {
+    pub connections_open: Gauge,
+    /// TLS handshakes that did not complete, by `reason`: `error` or `timeout`.
+    pub tls_handshake_failures: CounterSet,
+    /// Calls refused by the auth layer, by `reason` (see [`crate::auth::REFUSAL_REASONS`]).
+    pub auth_failures: CounterSet,
+}
+
+impl ServerMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let connections_open = Gauge::default();
+        registry.register(
+            "greeter_connections_open",
+            "Connections open now (TLS ones once their handshake succeeded), probe port included",
+            connections_open.clone(),
+        );
+        Self {
+            connections_open,
+            tls_handshake_failures: CounterSet::register(
+                registry,
+                "greeter_tls_handshake_failures",
+                "TLS handshakes that failed or did not finish within tls.handshake_timeout",
+                "reason",
+                &["error", "timeout"],
+            ),
+            auth_failures: CounterSet::register(
+                registry,
+                "greeter_auth_failures",
+                "Calls refused by authentication or authorization, by reason",
+                "reason",
+                crate::auth::REFUSAL_REASONS,
+            ),
+        }
+    }
+}
+
+/// Registers the expiry of the serving certificate; the caller keeps the gauge current on reload.
+pub fn register_certificate_expiry(registry: &mut Registry, not_after_unix: i64) -> Gauge {
+    let gauge = Gauge::default();
+    gauge.set(not_after_unix);
+    registry.register(
+        "greeter_tls_certificate_expiry_timestamp_seconds",
+        "When the serving TLS certificate expires, as a Unix timestamp; follows reloads",
+        gauge.clone(),
+    );
+    gauge
+}
+
+type Read = Box<dyn Fn() -> u64 + Send + Sync>;
+
+/// A counter whose value lives elsewhere (an atomic the server keeps for its own use), read at
+/// each scrape, like client_golang's `CounterFunc`: counting it twice would cost the hot path.
+pub struct CounterFn(Read);
+
+impl CounterFn {
+    pub fn new(read: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
+        Self(Box::new(read))
+    }
+}
+
+impl fmt::Debug for CounterFn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("CounterFn").field(&(self.0)()).finish()
+    }
+}
+
+impl TypedMetric for CounterFn {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for CounterFn {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), fmt::Error> {
+        encoder.encode_counter::<NoLabelSet, _, u64>(&(self.0)(), None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// [`CounterFn`]s of one family, one per value of its single label.
+pub struct CounterFnSet {
+    label: &'static str,
+    series: Vec<(&'static str, Read)>,
+}
+
+impl CounterFnSet {
+    pub fn new(label: &'static str) -> Self {
+        Self {
+            label,
+            series: Vec::new(),
+        }
+    }
+
+    pub fn with(
+        mut self,
+        value: &'static str,
+        read: impl Fn() -> u64 + Send + Sync + 'static,
+    ) -> Self {
+        self.series.push((value, Box::new(read)));
+        self
+    }
+}
+
+impl fmt::Debug for CounterFnSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let values: Vec<_> = self.series.iter().map(|(v, read)| (v, read())).collect();
+        f.debug_struct("CounterFnSet")
+            .field("label", &self.label)
+            .field("series", &values)
+            .finish()
+    }
+}
+
+impl TypedMetric for CounterFnSet {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for CounterFnSet {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), fmt::Error> {
+        for (value, read) in &self.series {
+            encoder
+                .encode_family(&[(self.label, *value)])?
+                .encode_counter::<NoLabelSet, _, u64>(&read(), None)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    };
+
+    use super::*;
+
+    fn text(registry: &Registry) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, registry).unwrap();
+        out
+    }
+
+    #[test]
+    fn counter_sets_start_at_zero_and_count_by_label() {
+        let mut registry = Registry::default();
+        let set = CounterSet::register(&mut registry, "x_events", "Events", "reason", &["a", "b"]);
+        set.inc("b");
+        set.inc("b");
+        let out = text(&registry);
+        assert!(out.contains("# TYPE x_events_total counter\n"), "{out}");
+        assert!(out.contains("x_events_total{reason=\"a\"} 0\n"), "{out}");
+        assert!(out.contains("x_events_total{reason=\"b\"} 2\n"), "{out}");
+    }
+
+    #[test]
+    fn counter_fns_read_their_atomic_at_scrape_time() {
+        let value = Arc::new(AtomicU64::new(0));
+        let mut registry = Registry::default();
+        let read = Arc::clone(&value);
+        registry.register(
+            "x_accepted",
+            "Accepted",
+            CounterFn::new(move || read.load(Ordering::Relaxed)),
+        );
+        let read = Arc::clone(&value);
+        registry.register(
+            "x_shed",
+            "Shed",
+            CounterFnSet::new("limit")
+                .with("server", move || read.load(Ordering::Relaxed))
+                .with("connection", || 7),
+        );
+        value.store(3, Ordering::Relaxed);
+        let out = text(&registry);
+        assert!(out.contains("x_accepted_total 3\n"), "{out}");
+        assert!(out.contains("x_shed_total{limit=\"server\"} 3\n"), "{out}");
+        assert!(
+            out.contains("x_shed_total{limit=\"connection\"} 7\n"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn reload_outcomes_count_per_kind() {
+        let mut registry = Registry::default();
+        let reloads = Reloads::register(&mut registry);
+        assert_eq!(text(&registry), "", "no series before a kind is in use");
+        let (tls, tokens) = (reloads.kind("tls"), reloads.kind("tokens"));
+        tls.record(true);
+        tokens.record(false);
+        let out = text(&registry);
+        for line in [
+            "greeter_reloads_total{kind=\"tls\",outcome=\"success\"} 1\n",
+            "greeter_reloads_total{kind=\"tls\",outcome=\"failure\"} 0\n",
+            "greeter_reloads_total{kind=\"tokens\",outcome=\"failure\"} 1\n",
+        ] {
+            assert!(out.contains(line), "{line} in {out}");
+        }
+    }
+}

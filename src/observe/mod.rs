@@ -1,0 +1,406 @@
+//! The record of every call: its request id, the span its log lines carry, the go-grpc-prometheus
+//! metrics, and one access log line when it ends. The outermost per-call layer, so that calls
+//! refused further in (shed, unauthenticated) are counted and logged like any other.
+//!
+//! A call ends with the status in its response headers (a trailers-only response: every refusal
+//! and most errors), with the status in its trailers, or without either when the client resets
+//! the stream or goes away, which counts as `Canceled`, as grpc-go reports it. The record is
+//! finished when the response body is dropped, so every call is counted exactly once, however it
+//! ends.
+
+mod frames;
+
+use std::{
+    fmt,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tonic::codegen::http::{self, HeaderMap, HeaderValue, header::HeaderName};
+use tower::{Layer, Service};
+use tracing::{Level, Span};
+
+pub use frames::CountedBody;
+use frames::MessageCounter;
+
+use crate::{
+    auth::Caller,
+    listener::PeerInfo,
+    metrics::{GrpcMetrics, MethodMetrics, grpc::CODE_NAMES},
+    request_id,
+};
+
+/// The target of the per-call log line: `greeter::access=off` in `log.filter` switches it off.
+pub const ACCESS_TARGET: &str = "greeter::access";
+
+/// The target of the per-call span, at DEBUG: `greeter::request=debug` (or any filter enabling
+/// debug for it, like `greeter=debug`) puts the call's request id on every line logged while the
+/// call runs. Off at the production level (info), where no line is logged inside a call but the
+/// access line, which carries the id itself: a span per call costs about 2% of a unary call's
+/// CPU with the fmt subscriber (benches/observability.rs), most of the observability budget.
+pub const SPAN_TARGET: &str = "greeter::request";
+
+/// Calls to this service are logged at DEBUG: probes would otherwise flood the access log.
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+const CANCELED: u8 = 1;
+const UNKNOWN: u8 = 2;
+const INTERNAL: u8 = 13;
+
+/// Shared by every connection of a server.
+#[derive(Debug, Clone)]
+pub struct ObserveLayer {
+    metrics: Arc<GrpcMetrics>,
+    /// Whether to keep metrics at all: off when nothing can scrape them (`metrics.listen = ""`).
+    count: bool,
+}
+
+impl ObserveLayer {
+    pub fn new(metrics: Arc<GrpcMetrics>, count: bool) -> Self {
+        Self { metrics, count }
+    }
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Observe<S> {
+    inner: S,
+    layer: ObserveLayer,
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Observe<S>
+where
+    S: Service<http::Request<CountedBody<ReqBody>>, Response = http::Response<ResBody>>,
+    ResBody: Body,
+{
+    type Response = http::Response<ObserveBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ObserveFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let started = Instant::now();
+        let path = request.uri().path();
+        let method = self.layer.metrics.method(path);
+        let count = self.layer.count;
+        // Decided once per call, at the cost of a filter lookup, so that a switched-off access log
+        // costs neither the fields' copies nor the formatting.
+        let quiet = method.service() == HEALTH_SERVICE;
+        let log = if quiet {
+            tracing::enabled!(target: ACCESS_TARGET, Level::DEBUG)
+        } else {
+            tracing::enabled!(target: ACCESS_TARGET, Level::INFO)
+        };
+        let request_id = request_id::for_request(request.headers());
+        let span = tracing::debug_span!(
+            target: SPAN_TARGET,
+            "grpc",
+            request_id = request_id.to_str().unwrap_or_default()
+        );
+        let record = (count || log).then(|| CallRecord {
+            method: Arc::clone(method),
+            count,
+            started,
+            code: None,
+            ended: false,
+            log: log.then(|| AccessLog {
+                quiet,
+                request_id: request_id.clone(),
+                peer: request.extensions().get::<PeerInfo>().cloned(),
+                unknown_path: method.is_unknown().then(|| path.into()),
+                caller: None,
+            }),
+        });
+        let received = count.then(|| {
+            method.started();
+            method.msg_received.clone()
+        });
+        let request = request.map(|body| CountedBody::new(body, received));
+        ObserveFuture {
+            inner: span.in_scope(|| self.inner.call(request)),
+            span,
+            request_id: Some(request_id),
+            record,
+        }
+    }
+}
+
+/// What is known about a call until it ends; its end is counted and logged when this is dropped.
+struct CallRecord {
+    method: Arc<MethodMetrics>,
+    count: bool,
+    started: Instant,
+    /// The final status code, once seen.
+    code: Option<u8>,
+    /// The response body reached its end (with or without a status).
+    ended: bool,
+    /// `None` when the access log is switched off.
+    log: Option<AccessLog>,
+}
+
+/// The fields only the access log needs.
+struct AccessLog {
+    quiet: bool,
+    request_id: HeaderValue,
+    peer: Option<PeerInfo>,
+    /// The path as the client sent it, for a method no service has.
+    unknown_path: Option<Box<str>>,
+    /// Who the auth layer admitted the call as.
+    caller: Option<Caller>,
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        let code = match (self.code, self.ended) {
+            (Some(code), _) => code,
+            (None, true) => UNKNOWN,
+            (None, false) => CANCELED,
+        };
+        let took = self.started.elapsed();
+        if self.count {
+            self.method.handled(usize::from(code), took);
+        }
+        let Some(log) = &self.log else {
+            return;
+        };
+        macro_rules! access {
+            ($level:expr) => {
+                tracing::event!(
+                    target: ACCESS_TARGET,
+                    $level,
+                    method = log.unknown_path.as_deref().unwrap_or(self.method.path()),
+                    peer = log.peer.as_ref().map(|p| tracing::field::display(p.remote_addr)),
+                    identity = %Identity { caller: log.caller.as_ref(), peer: log.peer.as_ref() },
+                    code = CODE_NAMES[usize::from(code)],
+                    duration_ms = took.as_micros() as f64 / 1000.0,
+                    request_id = log.request_id.to_str().unwrap_or_default(),
+                    "call finished"
+                )
+            };
+        }
+        if log.quiet {
+            access!(Level::DEBUG);
+        } else {
+            access!(Level::INFO);
+        }
+    }
+}
+
+/// Who made the call, for the log: `token:NAME`, `cert:SUBJECT` or `anonymous`. A verified
+/// client certificate names the caller even when auth is off or refused the call.
+struct Identity<'a> {
+    caller: Option<&'a Caller>,
+    peer: Option<&'a PeerInfo>,
+}
+
+impl fmt::Display for Identity<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.caller {
+            Some(Caller::Token(name)) => write!(f, "token:{name}"),
+            Some(Caller::ClientCert(subject)) => write!(f, "cert:{subject}"),
+            Some(Caller::Anonymous) | None => {
+                match self.peer.and_then(|p| p.client_cert.as_deref()) {
+                    Some(cert) => write!(f, "cert:{}", cert.subject),
+                    None => f.write_str("anonymous"),
+                }
+            }
+        }
+    }
+}
+
+/// The `grpc-status` of a header block; out-of-range or malformed values are Unknown.
+fn status_code(headers: &HeaderMap) -> Option<u8> {
+    // A ready-made name: looking up by `&str` would parse and validate it on every call.
+    const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+    let value = headers.get(GRPC_STATUS)?.as_bytes();
+    let code = match value {
+        [d] if d.is_ascii_digit() => d - b'0',
+        [a, b] if a.is_ascii_digit() && b.is_ascii_digit() => (a - b'0') * 10 + (b - b'0'),
+        _ => UNKNOWN,
+    };
+    Some(if usize::from(code) < CODE_NAMES.len() {
+        code
+    } else {
+        UNKNOWN
+    })
+}
+
+pin_project! {
+    pub struct ObserveFuture<F> {
+        #[pin]
+        inner: F,
+        span: Span,
+        request_id: Option<HeaderValue>,
+        record: Option<CallRecord>,
+    }
+}
+
+impl<F, B, E> Future for ObserveFuture<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+    B: Body,
+{
+    type Output = Result<http::Response<ObserveBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let inner = this.inner;
+        let result = std::task::ready!(this.span.in_scope(|| inner.poll(cx)));
+        let mut record = this.record.take();
+        let request_id = this.request_id.take().expect("polled after completion");
+        let mut response = match result {
+            Ok(response) => response,
+            Err(e) => {
+                if let Some(record) = &mut record {
+                    record.code = Some(INTERNAL);
+                }
+                return Poll::Ready(Err(e));
+            }
+        };
+        if let Some(record) = &mut record {
+            record.code = status_code(response.headers());
+            if let Some(log) = &mut record.log {
+                log.caller = response.extensions_mut().remove::<Caller>();
+            }
+        }
+        response
+            .headers_mut()
+            .insert(request_id::HEADER, request_id);
+        let span = std::mem::replace(this.span, Span::none());
+        Poll::Ready(Ok(response.map(|inner| ObserveBody {
+            finished: inner.is_end_stream(),
+            inner: Some(inner),
+            span,
+            messages: MessageCounter::default(),
+            record,
+        })))
+    }
+}
+
+/// The response body: counts the messages sent, reads the final status from the trailers, and
+/// finishes the call's record when dropped.
+pub struct ObserveBody<B> {
+    /// `None` once dropped (see `Drop`).
+    inner: Option<B>,
+    /// The body has ended (or never had anything to send).
+    finished: bool,
+    span: Span,
+    messages: MessageCounter,
+    record: Option<CallRecord>,
+}
+
+impl<B> Body for ObserveBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let Some(inner) = &mut this.inner else {
+            return Poll::Ready(None);
+        };
+        let frame = std::task::ready!(this.span.in_scope(|| Pin::new(inner).poll_frame(cx)));
+        this.finished |= frame
+            .as_ref()
+            .is_none_or(|f| f.as_ref().is_ok_and(Frame::is_trailers));
+        if let Some(record) = &mut this.record {
+            match &frame {
+                Some(Ok(frame)) => match frame.trailers_ref() {
+                    Some(trailers) => {
+                        record.code = status_code(trailers).or(record.code);
+                        record.ended = true;
+                    }
+                    None if record.count => this.messages.count(frame, &record.method.msg_sent),
+                    None => {}
+                },
+                Some(Err(_)) => record.code = Some(INTERNAL),
+                None => record.ended = true,
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+impl<B> Drop for ObserveBody<B> {
+    /// Drops an unfinished inner body inside the call's span, so what it logs on the way out (a
+    /// cancellation) carries the request id; the record is finished after, outside the span.
+    fn drop(&mut self) {
+        if !self.finished {
+            let _entered = self.span.enter();
+            self.inner = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(status: &'static str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("grpc-status", HeaderValue::from_static(status));
+        headers
+    }
+
+    #[test]
+    fn status_codes_parse_and_clamp() {
+        assert_eq!(status_code(&HeaderMap::new()), None);
+        assert_eq!(status_code(&headers("0")), Some(0));
+        assert_eq!(status_code(&headers("16")), Some(16));
+        for bad in ["17", "99", "-1", "x", "", "123"] {
+            assert_eq!(status_code(&headers(bad)), Some(UNKNOWN), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn identity_prefers_the_admitted_caller_then_the_certificate() {
+        let cert = PeerInfo {
+            remote_addr: "127.0.0.1:1".parse().unwrap(),
+            client_cert: Some(Arc::new(crate::tls::ClientIdentity {
+                subject: "CN=client".into(),
+                sans: vec![],
+            })),
+        };
+        let token = Caller::Token("ci".into());
+        let show = |caller, peer| Identity { caller, peer }.to_string();
+        assert_eq!(show(Some(&token), Some(&cert)), "token:ci");
+        assert_eq!(
+            show(Some(&Caller::Anonymous), Some(&cert)),
+            "cert:CN=client"
+        );
+        assert_eq!(show(None, None), "anonymous");
+    }
+}
