@@ -97,7 +97,6 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let started = Instant::now();
         let path = request.uri().path();
         let method = self.layer.metrics.method(path);
         let count = self.layer.count;
@@ -118,7 +117,7 @@ where
         let record = (count || log).then(|| CallRecord {
             method: Arc::clone(method),
             count,
-            started,
+            started: Instant::now(),
             code: None,
             ended: false,
             log: log.then(|| AccessLog {
