@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod connection;
 pub mod deadline;
+pub mod health;
 pub mod limit;
 pub mod listener;
 pub mod logging;

@@ -18,11 +18,7 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{codegen::http, service::Routes};
-use tonic_health::{
-    ServingStatus,
-    pb::health_server::HealthServer,
-    server::{HealthReporter, HealthService},
-};
+use tonic_health::pb::health_check_response::ServingStatus;
 use tower::ServiceBuilder;
 use tracing::{info, warn};
 
@@ -32,6 +28,7 @@ use crate::{
     config::{AuthMode, Config},
     connection,
     deadline::DeadlinePolicy,
+    health::Health,
     limit::{Activity, LimitLayer, ShedCount},
     listener::{self, Connection, OnConnection, TlsAccept},
     methods::Catalog,
@@ -42,6 +39,9 @@ use crate::{
     service::Greeter,
     tls::{self, CertSummary, Reloadable, TlsError},
 };
+
+/// Connections the probe listener accepts at once: probes connect, ask, and leave.
+const PROBE_MAX_CONNECTIONS: usize = 64;
 
 /// The service name health reports for the Greeter, as gRPC's health protocol spells it.
 pub const GREETER_SERVICE: &str = "helloworld.Greeter";
@@ -106,7 +106,7 @@ pub struct Server {
     listener: TcpListener,
     probe_listener: Option<TcpListener>,
     metrics_listener: Option<TcpListener>,
-    health: HealthReporter,
+    health: Health,
     stats: Arc<Stats>,
 }
 
@@ -125,8 +125,7 @@ impl Server {
             Some(addr) => Some(bind(addr, "metrics.listen").await?),
             None => None,
         };
-        let health = HealthReporter::new();
-        set_all(&health, ServingStatus::NotServing).await;
+        let health = Health::new(["", GREETER_SERVICE]);
         Ok(Self {
             config,
             credentials,
@@ -159,7 +158,7 @@ impl Server {
     }
 
     /// A handle on the health state, e.g. to take the service out of rotation.
-    pub fn health(&self) -> HealthReporter {
+    pub fn health(&self) -> Health {
         self.health.clone()
     }
 
@@ -189,7 +188,8 @@ impl Server {
 
         let limits = &config.limits;
         let health_service = || {
-            HealthServer::new(HealthService::from_health_reporter(health.clone()))
+            health
+                .service()
                 .max_decoding_message_size(limits.max_recv_message_bytes)
                 .max_encoding_message_size(limits.max_send_message_bytes)
         };
@@ -200,6 +200,8 @@ impl Server {
             tonic_health::pb::FILE_DESCRIPTOR_SET,
             tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
             tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            // google.rpc.Status and BadRequest, so clients can decode error details by reflection.
+            tonic_types::pb::FILE_DESCRIPTOR_SET,
         ];
 
         // Every series exists from here on, at zero; the layers and tasks get handles on them.
@@ -271,17 +273,18 @@ impl Server {
             ),
         ));
         if let Some(probe_listener) = probe_listener {
-            // Plaintext, health only, the same health state; never behind auth.
+            // Plaintext, health only, the same health state; never behind auth. Its own connection
+            // budget: a server full of clients must still answer the kubelet's probes.
             stack.connections.spawn(listener::accept(
                 probe_listener,
                 None,
-                connection_permits,
+                Arc::new(Semaphore::new(PROBE_MAX_CONNECTIONS)),
                 draining.clone(),
                 stack.on_connection(probe_routes, AuthLayer::new(None, auth_failures)),
             ));
         }
 
-        set_all(&health, ServingStatus::Serving).await;
+        health.set_all(ServingStatus::Serving);
         info!(
             listen = %local_addr,
             probe = ?probe_addr,
@@ -297,7 +300,7 @@ impl Server {
         }
 
         shutdown.await;
-        set_all(&health, ServingStatus::NotServing).await;
+        health.set_all(ServingStatus::NotServing);
         let delay = config.shutdown.delay;
         info!(?delay, "shutting down: health NOT_SERVING");
         tokio::time::sleep(delay).await;
@@ -519,10 +522,4 @@ fn local_addr(listener: &TcpListener) -> SocketAddr {
     listener
         .local_addr()
         .expect("a bound TCP listener has a local address")
-}
-
-async fn set_all(health: &HealthReporter, status: ServingStatus) {
-    for service in ["", GREETER_SERVICE] {
-        health.set_service_status(service, status).await;
-    }
 }

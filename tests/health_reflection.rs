@@ -121,3 +121,49 @@ async fn reflection_v1alpha_lists_everything_served() {
     names.sort_unstable();
     assert_eq!(names, EXPECTED_SERVICES);
 }
+
+#[tokio::test]
+async fn watch_of_an_unknown_service_streams_service_unknown_and_stays_open() {
+    let server = TestServer::start().await;
+    let mut health = HealthClient::new(server.channel().await);
+    let mut updates = health
+        .watch(check("no.such.Service"))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = updates.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::ServiceUnknown);
+    let more = tokio::time::timeout(Duration::from_millis(200), updates.message()).await;
+    assert!(
+        more.is_err(),
+        "the stream stays open, as the health protocol requires"
+    );
+}
+
+#[tokio::test]
+async fn reflection_describes_the_error_details_clients_decode() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let server = TestServer::start().await;
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(
+            "google.rpc.BadRequest".into(),
+        )),
+    };
+    let mut responses = ServerReflectionClient::new(server.channel().await)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            response.message_response,
+            Some(MessageResponse::FileDescriptorResponse(_))
+        ),
+        "{response:?}"
+    );
+}

@@ -40,7 +40,7 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub probe_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
-    pub health: tonic_health::server::HealthReporter,
+    pub health: greeter::health::Health,
     pub stats: std::sync::Arc<greeter::server::Stats>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServerError>>>,
