@@ -644,14 +644,16 @@ async fn the_binary_logs_one_json_access_line_per_call_with_its_request_id() {
     assert_eq!(ok["message"], "call finished");
     assert_eq!(ok["method"], "/helloworld.Greeter/SayHello");
     assert_eq!(ok["code"], "OK");
-    assert_eq!(ok["identity"], "token:ci");
+    assert_eq!(ok["auth"], "token");
+    assert_eq!(ok["identity"], "ci");
     let peer: SocketAddr = ok["peer"].as_str().unwrap().parse().unwrap();
     assert!(peer.ip().is_loopback());
     assert!(ok["duration_ms"].as_f64().unwrap() >= 0.0);
 
     let refused = by_id[refused_id.as_str()];
     assert_eq!(refused["code"], "Unauthenticated");
-    assert_eq!(refused["identity"], "anonymous");
+    assert_eq!(refused["auth"], "none");
+    assert!(refused.get("identity").is_none(), "{refused}");
 
     let late = by_id[late_id.as_str()];
     assert_eq!(late["method"], "/helloworld.Greeter/SayHelloStreamReply");

@@ -10,7 +10,10 @@
 //! that was most of what a call's observability cost (benches/observability.rs). Here span fields
 //! are kept as a ready JSON fragment and copied, and values are escaped as they are written.
 
-use std::fmt::{self, Write as _};
+use std::{
+    cell::RefCell,
+    fmt::{self, Write as _},
+};
 
 use tracing::{
     Event, Subscriber,
@@ -43,59 +46,94 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        // Events forwarded from the `log` crate carry their real target and level as fields.
-        let normalized = event.normalized_metadata();
-        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
-
-        writer.write_str("{\"timestamp\":\"")?;
-        write_timestamp(&mut writer, std::time::SystemTime::now())?;
-        writer.write_str("\",\"level\":\"")?;
-        writer.write_str(meta.level().as_str())?;
-        writer.write_char('"')?;
-        let mut fields = Members::new(&mut writer, true);
-        event.record(&mut fields);
-        fields.result?;
-        writer.write_str(",\"target\":")?;
-        write_string(&mut writer, meta.target())?;
-
-        let current = event
-            .parent()
-            .and_then(|id| ctx.span(id))
-            .or_else(|| ctx.lookup_current());
-        if let Some(current) = current {
-            writer.write_str(",\"span\":")?;
-            write_span(&mut writer, &current)?;
-            writer.write_str(",\"spans\":[")?;
-            for (i, span) in current.scope().from_root().enumerate() {
-                if i > 0 {
-                    writer.write_char(',')?;
-                }
-                write_span(&mut writer, &span)?;
-            }
-            writer.write_char(']')?;
+        thread_local! {
+            static LINE: RefCell<String> = RefCell::new(String::with_capacity(512));
         }
-        writer.write_str("}\n")
+        // The line is built in a buffer of our own and handed over whole: each write to
+        // `writer` is a dynamic call, and a line is made of dozens of pieces.
+        LINE.with(|line| match line.try_borrow_mut() {
+            Ok(mut line) => {
+                line.clear();
+                write_line(ctx, event, &mut line)?;
+                let written = writer.write_str(&line);
+                // One huge line must not pin its size in every thread for good.
+                if line.capacity() > 64 * 1024 {
+                    *line = String::with_capacity(512);
+                }
+                written
+            }
+            // A value's `Debug` that logs, formatted while this thread formats a line.
+            Err(_) => {
+                let mut line = String::new();
+                write_line(ctx, event, &mut line)?;
+                writer.write_str(&line)
+            }
+        })
     }
 }
 
+fn write_line<S>(
+    ctx: &FmtContext<'_, S, JsonSpanFields>,
+    event: &Event<'_>,
+    line: &mut String,
+) -> fmt::Result
+where
+    S: Subscriber + for<'span> LookupSpan<'span>,
+{
+    // Events forwarded from the `log` crate carry their real target and level as fields.
+    let normalized = event.normalized_metadata();
+    let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
+
+    line.push_str("{\"timestamp\":\"");
+    write_timestamp(line, std::time::SystemTime::now())?;
+    line.push_str("\",\"level\":\"");
+    line.push_str(meta.level().as_str());
+    line.push('"');
+    let mut fields = Members::new(line, true);
+    event.record(&mut fields);
+    fields.result?;
+    line.push_str(",\"target\":");
+    write_string(line, meta.target())?;
+
+    let current = event
+        .parent()
+        .and_then(|id| ctx.span(id))
+        .or_else(|| ctx.lookup_current());
+    if let Some(current) = current {
+        line.push_str(",\"span\":");
+        write_span(line, &current)?;
+        line.push_str(",\"spans\":[");
+        for (i, span) in current.scope().from_root().enumerate() {
+            if i > 0 {
+                line.push(',');
+            }
+            write_span(line, &span)?;
+        }
+        line.push(']');
+    }
+    line.push_str("}\n");
+    Ok(())
+}
+
 fn write_span<S>(
-    writer: &mut Writer<'_>,
+    line: &mut String,
     span: &tracing_subscriber::registry::SpanRef<'_, S>,
 ) -> fmt::Result
 where
     S: for<'span> LookupSpan<'span>,
 {
-    writer.write_char('{')?;
+    line.push('{');
     let extensions = span.extensions();
     if let Some(fields) = extensions.get::<FormattedFields<JsonSpanFields>>()
         && !fields.is_empty()
     {
-        writer.write_str(fields)?;
-        writer.write_char(',')?;
+        line.push_str(fields);
+        line.push(',');
     }
-    writer.write_str("\"name\":")?;
-    write_string(writer, span.name())?;
-    writer.write_char('}')
+    line.push_str("\"name\":");
+    write_string(line, span.name())?;
+    line.push('}');
+    Ok(())
 }
 
 impl<'writer> FormatFields<'writer> for JsonSpanFields {
@@ -124,15 +162,15 @@ impl<'writer> FormatFields<'writer> for JsonSpanFields {
 }
 
 /// Writes each field as a `"name":value` member, comma-separated.
-struct Members<'a, 'w> {
-    writer: &'a mut Writer<'w>,
+struct Members<'a, W> {
+    writer: &'a mut W,
     /// Whether a member precedes the next one.
     after_others: bool,
     result: fmt::Result,
 }
 
-impl<'a, 'w> Members<'a, 'w> {
-    fn new(writer: &'a mut Writer<'w>, after_others: bool) -> Self {
+impl<'a, W: fmt::Write> Members<'a, W> {
+    fn new(writer: &'a mut W, after_others: bool) -> Self {
         Self {
             writer,
             after_others,
@@ -140,7 +178,7 @@ impl<'a, 'w> Members<'a, 'w> {
         }
     }
 
-    fn member(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'w>) -> fmt::Result) {
+    fn member(&mut self, field: &Field, value: impl FnOnce(&mut W) -> fmt::Result) {
         if self.result.is_err() {
             return;
         }
@@ -155,7 +193,7 @@ impl<'a, 'w> Members<'a, 'w> {
     }
 }
 
-impl Visit for Members<'_, '_> {
+impl<W: fmt::Write> Visit for Members<'_, W> {
     fn record_str(&mut self, field: &Field, value: &str) {
         self.member(field, |w| write_string(w, value));
     }
@@ -172,11 +210,14 @@ impl Visit for Members<'_, '_> {
         });
     }
 
+    // Numbers as serde_json writes them, with the same crates (itoa, zmij): several times
+    // faster than `fmt`, whose machinery dominates the cost of a short line.
+
     fn record_f64(&mut self, field: &Field, value: f64) {
         // JSON has no NaN or infinity; serde_json writes them as null too.
         self.member(field, |w| {
             if value.is_finite() {
-                write_formatted(w, format_args!("{value}"))
+                w.write_str(zmij::Buffer::new().format_finite(value))
             } else {
                 w.write_str("null")
             }
@@ -184,19 +225,19 @@ impl Visit for Members<'_, '_> {
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.member(field, |w| write_formatted(w, format_args!("{value}")));
+        self.member(field, |w| w.write_str(itoa::Buffer::new().format(value)));
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.member(field, |w| write_formatted(w, format_args!("{value}")));
+        self.member(field, |w| w.write_str(itoa::Buffer::new().format(value)));
     }
 
     fn record_i128(&mut self, field: &Field, value: i128) {
-        self.member(field, |w| write_formatted(w, format_args!("{value}")));
+        self.member(field, |w| w.write_str(itoa::Buffer::new().format(value)));
     }
 
     fn record_u128(&mut self, field: &Field, value: u128) {
-        self.member(field, |w| write_formatted(w, format_args!("{value}")));
+        self.member(field, |w| w.write_str(itoa::Buffer::new().format(value)));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
@@ -216,19 +257,9 @@ fn write_formatted_string(writer: &mut impl fmt::Write, text: fmt::Arguments<'_>
     }
 }
 
-/// Formatted text as it is (a number).
-fn write_formatted(writer: &mut impl fmt::Write, text: fmt::Arguments<'_>) -> fmt::Result {
-    let mut staged = Staged::default();
-    if staged.write_fmt(text).is_ok() {
-        writer.write_str(staged.as_str())
-    } else {
-        writer.write_fmt(text)
-    }
-}
-
-/// Collects a formatted value on the stack: `fmt` writes a value in many small pieces (an
-/// address is seven), and each write to the line buffer costs a dynamic call and an escape scan.
-/// A value longer than this is formatted again, straight to the line.
+/// Collects a formatted value on the stack: `fmt` writes a value in many small pieces, and each
+/// write to the line buffer costs a dynamic call and an escape scan. A value longer than this is
+/// formatted again, straight to the line.
 struct Staged {
     bytes: [u8; 256],
     len: usize,

@@ -2,8 +2,8 @@
 //!
 //! What operators get, besides the server's own events:
 //! - one line per finished call under the target [`crate::observe::ACCESS_TARGET`]
-//!   (`greeter::access`), at INFO (health checks at DEBUG): method, peer, identity, code,
-//!   duration_ms, request_id. Switch it off with `greeter::access=off` in `log.filter` or
+//!   (`greeter::access`), at INFO (health checks at DEBUG): method, peer, auth (`token`,
+//!   `client_cert`, `none`) and identity, code, duration_ms, request_id. Switch it off with `greeter::access=off` in `log.filter` or
 //!   `RUST_LOG`;
 //! - with `greeter::request=debug`, the call's `grpc` span on every line logged while a call runs,
 //!   holding its `request_id` (in JSON: `"span": {"request_id": ..., "name": "grpc"}`); off at
