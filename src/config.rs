@@ -38,6 +38,7 @@ pub struct Config {
     pub deadline: DeadlineConfig,
     pub limits: LimitsConfig,
     pub connection: ConnectionConfig,
+    pub compression: CompressionConfig,
     pub greeter: GreeterConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
@@ -178,6 +179,33 @@ pub struct ConnectionConfig {
     pub max_age: Duration,
     #[serde(with = "humantime_serde")]
     pub max_age_grace: Duration,
+}
+
+/// Message compression the Greeter accepts from clients and uses for its replies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompressionConfig {
+    /// Encodings a client may compress requests with.
+    pub accept: Vec<Encoding>,
+    /// Encodings replies are compressed with, when the client accepts one of them.
+    pub send: Vec<Encoding>,
+}
+
+/// A gRPC message encoding (`grpc-encoding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    Gzip,
+    Zstd,
+}
+
+impl From<Encoding> for tonic::codec::CompressionEncoding {
+    fn from(encoding: Encoding) -> Self {
+        match encoding {
+            Encoding::Gzip => Self::Gzip,
+            Encoding::Zstd => Self::Zstd,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use crate::{
     auth::{AuthLayer, Authenticator, TokenStore, TokensError},
     call::{CallLayer, CallStats},
-    config::{AuthMode, Config},
+    config::{AuthMode, CompressionConfig, Config},
     connection,
     deadline::DeadlinePolicy,
     health::Health,
@@ -224,9 +224,12 @@ impl Server {
                 |builder, set| builder.register_encoded_file_descriptor_set(set),
             )
         };
-        let greeter = GreeterServer::new(Greeter::new(config.greeter.clone()))
-            .max_decoding_message_size(limits.max_recv_message_bytes)
-            .max_encoding_message_size(limits.max_send_message_bytes);
+        let greeter = compressed(
+            GreeterServer::new(Greeter::new(config.greeter.clone()))
+                .max_decoding_message_size(limits.max_recv_message_bytes)
+                .max_encoding_message_size(limits.max_send_message_bytes),
+            &config.compression,
+        );
         let routes = Routes::new(greeter)
             .add_service(health_service())
             .add_service(reflection().build_v1()?)
@@ -522,4 +525,18 @@ fn local_addr(listener: &TcpListener) -> SocketAddr {
     listener
         .local_addr()
         .expect("a bound TCP listener has a local address")
+}
+
+/// The Greeter with the configured request and reply encodings.
+fn compressed(
+    mut greeter: GreeterServer<Greeter>,
+    compression: &CompressionConfig,
+) -> GreeterServer<Greeter> {
+    for &encoding in &compression.accept {
+        greeter = greeter.accept_compressed(encoding.into());
+    }
+    for &encoding in &compression.send {
+        greeter = greeter.send_compressed(encoding.into());
+    }
+    greeter
 }

@@ -240,3 +240,41 @@ async fn stream_reply_ends_as_soon_as_the_last_greeting_is_sent() {
         last.elapsed()
     );
 }
+
+#[tokio::test]
+async fn compressed_requests_and_replies_when_configured() {
+    use tonic::codec::CompressionEncoding;
+    let mut config = common::config_with(vec![]);
+    config.compression.send = vec![greeter::config::Encoding::Zstd];
+    let server = TestServer::start_with(config).await;
+    for encoding in [CompressionEncoding::Gzip, CompressionEncoding::Zstd] {
+        let mut client = GreeterClient::new(server.channel().await)
+            .send_compressed(encoding)
+            .accept_compressed(CompressionEncoding::Zstd);
+        let reply = client.say_hello(hello(&"x".repeat(500))).await.unwrap();
+        let used = reply
+            .metadata()
+            .get("grpc-encoding")
+            .map(|v| v.to_str().unwrap());
+        assert_eq!(used, Some("zstd"), "{encoding:?}");
+        assert!(reply.into_inner().message.starts_with("Hello, xxx"));
+    }
+
+    // A client that does not accept zstd gets plain replies.
+    let reply = GreeterClient::new(server.channel().await)
+        .say_hello(hello("plain"))
+        .await
+        .unwrap();
+    assert!(reply.metadata().get("grpc-encoding").is_none());
+}
+
+#[tokio::test]
+async fn an_encoding_not_accepted_is_unimplemented() {
+    let mut config = common::config_with(vec![]);
+    config.compression.accept = vec![greeter::config::Encoding::Gzip];
+    let server = TestServer::start_with(config).await;
+    let mut client = GreeterClient::new(server.channel().await)
+        .send_compressed(tonic::codec::CompressionEncoding::Zstd);
+    let status = client.say_hello(hello("x")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+}
