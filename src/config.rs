@@ -632,6 +632,9 @@ fn env_source(vars: &[(String, String)]) -> Environment {
         .try_parsing(true)
         .list_separator(",")
         .with_list_parse_key("greeter.stream_greetings")
+        .with_list_parse_key("compression.accept")
+        .with_list_parse_key("compression.send")
+        .with_list_parse_key("auth.client_cert_scopes")
         .source(Some(vars.iter().cloned().collect()))
 }
 
