@@ -234,11 +234,28 @@ pub async fn run(target: &ClientArgs, plan: &Plan) -> Result<Report, ClientError
     })
 }
 
+/// Waits until `slot`. tokio's timer rounds every deadline up to the next millisecond tick, and
+/// `sleep_until(now)` waits for that tick too: sleeping before each call would add up to 1 ms to
+/// every call (closed loop) or to every measured latency (open loop). So: no wait for a slot that
+/// is due, a timer sleep to within a tick of a later one, then yields until it.
+async fn wait_for(slot: Instant) {
+    const TICK: Duration = Duration::from_millis(1);
+    if slot <= Instant::now() {
+        return;
+    }
+    if slot.saturating_duration_since(Instant::now()) > TICK {
+        tokio::time::sleep_until(slot - TICK).await;
+    }
+    while Instant::now() < slot {
+        tokio::task::yield_now().await;
+    }
+}
+
 async fn unary_worker(session: &Session, schedule: &Schedule, name: String) -> Tally {
     let mut tally = Tally::new();
     let mut client = GreeterClient::new(session.channel());
     while let Some(slot) = schedule.next_slot() {
-        tokio::time::sleep_until(slot).await;
+        wait_for(slot).await;
         let request = session.request(HelloRequest { name: name.clone() }, None);
         let code = match client.say_hello(request).await {
             Ok(_) => Code::Ok,
@@ -257,6 +274,15 @@ async fn bidi_worker(session: &Session, schedule: &Schedule, name: String) -> Ta
     let mut tally = Tally::new();
     let mut client = GreeterClient::new(session.channel());
     let (tx, rx) = mpsc::channel(1);
+    // The first request is queued before the call starts: grpc-go and grpcio send the response
+    // headers only with the first reply, so awaiting them before sending anything deadlocks.
+    let Some(mut slot) = schedule.next_slot() else {
+        return tally;
+    };
+    wait_for(slot).await;
+    if tx.send(HelloRequest { name: name.clone() }).await.is_err() {
+        return tally;
+    }
     let request = session.request(tokio_stream::wrappers::ReceiverStream::new(rx), None);
     let mut replies = match client.say_hello_bidi_stream(request).await {
         Ok(response) => response.into_inner(),
@@ -265,11 +291,7 @@ async fn bidi_worker(session: &Session, schedule: &Schedule, name: String) -> Ta
             return tally;
         }
     };
-    while let Some(slot) = schedule.next_slot() {
-        tokio::time::sleep_until(slot).await;
-        if tx.send(HelloRequest { name: name.clone() }).await.is_err() {
-            break;
-        }
+    loop {
         let (code, ended) = match replies.message().await {
             Ok(Some(_)) => (Code::Ok, false),
             Ok(None) => (Code::Unknown, true),
@@ -280,6 +302,14 @@ async fn bidi_worker(session: &Session, schedule: &Schedule, name: String) -> Ta
             tally.record(Instant::now() - slot, code);
         }
         if ended {
+            break;
+        }
+        let Some(next) = schedule.next_slot() else {
+            break;
+        };
+        slot = next;
+        wait_for(slot).await;
+        if tx.send(HelloRequest { name: name.clone() }).await.is_err() {
             break;
         }
     }
