@@ -45,9 +45,24 @@ impl Failure {
     }
 }
 
+// mimalloc: fewer instructions per allocation than glibc's malloc on the per-call path (h2
+// frames, header maps, boxed futures), and far fewer than musl's, which the static image uses
+// (BENCHMARKS.md). Built with `no_thp`: with transparent huge pages its idle RSS doubled.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One CPU (a pod with a 1-CPU limit, or a pinned benchmark): the multi-threaded scheduler's
+    // single worker pays for work stealing, the injection queue and cross-thread wake-ups with
+    // nothing to steal from; the current-thread scheduler serves the same work with less.
+    let one_cpu = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
+    let mut builder = if one_cpu {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = builder
         .enable_all()
         .build()
         .expect("building the tokio runtime");
