@@ -323,7 +323,13 @@ impl Config {
                 ));
             }
             let layer = embedded_builder().add_source(file_source(file));
-            build(layer, &file.display().to_string())?;
+            let shown = file.display().to_string();
+            // Name the file as the operator wrote it: the config crate reports paths relative to
+            // the working directory, which reads like a different file.
+            build(layer, &shown).map_err(|error| ConfigError {
+                origin: shown,
+                ..error
+            })?;
         }
         let env = env_source(&sources.env);
         build(
