@@ -31,6 +31,57 @@ impl MethodKind {
     }
 }
 
+/// One method of a served service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Method {
+    /// Fully qualified service name, `package.Service`.
+    pub service: String,
+    pub method: String,
+    pub kind: MethodKind,
+}
+
+impl Method {
+    /// The HTTP/2 path of its calls: `/package.Service/Method`.
+    pub fn path(&self) -> String {
+        format!("/{}/{}", self.service, self.method)
+    }
+}
+
+/// Every method of every service in encoded `FileDescriptorSet`s.
+///
+/// # Panics
+/// If a set does not decode: they are compiled in, so that is a build defect.
+pub fn served_methods(sets: &[&[u8]]) -> Vec<Method> {
+    let mut methods = Vec::new();
+    for encoded in sets {
+        let set = FileDescriptorSet::decode(*encoded).expect("embedded descriptor set decodes");
+        for file in set.file {
+            let package = file.package();
+            for service in &file.service {
+                let service_name = if package.is_empty() {
+                    service.name().to_owned()
+                } else {
+                    format!("{package}.{}", service.name())
+                };
+                for method in &service.method {
+                    let kind = match (method.client_streaming(), method.server_streaming()) {
+                        (false, false) => MethodKind::Unary,
+                        (true, false) => MethodKind::ClientStream,
+                        (false, true) => MethodKind::ServerStream,
+                        (true, true) => MethodKind::BidiStream,
+                    };
+                    methods.push(Method {
+                        service: service_name.clone(),
+                        method: method.name().to_owned(),
+                        kind,
+                    });
+                }
+            }
+        }
+    }
+    methods
+}
+
 /// `/package.Service/Method` -> kind, for every method of the given descriptor sets.
 #[derive(Debug, Clone, Default)]
 pub struct Catalog(HashMap<String, MethodKind>);
@@ -42,30 +93,12 @@ impl Catalog {
     /// # Panics
     /// If a set does not decode: they are compiled in, so that is a build defect.
     pub fn from_encoded_sets(sets: &[&[u8]]) -> Self {
-        let mut methods = HashMap::new();
-        for encoded in sets {
-            let set = FileDescriptorSet::decode(*encoded).expect("embedded descriptor set decodes");
-            for file in set.file {
-                let package = file.package();
-                for service in &file.service {
-                    for method in &service.method {
-                        let kind = match (method.client_streaming(), method.server_streaming()) {
-                            (false, false) => MethodKind::Unary,
-                            (true, false) => MethodKind::ClientStream,
-                            (false, true) => MethodKind::ServerStream,
-                            (true, true) => MethodKind::BidiStream,
-                        };
-                        let path = if package.is_empty() {
-                            format!("/{}/{}", service.name(), method.name())
-                        } else {
-                            format!("/{package}.{}/{}", service.name(), method.name())
-                        };
-                        methods.insert(path, kind);
-                    }
-                }
-            }
-        }
-        Self(methods)
+        Self(
+            served_methods(sets)
+                .into_iter()
+                .map(|m| (m.path(), m.kind))
+                .collect(),
+        )
     }
 
     /// The kind of a method; `None` for a path no served service has.

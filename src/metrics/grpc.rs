@@ -14,10 +14,8 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use prost::Message as _;
-use prost_types::FileDescriptorSet;
 
-use crate::methods::MethodKind;
+use crate::methods::{Method, served_methods};
 
 /// gRPC status codes as go-grpc-prometheus labels them (`codes.Code.String()` in grpc-go), indexed
 /// by code number. Note grpc-go's spelling `Canceled`.
@@ -209,7 +207,12 @@ impl GrpcMetrics {
         );
 
         let mut methods = HashMap::new();
-        for (service, method, kind) in served_methods(descriptor_sets) {
+        for Method {
+            service,
+            method,
+            kind,
+        } in served_methods(descriptor_sets)
+        {
             let path = format!("/{service}/{method}").into_boxed_str();
             let labels = MethodLabels {
                 grpc_type: kind.as_str(),
@@ -237,34 +240,6 @@ impl GrpcMetrics {
     pub fn method(&self, path: &str) -> &Arc<MethodMetrics> {
         self.methods.get(path).unwrap_or(&self.unknown)
     }
-}
-
-/// `(fully qualified service, method, kind)` of every method in the sets.
-fn served_methods(sets: &[&[u8]]) -> Vec<(String, String, MethodKind)> {
-    let mut methods = Vec::new();
-    for encoded in sets {
-        let set = FileDescriptorSet::decode(*encoded).expect("embedded descriptor set decodes");
-        for file in set.file {
-            let package = file.package();
-            for service in &file.service {
-                let service_name = if package.is_empty() {
-                    service.name().to_owned()
-                } else {
-                    format!("{package}.{}", service.name())
-                };
-                for method in &service.method {
-                    let kind = match (method.client_streaming(), method.server_streaming()) {
-                        (false, false) => MethodKind::Unary,
-                        (true, false) => MethodKind::ClientStream,
-                        (false, true) => MethodKind::ServerStream,
-                        (true, true) => MethodKind::BidiStream,
-                    };
-                    methods.push((service_name.clone(), method.name().to_owned(), kind));
-                }
-            }
-        }
-    }
-    methods
 }
 
 #[cfg(test)]
