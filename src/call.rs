@@ -25,7 +25,7 @@ use std::{
 use bytes::Bytes;
 use http_body::{Body, Frame};
 use pin_project_lite::pin_project;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Status, codegen::http};
 use tower::{Layer, Service};
@@ -121,10 +121,11 @@ where
             .kind(path)
             .is_some_and(|kind| kind.server_streams());
         let ending = Ending {
-            deadline: budget.map(|b| (Box::pin(tokio::time::sleep(b)), b)),
+            deadline: budget.map(Deadline::new),
             drain: streams.then(|| Box::pin(layer.draining.clone().cancelled_owned())),
             stats: Arc::clone(&layer.stats),
-            path: path.to_owned(),
+            // Shares the request's bytes: no allocation per call.
+            uri: request.uri().clone(),
         };
         CallFuture {
             inner: self.inner.call(request),
@@ -133,26 +134,70 @@ where
     }
 }
 
+/// A call's deadline. The timer is armed only when the call has to wait (a handler or a body
+/// returned `Pending`): most unary calls answer without waiting, and then cost one clock read
+/// instead of a boxed timer registered with (and removed from) the runtime's timer wheel.
+struct Deadline {
+    at: Instant,
+    budget: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Deadline {
+    fn new(budget: Duration) -> Self {
+        Self {
+            at: Instant::now() + budget,
+            budget,
+            timer: None,
+        }
+    }
+
+    /// Whether the deadline has passed; with the timer armed, also registers for its wake-up.
+    fn passed(&mut self, cx: &mut Context<'_>) -> bool {
+        match &mut self.timer {
+            Some(timer) => timer.as_mut().poll(cx).is_ready(),
+            None => Instant::now() >= self.at,
+        }
+    }
+
+    /// Arms the timer (the caller is about to return `Pending`) and reports whether it passed.
+    fn arm(&mut self, cx: &mut Context<'_>) -> bool {
+        let at = self.at;
+        self.timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)))
+            .as_mut()
+            .poll(cx)
+            .is_ready()
+    }
+}
+
 /// What can end a call before its handler does.
 #[derive(Default)]
 struct Ending {
-    deadline: Option<(Pin<Box<Sleep>>, Duration)>,
+    deadline: Option<Deadline>,
     drain: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     stats: Arc<CallStats>,
-    path: String,
+    uri: http::Uri,
 }
 
 impl Ending {
+    fn deadline_exceeded(&mut self) -> Status {
+        let budget = self.deadline.take().map(|d| d.budget).unwrap_or_default();
+        self.stats.deadline_exceeded.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            path = self.uri.path(),
+            ?budget,
+            "deadline exceeded; call ended"
+        );
+        Status::deadline_exceeded(format!("deadline exceeded after {budget:?}"))
+    }
+
     /// The status to end the call with now, if any.
     fn poll_due(&mut self, cx: &mut Context<'_>) -> Option<Status> {
-        if let Some((sleep, budget)) = &mut self.deadline
-            && sleep.as_mut().poll(cx).is_ready()
+        if let Some(deadline) = &mut self.deadline
+            && deadline.passed(cx)
         {
-            self.stats.deadline_exceeded.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(path = %self.path, ?budget, "deadline exceeded; call ended");
-            return Some(Status::deadline_exceeded(format!(
-                "deadline exceeded after {budget:?}"
-            )));
+            return Some(self.deadline_exceeded());
         }
         if let Some(drain) = &mut self.drain
             && drain.as_mut().poll(cx).is_ready()
@@ -196,20 +241,15 @@ where
         }
         let ending = this.ending.as_mut().expect("polled after completion");
         // Only the deadline can end a call that has not answered yet; a drain lets it finish.
-        let Some((sleep, budget)) = &mut ending.deadline else {
+        let Some(deadline) = &mut ending.deadline else {
             return Poll::Pending;
         };
-        std::task::ready!(sleep.as_mut().poll(cx));
-        let budget = *budget;
+        if !deadline.arm(cx) {
+            return Poll::Pending;
+        }
         let mut ending = this.ending.take().expect("checked above");
-        ending
-            .stats
-            .deadline_exceeded
-            .fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(path = %ending.path, ?budget, "deadline exceeded before the handler answered");
-        ending.deadline = None;
+        let status = ending.deadline_exceeded();
         ending.drain = None;
-        let status = Status::deadline_exceeded(format!("deadline exceeded after {budget:?}"));
         Poll::Ready(Ok(status.into_http::<B>().map(|inner| CallBody {
             inner: Some(inner),
             ending,
@@ -249,7 +289,21 @@ where
             this.finished = true;
             return Poll::Ready(Some(Ok(Frame::trailers(trailers(status)))));
         }
-        let mut frame = std::task::ready!(Pin::new(inner).poll_frame(cx));
+        let mut frame = match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                // Waiting: now the deadline needs a timer to wake this body when it passes.
+                if let Some(deadline) = &mut this.ending.deadline
+                    && deadline.arm(cx)
+                {
+                    let status = this.ending.deadline_exceeded();
+                    this.inner = None;
+                    this.finished = true;
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers(status)))));
+                }
+                return Poll::Pending;
+            }
+        };
         match &mut frame {
             None => this.finished = true,
             Some(Ok(f)) if f.is_trailers() => {
@@ -283,7 +337,10 @@ impl<B> Drop for CallBody<B> {
     fn drop(&mut self) {
         if !self.finished {
             self.ending.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(path = %self.ending.path, "call cancelled by the client; handler work dropped");
+            tracing::debug!(
+                path = self.ending.uri.path(),
+                "call cancelled by the client; handler work dropped"
+            );
         }
     }
 }

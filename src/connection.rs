@@ -16,8 +16,11 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
-use tokio::time::{Instant, sleep, sleep_until};
-use tokio_util::sync::CancellationToken;
+use tokio::{
+    sync::mpsc,
+    time::{Instant, sleep, sleep_until},
+};
+use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 use tonic::codegen::http;
 use tower::Service;
 use tracing::debug;
@@ -88,6 +91,49 @@ pub async fn serve<S, B>(
         .serve_connection(TokioIo::new(connection), TowerToHyperService::new(service));
     tokio::pin!(conn);
 
+    // The lifetime rules (drain, age, idle) run in a task of their own and send their verdicts
+    // here: a `select!` over their timers in this task would poll every timer each time the
+    // connection wakes, i.e. on every read and write of every call.
+    let (verdicts, mut verdict) = mpsc::channel(2);
+    let lifetime = AbortOnDropHandle::new(tokio::spawn(lifetime(
+        settings, activity, draining, verdicts, peer,
+    )));
+
+    loop {
+        tokio::select! {
+            biased;
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    debug!(%peer, "connection ended with an error: {e}");
+                }
+                break;
+            }
+            next = verdict.recv() => match next {
+                Some(Verdict::GoAway) => conn.as_mut().graceful_shutdown(),
+                Some(Verdict::Close) | None => break,
+            },
+        }
+    }
+    drop(lifetime);
+}
+
+/// What the lifetime task tells the connection.
+enum Verdict {
+    /// Send GOAWAY and let the open calls finish.
+    GoAway,
+    /// Close now, with calls still open (the age grace passed).
+    Close,
+}
+
+/// Decides when the connection gets GOAWAY (drain, max age, max idle) and when it is closed
+/// outright (age grace passed). Ends when the connection does.
+async fn lifetime(
+    settings: Arc<Settings>,
+    activity: Arc<Activity>,
+    draining: CancellationToken,
+    verdicts: mpsc::Sender<Verdict>,
+    peer: std::net::SocketAddr,
+) {
     let far = Instant::now() + Duration::from_secs(100 * 365 * 86_400);
     let age_limit = settings
         .max_age
@@ -98,37 +144,38 @@ pub async fn serve<S, B>(
     let mut started_at_last_check = activity.started();
 
     loop {
-        tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(e) = result {
-                    debug!(%peer, "connection ended with an error: {e}");
-                }
-                return;
-            }
+        let verdict = tokio::select! {
+            () = verdicts.closed() => return,
             () = draining.cancelled(), if !goaway_sent => {
                 debug!(%peer, "draining: GOAWAY");
-                conn.as_mut().graceful_shutdown();
                 goaway_sent = true;
+                Verdict::GoAway
             }
             () = sleep_until(age_limit), if !goaway_sent => {
                 debug!(%peer, "max connection age: GOAWAY");
-                conn.as_mut().graceful_shutdown();
                 goaway_sent = true;
                 force_close_at = Instant::now() + settings.max_age_grace;
+                Verdict::GoAway
             }
             () = sleep(idle_check), if !goaway_sent && settings.max_idle.is_some() => {
                 let started = activity.started();
-                if activity.in_flight() == 0 && started == started_at_last_check {
-                    debug!(%peer, "max connection idle: GOAWAY");
-                    conn.as_mut().graceful_shutdown();
-                    goaway_sent = true;
-                }
+                let idle = activity.in_flight() == 0 && started == started_at_last_check;
                 started_at_last_check = started;
+                if !idle {
+                    continue;
+                }
+                debug!(%peer, "max connection idle: GOAWAY");
+                goaway_sent = true;
+                Verdict::GoAway
             }
             () = sleep_until(force_close_at) => {
                 debug!(%peer, "max connection age grace passed: closing with calls still open");
-                return;
+                Verdict::Close
             }
+        };
+        let close = matches!(verdict, Verdict::Close);
+        if verdicts.send(verdict).await.is_err() || close {
+            return;
         }
     }
 }

@@ -34,7 +34,10 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 #[derive(Debug, Clone)]
 pub struct DeadlinePolicy {
     all: DeadlineLimits,
+    /// "/pkg.Service/Method" entries.
     methods: BTreeMap<String, DeadlineLimits>,
+    /// "/pkg.Service/*" entries, keyed by "/pkg.Service" so a lookup needs no allocation.
+    services: BTreeMap<String, DeadlineLimits>,
 }
 
 impl DeadlinePolicy {
@@ -44,7 +47,19 @@ impl DeadlinePolicy {
                 default: config.default,
                 max: config.max,
             },
-            methods: config.methods.clone(),
+            methods: config
+                .methods
+                .iter()
+                .filter(|(pattern, _)| !pattern.ends_with("/*"))
+                .map(|(pattern, limits)| (pattern.clone(), limits.clone()))
+                .collect(),
+            services: config
+                .methods
+                .iter()
+                .filter_map(|(pattern, limits)| {
+                    Some((pattern.strip_suffix("/*")?.to_owned(), limits.clone()))
+                })
+                .collect(),
         }
     }
 
@@ -70,7 +85,7 @@ impl DeadlinePolicy {
         }
         path.rfind('/')
             .filter(|&i| i > 0)
-            .and_then(|i| self.methods.get(&format!("{}/*", &path[..i])))
+            .and_then(|i| self.services.get(&path[..i]))
             .unwrap_or(&self.all)
     }
 }

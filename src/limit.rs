@@ -17,7 +17,6 @@ use std::{
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Status, codegen::http};
 use tower::{Layer, Service};
 
@@ -64,25 +63,58 @@ impl ShedCount {
     }
 }
 
-/// One instance per connection: the global semaphore is shared, the connection's is its own.
+/// Calls in progress across the server, against `limits.max_concurrent_calls`. An atomic
+/// counter, not a semaphore: nothing ever waits for a slot (over the limit sheds), and releasing
+/// a tokio semaphore permit takes its waiters' mutex, twice per call with the connection's.
+#[derive(Debug)]
+pub struct CallCount {
+    in_use: AtomicUsize,
+    limit: usize,
+}
+
+impl CallCount {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            in_use: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// Calls in progress now.
+    pub fn in_use(&self) -> usize {
+        self.in_use.load(Ordering::Acquire)
+    }
+
+    fn try_acquire(&self) -> bool {
+        if self.in_use.fetch_add(1, Ordering::AcqRel) < self.limit {
+            true
+        } else {
+            self.in_use.fetch_sub(1, Ordering::AcqRel);
+            false
+        }
+    }
+}
+
+/// One instance per connection: the global count is shared; the connection's count is its
+/// [`Activity::in_flight`].
 #[derive(Debug, Clone)]
 pub struct LimitLayer {
-    global: Arc<Semaphore>,
-    connection: Arc<Semaphore>,
+    global: Arc<CallCount>,
+    per_connection: usize,
     activity: Arc<Activity>,
     shed: Arc<ShedCount>,
 }
 
 impl LimitLayer {
     pub fn new(
-        global: Arc<Semaphore>,
+        global: Arc<CallCount>,
         per_connection: usize,
         activity: Arc<Activity>,
         shed: Arc<ShedCount>,
     ) -> Self {
         Self {
             global,
-            connection: Arc::new(Semaphore::new(per_connection)),
+            per_connection,
             activity,
             shed,
         }
@@ -106,16 +138,17 @@ pub struct Limit<S> {
     limits: LimitLayer,
 }
 
-/// The permits and the activity count of one call, released when its response body is dropped.
+/// One call's place in the global and the connection's counts, released when its response body
+/// is dropped.
 #[derive(Debug)]
 pub struct CallPermit {
-    _connection: OwnedSemaphorePermit,
-    _global: OwnedSemaphorePermit,
+    global: Arc<CallCount>,
     activity: Arc<Activity>,
 }
 
 impl Drop for CallPermit {
     fn drop(&mut self) {
+        self.global.in_use.fetch_sub(1, Ordering::AcqRel);
         self.activity.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -135,17 +168,16 @@ where
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let limits = &self.limits;
-        let permit = match (
-            Arc::clone(&limits.connection).try_acquire_owned(),
-            Arc::clone(&limits.global).try_acquire_owned(),
-        ) {
-            (Ok(connection), Ok(global)) => CallPermit {
-                _connection: connection,
-                _global: global,
+        let in_flight = &limits.activity.in_flight;
+        let connection_ok = in_flight.fetch_add(1, Ordering::AcqRel) < limits.per_connection;
+        let permit = match (connection_ok, connection_ok && limits.global.try_acquire()) {
+            (true, true) => CallPermit {
+                global: Arc::clone(&limits.global),
                 activity: Arc::clone(&limits.activity),
             },
-            (connection, _) => {
-                let (count, scope) = if connection.is_err() {
+            (connection_ok, _) => {
+                in_flight.fetch_sub(1, Ordering::AcqRel);
+                let (count, scope) = if !connection_ok {
                     (&limits.shed.connection, "on this connection")
                 } else {
                     (&limits.shed.server, "on this server")
@@ -159,7 +191,6 @@ where
                 };
             }
         };
-        limits.activity.in_flight.fetch_add(1, Ordering::AcqRel);
         limits.activity.started.fetch_add(1, Ordering::AcqRel);
         LimitFuture::Admitted {
             inner: self.inner.call(request),

@@ -29,7 +29,7 @@ use crate::{
     connection,
     deadline::DeadlinePolicy,
     health::Health,
-    limit::{Activity, LimitLayer, ShedCount},
+    limit::{Activity, CallCount, LimitLayer, ShedCount},
     listener::{self, Connection, OnConnection, TlsAccept},
     methods::Catalog,
     metrics::{self, CounterFn, CounterFnSet, GrpcMetrics, Reloads, ServerMetrics, exporter},
@@ -244,7 +244,7 @@ impl Server {
         let stack = Stack {
             settings: Arc::new(connection::Settings::new(limits, &config.connection)),
             observe: ObserveLayer::new(grpc_metrics, metrics_addr.is_some()),
-            calls: Arc::new(Semaphore::new(limits.max_concurrent_calls)),
+            calls: Arc::new(CallCount::new(limits.max_concurrent_calls)),
             calls_per_connection: limits.max_concurrent_calls_per_connection,
             call_layer: CallLayer::new(
                 DeadlinePolicy::new(&config.deadline),
@@ -340,7 +340,7 @@ impl Server {
 struct Stack {
     settings: Arc<connection::Settings>,
     observe: ObserveLayer,
-    calls: Arc<Semaphore>,
+    calls: Arc<CallCount>,
     calls_per_connection: usize,
     call_layer: CallLayer,
     shed: Arc<ShedCount>,

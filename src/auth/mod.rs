@@ -8,6 +8,7 @@ mod tokens;
 
 use std::{
     collections::BTreeMap,
+    ops::Bound,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -107,13 +108,22 @@ impl Policy {
         if let Some(rule) = self.0.get(path) {
             return Some(rule);
         }
-        let service_wildcard = path
+        // "/pkg.Service/Method" -> the pattern "/pkg.Service/*": the path up to and including its
+        // last '/', then '*', compared piecewise so the lookup allocates nothing.
+        let service = path
             .rfind('/')
             .filter(|&i| i > 0)
-            .map(|i| format!("{}/*", &path[..i]));
-        service_wildcard
-            .and_then(|pattern| self.0.get(&pattern))
-            .or_else(|| self.0.get("*"))
+            .map(|i| &path[..=i])
+            .and_then(|prefix| {
+                self.0
+                    .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+                    .take_while(|(pattern, _)| pattern.starts_with(prefix))
+                    .find(|(pattern, _)| {
+                        pattern.len() == prefix.len() + 1 && pattern.ends_with('*')
+                    })
+                    .map(|(_, rule)| rule)
+            });
+        service.or_else(|| self.0.get("*"))
     }
 }
 
