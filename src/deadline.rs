@@ -5,11 +5,14 @@
 //! not hand `grpc-timeout` to tonic; [`crate::call`] enforces the deadline computed here on every
 //! call kind and answers DEADLINE_EXCEEDED, as every other gRPC stack does.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
 use tonic::codegen::http::HeaderMap;
 
-use crate::config::{DeadlineConfig, DeadlineLimits};
+use crate::{
+    config::{DeadlineConfig, DeadlineLimits},
+    methods::MethodTable,
+};
 
 /// Parses a `grpc-timeout` value: up to 8 ASCII digits and a unit (H, M, S, m, u, n), per the
 /// gRPC over HTTP/2 spec. `None` for anything else; a malformed header is treated as absent.
@@ -34,10 +37,8 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 #[derive(Debug, Clone)]
 pub struct DeadlinePolicy {
     all: DeadlineLimits,
-    /// "/pkg.Service/Method" entries.
-    methods: BTreeMap<String, DeadlineLimits>,
-    /// "/pkg.Service/*" entries, keyed by "/pkg.Service" so a lookup needs no allocation.
-    services: BTreeMap<String, DeadlineLimits>,
+    /// Per-method and per-service overrides (`deadline.methods`).
+    overrides: MethodTable<DeadlineLimits>,
 }
 
 impl DeadlinePolicy {
@@ -47,19 +48,12 @@ impl DeadlinePolicy {
                 default: config.default,
                 max: config.max,
             },
-            methods: config
-                .methods
-                .iter()
-                .filter(|(pattern, _)| !pattern.ends_with("/*"))
-                .map(|(pattern, limits)| (pattern.clone(), limits.clone()))
-                .collect(),
-            services: config
-                .methods
-                .iter()
-                .filter_map(|(pattern, limits)| {
-                    Some((pattern.strip_suffix("/*")?.to_owned(), limits.clone()))
-                })
-                .collect(),
+            overrides: MethodTable::new(
+                config
+                    .methods
+                    .iter()
+                    .map(|(pattern, limits)| (pattern.clone(), limits.clone())),
+            ),
         }
     }
 
@@ -80,13 +74,7 @@ impl DeadlinePolicy {
     }
 
     fn limits(&self, path: &str) -> &DeadlineLimits {
-        if let Some(limits) = self.methods.get(path) {
-            return limits;
-        }
-        path.rfind('/')
-            .filter(|&i| i > 0)
-            .and_then(|i| self.services.get(&path[..i]))
-            .unwrap_or(&self.all)
+        self.overrides.specific(path).unwrap_or(&self.all)
     }
 }
 
@@ -96,6 +84,8 @@ fn nonzero(d: Duration) -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     #[test]

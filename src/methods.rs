@@ -1,7 +1,7 @@
 //! The catalog of every method served, read from the same descriptor sets reflection serves, so
 //! that layers can tell a unary call from a stream without hard-coding method names.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use prost::Message as _;
 use prost_types::FileDescriptorSet;
@@ -107,6 +107,50 @@ impl Catalog {
     }
 }
 
+/// Per-method settings keyed by pattern: `/pkg.Service/Method`, `/pkg.Service/*` or `*`. Looking
+/// up a call's path finds the most specific entry without allocating (it runs on every call).
+#[derive(Debug, Clone)]
+pub struct MethodTable<T> {
+    methods: BTreeMap<String, T>,
+    /// `/pkg.Service/*` entries, keyed by `/pkg.Service`.
+    services: BTreeMap<String, T>,
+    any: Option<T>,
+}
+
+impl<T> MethodTable<T> {
+    pub fn new(entries: impl IntoIterator<Item = (String, T)>) -> Self {
+        let mut table = Self {
+            methods: BTreeMap::new(),
+            services: BTreeMap::new(),
+            any: None,
+        };
+        for (pattern, value) in entries {
+            if pattern == "*" {
+                table.any = Some(value);
+            } else if let Some(service) = pattern.strip_suffix("/*") {
+                table.services.insert(service.to_owned(), value);
+            } else {
+                table.methods.insert(pattern, value);
+            }
+        }
+        table
+    }
+
+    /// The entry for the method itself, else for its service: `*` is not consulted.
+    pub fn specific(&self, path: &str) -> Option<&T> {
+        self.methods.get(path).or_else(|| {
+            path.rfind('/')
+                .filter(|&i| i > 0)
+                .and_then(|i| self.services.get(&path[..i]))
+        })
+    }
+
+    /// The most specific entry: the method, its service, then `*`.
+    pub fn lookup(&self, path: &str) -> Option<&T> {
+        self.specific(path).or(self.any.as_ref())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,5 +171,19 @@ mod tests {
             Some(MethodKind::ServerStream)
         );
         assert_eq!(catalog.kind("/nope.Nope/Nope"), None);
+    }
+
+    #[test]
+    fn method_table_prefers_the_most_specific_pattern() {
+        let table = MethodTable::new([
+            ("*".to_owned(), 1),
+            ("/a.S/*".to_owned(), 2),
+            ("/a.S/M".to_owned(), 3),
+        ]);
+        assert_eq!(table.lookup("/a.S/M"), Some(&3));
+        assert_eq!(table.lookup("/a.S/N"), Some(&2));
+        assert_eq!(table.lookup("/b.T/M"), Some(&1));
+        assert_eq!(table.specific("/b.T/M"), None);
+        assert_eq!(MethodTable::<u8>::new([]).lookup("/a.S/M"), None);
     }
 }

@@ -8,7 +8,6 @@ mod tokens;
 
 use std::{
     collections::BTreeMap,
-    ops::Bound,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -28,6 +27,7 @@ pub use tokens::{
 use crate::{
     config::{AuthConfig, AuthMode},
     listener::PeerInfo,
+    methods::MethodTable,
     metrics::CounterSet,
 };
 
@@ -82,49 +82,15 @@ enum Rule {
     Scope(String),
 }
 
-/// Method pattern -> rule, from `auth.policy`.
-#[derive(Debug, Clone)]
-struct Policy(BTreeMap<String, Rule>);
-
-impl Policy {
-    fn new(config: &BTreeMap<String, String>) -> Self {
-        Self(
-            config
-                .iter()
-                .map(|(pattern, rule)| {
-                    let rule = match rule.as_str() {
-                        "open" => Rule::Open,
-                        scope => Rule::Scope(scope.to_owned()),
-                    };
-                    (pattern.clone(), rule)
-                })
-                .collect(),
-        )
-    }
-
-    /// The most specific rule for `path`: the method, then its service, then `*`. `None`: no rule
-    /// covers it, and the call is refused.
-    fn rule(&self, path: &str) -> Option<&Rule> {
-        if let Some(rule) = self.0.get(path) {
-            return Some(rule);
-        }
-        // "/pkg.Service/Method" -> the pattern "/pkg.Service/*": the path up to and including its
-        // last '/', then '*', compared piecewise so the lookup allocates nothing.
-        let service = path
-            .rfind('/')
-            .filter(|&i| i > 0)
-            .map(|i| &path[..=i])
-            .and_then(|prefix| {
-                self.0
-                    .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
-                    .take_while(|(pattern, _)| pattern.starts_with(prefix))
-                    .find(|(pattern, _)| {
-                        pattern.len() == prefix.len() + 1 && pattern.ends_with('*')
-                    })
-                    .map(|(_, rule)| rule)
-            });
-        service.or_else(|| self.0.get("*"))
-    }
+/// Method pattern -> rule, from `auth.policy`; a path no pattern covers is refused.
+fn policy(config: &BTreeMap<String, String>) -> MethodTable<Rule> {
+    MethodTable::new(config.iter().map(|(pattern, rule)| {
+        let rule = match rule.as_str() {
+            "open" => Rule::Open,
+            scope => Rule::Scope(scope.to_owned()),
+        };
+        (pattern.clone(), rule)
+    }))
 }
 
 /// Decides whether a request may proceed. Cheap to clone; the token set reloads underneath.
@@ -133,7 +99,7 @@ pub struct Authenticator {
     mode: AuthMode,
     tokens: Arc<ArcSwap<TokenStore>>,
     cert_scopes: Arc<[String]>,
-    policy: Arc<Policy>,
+    policy: Arc<MethodTable<Rule>>,
 }
 
 impl Authenticator {
@@ -142,7 +108,7 @@ impl Authenticator {
             mode: config.mode,
             tokens: Arc::new(ArcSwap::from_pointee(tokens)),
             cert_scopes: config.client_cert_scopes.clone().into(),
-            policy: Arc::new(Policy::new(&config.policy)),
+            policy: Arc::new(policy(&config.policy)),
         }
     }
 
@@ -167,7 +133,7 @@ impl Authenticator {
         headers: &http::HeaderMap,
         peer: Option<&PeerInfo>,
     ) -> Result<Caller, Refusal> {
-        let required = match self.policy.rule(path) {
+        let required = match self.policy.lookup(path) {
             Some(Rule::Open) => return Ok(Caller::Anonymous),
             Some(Rule::Scope(scope)) => scope,
             None => {
@@ -515,14 +481,14 @@ mod tests {
         rules.insert("*".to_owned(), "admin".to_owned());
         rules.insert("/helloworld.Greeter/*".to_owned(), "greeter".to_owned());
         rules.insert(HELLO.to_owned(), "open".to_owned());
-        let policy = Policy::new(&rules);
-        assert_eq!(policy.rule(HELLO), Some(&Rule::Open));
+        let table = policy(&rules);
+        assert_eq!(table.lookup(HELLO), Some(&Rule::Open));
         assert_eq!(
-            policy.rule("/helloworld.Greeter/SayHelloAgain"),
+            table.lookup("/helloworld.Greeter/SayHelloAgain"),
             Some(&Rule::Scope("greeter".into()))
         );
-        assert_eq!(policy.rule("/x.Y/Z"), Some(&Rule::Scope("admin".into())));
+        assert_eq!(table.lookup("/x.Y/Z"), Some(&Rule::Scope("admin".into())));
         rules.remove("*");
-        assert_eq!(Policy::new(&rules).rule("/x.Y/Z"), None);
+        assert_eq!(policy(&rules).lookup("/x.Y/Z"), None);
     }
 }
