@@ -43,6 +43,7 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
+    pub web: WebConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,6 +53,12 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Explicit opt-out of the secure-by-default guard for non-loopback addresses.
     pub allow_insecure: bool,
+    /// A Unix domain socket serving the same calls, for clients on this host (sidecars);
+    /// empty: none.
+    pub unix: PathBuf,
+    /// Permission bits of the socket file; connecting needs write permission on it.
+    #[serde(with = "octal_mode")]
+    pub unix_mode: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -250,6 +257,20 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }
 
+/// grpc-web for browsers, on the main listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebConfig {
+    /// Serve grpc-web (over HTTP/1.1 and HTTP/2) and the demo page at `/`.
+    pub enabled: bool,
+    /// Origins whose pages may call the server (CORS); `"*"` alone allows any. The page the
+    /// server serves itself is same-origin and needs no entry.
+    pub allowed_origins: Vec<String>,
+    /// How long a browser may cache a CORS preflight answer.
+    #[serde(with = "humantime_serde")]
+    pub cors_max_age: Duration,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -331,9 +352,8 @@ impl Config {
                 ..error
             })?;
         }
-        let env = env_source(&sources.env);
         build(
-            embedded_builder().add_source(env.clone()),
+            with_env(embedded_builder(), &sources.env),
             "the environment",
         )?;
         let mut overrides = embedded_builder();
@@ -348,7 +368,7 @@ impl Config {
         for file in &sources.files {
             merged = merged.add_source(file_source(file));
         }
-        merged = merged.add_source(env);
+        merged = with_env(merged, &sources.env);
         for (key, value) in &sources.overrides {
             merged = merged
                 .set_override(key.as_str(), value.as_str())
@@ -384,6 +404,16 @@ impl Config {
             );
         }
         self.validate_limits(origins)?;
+        self.validate_web(origins)?;
+        if self.server.unix_mode > 0o777 {
+            return fail(
+                "server.unix_mode",
+                format!(
+                    "{:o} is not a file mode (at most \"0777\")",
+                    self.server.unix_mode
+                ),
+            );
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.filter) {
             return fail("log.filter", format!("not a valid log filter: {e}"));
         }
@@ -487,6 +517,26 @@ impl Config {
             return Err(origins.error(
                 "connection.keepalive_timeout",
                 "must be above zero when keepalive_interval is set".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_web(&self, origins: &Origins<'_>) -> Result<(), ConfigError> {
+        let allowed = &self.web.allowed_origins;
+        if allowed.iter().any(|o| o == "*") {
+            if allowed.len() > 1 {
+                return Err(origins.error(
+                    "web.allowed_origins",
+                    "\"*\" allows every origin: give it alone, or list origins".into(),
+                ));
+            }
+            return Ok(());
+        }
+        if let Some(bad) = allowed.iter().find(|o| !is_origin(o)) {
+            return Err(origins.error(
+                "web.allowed_origins",
+                format!("{bad:?} is not an origin: write scheme://host[:port], no path"),
             ));
         }
         Ok(())
@@ -631,17 +681,34 @@ fn file_source(path: &Path) -> File<config::FileSourceFile, FileFormat> {
     File::from(path).format(FileFormat::Toml).required(true)
 }
 
-fn env_source(vars: &[(String, String)]) -> Environment {
+/// Environment variables hold text; numbers and booleans are recognised by parsing. A key whose
+/// value is text that looks like a number (a file mode's "0660") is read as text, as written.
+const ENV_TEXT_KEYS: [&str; 1] = ["GREETER__SERVER__UNIX_MODE"];
+
+fn with_env(builder: Builder, vars: &[(String, String)]) -> Builder {
+    let (text, parsed): (Vec<_>, Vec<_>) = vars
+        .iter()
+        .cloned()
+        .partition(|(name, _)| ENV_TEXT_KEYS.contains(&name.as_str()));
+    builder
+        .add_source(
+            env_source()
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("greeter.stream_greetings")
+                .with_list_parse_key("compression.accept")
+                .with_list_parse_key("compression.send")
+                .with_list_parse_key("auth.client_cert_scopes")
+                .with_list_parse_key("web.allowed_origins")
+                .source(Some(parsed.into_iter().collect())),
+        )
+        .add_source(env_source().source(Some(text.into_iter().collect())))
+}
+
+fn env_source() -> Environment {
     Environment::with_prefix(ENV_PREFIX)
         .prefix_separator(ENV_SEPARATOR)
         .separator(ENV_SEPARATOR)
-        .try_parsing(true)
-        .list_separator(",")
-        .with_list_parse_key("greeter.stream_greetings")
-        .with_list_parse_key("compression.accept")
-        .with_list_parse_key("compression.send")
-        .with_list_parse_key("auth.client_cert_scopes")
-        .source(Some(vars.iter().cloned().collect()))
 }
 
 /// Builds and deserializes one layer on top of the embedded default; errors name `origin`.
@@ -718,6 +785,50 @@ impl AuthMode {
 }
 
 /// `listen = ""` means "no such listener": TOML has no null.
+/// A browser's `Origin`: `http` or `https`, a host, an optional port, and nothing after.
+fn is_origin(text: &str) -> bool {
+    let Ok(uri) = text.parse::<http::Uri>() else {
+        return false;
+    };
+    matches!(uri.scheme_str(), Some("http" | "https"))
+        && uri.authority().is_some_and(|a| !a.host().is_empty())
+        && !text.ends_with('/')
+        && uri.path_and_query().is_none_or(|p| p.as_str() == "/")
+        && !text.contains('@')
+}
+
+/// File modes written as octal strings ("0660"), as `chmod` takes them. A TOML integer is refused:
+/// `0o660` and `660` would both arrive as numbers, and guessing between them is how a socket ends
+/// up world-writable.
+mod octal_mode {
+    use std::fmt;
+
+    use serde::{Deserializer, Serializer, de};
+
+    pub fn serialize<S: Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{mode:04o}"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        d.deserialize_any(OctalMode)
+    }
+
+    struct OctalMode;
+
+    impl de::Visitor<'_> for OctalMode {
+        type Value = u32;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a quoted octal file mode like \"0660\"")
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<u32, E> {
+            u32::from_str_radix(text, 8)
+                .map_err(|_| E::custom(format!("{text:?} is not an octal file mode like \"0660\"")))
+        }
+    }
+}
+
 mod optional_addr {
     use std::net::SocketAddr;
 

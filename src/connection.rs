@@ -1,5 +1,5 @@
-//! One HTTP/2 connection: every protocol limit set explicitly, keepalive pings, and GOAWAY when
-//! the connection is idle too long, too old, or the server drains.
+//! One HTTP/2 connection (or HTTP/1.1, for grpc-web): every protocol limit set explicitly,
+//! keepalive pings, and GOAWAY when the connection is idle too long, too old, or the server drains.
 //!
 //! greeter drives hyper directly instead of through `tonic::transport::Server`: tonic passes its
 //! own values for some limits (and has panicked with a connection-age grace in some 0.14
@@ -11,9 +11,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use hyper::{body::Incoming, server::conn::http2};
+use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
     service::TowerToHyperService,
 };
 use tokio::{
@@ -31,19 +32,27 @@ use crate::{
     listener::Connection,
 };
 
-/// The HTTP/2 server settings and the connection lifetime rules, built once from config.
+/// An HTTP/1.1 client must finish sending a request's headers within this (slowloris).
+const HTTP1_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// hyper's floor for its HTTP/1.1 read buffer, which bounds a request's head.
+const HTTP1_MIN_BUF_BYTES: usize = 8192;
+
+/// The HTTP server settings and the connection lifetime rules, built once from config.
 #[derive(Clone)]
 pub struct Settings {
-    http2: http2::Builder<TokioExecutor>,
+    http: auto::Builder<TokioExecutor>,
     max_idle: Option<Duration>,
     max_age: Option<Duration>,
     max_age_grace: Duration,
 }
 
 impl Settings {
-    pub fn new(limits: &LimitsConfig, connection: &ConnectionConfig) -> Self {
-        let mut http2 = http2::Builder::new(TokioExecutor::new());
-        http2
+    /// HTTP/2 only, unless `http1` (grpc-web): then the protocol is told by the client's first
+    /// bytes, HTTP/2's preface or an HTTP/1.1 request line.
+    pub fn new(limits: &LimitsConfig, connection: &ConnectionConfig, http1: bool) -> Self {
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(limits.max_concurrent_streams)
             .max_header_list_size(limits.max_header_list_bytes)
@@ -55,13 +64,18 @@ impl Settings {
             // Bound what one slow reader can make the server buffer per stream.
             .max_send_buf_size(limits.initial_stream_window_bytes as usize);
         if !connection.keepalive_interval.is_zero() {
-            http2
+            http.http2()
                 .keep_alive_interval(connection.keepalive_interval)
                 .keep_alive_timeout(connection.keepalive_timeout);
         }
+        http.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HTTP1_HEADER_READ_TIMEOUT)
+            .max_buf_size(HTTP1_MIN_BUF_BYTES.max(limits.max_header_list_bytes as usize));
+        let http = if http1 { http } else { http.http2_only() };
         let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
         Self {
-            http2,
+            http,
             max_idle: nonzero(connection.max_idle),
             max_age: nonzero(connection.max_age),
             max_age_grace: connection.max_age_grace,
@@ -87,7 +101,7 @@ pub async fn serve<S, B>(
 {
     let peer = connection.peer().remote_addr;
     let conn = settings
-        .http2
+        .http
         .serve_connection(TokioIo::new(connection), TowerToHyperService::new(service));
     tokio::pin!(conn);
 
@@ -96,7 +110,11 @@ pub async fn serve<S, B>(
     // connection wakes, i.e. on every read and write of every call.
     let (verdicts, mut verdict) = mpsc::channel(2);
     let lifetime = AbortOnDropHandle::new(tokio::spawn(lifetime(
-        settings, activity, draining, verdicts, peer,
+        Arc::clone(&settings),
+        activity,
+        draining,
+        verdicts,
+        peer,
     )));
 
     loop {

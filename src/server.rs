@@ -10,16 +10,17 @@ use std::{
     },
 };
 
-use hyper::body::Incoming;
+use futures_util::future::Either;
 use prometheus_client::{metrics::gauge::Gauge, registry::Registry};
 use tokio::{
     net::TcpListener,
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::{codegen::http, service::Routes};
+use tonic::service::Routes;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tower::ServiceBuilder;
+use tower_http::add_extension::AddExtensionLayer;
 use tracing::{info, warn};
 
 use crate::{
@@ -38,6 +39,7 @@ use crate::{
     reload,
     service::Greeter,
     tls::{self, CertSummary, Reloadable, TlsError},
+    web::WebLayer,
 };
 
 /// Connections the probe listener accepts at once: probes connect, ask, and leave.
@@ -75,7 +77,7 @@ pub struct Credentials {
 impl Credentials {
     pub fn load(config: &Config) -> Result<Self, ServerError> {
         let tls = if config.tls.enabled {
-            let material = tls::load(&config.tls)?;
+            let material = tls::load(&config.tls, config.web.enabled)?;
             Some((Reloadable::new(material.config), material.leaf))
         } else {
             None
@@ -237,12 +239,17 @@ impl Server {
             .prepare();
         let probe_routes = Routes::new(health_service()).prepare();
 
-        // The path of a call, outermost first. Per connection: TCP -> TLS -> HTTP/2 (limits,
-        // keepalive, idle, age). Per call: peer info -> request id, log span, metrics and access
-        // log -> concurrency limit (sheds) -> auth -> deadline, drain and cancellation -> route
-        // -> handler.
+        // The path of a call, outermost first. Per connection: TCP -> TLS -> HTTP/2, or HTTP/1.1
+        // with [web] (limits, keepalive, idle, age). Per call: peer info -> with [web]: CORS, the
+        // page, grpc-web to gRPC -> request id, log span, metrics and access log -> concurrency
+        // limit (sheds) -> auth -> deadline, drain and cancellation -> route -> handler.
         let stack = Stack {
-            settings: Arc::new(connection::Settings::new(limits, &config.connection)),
+            settings: Arc::new(connection::Settings::new(
+                limits,
+                &config.connection,
+                config.web.enabled,
+            )),
+            web: config.web.enabled.then(|| WebLayer::new(&config.web)),
             observe: ObserveLayer::new(grpc_metrics, metrics_addr.is_some()),
             calls: Arc::new(CallCount::new(limits.max_concurrent_calls)),
             calls_per_connection: limits.max_concurrent_calls_per_connection,
@@ -339,6 +346,7 @@ impl Server {
 #[derive(Clone)]
 struct Stack {
     settings: Arc<connection::Settings>,
+    web: Option<WebLayer>,
     observe: ObserveLayer,
     calls: Arc<CallCount>,
     calls_per_connection: usize,
@@ -358,12 +366,8 @@ impl Stack {
             stack.accepted.fetch_add(1, Ordering::Relaxed);
             let open = OpenConnection::new(stack.connections_open.clone());
             let activity = Arc::new(Activity::default());
-            let peer = conn.peer().clone();
-            let service = ServiceBuilder::new()
-                .map_request(move |mut request: http::Request<Incoming>| {
-                    request.extensions_mut().insert(peer.clone());
-                    request
-                })
+            let peer = AddExtensionLayer::new(conn.peer().clone());
+            let calls = ServiceBuilder::new()
                 .layer(stack.observe.clone())
                 .layer(LimitLayer::new(
                     Arc::clone(&stack.calls),
@@ -374,13 +378,26 @@ impl Stack {
                 .layer(auth.clone())
                 .layer(stack.call_layer.clone())
                 .service(routes.clone());
-            let serving = connection::serve(
-                conn,
-                service,
-                Arc::clone(&stack.settings),
-                activity,
-                stack.draining.clone(),
-            );
+            let (settings, draining) = (Arc::clone(&stack.settings), stack.draining.clone());
+            // Two monomorphic paths rather than one boxed service: without [web], calls pay
+            // nothing for it.
+            let serving = match &stack.web {
+                Some(web) => {
+                    let service = ServiceBuilder::new()
+                        .layer(peer)
+                        .layer(web.clone())
+                        .service(calls);
+                    Either::Left(connection::serve(
+                        conn, service, settings, activity, draining,
+                    ))
+                }
+                None => {
+                    let service = ServiceBuilder::new().layer(peer).service(calls);
+                    Either::Right(connection::serve(
+                        conn, service, settings, activity, draining,
+                    ))
+                }
+            };
             stack.connections.spawn(async move {
                 serving.await;
                 drop(open);
@@ -468,6 +485,7 @@ fn spawn_reloaders(
     if let Some((material, leaf)) = &credentials.tls {
         let expiry = metrics::register_certificate_expiry(registry, leaf.not_after_unix);
         let settings = config.tls.clone();
+        let http1 = config.web.enabled;
         let mut paths = vec![settings.cert.clone(), settings.key.clone()];
         if !settings.client_ca.as_os_str().is_empty() {
             paths.push(settings.client_ca.clone());
@@ -481,7 +499,7 @@ fn spawn_reloaders(
             stop.clone(),
             reloads.kind("tls"),
             move || {
-                tls::load(&settings).map(|loaded| {
+                tls::load(&settings, http1).map(|loaded| {
                     material.replace(loaded.config);
                     expiry.set(loaded.leaf.not_after_unix);
                     format!(

@@ -84,10 +84,11 @@ pub struct CertSummary {
 }
 
 /// Loads `tls.cert`, `tls.key` and (when configured) `tls.client_ca` into a rustls config: TLS 1.3
-/// and 1.2 only, ALPN `h2` only (gRPC needs HTTP/2), and client certificate verification as
+/// and 1.2 only, ALPN `h2` (gRPC needs HTTP/2) and, with `http1`, `http/1.1` after it (grpc-web
+/// from browsers that do not speak HTTP/2), and client certificate verification as
 /// `tls.client_auth` says. Refuses an expired or not-yet-valid leaf, and a key that does not
 /// belong to the certificate.
-pub fn load(settings: &TlsConfig) -> Result<Material, TlsError> {
+pub fn load(settings: &TlsConfig, http1: bool) -> Result<Material, TlsError> {
     let chain = read_certs(&settings.cert)?;
     let leaf = summarize(&settings.cert, &chain[0], SystemTime::now())?;
     let key = read_key(&settings.key)?;
@@ -108,6 +109,9 @@ pub fn load(settings: &TlsConfig) -> Result<Material, TlsError> {
             reason: e.to_string(),
         })?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    if http1 {
+        config.alpn_protocols.push(b"http/1.1".to_vec());
+    }
     Ok(Material {
         config: Arc::new(config),
         leaf,

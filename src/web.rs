@@ -1,0 +1,147 @@
+//! Browsers: grpc-web translation (tonic-web), CORS from `[web]`, and the demo page at `/`.
+//!
+//! Browsers cannot speak gRPC itself (fetch exposes neither HTTP/2 trailers nor framing), so
+//! grpc-web carries the trailers in the body. [`WebLayer`] sits above the call stack: a grpc-web
+//! call is translated into a gRPC call before request ids, metrics, limits, auth and deadlines see
+//! it, so a browser's call is logged, counted, limited and authorized like any other. gRPC calls
+//! pass through untranslated.
+
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::future::{Either, Ready, ready};
+use http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use http_body_util::Full;
+use tonic::body::Body;
+use tonic_web::{GrpcWebLayer, GrpcWebService};
+use tower::{Layer, Service};
+use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
+
+use crate::config::WebConfig;
+
+/// The files of the page, embedded: the binary ships `FROM scratch`, with nothing beside it.
+const FILES: [(&str, &str, &str); 3] = [
+    (
+        "/",
+        "text/html; charset=utf-8",
+        include_str!("web/index.html"),
+    ),
+    (
+        "/app.js",
+        "text/javascript; charset=utf-8",
+        include_str!("web/app.js"),
+    ),
+    (
+        "/style.css",
+        "text/css; charset=utf-8",
+        include_str!("web/style.css"),
+    ),
+];
+
+/// The page loads its own script and style and talks to any gRPC server the user names (the
+/// `server` field); nothing else, and no other site may frame it.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+    connect-src http: https:; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
+    frame-ancestors 'none'";
+
+/// Request headers a grpc-web client sends (grpc-web's own list, plus credentials and request id).
+const ALLOWED_HEADERS: [&str; 7] = [
+    "content-type",
+    "x-grpc-web",
+    "x-user-agent",
+    "grpc-timeout",
+    "grpc-accept-encoding",
+    "authorization",
+    "x-request-id",
+];
+
+/// Response headers a cross-origin page may read: trailers-only answers carry the status in
+/// headers, and the request id ties a browser's error to the server's access log.
+const EXPOSED_HEADERS: [&str; 4] = [
+    "grpc-status",
+    "grpc-message",
+    "grpc-status-details-bin",
+    "x-request-id",
+];
+
+/// CORS, then the page, then grpc-web translation, over the call stack.
+#[derive(Debug, Clone)]
+pub struct WebLayer {
+    cors: CorsLayer,
+}
+
+impl WebLayer {
+    pub fn new(config: &WebConfig) -> Self {
+        let origins = if config.allowed_origins.iter().any(|o| o == "*") {
+            AllowOrigin::any()
+        } else {
+            AllowOrigin::list(config.allowed_origins.iter().map(|origin| {
+                HeaderValue::from_str(origin).expect("config validation checked the origin")
+            }))
+        };
+        let cors = CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([Method::POST])
+            .allow_headers(ALLOWED_HEADERS.map(HeaderName::from_static))
+            .expose_headers(EXPOSED_HEADERS.map(HeaderName::from_static))
+            .max_age(config.cors_max_age);
+        Self { cors }
+    }
+}
+
+impl<S> Layer<S> for WebLayer {
+    type Service = Cors<Page<GrpcWebService<S>>>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        self.cors.layer(Page {
+            inner: GrpcWebLayer::new().layer(inner),
+        })
+    }
+}
+
+/// Answers `GET`/`HEAD` with the page's files (404 for any other path) and hands every other
+/// request to grpc-web translation: gRPC calls are always `POST`.
+#[derive(Debug, Clone)]
+pub struct Page<S> {
+    inner: S,
+}
+
+impl<S, B> Service<http::Request<B>> for Page<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>>,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Either<Ready<Result<Self::Response, S::Error>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            return Either::Right(self.inner.call(request));
+        }
+        let path = request.uri().path();
+        // hyper sends no body in answer to HEAD, but keeps the length.
+        let response = match FILES.iter().find(|(file, ..)| *file == path) {
+            Some((_, content_type, text)) => http::Response::builder()
+                .header(header::CONTENT_TYPE, *content_type)
+                .header(header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY)
+                .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+                .header(header::REFERRER_POLICY, "no-referrer")
+                // The files change with the binary: a browser revalidates rather than keep a page
+                // that no longer matches the server.
+                .header(header::CACHE_CONTROL, "no-cache")
+                .body(text.as_bytes()),
+            None => http::Response::builder()
+                .status(StatusCode::NOT_FOUND)
+                .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+                .body(b"not found\n".as_slice()),
+        };
+        let response = response
+            .expect("static response parts are valid")
+            .map(|bytes| Body::new(Full::new(Bytes::from_static(bytes))));
+        Either::Left(ready(Ok(response)))
+    }
+}
