@@ -179,7 +179,7 @@ pub struct ServeArgs {
 /// How a client subcommand reaches the server.
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
-    /// Server address: host:port or a URI (http://host:port)
+    /// Server address: host:port, a URI (http://host:port), or unix:PATH for the Unix socket
     #[arg(long, env = "GREETER_ADDR", default_value = "127.0.0.1:50051")]
     pub addr: String,
     /// Deadline for the whole call, e.g. 500ms, 5s, 1m, sent to the server as grpc-timeout

@@ -1,8 +1,9 @@
 //! Client subcommands: one channel builder, one error type, and the calls.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, path::PathBuf, time::Duration};
 
-use tokio::io::AsyncBufReadExt as _;
+use hyper_util::rt::TokioIo;
+use tokio::{io::AsyncBufReadExt as _, net::UnixStream};
 use tokio_stream::{StreamExt as _, wrappers::LinesStream};
 use tonic::{
     Code, Request, Status,
@@ -12,6 +13,8 @@ use tonic::{
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
+
+use tower::service_fn;
 
 use crate::{
     cli::ClientArgs,
@@ -88,21 +91,28 @@ impl Session {
     }
 }
 
-/// Connects to `args.addr` (`host:port` or a URI), over TLS when asked.
+/// Connects to `args.addr` (`host:port`, a URI, or `unix:PATH`), over TLS when asked.
 pub async fn connect(args: &ClientArgs) -> Result<Session, ClientError> {
     let tls = args.use_tls();
-    let uri = if args.addr.contains("://") {
-        args.addr.clone()
-    } else {
-        format!("{}://{}", if tls { "https" } else { "http" }, args.addr)
-    };
     let address_error = |reason: String| ClientError::Address {
         addr: args.addr.clone(),
         reason,
     };
+    let unix = args.addr.strip_prefix("unix:").map(PathBuf::from);
+    let uri = match &unix {
+        // The authority a Unix-socket call carries, as grpc-go sends it.
+        Some(_) => "http://localhost".to_owned(),
+        None if args.addr.contains("://") => args.addr.clone(),
+        None => format!("{}://{}", if tls { "https" } else { "http" }, args.addr),
+    };
     let mut endpoint =
         Channel::from_shared(uri.clone()).map_err(|e| address_error(e.to_string()))?;
     if tls {
+        if unix.is_some() {
+            return Err(address_error(
+                "the Unix socket is plaintext: drop --tls, --ca and --cert".into(),
+            ));
+        }
         endpoint = endpoint
             .tls_config(tls_config(args)?)
             .map_err(|e| address_error(error_chain(&e)))?;
@@ -116,15 +126,22 @@ pub async fn connect(args: &ClientArgs) -> Result<Session, ClientError> {
                 .map_err(|_| ClientError::Token("not a valid header value".into()))
         })
         .transpose()?;
-    let connect_timeout = args.timeout.unwrap_or(DEFAULT_TIMEOUT);
-    let channel = endpoint
-        .connect_timeout(connect_timeout)
-        .connect()
-        .await
-        .map_err(|e| ClientError::Connect {
-            addr: uri,
-            reason: error_chain(&e),
-        })?;
+    let endpoint = endpoint.connect_timeout(args.timeout.unwrap_or(DEFAULT_TIMEOUT));
+    let connected = match unix {
+        Some(path) => {
+            endpoint
+                .connect_with_connector(service_fn(move |_| {
+                    let path = path.clone();
+                    async move { UnixStream::connect(path).await.map(TokioIo::new) }
+                }))
+                .await
+        }
+        None => endpoint.connect().await,
+    };
+    let channel = connected.map_err(|e| ClientError::Connect {
+        addr: args.addr.clone(),
+        reason: error_chain(&e),
+    })?;
     Ok(Session {
         channel,
         authorization,

@@ -352,10 +352,7 @@ impl Config {
                 ..error
             })?;
         }
-        build(
-            with_env(embedded_builder(), &sources.env),
-            "the environment",
-        )?;
+        build(add_env(embedded_builder(), &sources.env), "the environment")?;
         let mut overrides = embedded_builder();
         for (key, value) in &sources.overrides {
             overrides = overrides
@@ -368,7 +365,7 @@ impl Config {
         for file in &sources.files {
             merged = merged.add_source(file_source(file));
         }
-        merged = with_env(merged, &sources.env);
+        merged = add_env(merged, &sources.env);
         for (key, value) in &sources.overrides {
             merged = merged
                 .set_override(key.as_str(), value.as_str())
@@ -685,7 +682,7 @@ fn file_source(path: &Path) -> File<config::FileSourceFile, FileFormat> {
 /// value is text that looks like a number (a file mode's "0660") is read as text, as written.
 const ENV_TEXT_KEYS: [&str; 1] = ["GREETER__SERVER__UNIX_MODE"];
 
-fn with_env(builder: Builder, vars: &[(String, String)]) -> Builder {
+fn add_env(builder: Builder, vars: &[(String, String)]) -> Builder {
     let (text, parsed): (Vec<_>, Vec<_>) = vars
         .iter()
         .cloned()
@@ -1021,5 +1018,67 @@ mod tests {
         let config = Config::embedded();
         let again: Config = toml::from_str(&config.to_toml()).unwrap();
         assert_eq!(config, again);
+    }
+
+    #[test]
+    fn unix_mode_is_octal_text_in_files_and_the_environment() {
+        let config = Config::load(&with_env(&[("GREETER__SERVER__UNIX_MODE", "0660")])).unwrap();
+        assert_eq!(config.server.unix_mode, 0o660);
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mode.toml");
+        std::fs::write(&file, "[server]\nunix_mode = \"0640\"\n").unwrap();
+        let sources = Sources {
+            files: vec![file.clone()],
+            ..Sources::default()
+        };
+        assert_eq!(Config::load(&sources).unwrap().server.unix_mode, 0o640);
+
+        // 0o660 in TOML is the number 432: refused rather than guessed at.
+        std::fs::write(&file, "[server]\nunix_mode = 0o660\n").unwrap();
+        let err = Config::load(&sources).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("server.unix_mode"));
+        assert!(err.origin.ends_with("mode.toml"), "{err}");
+
+        let err = Config::load(&with_env(&[("GREETER__SERVER__UNIX_MODE", "1777")])).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("server.unix_mode"), "{err}");
+    }
+
+    #[test]
+    fn allowed_origins_are_origins() {
+        let origins = |value: &str| {
+            Config::load(&with_env(&[("GREETER__WEB__ALLOWED_ORIGINS", value)]))
+                .map(|config| config.web.allowed_origins)
+        };
+        assert_eq!(
+            origins("https://app.example,http://127.0.0.1:8080").unwrap(),
+            ["https://app.example", "http://127.0.0.1:8080"]
+        );
+        assert_eq!(origins("*").unwrap(), ["*"]);
+        for bad in [
+            "https://app.example/",
+            "https://app.example/path",
+            "app.example",
+            "ftp://app.example",
+            "*,https://app.example",
+        ] {
+            let err = origins(bad).unwrap_err();
+            assert_eq!(
+                err.key.as_deref(),
+                Some("web.allowed_origins"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn web_is_on_for_the_quick_start_and_off_in_production() {
+        assert!(Config::embedded().web.enabled);
+        let production = Config::load(&Sources {
+            files: vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/production.toml")],
+            ..Sources::default()
+        })
+        .unwrap();
+        assert!(!production.web.enabled);
     }
 }

@@ -29,7 +29,7 @@ use tracing::debug;
 use crate::{
     config::{ConnectionConfig, LimitsConfig},
     limit::Activity,
-    listener::Connection,
+    listener::{Connection, PeerAddr},
 };
 
 /// An HTTP/1.1 client must finish sending a request's headers within this (slowloris).
@@ -150,7 +150,7 @@ async fn lifetime(
     activity: Arc<Activity>,
     draining: CancellationToken,
     verdicts: mpsc::Sender<Verdict>,
-    peer: std::net::SocketAddr,
+    peer: PeerAddr,
 ) {
     let far = Instant::now() + Duration::from_secs(100 * 365 * 86_400);
     let age_limit = settings

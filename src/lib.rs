@@ -26,4 +26,5 @@ pub mod server;
 pub mod service;
 pub mod shutdown;
 pub mod tls;
+pub mod unix_socket;
 pub mod web;

@@ -1,11 +1,12 @@
-//! Accepting connections: TCP, optionally TLS, each tagged with who is on the other end.
+//! Accepting connections: TCP (optionally TLS) or a Unix domain socket, each tagged with who is
+//! on the other end.
 //!
 //! TLS handshakes run in their own tasks under a timeout, so one slow or hostile client cannot
 //! stall the accept loop. When the loop stops (shutdown), the listening socket closes at once and
 //! the kernel refuses new clients.
 
 use std::{
-    io,
+    fmt, io,
     net::SocketAddr,
     pin::Pin,
     sync::Arc,
@@ -15,7 +16,7 @@ use std::{
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpStream, UnixListener, UnixStream},
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 use tokio_rustls::server::TlsStream;
@@ -31,19 +32,47 @@ use crate::{
 /// logs and handlers read it from there.
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
-    pub remote_addr: SocketAddr,
+    pub remote_addr: PeerAddr,
     /// The verified client certificate's identity, when the client presented one.
     pub client_cert: Option<Arc<ClientIdentity>>,
 }
 
-/// An accepted connection, plaintext or TLS.
+/// Where a connection comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerAddr {
+    Tcp(SocketAddr),
+    /// A client of the Unix socket, as the kernel vouches for it (`SO_PEERCRED`): its user, and
+    /// its process when known.
+    Unix {
+        uid: u32,
+        pid: Option<i32>,
+    },
+}
+
+impl fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(addr) => addr.fmt(f),
+            Self::Unix {
+                uid,
+                pid: Some(pid),
+            } => write!(f, "unix:uid={uid},pid={pid}"),
+            Self::Unix { uid, pid: None } => write!(f, "unix:uid={uid}"),
+        }
+    }
+}
+
+/// The byte stream of an accepted connection.
+type Io = Either<TcpStream, Either<Box<TlsStream<TcpStream>>, UnixStream>>;
+
+/// An accepted connection: TCP, TLS, or Unix socket.
 pub struct Connection {
-    io: Either<TcpStream, Box<TlsStream<TcpStream>>>,
+    io: Io,
     peer: PeerInfo,
 }
 
 impl Connection {
-    fn new(io: Either<TcpStream, Box<TlsStream<TcpStream>>>, peer: PeerInfo) -> Self {
+    fn new(io: Io, peer: PeerInfo) -> Self {
         Self { io, peer }
     }
 
@@ -105,11 +134,43 @@ pub struct TlsAccept {
 /// Receives each accepted (and, for TLS, handshaken) connection with its connection-limit permit.
 pub type OnConnection = Arc<dyn Fn(Connection, OwnedSemaphorePermit) + Send + Sync>;
 
+/// A listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    /// Plaintext: who may connect is the socket file's mode and owner.
+    Unix(UnixListener),
+}
+
+impl Listener {
+    async fn accept(&self) -> io::Result<(Either<TcpStream, UnixStream>, PeerAddr)> {
+        match self {
+            Self::Tcp(listener) => {
+                let (tcp, addr) = listener.accept().await?;
+                if let Err(e) = tcp.set_nodelay(true) {
+                    debug!(%addr, "cannot set TCP_NODELAY: {e}");
+                }
+                Ok((Either::Left(tcp), PeerAddr::Tcp(addr)))
+            }
+            Self::Unix(listener) => {
+                let (stream, _) = listener.accept().await?;
+                let cred = stream.peer_cred()?;
+                let peer = PeerAddr::Unix {
+                    uid: cred.uid(),
+                    pid: cred.pid(),
+                };
+                Ok((Either::Right(stream), peer))
+            }
+        }
+    }
+}
+
 /// Accepts on `listener` until `stop`, handing each connection to `on_connection`. At most
 /// `permits` connections are open at once: past that, clients wait in the kernel's accept queue
-/// (as with grpc-go's limit listener) rather than being accepted and starved.
+/// (as with grpc-go's limit listener) rather than being accepted and starved. `tls` applies to
+/// TCP connections.
 pub async fn accept(
-    listener: TcpListener,
+    listener: Listener,
     tls: Option<TlsAccept>,
     permits: Arc<Semaphore>,
     stop: CancellationToken,
@@ -124,7 +185,7 @@ pub async fn accept(
             () = stop.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        let (tcp, remote_addr) = match accepted {
+        let (stream, remote_addr) = match accepted {
             Ok(pair) => pair,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning; the next accept may work.
@@ -133,15 +194,22 @@ pub async fn accept(
                 continue;
             }
         };
-        if let Err(e) = tcp.set_nodelay(true) {
-            debug!(%remote_addr, "cannot set TCP_NODELAY: {e}");
-        }
-        let Some(tls) = &tls else {
+        let plain = |io| {
             let peer = PeerInfo {
                 remote_addr,
                 client_cert: None,
             };
-            on_connection(Connection::new(Either::Left(tcp), peer), permit);
+            Connection::new(io, peer)
+        };
+        let tcp = match stream {
+            Either::Left(tcp) => tcp,
+            Either::Right(unix) => {
+                on_connection(plain(Either::Right(Either::Right(unix))), permit);
+                continue;
+            }
+        };
+        let Some(tls) = &tls else {
+            on_connection(plain(Either::Left(tcp)), permit);
             continue;
         };
         let acceptor = tls.material.acceptor();
@@ -162,10 +230,8 @@ pub async fn accept(
                         remote_addr,
                         client_cert,
                     };
-                    on_connection(
-                        Connection::new(Either::Right(Box::new(stream)), peer),
-                        permit,
-                    );
+                    let io = Either::Right(Either::Left(Box::new(stream)));
+                    on_connection(Connection::new(io, peer), permit);
                 }
                 Ok(Err(e)) => {
                     failures.inc("error");

@@ -4,6 +4,7 @@
 use std::{
     future::Future,
     net::SocketAddr,
+    path::Path,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -13,7 +14,7 @@ use std::{
 use futures_util::future::Either;
 use prometheus_client::{metrics::gauge::Gauge, registry::Registry};
 use tokio::{
-    net::TcpListener,
+    net::{TcpListener, UnixListener},
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -31,7 +32,7 @@ use crate::{
     deadline::DeadlinePolicy,
     health::Health,
     limit::{Activity, CallCount, LimitLayer, ShedCount},
-    listener::{self, Connection, OnConnection, TlsAccept},
+    listener::{self, Connection, Listener, OnConnection, TlsAccept},
     methods::Catalog,
     metrics::{self, CounterFn, CounterFnSet, GrpcMetrics, Reloads, ServerMetrics, exporter},
     observe::ObserveLayer,
@@ -39,6 +40,7 @@ use crate::{
     reload,
     service::Greeter,
     tls::{self, CertSummary, Reloadable, TlsError},
+    unix_socket::{UnixSocket, UnixSocketError},
     web::WebLayer,
 };
 
@@ -63,6 +65,8 @@ pub enum ServerError {
     Tokens(#[from] TokensError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("cannot serve the Unix socket (server.unix): {0}")]
+    Unix(#[from] UnixSocketError),
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
@@ -106,6 +110,7 @@ pub struct Server {
     config: Config,
     credentials: Credentials,
     listener: TcpListener,
+    unix: Option<(UnixSocket, UnixListener)>,
     probe_listener: Option<TcpListener>,
     metrics_listener: Option<TcpListener>,
     health: Health,
@@ -119,6 +124,9 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
         let credentials = Credentials::load(&config)?;
         let listener = bind(config.server.listen, "server.listen").await?;
+        let unix = (!config.server.unix.as_os_str().is_empty())
+            .then(|| UnixSocket::bind(&config.server.unix, config.server.unix_mode))
+            .transpose()?;
         let probe_listener = match config.probe.listen {
             Some(addr) => Some(bind(addr, "probe.listen").await?),
             None => None,
@@ -132,6 +140,7 @@ impl Server {
             config,
             credentials,
             listener,
+            unix,
             probe_listener,
             metrics_listener,
             health,
@@ -142,6 +151,11 @@ impl Server {
     /// The address actually bound (resolves port 0).
     pub fn local_addr(&self) -> SocketAddr {
         local_addr(&self.listener)
+    }
+
+    /// The Unix socket's path, when one is configured.
+    pub fn unix_path(&self) -> Option<&Path> {
+        self.unix.as_ref().map(|(socket, _)| socket.path())
     }
 
     /// The probe listener's address, when one is configured.
@@ -176,11 +190,13 @@ impl Server {
             config,
             credentials,
             listener,
+            unix,
             probe_listener,
             metrics_listener,
             health,
             stats,
         } = self;
+        let (unix_socket, unix_listener) = unix.unzip();
 
         // Set when the listeners close: connections send GOAWAY, streams end, accept loops stop.
         let draining = CancellationToken::new();
@@ -272,21 +288,32 @@ impl Server {
             handshake_failures: server_metrics.tls_handshake_failures.clone(),
         });
         let auth_failures = server_metrics.auth_failures;
+        let main = stack.on_connection(
+            routes,
+            AuthLayer::new(credentials.auth.clone(), auth_failures.clone()),
+        );
         stack.connections.spawn(listener::accept(
-            listener,
+            Listener::Tcp(listener),
             tls,
             Arc::clone(&connection_permits),
             draining.clone(),
-            stack.on_connection(
-                routes,
-                AuthLayer::new(credentials.auth.clone(), auth_failures.clone()),
-            ),
+            Arc::clone(&main),
         ));
+        if let Some(unix_listener) = unix_listener {
+            // The same calls as the main listener, and the same connection budget.
+            stack.connections.spawn(listener::accept(
+                Listener::Unix(unix_listener),
+                None,
+                Arc::clone(&connection_permits),
+                draining.clone(),
+                main,
+            ));
+        }
         if let Some(probe_listener) = probe_listener {
             // Plaintext, health only, the same health state; never behind auth. Its own connection
             // budget: a server full of clients must still answer the kubelet's probes.
             stack.connections.spawn(listener::accept(
-                probe_listener,
+                Listener::Tcp(probe_listener),
                 None,
                 Arc::new(Semaphore::new(PROBE_MAX_CONNECTIONS)),
                 draining.clone(),
@@ -297,6 +324,7 @@ impl Server {
         health.set_all(ServingStatus::Serving);
         info!(
             listen = %local_addr,
+            unix = unix_socket.as_ref().map(|socket| tracing::field::display(socket.path().display())),
             probe = ?probe_addr,
             metrics = metrics_addr.map(tracing::field::display),
             tls = config.tls.enabled,
@@ -338,6 +366,7 @@ impl Server {
         if let Some(exporter) = exporter {
             let _ = exporter.await;
         }
+        drop(unix_socket);
         Ok(())
     }
 }

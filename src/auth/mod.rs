@@ -324,7 +324,7 @@ mod tests {
     use tonic::Code;
 
     use super::*;
-    use crate::tls::ClientIdentity;
+    use crate::{listener::PeerAddr, tls::ClientIdentity};
 
     fn config(mode: AuthMode) -> AuthConfig {
         let mut config = crate::config::Config::embedded().auth;
@@ -348,7 +348,7 @@ mod tests {
 
     fn peer(with_cert: bool) -> PeerInfo {
         PeerInfo {
-            remote_addr: "127.0.0.1:1".parse().unwrap(),
+            remote_addr: PeerAddr::Tcp("127.0.0.1:1".parse().unwrap()),
             client_cert: with_cert.then(|| {
                 Arc::new(ClientIdentity {
                     subject: "CN=client".into(),

@@ -31,7 +31,7 @@ use frames::MessageCounter;
 
 use crate::{
     auth::Caller,
-    listener::PeerInfo,
+    listener::{PeerAddr, PeerInfo},
     metrics::{GrpcMetrics, MethodMetrics, grpc::CODE_NAMES},
     request_id,
 };
@@ -234,14 +234,14 @@ struct PeerText {
 }
 
 impl PeerText {
-    fn new(addr: SocketAddr) -> Self {
+    fn new(addr: PeerAddr) -> Self {
         let mut text = Self {
             bytes: [0; 64],
             len: 0,
         };
+        let mut digits = itoa::Buffer::new();
         match addr {
-            SocketAddr::V4(v4) => {
-                let mut digits = itoa::Buffer::new();
+            PeerAddr::Tcp(SocketAddr::V4(v4)) => {
                 for (i, octet) in v4.ip().octets().into_iter().enumerate() {
                     if i > 0 {
                         text.push(".");
@@ -252,8 +252,17 @@ impl PeerText {
                 text.push(digits.format(v4.port()));
             }
             // At most 63 bytes (`[` 39 `%` 10 `]:` 5), so it fits.
-            SocketAddr::V6(v6) => {
+            PeerAddr::Tcp(SocketAddr::V6(v6)) => {
                 let _ = fmt::Write::write_fmt(&mut text, format_args!("{v6}"));
+            }
+            // At most 39 bytes.
+            PeerAddr::Unix { uid, pid } => {
+                text.push("unix:uid=");
+                text.push(digits.format(uid));
+                if let Some(pid) = pid {
+                    text.push(",pid=");
+                    text.push(digits.format(pid));
+                }
             }
         }
         text
@@ -439,7 +448,7 @@ mod tests {
     #[test]
     fn identity_prefers_the_admitted_caller_then_the_certificate() {
         let cert = PeerInfo {
-            remote_addr: "127.0.0.1:1".parse().unwrap(),
+            remote_addr: PeerAddr::Tcp("127.0.0.1:1".parse().unwrap()),
             client_cert: Some(Arc::new(crate::tls::ClientIdentity {
                 subject: "CN=client".into(),
                 sans: vec![],
@@ -463,7 +472,16 @@ mod tests {
             "[::1]:8080",
             "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff%4294967295]:65535",
         ] {
-            let addr: SocketAddr = addr.parse().unwrap();
+            let addr = PeerAddr::Tcp(addr.parse().unwrap());
+            assert_eq!(PeerText::new(addr).as_str(), addr.to_string());
+        }
+        for addr in [
+            PeerAddr::Unix {
+                uid: u32::MAX,
+                pid: Some(i32::MIN),
+            },
+            PeerAddr::Unix { uid: 0, pid: None },
+        ] {
             assert_eq!(PeerText::new(addr).as_str(), addr.to_string());
         }
     }

@@ -1,0 +1,156 @@
+//! The Unix domain socket listener: a real socket file in a temporary directory, its mode, calls
+//! and auth over it, the `greeter` CLI as a sidecar would use it, and cleanup at shutdown.
+
+mod common;
+
+use std::{
+    os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+};
+
+use common::{TestServer, config_with, greeter_bin};
+use greeter::{
+    auth,
+    pb::{HelloRequest, greeter_client::GreeterClient},
+    server::Server,
+};
+use hyper_util::rt::TokioIo;
+use tokio_stream::StreamExt as _;
+use tonic::{
+    Code, Request,
+    transport::{Channel, Endpoint},
+};
+
+fn unix_config(path: &Path, extra: Vec<(String, String)>) -> greeter::config::Config {
+    let mut overrides = vec![
+        ("server.unix".into(), path.to_str().unwrap().into()),
+        ("server.unix_mode".into(), "0660".into()),
+    ];
+    overrides.extend(extra);
+    config_with(overrides)
+}
+
+async fn unix_channel(path: PathBuf) -> Channel {
+    Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(TokioIo::new)
+            }
+        }))
+        .await
+        .expect("connect to the Unix socket")
+}
+
+fn hello(name: &str) -> HelloRequest {
+    HelloRequest { name: name.into() }
+}
+
+#[tokio::test]
+async fn the_socket_serves_every_kind_of_call_and_is_removed_at_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("greeter.sock");
+    let server = TestServer::start_with(unix_config(&path, vec![])).await;
+
+    let meta = std::fs::symlink_metadata(&path).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+
+    let mut client = GreeterClient::new(unix_channel(path.clone()).await);
+    let reply = client.say_hello(hello("sidecar")).await.unwrap();
+    assert_eq!(reply.into_inner().message, "Hello, sidecar!");
+    let count = client
+        .say_hello_stream_reply(hello("sidecar"))
+        .await
+        .unwrap()
+        .into_inner()
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .filter(Result::is_ok)
+        .count();
+    assert_eq!(count, 10);
+    let requests = tokio_stream::iter([hello("a"), hello("b")]);
+    let replies: Vec<_> = client
+        .say_hello_bidi_stream(requests)
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|reply| reply.unwrap().message)
+        .collect()
+        .await;
+    assert_eq!(replies, ["Hello, a!", "Hello, b!"]);
+
+    // The TCP listener serves alongside.
+    let mut tcp = GreeterClient::new(server.channel().await);
+    assert!(tcp.say_hello(hello("tcp")).await.is_ok());
+
+    // The CLI, as a sidecar or an exec probe would call it.
+    let addr = format!("unix:{}", path.display());
+    let out = tokio::task::spawn_blocking(move || {
+        greeter_bin()
+            .args(["hello", "--addr", &addr, "cli"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "Hello, cli!");
+
+    server.stop().await.unwrap();
+    assert!(!path.exists(), "the socket file is removed at shutdown");
+}
+
+#[tokio::test]
+async fn auth_applies_on_the_socket_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("greeter.sock");
+    let tokens = dir.path().join("tokens.toml");
+    let entry = auth::entry_for("grt_sidecar-token", "sidecar", &["greeter".into()]);
+    std::fs::write(&tokens, auth::entry_toml(&entry)).unwrap();
+    let _server = TestServer::start_with(unix_config(
+        &path,
+        vec![
+            ("auth.enabled".into(), "true".into()),
+            ("auth.tokens_file".into(), tokens.to_str().unwrap().into()),
+        ],
+    ))
+    .await;
+    let mut client = GreeterClient::new(unix_channel(path).await);
+
+    let status = client.say_hello(hello("anon")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let mut request = Request::new(hello("sidecar"));
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer grt_sidecar-token".parse().unwrap());
+    assert!(client.say_hello(request).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_file_in_the_way_or_a_live_server_stops_startup_with_the_key_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("greeter.sock");
+
+    std::fs::write(&path, "not a socket").unwrap();
+    let err = Server::bind(unix_config(&path, vec![]))
+        .await
+        .err()
+        .unwrap();
+    let message = err.to_string();
+    assert!(message.contains("server.unix"), "{message}");
+    assert!(message.contains("not a socket"), "{message}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "not a socket");
+
+    std::fs::remove_file(&path).unwrap();
+    let _running = TestServer::start_with(unix_config(&path, vec![])).await;
+    let err = Server::bind(unix_config(&path, vec![]))
+        .await
+        .err()
+        .unwrap();
+    let message = err.to_string();
+    assert!(message.contains("another server is listening"), "{message}");
+}
