@@ -315,14 +315,26 @@ pub async fn http_request(
     path: &str,
     accept: Option<&str>,
 ) -> HttpResponse {
+    let headers: Vec<_> = accept.map(|a| ("Accept", a)).into_iter().collect();
+    http_request_with(addr, method, path, &headers).await
+}
+
+/// Like [`http_request`], with any headers (a browser's CORS preflight, say) and no body.
+pub async fn http_request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> HttpResponse {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let accept = accept
-        .map(|a| format!("Accept: {a}\r\n"))
-        .unwrap_or_default();
+    let headers: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     let request =
-        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n");
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n");
     tcp.write_all(request.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut raw))

@@ -1,0 +1,284 @@
+//! grpc-web against a real server: tonic-web's client over HTTP/1.1 (as a browser without HTTP/2
+//! would call), CORS preflights as browsers send them, the page, TLS ALPN, and that all of it is
+//! gone when `web.enabled = false`. The page itself is driven by a real browser in
+//! tests/interop/test_browser.py.
+
+mod common;
+
+use std::{sync::Arc, time::Duration};
+
+use common::{Pki, TestServer, config_with, http_request, http_request_with};
+use greeter::{
+    auth,
+    config::{Config, Sources},
+    pb::{HelloRequest, greeter_client::GreeterClient},
+};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio_stream::StreamExt as _;
+use tonic::{Code, Request, body::Body};
+use tonic_web::{GrpcWebCall, GrpcWebClientLayer, GrpcWebClientService};
+
+type WebClient = GreeterClient<GrpcWebClientService<Client<HttpConnector, GrpcWebCall<Body>>>>;
+
+/// A grpc-web Greeter client speaking HTTP/1.1 only, as tonic's grpc-web example does.
+fn web_client(server: &TestServer) -> WebClient {
+    let http = Client::builder(TokioExecutor::new()).build_http();
+    let service = tower::ServiceBuilder::new()
+        .layer(GrpcWebClientLayer::new())
+        .service(http);
+    GreeterClient::with_origin(service, server.uri().parse().unwrap())
+}
+
+fn hello(name: &str) -> HelloRequest {
+    HelloRequest { name: name.into() }
+}
+
+#[tokio::test]
+async fn grpc_web_over_http1_serves_unary_and_server_streaming_calls() {
+    let server = TestServer::start().await;
+    let mut client = web_client(&server);
+
+    let reply = client.say_hello(hello("web")).await.unwrap().into_inner();
+    assert_eq!(reply.message, "Hello, web!");
+    let reply = client.say_hello_again(hello("web")).await.unwrap();
+    assert_eq!(reply.get_ref().message, "Hello again, web!");
+    assert!(
+        reply.metadata().get("x-request-id").is_some(),
+        "grpc-web answers carry the request id too"
+    );
+
+    let greetings: Vec<String> = client
+        .say_hello_stream_reply(hello("web"))
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|reply| reply.unwrap().message)
+        .collect()
+        .await;
+    assert_eq!(greetings.len(), 10);
+    assert_eq!(greetings[0], "Hello, web!");
+    assert_eq!(greetings[9], "안녕하세요, web!");
+
+    // Errors travel in the grpc-web trailer frame, details included.
+    let status = client
+        .say_hello(hello(&"x".repeat(2000)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(!status.details().is_empty(), "BadRequest details arrive");
+
+    // Native gRPC over HTTP/2 on the same listener is unaffected.
+    let mut native = GreeterClient::new(server.channel().await);
+    let reply = native.say_hello(hello("h2")).await.unwrap().into_inner();
+    assert_eq!(reply.message, "Hello, h2!");
+}
+
+#[tokio::test]
+async fn grpc_web_calls_pass_auth_like_any_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    let entry = auth::entry_for("grt_browser-token", "browser", &["greeter".into()]);
+    std::fs::write(&tokens, auth::entry_toml(&entry)).unwrap();
+    let server = TestServer::start_with(config_with(vec![
+        ("auth.enabled".into(), "true".into()),
+        ("auth.tokens_file".into(), tokens.to_str().unwrap().into()),
+    ]))
+    .await;
+    let mut client = web_client(&server);
+
+    let status = client.say_hello(hello("anon")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+
+    let mut request = Request::new(hello("browser"));
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer grt_browser-token".parse().unwrap());
+    let reply = client.say_hello(request).await.unwrap().into_inner();
+    assert_eq!(reply.message, "Hello, browser!");
+}
+
+#[tokio::test]
+async fn cors_preflights_allow_the_configured_origins_only() {
+    let mut config = config_with(vec![]);
+    config.web = Config::load(&Sources {
+        env: vec![(
+            "GREETER__WEB__ALLOWED_ORIGINS".into(),
+            "https://app.example".into(),
+        )],
+        ..Sources::default()
+    })
+    .unwrap()
+    .web;
+    let server = TestServer::start_with(config).await;
+    let addr = server.addr;
+    let preflight = |origin: &'static str| async move {
+        http_request_with(
+            addr,
+            "OPTIONS",
+            "/helloworld.Greeter/SayHello",
+            &[
+                ("Origin", origin),
+                ("Access-Control-Request-Method", "POST"),
+                (
+                    "Access-Control-Request-Headers",
+                    "content-type,x-grpc-web,authorization",
+                ),
+            ],
+        )
+        .await
+    };
+
+    let allowed = preflight("https://app.example").await;
+    assert_eq!(allowed.status, 200);
+    assert_eq!(
+        allowed.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    let headers = allowed.header("access-control-allow-headers").unwrap();
+    for needed in [
+        "content-type",
+        "x-grpc-web",
+        "authorization",
+        "grpc-timeout",
+    ] {
+        assert!(headers.contains(needed), "{needed} in {headers}");
+    }
+    assert_eq!(allowed.header("access-control-max-age"), Some("600"));
+
+    let refused = preflight("https://evil.example").await;
+    assert_eq!(
+        refused.header("access-control-allow-origin"),
+        None,
+        "a browser refuses the call without this header"
+    );
+
+    // What the page of an allowed origin may read from the answer.
+    let answer = http_request_with(
+        server.addr,
+        "GET",
+        "/",
+        &[("Origin", "https://app.example")],
+    )
+    .await;
+    let exposed = answer.header("access-control-expose-headers").unwrap();
+    for header in ["grpc-status", "grpc-message", "x-request-id"] {
+        assert!(exposed.contains(header), "{header} in {exposed}");
+    }
+}
+
+#[tokio::test]
+async fn the_page_is_served_with_a_strict_content_security_policy() {
+    let server = TestServer::start().await;
+
+    let page = http_request(server.addr, "GET", "/", None).await;
+    assert_eq!(page.status, 200);
+    assert_eq!(
+        page.header("content-type"),
+        Some("text/html; charset=utf-8")
+    );
+    let csp = page.header("content-security-policy").unwrap();
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert!(page.body.contains("app.js"), "the page loads its script");
+
+    let script = http_request(server.addr, "GET", "/app.js", None).await;
+    assert_eq!(script.status, 200);
+    assert!(
+        script
+            .header("content-type")
+            .unwrap()
+            .starts_with("text/javascript")
+    );
+    assert!(script.body.contains("application/grpc-web"));
+    let style = http_request(server.addr, "GET", "/style.css", None).await;
+    assert_eq!(style.status, 200);
+
+    let head = http_request(server.addr, "HEAD", "/", None).await;
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    assert_eq!(
+        http_request(server.addr, "GET", "/favicon.ico", None)
+            .await
+            .status,
+        404
+    );
+    // Anything else over HTTP/1.1 that is not grpc-web is refused.
+    assert_eq!(
+        http_request(server.addr, "POST", "/helloworld.Greeter/SayHello", None)
+            .await
+            .status,
+        400
+    );
+}
+
+#[tokio::test]
+async fn without_web_the_listener_speaks_http2_only() {
+    let server =
+        TestServer::start_with(config_with(vec![("web.enabled".into(), "false".into())])).await;
+    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut raw))
+        .await
+        .expect("the server closes the connection")
+        .ok();
+    assert!(
+        !raw.starts_with(b"HTTP/1.1"),
+        "no HTTP/1.1 answer: {:?}",
+        String::from_utf8_lossy(&raw)
+    );
+
+    let mut client = web_client(&server);
+    assert!(client.say_hello(hello("web")).await.is_err());
+    // gRPC itself is served as ever.
+    let mut native = GreeterClient::new(server.channel().await);
+    assert!(native.say_hello(hello("h2")).await.is_ok());
+}
+
+/// The ALPN protocol a TLS client offering only `offer` ends up with, or the handshake error.
+async fn negotiate(server: &TestServer, pki: &Pki, offer: &[u8]) -> Result<Vec<u8>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(pki.path("ca.pem")).unwrap();
+    for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(&ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![offer.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(tls.get_ref().1.alpn_protocol().unwrap_or_default().to_vec())
+}
+
+#[tokio::test]
+async fn tls_offers_http1_only_when_web_is_on() {
+    let pki = Pki::new();
+    let web = TestServer::start_with(config_with(pki.tls_overrides())).await;
+    assert_eq!(negotiate(&web, &pki, b"h2").await.unwrap(), b"h2");
+    assert_eq!(
+        negotiate(&web, &pki, b"http/1.1").await.unwrap(),
+        b"http/1.1"
+    );
+
+    let mut overrides = pki.tls_overrides();
+    overrides.push(("web.enabled".into(), "false".into()));
+    let grpc_only = TestServer::start_with(config_with(overrides)).await;
+    assert_eq!(negotiate(&grpc_only, &pki, b"h2").await.unwrap(), b"h2");
+    let refused = negotiate(&grpc_only, &pki, b"http/1.1").await.unwrap_err();
+    assert!(refused.contains("NoApplicationProtocol"), "{refused}");
+}
