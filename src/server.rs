@@ -260,12 +260,6 @@ impl Server {
         // page, grpc-web to gRPC -> request id, log span, metrics and access log -> concurrency
         // limit (sheds) -> auth -> deadline, drain and cancellation -> route -> handler.
         let stack = Stack {
-            settings: Arc::new(connection::Settings::new(
-                limits,
-                &config.connection,
-                config.web.enabled,
-            )),
-            web: config.web.enabled.then(|| WebLayer::new(&config.web)),
             observe: ObserveLayer::new(grpc_metrics, metrics_addr.is_some()),
             calls: Arc::new(CallCount::new(limits.max_concurrent_calls)),
             calls_per_connection: limits.max_concurrent_calls_per_connection,
@@ -289,6 +283,14 @@ impl Server {
         });
         let auth_failures = server_metrics.auth_failures;
         let main = stack.on_connection(
+            Front {
+                settings: Arc::new(connection::Settings::new(
+                    limits,
+                    &config.connection,
+                    config.web.enabled,
+                )),
+                web: config.web.enabled.then(|| WebLayer::new(&config.web)),
+            },
             routes,
             AuthLayer::new(credentials.auth.clone(), auth_failures.clone()),
         );
@@ -310,14 +312,26 @@ impl Server {
             ));
         }
         if let Some(probe_listener) = probe_listener {
-            // Plaintext, health only, the same health state; never behind auth. Its own connection
-            // budget: a server full of clients must still answer the kubelet's probes.
+            // Plaintext HTTP/2, health only, the same health state; never behind auth or grpc-web.
+            // Its own connection budget: a server full of clients must still answer the kubelet's
+            // probes.
             stack.connections.spawn(listener::accept(
                 Listener::Tcp(probe_listener),
                 None,
                 Arc::new(Semaphore::new(PROBE_MAX_CONNECTIONS)),
                 draining.clone(),
-                stack.on_connection(probe_routes, AuthLayer::new(None, auth_failures)),
+                stack.on_connection(
+                    Front {
+                        settings: Arc::new(connection::Settings::new(
+                            limits,
+                            &config.connection,
+                            false,
+                        )),
+                        web: None,
+                    },
+                    probe_routes,
+                    AuthLayer::new(None, auth_failures),
+                ),
             ));
         }
 
@@ -374,8 +388,6 @@ impl Server {
 /// What every connection of a server shares, and how a new connection is served.
 #[derive(Clone)]
 struct Stack {
-    settings: Arc<connection::Settings>,
-    web: Option<WebLayer>,
     observe: ObserveLayer,
     calls: Arc<CallCount>,
     calls_per_connection: usize,
@@ -389,7 +401,7 @@ struct Stack {
 
 impl Stack {
     /// The per-connection service over `routes`, spawned for each accepted connection.
-    fn on_connection(&self, routes: Routes, auth: AuthLayer) -> OnConnection {
+    fn on_connection(&self, front: Front, routes: Routes, auth: AuthLayer) -> OnConnection {
         let stack = self.clone();
         Arc::new(move |conn: Connection, permit: OwnedSemaphorePermit| {
             stack.accepted.fetch_add(1, Ordering::Relaxed);
@@ -407,10 +419,10 @@ impl Stack {
                 .layer(auth.clone())
                 .layer(stack.call_layer.clone())
                 .service(routes.clone());
-            let (settings, draining) = (Arc::clone(&stack.settings), stack.draining.clone());
+            let (settings, draining) = (Arc::clone(&front.settings), stack.draining.clone());
             // Two monomorphic paths rather than one boxed service: without [web], calls pay
             // nothing for it.
-            let serving = match &stack.web {
+            let serving = match &front.web {
                 Some(web) => {
                     let service = ServiceBuilder::new()
                         .layer(peer)
@@ -434,6 +446,12 @@ impl Stack {
             });
         })
     }
+}
+
+/// How a listener's connections speak HTTP: the protocol settings, and grpc-web or not.
+struct Front {
+    settings: Arc<connection::Settings>,
+    web: Option<WebLayer>,
 }
 
 /// One count in `greeter_connections_open` while the connection is served.

@@ -216,30 +216,42 @@ async fn the_page_is_served_with_a_strict_content_security_policy() {
     );
 }
 
-#[tokio::test]
-async fn without_web_the_listener_speaks_http2_only() {
-    let server =
-        TestServer::start_with(config_with(vec![("web.enabled".into(), "false".into())])).await;
-    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+/// Whether `addr` answers an HTTP/1.1 request with HTTP/1.1.
+async fn answers_http1(addr: std::net::SocketAddr) -> bool {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut raw))
         .await
-        .expect("the server closes the connection")
+        .expect("the server answers or closes the connection")
         .ok();
-    assert!(
-        !raw.starts_with(b"HTTP/1.1"),
-        "no HTTP/1.1 answer: {:?}",
-        String::from_utf8_lossy(&raw)
-    );
+    raw.starts_with(b"HTTP/1.1")
+}
+
+#[tokio::test]
+async fn without_web_the_listener_speaks_http2_only() {
+    let server =
+        TestServer::start_with(config_with(vec![("web.enabled".into(), "false".into())])).await;
+    assert!(!answers_http1(server.addr).await);
 
     let mut client = web_client(&server);
     assert!(client.say_hello(hello("web")).await.is_err());
     // gRPC itself is served as ever.
     let mut native = GreeterClient::new(server.channel().await);
     assert!(native.say_hello(hello("h2")).await.is_ok());
+}
+
+#[tokio::test]
+async fn the_probe_port_never_speaks_grpc_web() {
+    let server = TestServer::start_with(config_with(vec![(
+        "probe.listen".into(),
+        "127.0.0.1:0".into(),
+    )]))
+    .await;
+    assert!(answers_http1(server.addr).await, "the main listener does");
+    assert!(!answers_http1(server.probe_addr.unwrap()).await);
 }
 
 /// The ALPN protocol a TLS client offering only `offer` ends up with, or the handshake error.
