@@ -72,10 +72,23 @@ async fn grpc_web_over_http1_serves_unary_and_server_streaming_calls() {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(!status.details().is_empty(), "BadRequest details arrive");
 
-    // Native gRPC over HTTP/2 on the same listener is unaffected.
+    let web_reply = client.say_hello(hello("web")).await.unwrap();
+    assert!(
+        web_reply
+            .metadata()
+            .contains_key("access-control-expose-headers")
+    );
+
+    // Native gRPC over HTTP/2 on the same listener goes straight to the call stack: no CORS.
     let mut native = GreeterClient::new(server.channel().await);
-    let reply = native.say_hello(hello("h2")).await.unwrap().into_inner();
-    assert_eq!(reply.message, "Hello, h2!");
+    let reply = native.say_hello(hello("h2")).await.unwrap();
+    assert_eq!(reply.get_ref().message, "Hello, h2!");
+    assert!(
+        !reply
+            .metadata()
+            .contains_key("access-control-expose-headers")
+    );
+    assert!(!reply.metadata().contains_key("vary"));
 }
 
 #[tokio::test]
