@@ -127,6 +127,12 @@ pub async fn connect(args: &ClientArgs) -> Result<Session, ClientError> {
         })
         .transpose()?;
     let endpoint = endpoint.connect_timeout(args.timeout.unwrap_or(DEFAULT_TIMEOUT));
+    // What the user asked for, with the scheme it implies: http:// and https:// tell plaintext
+    // from TLS at a glance.
+    let target = match &unix {
+        Some(_) => args.addr.clone(),
+        None => uri,
+    };
     let connected = match unix {
         Some(path) => {
             endpoint
@@ -139,7 +145,7 @@ pub async fn connect(args: &ClientArgs) -> Result<Session, ClientError> {
         None => endpoint.connect().await,
     };
     let channel = connected.map_err(|e| ClientError::Connect {
-        addr: args.addr.clone(),
+        addr: target,
         reason: error_chain(&e),
     })?;
     Ok(Session {
