@@ -196,6 +196,9 @@ pub struct CompressionConfig {
     pub accept: Vec<Encoding>,
     /// Encodings replies are compressed with, when the client accepts one of them.
     pub send: Vec<Encoding>,
+    /// Calls whose replies cannot reach this many bytes are answered uncompressed: compressing a
+    /// few dozen bytes costs CPU and makes them larger.
+    pub min_reply_bytes: usize,
 }
 
 /// A gRPC message encoding (`grpc-encoding`).

@@ -27,7 +27,7 @@ use tracing::{info, warn};
 use crate::{
     auth::{AuthLayer, Authenticator, TokenStore, TokensError},
     call::{CallLayer, CallStats},
-    config::{AuthMode, CompressionConfig, Config},
+    config::{AuthMode, Config},
     connection,
     deadline::DeadlinePolicy,
     health::Health,
@@ -38,7 +38,7 @@ use crate::{
     observe::ObserveLayer,
     pb::{self, greeter_server::GreeterServer},
     reload,
-    service::Greeter,
+    service::{Greeter, compressed},
     tls::{self, CertSummary, Reloadable, TlsError},
     unix_socket::{UnixSocket, UnixSocketError},
     web::WebLayer,
@@ -243,9 +243,12 @@ impl Server {
             )
         };
         let greeter = compressed(
-            GreeterServer::new(Greeter::new(config.greeter.clone()))
-                .max_decoding_message_size(limits.max_recv_message_bytes)
-                .max_encoding_message_size(limits.max_send_message_bytes),
+            GreeterServer::new(Greeter::new(
+                config.greeter.clone(),
+                config.compression.min_reply_bytes,
+            ))
+            .max_decoding_message_size(limits.max_recv_message_bytes)
+            .max_encoding_message_size(limits.max_send_message_bytes),
             &config.compression,
         );
         let routes = Routes::new(greeter)
@@ -590,18 +593,4 @@ fn local_addr(listener: &TcpListener) -> SocketAddr {
     listener
         .local_addr()
         .expect("a bound TCP listener has a local address")
-}
-
-/// The Greeter with the configured request and reply encodings.
-fn compressed(
-    mut greeter: GreeterServer<Greeter>,
-    compression: &CompressionConfig,
-) -> GreeterServer<Greeter> {
-    for &encoding in &compression.accept {
-        greeter = greeter.accept_compressed(encoding.into());
-    }
-    for &encoding in &compression.send {
-        greeter = greeter.send_compressed(encoding.into());
-    }
-    greeter
 }

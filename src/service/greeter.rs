@@ -6,8 +6,9 @@
 
 use std::{pin::Pin, sync::Arc};
 
+use prost::Message as _;
 use tokio_stream::{Stream, StreamExt as _};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status, Streaming, codec::SingleMessageCompressionOverride};
 
 use super::validate_name;
 use crate::{
@@ -22,13 +23,34 @@ pub type ReplyStream = Pin<Box<dyn Stream<Item = Result<HelloReply, Status>> + S
 #[derive(Debug, Clone)]
 pub struct Greeter {
     settings: Arc<GreeterConfig>,
+    /// `compression.min_reply_bytes`.
+    min_compressed_bytes: usize,
 }
 
 impl Greeter {
-    pub fn new(settings: GreeterConfig) -> Self {
+    pub fn new(settings: GreeterConfig, min_compressed_bytes: usize) -> Self {
         Self {
             settings: Arc::new(settings),
+            min_compressed_bytes,
         }
+    }
+
+    /// A unary reply, sent uncompressed when smaller than `compression.min_reply_bytes` even to a
+    /// client that accepts compression (streams: `service::compression`).
+    fn respond(
+        &self,
+        greeting: &str,
+        request: &Request<HelloRequest>,
+    ) -> Result<Response<HelloReply>, Status> {
+        let reply = self.greet(greeting, &request.get_ref().name)?;
+        let small = reply.encoded_len() < self.min_compressed_bytes;
+        let mut response = Response::new(reply);
+        if small {
+            response
+                .extensions_mut()
+                .insert(SingleMessageCompressionOverride::Disable);
+        }
+        Ok(response)
     }
 
     fn greet(&self, greeting: &str, name: &str) -> Result<HelloReply, Status> {
@@ -45,16 +67,14 @@ impl greeter_server::Greeter for Greeter {
         &self,
         request: Request<HelloRequest>,
     ) -> Result<Response<HelloReply>, Status> {
-        self.greet("Hello", &request.get_ref().name)
-            .map(Response::new)
+        self.respond("Hello", &request)
     }
 
     async fn say_hello_again(
         &self,
         request: Request<HelloRequest>,
     ) -> Result<Response<HelloReply>, Status> {
-        self.greet("Hello again", &request.get_ref().name)
-            .map(Response::new)
+        self.respond("Hello again", &request)
     }
 
     type SayHelloStreamReplyStream = ReplyStream;

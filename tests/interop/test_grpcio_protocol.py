@@ -195,8 +195,9 @@ def test_bidi_within_its_deadline_completes(slow_stub):
 
 
 # ---- compression ------------------------------------------------------------------------------
-# The default config accepts gzip and zstd requests and sends plain replies (greetings are too
-# small to gain); a server configured to send gzip compresses the replies of clients that accept it.
+# The default config accepts gzip and zstd requests, and gzips unary replies of 512 bytes or more
+# for clients that accept gzip (grpcio does by default); with min_reply_bytes = 0 every reply,
+# streamed ones included.
 
 
 @pytest.mark.parametrize("compression", [grpc.Compression.Gzip, grpc.Compression.Deflate])
@@ -215,6 +216,7 @@ def test_compressed_requests(greeter_stub, compression):
 def gzip_greeter(tmp_path_factory):
     server = GreeterProcess(tmp_path_factory.mktemp("gzip"), env={
         "GREETER__COMPRESSION__SEND": "gzip",
+        "GREETER__COMPRESSION__MIN_REPLY_BYTES": "0",
     })
     yield server
     server.stop()
