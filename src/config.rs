@@ -533,11 +533,13 @@ impl Config {
             }
             return Ok(());
         }
-        if let Some(bad) = allowed.iter().find(|o| !is_origin(o)) {
-            return Err(origins.error(
-                "web.allowed_origins",
-                format!("{bad:?} is not an origin: write scheme://host[:port], no path"),
-            ));
+        for origin in allowed {
+            if let Some(problem) = origin_problem(origin) {
+                return Err(origins.error(
+                    "web.allowed_origins",
+                    format!("{origin:?} is not an origin as browsers send it: {problem}"),
+                ));
+            }
         }
         Ok(())
     }
@@ -784,17 +786,33 @@ impl AuthMode {
     }
 }
 
-/// `listen = ""` means "no such listener": TOML has no null.
-/// A browser's `Origin`: `http` or `https`, a host, an optional port, and nothing after.
-fn is_origin(text: &str) -> bool {
+/// Why `text` is not an origin as browsers send it in `Origin` (CORS compares it byte for byte):
+/// `http` or `https`, a lowercase host, a port only when not the scheme's default, nothing after.
+fn origin_problem(text: &str) -> Option<&'static str> {
     let Ok(uri) = text.parse::<http::Uri>() else {
-        return false;
+        return Some("write scheme://host[:port], no path");
     };
-    matches!(uri.scheme_str(), Some("http" | "https"))
-        && uri.authority().is_some_and(|a| !a.host().is_empty())
-        && !text.ends_with('/')
-        && uri.path_and_query().is_none_or(|p| p.as_str() == "/")
-        && !text.contains('@')
+    let Some(authority) = uri.authority().filter(|a| !a.host().is_empty()) else {
+        return Some("write scheme://host[:port], no path");
+    };
+    let default_port = match uri.scheme_str() {
+        Some("http") => 80,
+        Some("https") => 443,
+        _ => return Some("the scheme is http or https"),
+    };
+    if text.ends_with('/')
+        || uri.path_and_query().is_some_and(|p| p.as_str() != "/")
+        || text.contains('@')
+    {
+        return Some("write scheme://host[:port], no path");
+    }
+    if text.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Some("browsers send it in lowercase");
+    }
+    if authority.port_u16() == Some(default_port) {
+        return Some("browsers leave out the scheme's default port");
+    }
+    None
 }
 
 /// File modes written as octal strings ("0660"), as `chmod` takes them. A TOML integer is refused:
@@ -829,6 +847,7 @@ mod octal_mode {
     }
 }
 
+/// `listen = ""` means "no such listener": TOML has no null.
 mod optional_addr {
     use std::net::SocketAddr;
 
@@ -1064,6 +1083,9 @@ mod tests {
             "app.example",
             "ftp://app.example",
             "*,https://app.example",
+            "https://App.example",
+            "https://app.example:443",
+            "http://app.example:80",
         ] {
             let err = origins(bad).unwrap_err();
             assert_eq!(

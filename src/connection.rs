@@ -32,7 +32,9 @@ use crate::{
     listener::{Connection, PeerAddr},
 };
 
-/// An HTTP/1.1 client must finish sending a request's headers within this (slowloris).
+/// An HTTP/1.1 client must finish sending a request's headers within this (slowloris); hyper
+/// counts from when it starts waiting for a request, so an idle keep-alive connection is closed
+/// after this too (browsers reconnect).
 const HTTP1_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// hyper's floor for its HTTP/1.1 read buffer, which bounds a request's head.

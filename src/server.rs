@@ -41,7 +41,7 @@ use crate::{
     service::{Greeter, compressed},
     tls::{self, CertSummary, Reloadable, TlsError},
     unix_socket::{UnixSocket, UnixSocketError},
-    web::WebLayer,
+    web::{OriginError, WebLayer},
 };
 
 /// Connections the probe listener accepts at once: probes connect, ask, and leave.
@@ -65,6 +65,8 @@ pub enum ServerError {
     Tokens(#[from] TokensError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("{0}")]
+    Web(#[from] OriginError),
     #[error("cannot serve the Unix socket (server.unix): {0}")]
     Unix(#[from] UnixSocketError),
     #[error("cannot build the reflection service: {0}")]
@@ -113,6 +115,7 @@ pub struct Server {
     unix: Option<(UnixSocket, UnixListener)>,
     probe_listener: Option<TcpListener>,
     metrics_listener: Option<TcpListener>,
+    web: Option<WebLayer>,
     health: Health,
     stats: Arc<Stats>,
 }
@@ -123,10 +126,18 @@ impl Server {
     /// answered.
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
         let credentials = Credentials::load(&config)?;
+        let web = if config.web.enabled {
+            let loopback_only = config.server.listen.ip().is_loopback() && !config.tls.enabled;
+            Some(WebLayer::new(&config.web, loopback_only)?)
+        } else {
+            None
+        };
         let listener = bind(config.server.listen, "server.listen").await?;
-        let unix = (!config.server.unix.as_os_str().is_empty())
-            .then(|| UnixSocket::bind(&config.server.unix, config.server.unix_mode))
-            .transpose()?;
+        let unix = if config.server.unix.as_os_str().is_empty() {
+            None
+        } else {
+            Some(UnixSocket::bind(&config.server.unix, config.server.unix_mode).await?)
+        };
         let probe_listener = match config.probe.listen {
             Some(addr) => Some(bind(addr, "probe.listen").await?),
             None => None,
@@ -143,6 +154,7 @@ impl Server {
             unix,
             probe_listener,
             metrics_listener,
+            web,
             health,
             stats: Arc::default(),
         })
@@ -193,6 +205,7 @@ impl Server {
             unix,
             probe_listener,
             metrics_listener,
+            web,
             health,
             stats,
         } = self;
@@ -292,7 +305,7 @@ impl Server {
                     &config.connection,
                     config.web.enabled,
                 )),
-                web: config.web.enabled.then(|| WebLayer::new(&config.web)),
+                web,
             },
             routes,
             AuthLayer::new(credentials.auth.clone(), auth_failures.clone()),

@@ -170,18 +170,42 @@ async fn cors_preflights_allow_the_configured_origins_only() {
         "a browser refuses the call without this header"
     );
 
-    // What the page of an allowed origin may read from the answer.
-    let answer = http_request_with(
-        server.addr,
-        "GET",
-        "/",
-        &[("Origin", "https://app.example")],
-    )
-    .await;
-    let exposed = answer.header("access-control-expose-headers").unwrap();
+    // The call itself: the allowed origin may read the answer, and these headers of it.
+    let mut client = web_client(&server);
+    let call_from = |origin: &'static str| {
+        let mut request = Request::new(hello("cors"));
+        request
+            .metadata_mut()
+            .insert("origin", origin.parse().unwrap());
+        request
+    };
+    let answer = client
+        .say_hello(call_from("https://app.example"))
+        .await
+        .unwrap();
+    let headers = answer.metadata();
+    assert_eq!(
+        headers.get("access-control-allow-origin").unwrap(),
+        "https://app.example"
+    );
+    let exposed = headers
+        .get("access-control-expose-headers")
+        .unwrap()
+        .to_str()
+        .unwrap();
     for header in ["grpc-status", "grpc-message", "x-request-id"] {
         assert!(exposed.contains(header), "{header} in {exposed}");
     }
+    let answer = client
+        .say_hello(call_from("https://evil.example"))
+        .await
+        .unwrap();
+    assert!(
+        answer
+            .metadata()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
 }
 
 #[tokio::test]
@@ -249,8 +273,6 @@ async fn without_web_the_listener_speaks_http2_only() {
         TestServer::start_with(config_with(vec![("web.enabled".into(), "false".into())])).await;
     assert!(!answers_http1(server.addr).await);
 
-    let mut client = web_client(&server);
-    assert!(client.say_hello(hello("web")).await.is_err());
     // gRPC itself is served as ever.
     let mut native = GreeterClient::new(server.channel().await);
     assert!(native.say_hello(hello("h2")).await.is_ok());
@@ -306,4 +328,93 @@ async fn tls_offers_http1_only_when_web_is_on() {
     assert_eq!(negotiate(&grpc_only, &pki, b"h2").await.unwrap(), b"h2");
     let refused = negotiate(&grpc_only, &pki, b"http/1.1").await.unwrap_err();
     assert!(refused.contains("NoApplicationProtocol"), "{refused}");
+}
+
+#[tokio::test]
+async fn grpc_web_over_http2_carries_the_trailers_in_the_body() {
+    use bytes::{BufMut as _, BytesMut};
+    use prost::Message as _;
+
+    let server = TestServer::start().await;
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (mut h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post(format!(
+        "http://{}/helloworld.Greeter/SayHello",
+        server.addr
+    ))
+    .header("content-type", "application/grpc-web+proto")
+    .header("x-grpc-web", "1")
+    .body(())
+    .unwrap();
+    let (response, mut body) = h2.send_request(request, false).unwrap();
+    let message = hello("h2 web").encode_to_vec();
+    let mut frame = BytesMut::new();
+    frame.put_u8(0);
+    frame.put_u32(message.len() as u32);
+    frame.put_slice(&message);
+    body.send_data(frame.freeze(), true).unwrap();
+
+    let response = response.await.unwrap();
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/grpc-web+proto"
+    );
+    let mut bytes = Vec::new();
+    let mut answer = response.into_body();
+    while let Some(chunk) = answer.data().await {
+        bytes.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(bytes[0], 0, "a message frame first");
+    let len = u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize;
+    let reply = greeter::pb::HelloReply::decode(&bytes[5..5 + len]).unwrap();
+    assert_eq!(reply.message, "Hello, h2 web!");
+    let trailers = &bytes[5 + len..];
+    assert_eq!(trailers[0], 0x80, "then the trailer frame");
+    assert!(String::from_utf8_lossy(&trailers[5..]).contains("grpc-status:0"));
+}
+
+#[tokio::test]
+async fn on_loopback_plaintext_browsers_must_call_the_server_by_a_loopback_name() {
+    let server = TestServer::start().await;
+    let page = http_request_with(server.addr, "GET", "/", &[("Host", "evil.example:50051")]).await;
+    assert_eq!(page.status, 421, "DNS rebinding is refused: {}", page.body);
+    let call = http_request_with(
+        server.addr,
+        "POST",
+        "/helloworld.Greeter/SayHello",
+        &[
+            ("Host", "evil.example"),
+            ("Content-Type", "application/grpc-web+proto"),
+        ],
+    )
+    .await;
+    assert_eq!(call.status, 421);
+    for host in ["localhost:50051", "127.0.0.1:50051", "[::1]:50051"] {
+        let page = http_request_with(server.addr, "GET", "/", &[("Host", host)]).await;
+        assert_eq!(page.status, 200, "{host}");
+    }
+    // gRPC clients are not browsers: any authority.
+    let channel = tonic::transport::Channel::from_shared(server.uri())
+        .unwrap()
+        .origin("http://greeter.internal:50051".parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    assert!(
+        GreeterClient::new(channel)
+            .say_hello(hello("h2"))
+            .await
+            .is_ok()
+    );
+
+    // A server meant for the network is called by its own names: no such check.
+    let exposed = TestServer::start_with(config_with(vec![
+        ("server.listen".into(), "0.0.0.0:0".into()),
+        ("server.allow_insecure".into(), "true".into()),
+    ]))
+    .await;
+    let local = std::net::SocketAddr::from(([127, 0, 0, 1], exposed.addr.port()));
+    let page = http_request_with(local, "GET", "/", &[("Host", "greeter.example")]).await;
+    assert_eq!(page.status, 200);
 }

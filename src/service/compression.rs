@@ -1,7 +1,7 @@
 //! Which Greeter replies go out compressed.
 //!
 //! A client that accepts an encoding of `compression.send` may get compressed replies, but only
-//! where compressing pays: a greeting is a few dozen bytes, which compression makes larger at two
+//! where compressing pays: a greeting is a few dozen bytes, which compression makes larger at up
 //! to four times the CPU of the whole call (BENCHMARKS.md, `benches/compression`). Unary replies
 //! are decided one by one by their size (the handler, see `Greeter::respond`). A stream's
 //! compression is fixed by tonic before the handler sees the request, and tonic 0.14 ignores a

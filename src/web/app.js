@@ -144,6 +144,7 @@ async function call(server, method, name, token, signal, onMessage) {
     throw new GrpcError(null, `network error: ${e.message} (${url})`);
   }
   if (response.status !== 200) {
+    response.body?.cancel(); // release the connection; the body is not a grpc-web answer
     throw new GrpcError(null, `HTTP ${response.status}${response.statusText ? " " + response.statusText : ""}`);
   }
 

@@ -319,7 +319,8 @@ pub async fn http_request(
     http_request_with(addr, method, path, &headers).await
 }
 
-/// Like [`http_request`], with any headers (a browser's CORS preflight, say) and no body.
+/// Like [`http_request`], with any headers (a browser's CORS preflight, say; `Host` replaces the
+/// default one) and no body.
 pub async fn http_request_with(
     addr: SocketAddr,
     method: &str,
@@ -333,8 +334,12 @@ pub async fn http_request_with(
         .iter()
         .map(|(name, value)| format!("{name}: {value}\r\n"))
         .collect();
-    let request =
-        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n");
+    let host = if headers.to_ascii_lowercase().contains("host:") {
+        String::new()
+    } else {
+        format!("Host: {addr}\r\n")
+    };
+    let request = format!("{method} {path} HTTP/1.1\r\n{host}{headers}Connection: close\r\n\r\n");
     tcp.write_all(request.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut raw))
