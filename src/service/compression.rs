@@ -8,18 +8,20 @@
 //! handler's override for streams, so streams are sent plain unless `min_reply_bytes = 0`: this
 //! layer hides the client's `grpc-accept-encoding` from them.
 
-use std::task::{Context, Poll};
+use std::{
+    sync::Arc,
+    task::{Context, Poll},
+};
 
 use tonic::server::NamedService;
 use tower::Service;
 
-use crate::{config::CompressionConfig, pb::greeter_server::GreeterServer, service::Greeter};
-
-/// The Greeter's methods whose replies are streams.
-const STREAMING_METHODS: [&str; 2] = [
-    "/helloworld.Greeter/SayHelloStreamReply",
-    "/helloworld.Greeter/SayHelloBidiStream",
-];
+use crate::{
+    config::CompressionConfig,
+    methods::served_methods,
+    pb::{self, greeter_server::GreeterServer},
+    service::Greeter,
+};
 
 const ACCEPT_ENCODING: &str = "grpc-accept-encoding";
 
@@ -34,9 +36,19 @@ pub fn compressed(
     for &encoding in &compression.send {
         greeter = greeter.send_compressed(encoding.into());
     }
+    // The Greeter's methods whose replies are streams, from its descriptor.
+    let plain_streams = if compression.min_reply_bytes > 0 {
+        served_methods(&[pb::FILE_DESCRIPTOR_SET])
+            .into_iter()
+            .filter(|method| method.kind.server_streams())
+            .map(|method| method.path())
+            .collect()
+    } else {
+        Arc::default()
+    };
     ReplyCompression {
         inner: greeter,
-        plain_streams: compression.min_reply_bytes > 0,
+        plain_streams,
     }
 }
 
@@ -44,7 +56,8 @@ pub fn compressed(
 #[derive(Debug, Clone)]
 pub struct ReplyCompression<S> {
     inner: S,
-    plain_streams: bool,
+    /// Paths whose replies go plain: the streaming methods, or none with `min_reply_bytes = 0`.
+    plain_streams: Arc<[String]>,
 }
 
 impl<S: NamedService> NamedService for ReplyCompression<S> {
@@ -64,7 +77,8 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        if self.plain_streams && STREAMING_METHODS.contains(&request.uri().path()) {
+        let path = request.uri().path();
+        if self.plain_streams.iter().any(|plain| plain == path) {
             request.headers_mut().remove(ACCEPT_ENCODING);
         }
         self.inner.call(request)
@@ -73,28 +87,21 @@ where
 
 #[cfg(test)]
 mod tests {
-    use prost::Message as _;
-
     use super::*;
+    use crate::config::Config;
 
     #[test]
-    fn the_streaming_methods_are_the_greeters_streaming_methods() {
-        let set = prost_types::FileDescriptorSet::decode(crate::pb::FILE_DESCRIPTOR_SET).unwrap();
-        let streaming: Vec<String> = set
-            .file
-            .iter()
-            .flat_map(|file| {
-                let package = file.package().to_owned();
-                file.service.iter().flat_map(move |service| {
-                    let prefix = format!("/{package}.{}/", service.name());
-                    service
-                        .method
-                        .iter()
-                        .filter(|m| m.server_streaming())
-                        .map(move |m| format!("{prefix}{}", m.name()))
-                })
-            })
-            .collect();
-        assert_eq!(streaming, STREAMING_METHODS);
+    fn the_streaming_methods_go_plain_unless_every_reply_may_be_compressed() {
+        let mut config = Config::embedded().compression;
+        let greeter = || GreeterServer::new(Greeter::new(Config::embedded().greeter, 0));
+        assert_eq!(
+            *compressed(greeter(), &config).plain_streams,
+            [
+                "/helloworld.Greeter/SayHelloStreamReply",
+                "/helloworld.Greeter/SayHelloBidiStream",
+            ]
+        );
+        config.min_reply_bytes = 0;
+        assert!(compressed(greeter(), &config).plain_streams.is_empty());
     }
 }
