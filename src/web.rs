@@ -229,41 +229,46 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if self.loopback_only && !names_loopback(&request) {
-            let refused = http::Response::builder()
-                .status(StatusCode::MISDIRECTED_REQUEST)
-                .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-                .body(Body::new(Full::new(Bytes::from_static(
-                    b"this server answers browsers at localhost or a loopback address only\n",
-                ))))
-                .expect("static response parts are valid");
-            return Either::Left(future::ready(Ok(refused)));
-        }
-        if request.method() != Method::GET && request.method() != Method::HEAD {
+        let response = if self.loopback_only && !names_loopback(&request) {
+            plain_text(
+                StatusCode::MISDIRECTED_REQUEST,
+                "this server answers browsers at localhost or a loopback address only\n",
+            )
+        } else if request.method() != Method::GET && request.method() != Method::HEAD {
             return Either::Right(self.inner.call(request));
-        }
-        let path = request.uri().path();
-        // hyper sends no body in answer to HEAD, but keeps the length.
-        let response = match FILES.iter().find(|(file, ..)| *file == path) {
-            Some((_, content_type, text)) => http::Response::builder()
-                .header(header::CONTENT_TYPE, *content_type)
-                .header(header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY)
-                .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
-                .header(header::REFERRER_POLICY, "no-referrer")
-                // The files change with the binary: a browser revalidates rather than keep a page
-                // that no longer matches the server.
-                .header(header::CACHE_CONTROL, "no-cache")
-                .body(text.as_bytes()),
-            None => http::Response::builder()
-                .status(StatusCode::NOT_FOUND)
-                .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-                .body(b"not found\n".as_slice()),
+        } else {
+            // hyper sends no body in answer to HEAD, but keeps the length.
+            match FILES
+                .iter()
+                .find(|(file, ..)| *file == request.uri().path())
+            {
+                Some((_, content_type, text)) => http::Response::builder()
+                    .header(header::CONTENT_TYPE, *content_type)
+                    .header(header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY)
+                    .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+                    .header(header::REFERRER_POLICY, "no-referrer")
+                    // The files change with the binary: a browser revalidates rather than keep a
+                    // page that no longer matches the server.
+                    .header(header::CACHE_CONTROL, "no-cache")
+                    .body(static_body(text))
+                    .expect("static response parts are valid"),
+                None => plain_text(StatusCode::NOT_FOUND, "not found\n"),
+            }
         };
-        let response = response
-            .expect("static response parts are valid")
-            .map(|bytes| Body::new(Full::new(Bytes::from_static(bytes))));
         Either::Left(future::ready(Ok(response)))
     }
+}
+
+fn plain_text(status: StatusCode, text: &'static str) -> http::Response<Body> {
+    http::Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(static_body(text))
+        .expect("static response parts are valid")
+}
+
+fn static_body(text: &'static str) -> Body {
+    Body::new(Full::new(Bytes::from_static(text.as_bytes())))
 }
 
 /// Whether the request names the server `localhost` or a loopback address (HTTP/2's `:authority`,
