@@ -8,9 +8,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use common::{TestServer, config_with, greeter_bin};
+use common::{TestServer, config_with, greeter_bin, greeter_token_auth};
 use greeter::{
-    auth,
     pb::{HelloRequest, greeter_client::GreeterClient},
     server::Server,
 };
@@ -108,17 +107,8 @@ async fn the_socket_serves_every_kind_of_call_and_is_removed_at_shutdown() {
 async fn auth_applies_on_the_socket_too() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("greeter.sock");
-    let tokens = dir.path().join("tokens.toml");
-    let entry = auth::entry_for("grt_sidecar-token", "sidecar", &["greeter".into()]);
-    std::fs::write(&tokens, auth::entry_toml(&entry)).unwrap();
-    let _server = TestServer::start_with(unix_config(
-        &path,
-        vec![
-            ("auth.enabled".into(), "true".into()),
-            ("auth.tokens_file".into(), tokens.to_str().unwrap().into()),
-        ],
-    ))
-    .await;
+    let auth = greeter_token_auth(dir.path(), "grt_sidecar-token", "sidecar");
+    let _server = TestServer::start_with(unix_config(&path, auth)).await;
     let mut client = GreeterClient::new(unix_channel(path).await);
 
     let status = client.say_hello(hello("anon")).await.unwrap_err();

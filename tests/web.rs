@@ -7,9 +7,8 @@ mod common;
 
 use std::{sync::Arc, time::Duration};
 
-use common::{Pki, TestServer, config_with, http_request, http_request_with};
+use common::{Pki, TestServer, config_with, greeter_token_auth, http_request, http_request_with};
 use greeter::{
-    auth,
     config::{Config, Sources},
     pb::{HelloRequest, greeter_client::GreeterClient},
 };
@@ -94,14 +93,8 @@ async fn grpc_web_over_http1_serves_unary_and_server_streaming_calls() {
 #[tokio::test]
 async fn grpc_web_calls_pass_auth_like_any_other() {
     let dir = tempfile::tempdir().unwrap();
-    let tokens = dir.path().join("tokens.toml");
-    let entry = auth::entry_for("grt_browser-token", "browser", &["greeter".into()]);
-    std::fs::write(&tokens, auth::entry_toml(&entry)).unwrap();
-    let server = TestServer::start_with(config_with(vec![
-        ("auth.enabled".into(), "true".into()),
-        ("auth.tokens_file".into(), tokens.to_str().unwrap().into()),
-    ]))
-    .await;
+    let auth = greeter_token_auth(dir.path(), "grt_browser-token", "browser");
+    let server = TestServer::start_with(config_with(auth)).await;
     let mut client = web_client(&server);
 
     let status = client.say_hello(hello("anon")).await.unwrap_err();

@@ -278,6 +278,18 @@ pub fn config_with(overrides: Vec<(String, String)>) -> Config {
     .expect("test config is valid")
 }
 
+/// Overrides turning token auth on, with a tokens file in `dir` holding one token with the
+/// `greeter` scope, held by `name`.
+pub fn greeter_token_auth(dir: &Path, token: &str, name: &str) -> Vec<(String, String)> {
+    let tokens = dir.join("tokens.toml");
+    let entry = greeter::auth::entry_for(token, name, &["greeter".into()]);
+    std::fs::write(&tokens, greeter::auth::entry_toml(&entry)).unwrap();
+    vec![
+        ("auth.enabled".into(), "true".into()),
+        ("auth.tokens_file".into(), tokens.to_str().unwrap().into()),
+    ]
+}
+
 /// Connects over TLS to `addr` (verifying the name "localhost").
 pub async fn tls_channel(
     addr: SocketAddr,
