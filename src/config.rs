@@ -9,6 +9,7 @@
 //! only points to, so `greeter config show` can print it whole.
 
 use std::{
+    collections::BTreeMap,
     fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -17,6 +18,8 @@ use std::{
 
 use config::{Environment, File, FileFormat};
 use serde::{Deserialize, Serialize};
+
+use crate::methods;
 
 /// The embedded default: what `greeter serve` runs with when given no file.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -44,6 +47,7 @@ pub struct Config {
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     pub web: WebConfig,
+    pub health: HealthConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,8 +111,10 @@ pub struct AuthConfig {
     pub reload_interval: Duration,
     /// Method pattern -> "open" or the scope a caller needs. Patterns are a full method path
     /// (`/helloworld.Greeter/SayHello`), a service (`/helloworld.Greeter/*`) or `*`; the most
-    /// specific wins. Methods no pattern matches are refused: fail closed.
-    pub policy: std::collections::BTreeMap<String, String>,
+    /// specific wins. Methods no pattern matches are refused: fail closed. A later layer removes
+    /// an entry by setting it to `""`.
+    #[serde(deserialize_with = "removable::map")]
+    pub policy: BTreeMap<String, String>,
 }
 
 /// Which credentials a call must carry when `auth.enabled`.
@@ -141,8 +147,10 @@ pub struct DeadlineConfig {
     pub default: Duration,
     #[serde(with = "humantime_serde")]
     pub max: Duration,
-    /// Per-method (`/pkg.Service/Method`) or per-service (`/pkg.Service/*`) overrides.
-    pub methods: std::collections::BTreeMap<String, DeadlineLimits>,
+    /// Per-method (`/pkg.Service/Method`) or per-service (`/pkg.Service/*`) overrides. A later
+    /// layer removes an entry by setting it to `""`.
+    #[serde(deserialize_with = "removable::map")]
+    pub methods: BTreeMap<String, DeadlineLimits>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -170,6 +178,16 @@ pub struct LimitsConfig {
     pub initial_connection_window_bytes: u32,
     pub max_pending_accept_reset_streams: usize,
     pub max_local_error_reset_streams: usize,
+    /// Calls to methods the policy marks `"open"` (when auth is on), across the server: they
+    /// come from anyone, so they draw from a budget of their own and cannot crowd out callers
+    /// with credentials.
+    pub max_anonymous_calls: usize,
+    pub max_anonymous_calls_per_connection: usize,
+    /// Bytes of request messages received but not yet complete (so not yet handed to a handler),
+    /// across the server.
+    pub max_buffered_request_bytes: usize,
+    /// Connections from one IP address on the main TCP listener; 0: no cap.
+    pub max_connections_per_peer: usize,
 }
 
 /// HTTP/2 connection management: keepalive pings, idle and age limits.
@@ -186,6 +204,10 @@ pub struct ConnectionConfig {
     pub max_age: Duration,
     #[serde(with = "humantime_serde")]
     pub max_age_grace: Duration,
+    /// A connection that has not started a call this long after it was accepted (after its TLS
+    /// handshake) is closed: sockets that never speak cannot hold connection slots.
+    #[serde(with = "humantime_serde")]
+    pub first_call_timeout: Duration,
 }
 
 /// Message compression the Greeter accepts from clients and uses for its replies.
@@ -272,6 +294,17 @@ pub struct WebConfig {
     /// How long a browser may cache a CORS preflight answer.
     #[serde(with = "humantime_serde")]
     pub cors_max_age: Duration,
+}
+
+/// `grpc.health.v1.Health`: what its `Watch` streams, open to anyone, may hold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// `Watch` streams open at once across the server; more are refused RESOURCE_EXHAUSTED.
+    pub max_watch_streams: usize,
+    /// A `Watch` stream older than this ends with UNAVAILABLE (clients re-open it).
+    #[serde(with = "humantime_serde")]
+    pub watch_max_age: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -487,9 +520,45 @@ impl Config {
                 "limits.max_header_list_bytes",
                 u64::from(l.max_header_list_bytes),
             ),
+            ("limits.max_anonymous_calls", l.max_anonymous_calls as u64),
+            (
+                "limits.max_anonymous_calls_per_connection",
+                l.max_anonymous_calls_per_connection as u64,
+            ),
+            (
+                "limits.max_buffered_request_bytes",
+                l.max_buffered_request_bytes as u64,
+            ),
+            (
+                "health.max_watch_streams",
+                self.health.max_watch_streams as u64,
+            ),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(origins.error(key, "must be at least 1".into()));
+        }
+        // Durations for which zero cannot work: every handshake would fail, every connection
+        // would close at once, a reloader would spin.
+        let durations = [
+            ("tls.handshake_timeout", self.tls.handshake_timeout),
+            ("tls.reload_interval", self.tls.reload_interval),
+            ("auth.reload_interval", self.auth.reload_interval),
+            (
+                "connection.first_call_timeout",
+                self.connection.first_call_timeout,
+            ),
+            ("health.watch_max_age", self.health.watch_max_age),
+        ];
+        if let Some((key, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
+            return Err(origins.error(key, "must be above zero (e.g. \"10s\")".into()));
+        }
+        for pattern in self.deadline.methods.keys() {
+            if let Err(problem) = methods::check_pattern(pattern) {
+                return Err(origins.error(
+                    "deadline.methods",
+                    format!("deadline.methods.\"{pattern}\": {problem}"),
+                ));
+            }
         }
         // RFC 9113 bounds SETTINGS_MAX_FRAME_SIZE and the flow-control windows.
         if !(16_384..=16_777_215).contains(&l.max_frame_bytes) {
@@ -575,18 +644,8 @@ impl Config {
         }
         for (pattern, rule) in &auth.policy {
             let key = format!("auth.policy.\"{pattern}\"");
-            let valid_pattern = pattern == "*"
-                || (pattern.starts_with('/')
-                    && pattern.matches('/').count() == 2
-                    && !pattern[1..].starts_with('/'));
-            if !valid_pattern {
-                return Err(origins.error(
-                    "auth.policy",
-                    format!(
-                        "{key}: a pattern is \"*\", \"/package.Service/*\" or \
-                         \"/package.Service/Method\""
-                    ),
-                ));
+            if let Err(problem) = methods::check_pattern(pattern) {
+                return Err(origins.error("auth.policy", format!("{key}: {problem}")));
             }
             if rule.trim().is_empty() {
                 return Err(origins.error(
@@ -815,6 +874,60 @@ fn origin_problem(text: &str) -> Option<&'static str> {
     None
 }
 
+/// Map entries a later layer can remove: layers merge maps key by key, so without a way to say
+/// "gone", a file could change an entry of `auth.policy` or `deadline.methods` but never drop
+/// one. An entry set to `""` is removed (an empty string is no valid rule or limit anyway).
+mod removable {
+    use std::{collections::BTreeMap, fmt, marker::PhantomData};
+
+    use serde::{
+        Deserialize, Deserializer,
+        de::{self, IntoDeserializer as _, value::MapAccessDeserializer},
+    };
+
+    /// One entry: present, or `""` for removed.
+    struct Entry<T>(Option<T>);
+
+    impl<'de, T: Deserialize<'de>> Deserialize<'de> for Entry<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(EntryVisitor(PhantomData))
+        }
+    }
+
+    struct EntryVisitor<T>(PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>> de::Visitor<'de> for EntryVisitor<T> {
+        type Value = Entry<T>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a value, or \"\" to remove the entry")
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<Entry<T>, E> {
+            if text.is_empty() {
+                return Ok(Entry(None));
+            }
+            T::deserialize(text.into_deserializer()).map(|v| Entry(Some(v)))
+        }
+
+        fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Entry<T>, A::Error> {
+            T::deserialize(MapAccessDeserializer::new(map)).map(|v| Entry(Some(v)))
+        }
+    }
+
+    pub fn map<'de, D, T>(d: D) -> Result<BTreeMap<String, T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de>,
+    {
+        let entries = BTreeMap::<String, Entry<T>>::deserialize(d)?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|(key, Entry(value))| value.map(|v| (key, v)))
+            .collect())
+    }
+}
+
 /// File modes written as octal strings ("0660"), as `chmod` takes them. A TOML integer is refused:
 /// `0o660` and `660` would both arrive as numbers, and guessing between them is how a socket ends
 /// up world-writable.
@@ -958,6 +1071,77 @@ mod tests {
                 .collect(),
             ..Sources::default()
         })
+    }
+
+    #[test]
+    fn zero_durations_that_cannot_work_are_refused() {
+        for key in [
+            "tls.handshake_timeout",
+            "tls.reload_interval",
+            "auth.reload_interval",
+            "connection.first_call_timeout",
+            "health.watch_max_age",
+        ] {
+            let error = with_overrides(&[(key, "0s")]).unwrap_err();
+            assert_eq!(error.key.as_deref(), Some(key), "{error}");
+            assert!(error.message.contains("above zero"), "{error}");
+        }
+        for key in [
+            "limits.max_anonymous_calls",
+            "limits.max_anonymous_calls_per_connection",
+            "limits.max_buffered_request_bytes",
+            "health.max_watch_streams",
+        ] {
+            let error = with_overrides(&[(key, "0")]).unwrap_err();
+            assert_eq!(error.key.as_deref(), Some(key), "{error}");
+        }
+        with_overrides(&[("limits.max_connections_per_peer", "0")]).expect("0: no cap");
+    }
+
+    #[test]
+    fn a_later_file_removes_a_map_entry_with_an_empty_string() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("later.toml");
+        std::fs::write(
+            &file,
+            "[auth.policy]\n\"/grpc.reflection.v1.ServerReflection/*\" = \"\"\n\
+             \"/helloworld.Greeter/SayHello\" = \"open\"\n\
+             [deadline.methods]\n\"/helloworld.Greeter/SayHelloBidiStream\" = \"\"\n",
+        )
+        .unwrap();
+        let config = Config::load(&Sources {
+            files: vec![file],
+            ..Sources::default()
+        })
+        .unwrap();
+        let policy = &config.auth.policy;
+        assert!(!policy.contains_key("/grpc.reflection.v1.ServerReflection/*"));
+        assert_eq!(policy["/helloworld.Greeter/SayHello"], "open");
+        assert_eq!(policy["/helloworld.Greeter/*"], "greeter", "others stay");
+        let methods = &config.deadline.methods;
+        assert!(!methods.contains_key("/helloworld.Greeter/SayHelloBidiStream"));
+        assert!(
+            methods.contains_key("/grpc.health.v1.Health/*"),
+            "others stay"
+        );
+    }
+
+    #[test]
+    fn deadline_patterns_are_checked_like_policy_patterns() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("typo.toml");
+        std::fs::write(
+            &file,
+            "[deadline.methods.\"helloworld.Greeter/SayHello\"]\ndefault = \"1s\"\nmax = \"2s\"\n",
+        )
+        .unwrap();
+        let error = Config::load(&Sources {
+            files: vec![file],
+            ..Sources::default()
+        })
+        .unwrap_err();
+        assert_eq!(error.key.as_deref(), Some("deadline.methods"), "{error}");
+        assert!(error.message.contains("a pattern is"), "{error}");
     }
 
     #[test]

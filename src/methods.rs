@@ -107,6 +107,22 @@ impl Catalog {
     }
 }
 
+/// Whether `pattern` is one [`MethodTable`] understands: `*`, `/package.Service/*` or
+/// `/package.Service/Method`. A pattern of another shape would silently never match.
+pub fn check_pattern(pattern: &str) -> Result<(), &'static str> {
+    let well_formed = pattern == "*"
+        || pattern.strip_prefix('/').is_some_and(|rest| {
+            rest.split_once('/').is_some_and(|(service, method)| {
+                !service.is_empty() && !method.is_empty() && !method.contains('/')
+            })
+        });
+    if well_formed {
+        Ok(())
+    } else {
+        Err("a pattern is \"*\", \"/package.Service/*\" or \"/package.Service/Method\"")
+    }
+}
+
 /// Per-method settings keyed by pattern: `/pkg.Service/Method`, `/pkg.Service/*` or `*`. Looking
 /// up a call's path finds the most specific entry without allocating (it runs on every call).
 #[derive(Debug, Clone)]
@@ -171,6 +187,16 @@ mod tests {
             Some(MethodKind::ServerStream)
         );
         assert_eq!(catalog.kind("/nope.Nope/Nope"), None);
+    }
+
+    #[test]
+    fn patterns_are_checked() {
+        for good in ["*", "/a.S/*", "/a.S/M"] {
+            assert_eq!(check_pattern(good), Ok(()), "{good}");
+        }
+        for bad in ["", "a.S/M", "/a.S", "//M", "/a.S/", "/a.S/M/x", "/a.S/M*x/"] {
+            assert!(check_pattern(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
