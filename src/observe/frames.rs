@@ -23,14 +23,23 @@ pub struct MessageCounter {
     prefix_seen: u8,
     /// Length accumulated from the prefix so far.
     length: u32,
+    /// Length the current message's prefix announced, once complete.
+    announced: u32,
     /// Payload bytes of the current message still to come.
     remaining: u64,
 }
 
+/// What one chunk did: messages it completed, and the largest length a prefix in it announced.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Fed {
+    pub completed: u64,
+    pub largest_announced: u32,
+}
+
 impl MessageCounter {
-    /// Reads the next `chunk` of the body; returns how many messages it completed.
-    pub fn feed(&mut self, mut chunk: &[u8]) -> u64 {
-        let mut completed = 0;
+    /// Reads the next `chunk` of the body.
+    pub fn feed(&mut self, mut chunk: &[u8]) -> Fed {
+        let mut fed = Fed::default();
         while !chunk.is_empty() {
             if self.remaining > 0 {
                 let take =
@@ -38,7 +47,7 @@ impl MessageCounter {
                 chunk = &chunk[take..];
                 self.remaining -= take as u64;
                 if self.remaining == 0 {
-                    completed += 1;
+                    fed.completed += 1;
                 }
                 continue;
             }
@@ -49,21 +58,33 @@ impl MessageCounter {
             chunk = &chunk[1..];
             self.prefix_seen += 1;
             if self.prefix_seen == 5 {
+                self.announced = self.length;
+                fed.largest_announced = fed.largest_announced.max(self.length);
                 self.remaining = u64::from(self.length);
                 if self.remaining == 0 {
-                    completed += 1;
+                    fed.completed += 1;
                 }
                 self.prefix_seen = 0;
                 self.length = 0;
             }
         }
-        completed
+        fed
+    }
+
+    /// Bytes of the message in progress received so far, prefix included: what a decoder holds
+    /// until the message is complete.
+    pub fn partial_bytes(&self) -> u64 {
+        if self.remaining > 0 {
+            5 + u64::from(self.announced) - self.remaining
+        } else {
+            u64::from(self.prefix_seen)
+        }
     }
 
     /// Counts the messages a frame completes into `counter`.
     pub fn count<T: AsRef<[u8]>>(&mut self, frame: &Frame<T>, counter: &Counter) {
         if let Some(data) = frame.data_ref() {
-            let completed = self.feed(data.as_ref());
+            let completed = self.feed(data.as_ref()).completed;
             if completed > 0 {
                 counter.inc_by(completed);
             }
@@ -133,7 +154,14 @@ mod tests {
         let mut stream = message(3);
         stream.extend(message(0));
         stream.extend(message(300));
-        assert_eq!(MessageCounter::default().feed(&stream), 3);
+        let fed = MessageCounter::default().feed(&stream);
+        assert_eq!(
+            fed,
+            Fed {
+                completed: 3,
+                largest_announced: 300
+            }
+        );
     }
 
     #[test]
@@ -144,7 +172,7 @@ mod tests {
         stream.extend(message(70_000));
         for size in [1, 2, 3, 4, 5, 6, 7, 16, 4096, 16_384] {
             let mut counter = MessageCounter::default();
-            let total: u64 = stream.chunks(size).map(|c| counter.feed(c)).sum();
+            let total: u64 = stream.chunks(size).map(|c| counter.feed(c).completed).sum();
             assert_eq!(total, 4, "chunks of {size}");
         }
     }
@@ -153,9 +181,13 @@ mod tests {
     fn a_message_counts_once_it_is_complete() {
         let whole = message(8);
         let mut counter = MessageCounter::default();
-        assert_eq!(counter.feed(&whole[..7]), 0);
-        assert_eq!(counter.feed(&whole[7..]), 1);
-        assert_eq!(counter.feed(&[]), 0);
+        assert_eq!(counter.feed(&whole[..3]).completed, 0);
+        assert_eq!(counter.partial_bytes(), 3);
+        assert_eq!(counter.feed(&whole[3..7]).completed, 0);
+        assert_eq!(counter.partial_bytes(), 7);
+        assert_eq!(counter.feed(&whole[7..]).completed, 1);
+        assert_eq!(counter.partial_bytes(), 0);
+        assert_eq!(counter.feed(&[]).completed, 0);
     }
 
     #[test]

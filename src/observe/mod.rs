@@ -8,7 +8,7 @@
 //! finished when the response body is dropped, so every call is counted exactly once, however it
 //! ends.
 
-mod frames;
+pub mod frames;
 
 use std::{
     fmt,
@@ -45,6 +45,22 @@ pub const ACCESS_TARGET: &str = "greeter::access";
 /// access line, which carries the id itself: a span per call costs about 2% of a unary call's
 /// CPU with the fmt subscriber (benches/observability.rs), most of the observability budget.
 pub const SPAN_TARGET: &str = "greeter::request";
+
+/// Bytes of an unknown method's path that the access line keeps: anyone can send a path as long
+/// as the header limit allows (16 KiB), and a log is no place to store it.
+const LOGGED_PATH_BYTES: usize = 256;
+
+/// `path`, cut to [`LOGGED_PATH_BYTES`] (at a character boundary) with an ellipsis.
+fn shortened(path: &str) -> Box<str> {
+    if path.len() <= LOGGED_PATH_BYTES {
+        return path.into();
+    }
+    let cut = (0..=LOGGED_PATH_BYTES)
+        .rev()
+        .find(|&i| path.is_char_boundary(i))
+        .unwrap_or(0);
+    format!("{}…", &path[..cut]).into()
+}
 
 /// Calls to this service are logged at DEBUG: probes would otherwise flood the access log.
 const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
@@ -125,7 +141,7 @@ where
                 quiet,
                 request_id: request_id.clone(),
                 peer: request.extensions().get::<PeerInfo>().cloned(),
-                unknown_path: method.is_unknown().then(|| path.into()),
+                unknown_path: method.is_unknown().then(|| shortened(path)),
                 caller: None,
             }),
         });
@@ -433,6 +449,19 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("grpc-status", HeaderValue::from_static(status));
         headers
+    }
+
+    #[test]
+    fn long_unknown_paths_are_cut_for_the_log() {
+        assert_eq!(&*shortened("/a.B/C"), "/a.B/C");
+        let long = format!("/{}", "é".repeat(200));
+        let cut = shortened(&long);
+        assert!(
+            cut.len() <= LOGGED_PATH_BYTES + '…'.len_utf8(),
+            "{}",
+            cut.len()
+        );
+        assert!(cut.ends_with('…') && long.starts_with(cut.trim_end_matches('…')));
     }
 
     #[test]
