@@ -1,5 +1,6 @@
 //! One HTTP/2 connection (or HTTP/1.1, for grpc-web): every protocol limit set explicitly,
-//! keepalive pings, and GOAWAY when the connection is idle too long, too old, or the server drains.
+//! keepalive pings, and GOAWAY when the connection is idle too long, too old, starts no call in
+//! time, or the server drains; then a close after a grace, whatever the client does.
 //!
 //! greeter drives hyper directly instead of through `tonic::transport::Server`: tonic passes its
 //! own values for some limits (and has panicked with a connection-age grace in some 0.14
@@ -40,6 +41,14 @@ const HTTP1_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// hyper's floor for its HTTP/1.1 read buffer, which bounds a request's head.
 const HTTP1_MIN_BUF_BYTES: usize = 8192;
 
+/// How soon the probe port reclaims a connection that is idle, or that never starts a call:
+/// probes connect, ask and leave, and the port's few slots are open to anyone.
+pub const PROBE_IDLE: Duration = Duration::from_secs(5);
+
+/// A connection closed for starting no call gets this long after its GOAWAY: nothing of it is
+/// running, the GOAWAY only tells a well-behaved client why.
+const UNUSED_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
 /// The HTTP server settings and the connection lifetime rules, built once from config.
 #[derive(Clone)]
 pub struct Settings {
@@ -47,6 +56,7 @@ pub struct Settings {
     max_idle: Option<Duration>,
     max_age: Option<Duration>,
     max_age_grace: Duration,
+    first_call_timeout: Duration,
 }
 
 impl Settings {
@@ -81,7 +91,17 @@ impl Settings {
             max_idle: nonzero(connection.max_idle),
             max_age: nonzero(connection.max_age),
             max_age_grace: connection.max_age_grace,
+            first_call_timeout: connection.first_call_timeout,
         }
+    }
+
+    /// The probe port's: HTTP/2 only, and connections idle or unused for [`PROBE_IDLE`] (or
+    /// less, if the config says so) are closed.
+    pub fn probe(limits: &LimitsConfig, connection: &ConnectionConfig) -> Self {
+        let mut settings = Self::new(limits, connection, false);
+        settings.max_idle = Some(settings.max_idle.map_or(PROBE_IDLE, |d| d.min(PROBE_IDLE)));
+        settings.first_call_timeout = settings.first_call_timeout.min(PROBE_IDLE);
+        settings
     }
 }
 
@@ -145,8 +165,10 @@ enum Verdict {
     Close,
 }
 
-/// Decides when the connection gets GOAWAY (drain, max age, max idle) and when it is closed
-/// outright (age grace passed). Ends when the connection does.
+/// Decides when the connection gets GOAWAY (drain, max age, max idle, no first call) and when it
+/// is closed outright: every GOAWAY but the drain's is followed by a close after a grace (the
+/// drain is bounded by `shutdown.grace`), so a client that ignores GOAWAY, or a socket that never
+/// spoke HTTP/2 at all, cannot keep its slot. Ends when the connection does.
 async fn lifetime(
     settings: Arc<Settings>,
     activity: Arc<Activity>,
@@ -158,24 +180,29 @@ async fn lifetime(
     let age_limit = settings
         .max_age
         .map_or(far, |age| Instant::now() + jittered(age));
+    let first_call_by = Instant::now() + settings.first_call_timeout;
     let idle_check = settings.max_idle.unwrap_or(Duration::MAX);
     let mut force_close_at = far;
     let mut goaway_sent = false;
     let mut started_at_last_check = activity.started();
 
     loop {
-        let verdict = tokio::select! {
+        let (verdict, grace) = tokio::select! {
             () = verdicts.closed() => return,
             () = draining.cancelled(), if !goaway_sent => {
                 debug!(%peer, "draining: GOAWAY");
-                goaway_sent = true;
-                Verdict::GoAway
+                (Verdict::GoAway, None)
+            }
+            () = sleep_until(first_call_by), if !goaway_sent && activity.started() == 0 => {
+                if activity.started() > 0 {
+                    continue;
+                }
+                debug!(%peer, "no call within connection.first_call_timeout: GOAWAY, then close");
+                (Verdict::GoAway, Some(UNUSED_CLOSE_GRACE))
             }
             () = sleep_until(age_limit), if !goaway_sent => {
                 debug!(%peer, "max connection age: GOAWAY");
-                goaway_sent = true;
-                force_close_at = Instant::now() + settings.max_age_grace;
-                Verdict::GoAway
+                (Verdict::GoAway, Some(settings.max_age_grace))
             }
             () = sleep(idle_check), if !goaway_sent && settings.max_idle.is_some() => {
                 let started = activity.started();
@@ -185,14 +212,19 @@ async fn lifetime(
                     continue;
                 }
                 debug!(%peer, "max connection idle: GOAWAY");
-                goaway_sent = true;
-                Verdict::GoAway
+                (Verdict::GoAway, Some(settings.max_age_grace))
             }
             () = sleep_until(force_close_at) => {
-                debug!(%peer, "max connection age grace passed: closing with calls still open");
-                Verdict::Close
+                debug!(%peer, "grace after GOAWAY passed: closing with calls still open");
+                (Verdict::Close, None)
             }
         };
+        if matches!(verdict, Verdict::GoAway) {
+            goaway_sent = true;
+            if let Some(grace) = grace {
+                force_close_at = Instant::now() + grace;
+            }
+        }
         let close = matches!(verdict, Verdict::Close);
         if verdicts.send(verdict).await.is_err() || close {
             return;

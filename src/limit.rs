@@ -1,6 +1,10 @@
 //! Concurrency limits that shed instead of queueing: a call over the global or the per-connection
 //! limit is answered RESOURCE_EXHAUSTED at once (grpc-go's convention for server overload).
 //!
+//! Budgets by trust: calls to methods anyone may call (health, with auth on) have a budget of
+//! their own, so an unauthenticated flood sheds itself and never a caller with credentials. The
+//! layer runs after auth, which has decided who the caller is; calls auth refuses cost no slot.
+//!
 //! tower's `ConcurrencyLimit` + `LoadShed` release their permit when the response *headers* are
 //! ready, which for a gRPC stream is the moment it starts; here the permit lives in the response
 //! body, so a stream counts until it ends and the limit bounds real work and memory.
@@ -20,10 +24,13 @@ use pin_project_lite::pin_project;
 use tonic::{Status, codegen::http};
 use tower::{Layer, Service};
 
-/// What one connection is doing, for idle detection.
+use crate::auth::Caller;
+
+/// What one connection is doing, for idle detection and its share of the call budgets.
 #[derive(Debug, Default)]
 pub struct Activity {
     in_flight: AtomicUsize,
+    anonymous_in_flight: AtomicUsize,
     started: AtomicU64,
 }
 
@@ -39,33 +46,78 @@ impl Activity {
     }
 }
 
+/// Which limit refused a call; each is counted in `greeter_calls_shed_total{limit}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShedBy {
+    /// `limits.max_concurrent_calls_per_connection`.
+    Connection,
+    /// `limits.max_concurrent_calls`.
+    Server,
+    /// `limits.max_anonymous_calls_per_connection`.
+    AnonymousConnection,
+    /// `limits.max_anonymous_calls`.
+    Anonymous,
+}
+
+impl ShedBy {
+    pub const ALL: [Self; 4] = [
+        Self::Connection,
+        Self::Server,
+        Self::AnonymousConnection,
+        Self::Anonymous,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connection => "connection",
+            Self::Server => "server",
+            Self::AnonymousConnection => "anonymous_connection",
+            Self::Anonymous => "anonymous",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Self::Connection => {
+                "server overloaded: too many concurrent calls on this connection; retry with backoff"
+            }
+            Self::Server => {
+                "server overloaded: too many concurrent calls on this server; retry with backoff"
+            }
+            Self::AnonymousConnection => {
+                "too many concurrent unauthenticated calls on this connection; retry with backoff"
+            }
+            Self::Anonymous => {
+                "too many concurrent unauthenticated calls on this server; retry with backoff"
+            }
+        }
+    }
+}
+
 /// Counts calls refused for overload, by the limit that refused them.
 #[derive(Debug, Default)]
-pub struct ShedCount {
-    connection: AtomicU64,
-    server: AtomicU64,
-}
+pub struct ShedCount([AtomicU64; 4]);
 
 impl ShedCount {
-    /// Calls refused by either limit.
+    /// Calls refused by any limit.
     pub fn get(&self) -> u64 {
-        self.on_connection() + self.on_server()
+        ShedBy::ALL.into_iter().map(|by| self.by(by)).sum()
     }
 
-    /// Calls refused by `limits.max_concurrent_calls_per_connection`.
-    pub fn on_connection(&self) -> u64 {
-        self.connection.load(Ordering::Relaxed)
+    /// Calls refused by one limit.
+    pub fn by(&self, by: ShedBy) -> u64 {
+        self.0[by as usize].load(Ordering::Relaxed)
     }
 
-    /// Calls refused by `limits.max_concurrent_calls`.
-    pub fn on_server(&self) -> u64 {
-        self.server.load(Ordering::Relaxed)
+    fn record(&self, by: ShedBy) {
+        self.0[by as usize].fetch_add(1, Ordering::Relaxed);
     }
 }
 
-/// Calls in progress across the server, against `limits.max_concurrent_calls`. An atomic
-/// counter, not a semaphore: nothing ever waits for a slot (over the limit sheds), and releasing
-/// a tokio semaphore permit takes its waiters' mutex, twice per call with the connection's.
+/// Calls in progress across the server, against a limit. An atomic counter, not a semaphore:
+/// nothing ever waits for a slot (over the limit sheds), and releasing a tokio semaphore permit
+/// takes its waiters' mutex, twice per call with the connection's.
 #[derive(Debug)]
 pub struct CallCount {
     in_use: AtomicUsize,
@@ -86,38 +138,91 @@ impl CallCount {
     }
 
     fn try_acquire(&self) -> bool {
-        if self.in_use.fetch_add(1, Ordering::AcqRel) < self.limit {
-            true
-        } else {
-            self.in_use.fetch_sub(1, Ordering::AcqRel);
-            false
+        acquire(&self.in_use, self.limit)
+    }
+}
+
+/// Adds one to `count` unless that would pass `limit`.
+fn acquire(count: &AtomicUsize, limit: usize) -> bool {
+    if count.fetch_add(1, Ordering::AcqRel) < limit {
+        true
+    } else {
+        count.fetch_sub(1, Ordering::AcqRel);
+        false
+    }
+}
+
+/// Concurrent calls allowed: server-wide (shared by every connection of the listeners that use
+/// this budget) and on one connection.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    pub server: Arc<CallCount>,
+    pub per_connection: usize,
+}
+
+impl Budget {
+    pub fn new(server: usize, per_connection: usize) -> Self {
+        Self {
+            server: Arc::new(CallCount::new(server)),
+            per_connection,
         }
     }
 }
 
-/// One instance per connection: the global count is shared; the connection's count is its
-/// [`Activity::in_flight`].
+/// The budgets of a listener, by trust: calls with credentials draw from `calls`; calls to open
+/// methods, which anyone can make, from `anonymous` when there is one (auth on). Every call also
+/// counts against `calls.per_connection` on its connection.
+#[derive(Debug, Clone)]
+pub struct Budgets {
+    pub calls: Budget,
+    pub anonymous: Option<Budget>,
+    pub shed: Arc<ShedCount>,
+}
+
+/// One instance per connection.
 #[derive(Debug, Clone)]
 pub struct LimitLayer {
-    global: Arc<CallCount>,
-    per_connection: usize,
+    budgets: Budgets,
     activity: Arc<Activity>,
-    shed: Arc<ShedCount>,
 }
 
 impl LimitLayer {
-    pub fn new(
-        global: Arc<CallCount>,
-        per_connection: usize,
-        activity: Arc<Activity>,
-        shed: Arc<ShedCount>,
-    ) -> Self {
-        Self {
-            global,
-            per_connection,
-            activity,
-            shed,
+    pub fn new(budgets: Budgets, activity: Arc<Activity>) -> Self {
+        Self { budgets, activity }
+    }
+
+    /// Takes the call's places in the counts, or says which limit refuses it. `anonymous` calls
+    /// draw from the anonymous budget when there is one.
+    fn admit(&self, anonymous: bool) -> Result<CallPermit, ShedBy> {
+        let budgets = &self.budgets;
+        let activity = &self.activity;
+        if !acquire(&activity.in_flight, budgets.calls.per_connection) {
+            return Err(ShedBy::Connection);
         }
+        let anonymous_budget = budgets.anonymous.as_ref().filter(|_| anonymous);
+        let refused = match anonymous_budget {
+            None => (!budgets.calls.server.try_acquire()).then_some(ShedBy::Server),
+            Some(budget) => {
+                if !acquire(&activity.anonymous_in_flight, budget.per_connection) {
+                    Some(ShedBy::AnonymousConnection)
+                } else if !budget.server.try_acquire() {
+                    activity.anonymous_in_flight.fetch_sub(1, Ordering::AcqRel);
+                    Some(ShedBy::Anonymous)
+                } else {
+                    None
+                }
+            }
+        };
+        if let Some(by) = refused {
+            activity.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Err(by);
+        }
+        activity.started.fetch_add(1, Ordering::AcqRel);
+        Ok(CallPermit {
+            server: Arc::clone(&anonymous_budget.unwrap_or(&budgets.calls).server),
+            anonymous: anonymous_budget.is_some(),
+            activity: Arc::clone(activity),
+        })
     }
 }
 
@@ -138,17 +243,23 @@ pub struct Limit<S> {
     limits: LimitLayer,
 }
 
-/// One call's place in the global and the connection's counts, released when its response body
-/// is dropped.
+/// One call's place in the server's and the connection's counts, released when its response
+/// body is dropped.
 #[derive(Debug)]
 pub struct CallPermit {
-    global: Arc<CallCount>,
+    server: Arc<CallCount>,
+    anonymous: bool,
     activity: Arc<Activity>,
 }
 
 impl Drop for CallPermit {
     fn drop(&mut self) {
-        self.global.in_use.fetch_sub(1, Ordering::AcqRel);
+        self.server.in_use.fetch_sub(1, Ordering::AcqRel);
+        if self.anonymous {
+            self.activity
+                .anonymous_in_flight
+                .fetch_sub(1, Ordering::AcqRel);
+        }
         self.activity.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -167,34 +278,22 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let limits = &self.limits;
-        let in_flight = &limits.activity.in_flight;
-        let connection_ok = in_flight.fetch_add(1, Ordering::AcqRel) < limits.per_connection;
-        let permit = match (connection_ok, connection_ok && limits.global.try_acquire()) {
-            (true, true) => CallPermit {
-                global: Arc::clone(&limits.global),
-                activity: Arc::clone(&limits.activity),
+        // The auth layer, which runs first, marks every admitted call with its caller.
+        let anonymous = matches!(
+            request.extensions().get::<Caller>(),
+            Some(Caller::Anonymous)
+        );
+        match self.limits.admit(anonymous) {
+            Ok(permit) => LimitFuture::Admitted {
+                inner: self.inner.call(request),
+                permit: Some(permit),
             },
-            (connection_ok, _) => {
-                in_flight.fetch_sub(1, Ordering::AcqRel);
-                let (count, scope) = if !connection_ok {
-                    (&limits.shed.connection, "on this connection")
-                } else {
-                    (&limits.shed.server, "on this server")
-                };
-                count.fetch_add(1, Ordering::Relaxed);
-                let status = Status::resource_exhausted(format!(
-                    "server overloaded: too many concurrent calls {scope}; retry with backoff"
-                ));
-                return LimitFuture::Shed {
-                    response: Some(status.into_http()),
-                };
+            Err(by) => {
+                self.limits.budgets.shed.record(by);
+                LimitFuture::Shed {
+                    response: Some(Status::resource_exhausted(by.message()).into_http()),
+                }
             }
-        };
-        limits.activity.started.fetch_add(1, Ordering::AcqRel);
-        LimitFuture::Admitted {
-            inner: self.inner.call(request),
-            permit: Some(permit),
         }
     }
 }
@@ -223,10 +322,7 @@ where
             }
             LimitFutureProj::Shed { response } => {
                 let response = response.take().expect("polled after completion");
-                Poll::Ready(Ok(response.map(|()| PermitBody {
-                    inner: B::default(),
-                    permit: None,
-                })))
+                Poll::Ready(Ok(response.map(|()| PermitBody::default())))
             }
         }
     }
@@ -238,6 +334,16 @@ pin_project! {
         #[pin]
         inner: B,
         permit: Option<CallPermit>,
+    }
+}
+
+/// An empty body holding no permit: what a layer outside this one answers refusals with.
+impl<B: Default> Default for PermitBody<B> {
+    fn default() -> Self {
+        Self {
+            inner: B::default(),
+            permit: None,
+        }
     }
 }
 

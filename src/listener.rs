@@ -6,10 +6,14 @@
 //! the kernel refuses new clients.
 
 use std::{
+    collections::HashMap,
     fmt, io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -131,8 +135,81 @@ pub struct TlsAccept {
     pub handshake_failures: CounterSet,
 }
 
-/// Receives each accepted (and, for TLS, handshaken) connection with its connection-limit permit.
-pub type OnConnection = Arc<dyn Fn(Connection, OwnedSemaphorePermit) + Send + Sync>;
+/// Open connections per IP address, against a cap: one host cannot take a listener's whole
+/// connection budget. Touched once when a connection opens and once when it closes.
+#[derive(Debug)]
+pub struct PeerCounts {
+    counts: Mutex<HashMap<IpAddr, usize>>,
+    limit: usize,
+    refused: AtomicU64,
+}
+
+impl PeerCounts {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            counts: Mutex::default(),
+            limit,
+            refused: AtomicU64::new(0),
+        })
+    }
+
+    /// Connections closed at once because their address already had `limit` open.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    fn try_add(self: &Arc<Self>, ip: IpAddr) -> Option<PeerSlot> {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(ip).or_default();
+        if *count >= self.limit {
+            drop(counts);
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            counts: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+/// One connection's place in its address's count.
+#[derive(Debug)]
+struct PeerSlot {
+    counts: Arc<PeerCounts>,
+    ip: IpAddr,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A connection's places in the listener's budgets, given back when it is dropped.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    _permit: OwnedSemaphorePermit,
+    _peer: Option<PeerSlot>,
+}
+
+/// Receives each accepted (and, for TLS, handshaken) connection with its budget slot.
+pub type OnConnection = Arc<dyn Fn(Connection, ConnectionSlot) + Send + Sync>;
+
+/// How many connections a listener takes: at most `total` open at once, and at most what
+/// `per_peer` allows from one IP address (TCP only).
+#[derive(Debug, Clone)]
+pub struct ConnectionBudget {
+    pub total: Arc<Semaphore>,
+    pub per_peer: Option<Arc<PeerCounts>>,
+}
 
 /// A listening socket.
 #[derive(Debug)]
@@ -166,20 +243,21 @@ impl Listener {
 }
 
 /// Accepts on `listener` until `stop`, handing each connection to `on_connection`. At most
-/// `permits` connections are open at once: past that, clients wait in the kernel's accept queue
-/// (as with grpc-go's limit listener) rather than being accepted and starved. `tls` applies to
-/// TCP connections.
+/// `budget.total` connections are open at once: past that, clients wait in the kernel's accept
+/// queue (as with grpc-go's limit listener) rather than being accepted and starved. A connection
+/// from an address already at its `budget.per_peer` cap is closed at once. `tls` applies to TCP
+/// connections; a handshake not done within its timeout is dropped.
 pub async fn accept(
     listener: Listener,
     tls: Option<TlsAccept>,
-    permits: Arc<Semaphore>,
+    budget: ConnectionBudget,
     stop: CancellationToken,
     on_connection: OnConnection,
 ) {
     loop {
         let permit = tokio::select! {
             () = stop.cancelled() => break,
-            permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
+            permit = Arc::clone(&budget.total).acquire_owned() => permit.expect("the semaphore is never closed"),
         };
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -194,6 +272,20 @@ pub async fn accept(
                 continue;
             }
         };
+        let peer_slot = match (&budget.per_peer, remote_addr) {
+            (Some(counts), PeerAddr::Tcp(addr)) => match counts.try_add(addr.ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    debug!(%remote_addr, "too many connections from this address: closed");
+                    continue;
+                }
+            },
+            _ => None,
+        };
+        let slot = ConnectionSlot {
+            _permit: permit,
+            _peer: peer_slot,
+        };
         let plain = |io| {
             let peer = PeerInfo {
                 remote_addr,
@@ -204,12 +296,12 @@ pub async fn accept(
         let tcp = match stream {
             Either::Left(tcp) => tcp,
             Either::Right(unix) => {
-                on_connection(plain(Either::Right(Either::Right(unix))), permit);
+                on_connection(plain(Either::Right(Either::Right(unix))), slot);
                 continue;
             }
         };
         let Some(tls) = &tls else {
-            on_connection(plain(Either::Left(tcp)), permit);
+            on_connection(plain(Either::Left(tcp)), slot);
             continue;
         };
         let acceptor = tls.material.acceptor();
@@ -231,7 +323,7 @@ pub async fn accept(
                         client_cert,
                     };
                     let io = Either::Right(Either::Left(Box::new(stream)));
-                    on_connection(Connection::new(io, peer), permit);
+                    on_connection(Connection::new(io, peer), slot);
                 }
                 Ok(Err(e)) => {
                     failures.inc("error");

@@ -14,6 +14,7 @@ use greeter::{
     client::{self, ClientError, Unary},
     config::{Config, ConfigError, LogFormat, Sources},
     logging,
+    memory::WorstCase,
     server::{Credentials, Server, ServerError},
     shutdown::Signals,
 };
@@ -82,6 +83,7 @@ async fn run(command: Command) -> Result<(), Failure> {
             let config = load(&args)?;
             Credentials::load(&config)?;
             println!("configuration is valid");
+            println!("{}", WorstCase::of(&config));
             Ok(())
         }
         Command::Config(ConfigCommand::Show(args)) => {

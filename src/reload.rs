@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::metrics::ReloadOutcomes;
+use crate::metrics::{ReloadOutcome, ReloadOutcomes};
 
 /// Sends a tick on every SIGHUP the process receives.
 pub fn hangups() -> watch::Receiver<()> {
@@ -53,10 +53,20 @@ fn same(a: &[Option<ring::digest::Digest>], b: &[Option<ring::digest::Digest>]) 
         })
 }
 
+/// What a reload installed.
+#[derive(Debug)]
+pub enum Reloaded {
+    /// The new version of the files, described.
+    Loaded(String),
+    /// Nothing: the file is gone, and what it granted is revoked (fail closed), described.
+    Revoked(String),
+}
+
 /// Calls `reload` whenever the content of `paths` changes (checked every `interval`) or SIGHUP
 /// arrives, until `stop`. `reload` builds and installs the new state, or returns why it cannot:
 /// the old state then stays in force and the failure is logged and counted in `outcomes` once
-/// per distinct content, so an alert on failures fires on a bad rotation, not on every poll.
+/// per distinct content, so an alert on failures fires on a bad rotation, not on every poll. A
+/// revocation is logged as an error and counted too.
 pub fn spawn<E, F>(
     what: &'static str,
     paths: Vec<PathBuf>,
@@ -67,7 +77,7 @@ pub fn spawn<E, F>(
     mut reload: F,
 ) where
     E: std::fmt::Display,
-    F: FnMut() -> Result<String, E> + Send + 'static,
+    F: FnMut() -> Result<Reloaded, E> + Send + 'static,
 {
     let mut seen = fingerprint(&paths);
     let mut hangups = Some(hangups);
@@ -92,11 +102,19 @@ pub fn spawn<E, F>(
                 continue;
             }
             seen = now;
-            let result = reload();
-            outcomes.record(result.is_ok());
-            match result {
-                Ok(summary) => info!(what, %summary, "reloaded"),
-                Err(e) => error!(what, "reload refused, previous version stays in force: {e}"),
+            match reload() {
+                Ok(Reloaded::Loaded(summary)) => {
+                    outcomes.record(ReloadOutcome::Success);
+                    info!(what, %summary, "reloaded");
+                }
+                Ok(Reloaded::Revoked(summary)) => {
+                    outcomes.record(ReloadOutcome::Revoked);
+                    error!(what, "file gone, revoked: {summary}");
+                }
+                Err(e) => {
+                    outcomes.record(ReloadOutcome::Failure);
+                    error!(what, "reload refused, previous version stays in force: {e}");
+                }
             }
         }
     });

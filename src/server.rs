@@ -3,6 +3,7 @@
 
 use std::{
     future::Future,
+    io::ErrorKind,
     net::SocketAddr,
     path::Path,
     sync::{
@@ -15,7 +16,7 @@ use futures_util::future::Either;
 use prometheus_client::{metrics::gauge::Gauge, registry::Registry};
 use tokio::{
     net::{TcpListener, UnixListener},
-    sync::{OwnedSemaphorePermit, Semaphore},
+    sync::Semaphore,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::service::Routes;
@@ -27,25 +28,37 @@ use tracing::{info, warn};
 use crate::{
     auth::{AuthLayer, Authenticator, TokenStore, TokensError},
     call::{CallLayer, CallStats},
-    config::{AuthMode, Config},
+    config::{AuthMode, Config, LimitsConfig},
     connection,
     deadline::DeadlinePolicy,
-    health::Health,
-    limit::{Activity, CallCount, LimitLayer, ShedCount},
-    listener::{self, Connection, Listener, OnConnection, TlsAccept},
-    methods::Catalog,
+    health::{self, Health},
+    intake::{BufferBudget, IntakeLayer},
+    limit::{Activity, Budget, Budgets, LimitLayer, ShedBy, ShedCount},
+    listener::{
+        self, Connection, ConnectionBudget, ConnectionSlot, Listener, OnConnection, PeerCounts,
+        TlsAccept,
+    },
+    methods::{Catalog, MethodTable},
     metrics::{self, CounterFn, CounterFnSet, GrpcMetrics, Reloads, ServerMetrics, exporter},
     observe::ObserveLayer,
     pb::{self, greeter_server::GreeterServer},
-    reload,
-    service::{Greeter, compressed},
+    reload::{self, Reloaded},
+    service::{self, Greeter, compressed},
     tls::{self, CertSummary, Reloadable, TlsError},
     unix_socket::{UnixSocket, UnixSocketError},
     web::{OriginError, WebLayer},
 };
 
 /// Connections the probe listener accepts at once: probes connect, ask, and leave.
-const PROBE_MAX_CONNECTIONS: usize = 64;
+pub const PROBE_MAX_CONNECTIONS: usize = 64;
+/// ... from one IP address: the kubelet probes from its node's, one probe at a time.
+const PROBE_MAX_CONNECTIONS_PER_PEER: usize = 8;
+/// Calls in progress on the probe listener at once, and on one of its connections.
+pub const PROBE_MAX_CALLS: usize = 32;
+const PROBE_MAX_CALLS_PER_CONNECTION: usize = 4;
+
+/// The largest reflection request: a file name or a symbol, with room to spare.
+const REFLECTION_MAX_REQUEST_BYTES: usize = 16 * 1024;
 
 /// The service name health reports for the Greeter, as gRPC's health protocol spells it.
 pub const GREETER_SERVICE: &str = "helloworld.Greeter";
@@ -146,7 +159,8 @@ impl Server {
             Some(addr) => Some(bind(addr, "metrics.listen").await?),
             None => None,
         };
-        let health = Health::new(["", GREETER_SERVICE]);
+        let health = Health::new(["", GREETER_SERVICE], &config.health);
+        let stats = Arc::new(Stats::new(&config.limits));
         Ok(Self {
             config,
             credentials,
@@ -156,7 +170,7 @@ impl Server {
             metrics_listener,
             web,
             health,
-            stats: Arc::default(),
+            stats,
         })
     }
 
@@ -218,12 +232,6 @@ impl Server {
         let _stop_background = background.clone().drop_guard();
 
         let limits = &config.limits;
-        let health_service = || {
-            health
-                .service()
-                .max_decoding_message_size(limits.max_recv_message_bytes)
-                .max_encoding_message_size(limits.max_send_message_bytes)
-        };
         // Both reflection protocols (grpcurl before 1.9 and many tools speak only v1alpha), each
         // describing everything served, the other reflection protocol included, as grpc-go does.
         let descriptor_sets = [
@@ -240,6 +248,16 @@ impl Server {
         let grpc_metrics = Arc::new(GrpcMetrics::register(&mut registry, &descriptor_sets));
         let server_metrics = ServerMetrics::register(&mut registry);
         stats.register(&mut registry);
+        let main_connections = ConnectionBudget {
+            total: Arc::new(Semaphore::new(limits.max_connections)),
+            per_peer: (limits.max_connections_per_peer > 0)
+                .then(|| PeerCounts::new(limits.max_connections_per_peer)),
+        };
+        let probe_connections = ConnectionBudget {
+            total: Arc::new(Semaphore::new(PROBE_MAX_CONNECTIONS)),
+            per_peer: Some(PeerCounts::new(PROBE_MAX_CONNECTIONS_PER_PEER)),
+        };
+        register_connection_refusals(&mut registry, &main_connections, &probe_connections);
         metrics::process::register(&mut registry);
         spawn_reloaders(&config, &credentials, &background, &mut registry);
         let exporter = metrics_listener.map(|metrics_listener| {
@@ -249,6 +267,7 @@ impl Server {
                 background.clone(),
             ))
         });
+        let message_limits = message_limits(&config);
         let reflection = || {
             descriptor_sets.iter().fold(
                 tonic_reflection::server::Builder::configure().include_reflection_service(false),
@@ -260,38 +279,45 @@ impl Server {
                 config.greeter.clone(),
                 config.compression.min_reply_bytes,
             ))
-            .max_decoding_message_size(limits.max_recv_message_bytes)
+            .max_decoding_message_size(message_limits.greeter)
             .max_encoding_message_size(limits.max_send_message_bytes),
             &config.compression,
         );
         let routes = Routes::new(greeter)
-            .add_service(health_service())
-            .add_service(reflection().build_v1()?)
-            .add_service(reflection().build_v1alpha()?)
+            .add_service(health.service())
+            .add_service(
+                reflection()
+                    .build_v1()?
+                    .max_decoding_message_size(message_limits.reflection),
+            )
+            .add_service(
+                reflection()
+                    .build_v1alpha()?
+                    .max_decoding_message_size(message_limits.reflection),
+            )
             .prepare();
-        let probe_routes = Routes::new(health_service()).prepare();
+        let probe_routes = Routes::new(health.probe_service()).prepare();
 
         // The path of a call, outermost first. Per connection: TCP -> TLS -> HTTP/2, or HTTP/1.1
-        // with [web] (limits, keepalive, idle, age). Per call: peer info -> with [web]: CORS, the
-        // page, grpc-web to gRPC -> request id, log span, metrics and access log -> concurrency
-        // limit (sheds) -> auth -> deadline, drain and cancellation -> route -> handler.
+        // with [web] (limits, keepalive, idle, first call, age). Per call: peer info -> with
+        // [web]: CORS, the page, grpc-web to gRPC -> request id, log span, metrics and access log
+        // -> auth (who is calling) -> call budgets by trust (sheds) -> request bytes held
+        // (per-method message limits, server-wide budget) -> deadline, drain and cancellation ->
+        // route -> handler.
         let stack = Stack {
             observe: ObserveLayer::new(grpc_metrics, metrics_addr.is_some()),
-            calls: Arc::new(CallCount::new(limits.max_concurrent_calls)),
-            calls_per_connection: limits.max_concurrent_calls_per_connection,
+            intake: IntakeLayer::new(message_limits.table, Arc::clone(&stats.buffered)),
             call_layer: CallLayer::new(
                 DeadlinePolicy::new(&config.deadline),
                 Catalog::from_encoded_sets(&descriptor_sets),
                 draining.clone(),
                 Arc::clone(&stats.calls),
             ),
-            shed: Arc::clone(&stats.shed),
             accepted: Arc::clone(&stats.connections_accepted),
             connections_open: server_metrics.connections_open.clone(),
             draining: draining.clone(),
             connections: TaskTracker::new(),
         };
-        let connection_permits = Arc::new(Semaphore::new(limits.max_connections));
         let tls = credentials.tls.as_ref().map(|(material, _)| TlsAccept {
             material: material.clone(),
             handshake_timeout: config.tls.handshake_timeout,
@@ -306,6 +332,20 @@ impl Server {
                     config.web.enabled,
                 )),
                 web,
+                budgets: Budgets {
+                    calls: Budget::new(
+                        limits.max_concurrent_calls,
+                        limits.max_concurrent_calls_per_connection,
+                    ),
+                    // With auth off every call is anonymous: one budget, as fast as before.
+                    anonymous: config.auth.enabled.then(|| {
+                        Budget::new(
+                            limits.max_anonymous_calls,
+                            limits.max_anonymous_calls_per_connection,
+                        )
+                    }),
+                    shed: Arc::clone(&stats.shed),
+                },
             },
             routes,
             AuthLayer::new(credentials.auth.clone(), auth_failures.clone()),
@@ -313,7 +353,7 @@ impl Server {
         stack.connections.spawn(listener::accept(
             Listener::Tcp(listener),
             tls,
-            Arc::clone(&connection_permits),
+            main_connections.clone(),
             draining.clone(),
             Arc::clone(&main),
         ));
@@ -322,28 +362,29 @@ impl Server {
             stack.connections.spawn(listener::accept(
                 Listener::Unix(unix_listener),
                 None,
-                Arc::clone(&connection_permits),
+                main_connections,
                 draining.clone(),
                 main,
             ));
         }
         if let Some(probe_listener) = probe_listener {
-            // Plaintext HTTP/2, health only, the same health state; never behind auth or grpc-web.
-            // Its own connection budget: a server full of clients must still answer the kubelet's
-            // probes.
+            // Plaintext HTTP/2, health Check only, the same health state; never behind auth or
+            // grpc-web. Budgets of its own, connections and calls: a server full of clients, or
+            // under attack on its main port, must still answer the kubelet's probes.
             stack.connections.spawn(listener::accept(
                 Listener::Tcp(probe_listener),
                 None,
-                Arc::new(Semaphore::new(PROBE_MAX_CONNECTIONS)),
+                probe_connections,
                 draining.clone(),
                 stack.on_connection(
                     Front {
-                        settings: Arc::new(connection::Settings::new(
-                            limits,
-                            &config.connection,
-                            false,
-                        )),
+                        settings: Arc::new(connection::Settings::probe(limits, &config.connection)),
                         web: None,
+                        budgets: Budgets {
+                            calls: Budget::new(PROBE_MAX_CALLS, PROBE_MAX_CALLS_PER_CONNECTION),
+                            anonymous: None,
+                            shed: Arc::clone(&stats.shed),
+                        },
                     },
                     probe_routes,
                     AuthLayer::new(None, auth_failures),
@@ -405,10 +446,8 @@ impl Server {
 #[derive(Clone)]
 struct Stack {
     observe: ObserveLayer,
-    calls: Arc<CallCount>,
-    calls_per_connection: usize,
+    intake: IntakeLayer,
     call_layer: CallLayer,
-    shed: Arc<ShedCount>,
     accepted: Arc<AtomicU64>,
     connections_open: Gauge,
     draining: CancellationToken,
@@ -419,20 +458,19 @@ impl Stack {
     /// The per-connection service over `routes`, spawned for each accepted connection.
     fn on_connection(&self, front: Front, routes: Routes, auth: AuthLayer) -> OnConnection {
         let stack = self.clone();
-        Arc::new(move |conn: Connection, permit: OwnedSemaphorePermit| {
+        Arc::new(move |conn: Connection, slot: ConnectionSlot| {
             stack.accepted.fetch_add(1, Ordering::Relaxed);
             let open = OpenConnection::new(stack.connections_open.clone());
             let activity = Arc::new(Activity::default());
             let peer = AddExtensionLayer::new(conn.peer().clone());
             let calls = ServiceBuilder::new()
                 .layer(stack.observe.clone())
-                .layer(LimitLayer::new(
-                    Arc::clone(&stack.calls),
-                    stack.calls_per_connection,
-                    Arc::clone(&activity),
-                    Arc::clone(&stack.shed),
-                ))
                 .layer(auth.clone())
+                .layer(LimitLayer::new(
+                    front.budgets.clone(),
+                    Arc::clone(&activity),
+                ))
+                .layer(stack.intake.clone())
                 .layer(stack.call_layer.clone())
                 .service(routes.clone());
             let (settings, draining) = (Arc::clone(&front.settings), stack.draining.clone());
@@ -458,16 +496,18 @@ impl Stack {
             stack.connections.spawn(async move {
                 serving.await;
                 drop(open);
-                drop(permit);
+                drop(slot);
             });
         })
     }
 }
 
-/// How a listener's connections speak HTTP: the protocol settings, and grpc-web or not.
+/// How a listener's connections speak HTTP (the protocol settings, grpc-web or not) and the call
+/// budgets they draw from.
 struct Front {
     settings: Arc<connection::Settings>,
     web: Option<WebLayer>,
+    budgets: Budgets,
 }
 
 /// One count in `greeter_connections_open` while the connection is served.
@@ -487,12 +527,25 @@ impl Drop for OpenConnection {
 }
 
 /// Counters of what the server refused or cut short.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stats {
     pub calls: Arc<CallStats>,
     pub shed: Arc<ShedCount>,
     /// Connections accepted (TLS ones once their handshake succeeded), probe port included.
     pub connections_accepted: Arc<AtomicU64>,
+    /// Request bytes held for messages still arriving, and the calls refused over them.
+    pub buffered: Arc<BufferBudget>,
+}
+
+impl Stats {
+    fn new(limits: &LimitsConfig) -> Self {
+        Self {
+            calls: Arc::default(),
+            shed: Arc::default(),
+            connections_accepted: Arc::default(),
+            buffered: Arc::new(BufferBudget::new(limits.max_buffered_request_bytes)),
+        }
+    }
 }
 
 impl Stats {
@@ -504,15 +557,26 @@ impl Stats {
             "Connections accepted (TLS ones once their handshake succeeded), probe port included",
             CounterFn::new(move || accepted.load(Ordering::Relaxed)),
         );
-        let (on_connection, on_server) = (Arc::clone(&self.shed), Arc::clone(&self.shed));
+        let shed_by = ShedBy::ALL
+            .into_iter()
+            .fold(CounterFnSet::new("limit"), |set, by| {
+                let shed = Arc::clone(&self.shed);
+                set.with(by.as_str(), move || shed.by(by))
+            });
         registry.register(
             "greeter_calls_shed",
             "Calls refused with RESOURCE_EXHAUSTED at once because a concurrency limit was \
              reached, by limit (connection: max_concurrent_calls_per_connection, server: \
-             max_concurrent_calls)",
-            CounterFnSet::new("limit")
-                .with("connection", move || on_connection.on_connection())
-                .with("server", move || on_server.on_server()),
+             max_concurrent_calls, anonymous_connection: max_anonymous_calls_per_connection, \
+             anonymous: max_anonymous_calls)",
+            shed_by,
+        );
+        let buffered = Arc::clone(&self.buffered);
+        registry.register(
+            "greeter_requests_refused_oversize",
+            "Calls refused with RESOURCE_EXHAUSTED because a request message was larger than its \
+             method accepts or limits.max_buffered_request_bytes was reached",
+            CounterFn::new(move || buffered.refused()),
         );
         let calls = Arc::clone(&self.calls);
         registry.register(
@@ -532,6 +596,62 @@ impl Stats {
             "Server streams ended with UNAVAILABLE because the server was shutting down",
             CounterFn::new(move || calls.ended_by_shutdown()),
         );
+    }
+}
+
+/// Connections closed at once because their address had too many open, per listener.
+fn register_connection_refusals(
+    registry: &mut Registry,
+    main: &ConnectionBudget,
+    probe: &ConnectionBudget,
+) {
+    let refused = [("main", main), ("probe", probe)].into_iter().fold(
+        CounterFnSet::new("listener"),
+        |set, (name, budget)| {
+            let counts = budget.per_peer.clone();
+            set.with(name, move || counts.as_ref().map_or(0, |c| c.refused()))
+        },
+    );
+    registry.register(
+        "greeter_connections_refused_per_peer",
+        "Connections closed at once because their IP address already had as many open as \
+         allowed (limits.max_connections_per_peer; 8 on the probe port)",
+        refused,
+    );
+}
+
+/// The largest request message each method accepts: what its request type can usefully hold,
+/// never more than `limits.max_recv_message_bytes`.
+struct MessageLimits {
+    table: MethodTable<usize>,
+    greeter: usize,
+    reflection: usize,
+}
+
+fn message_limits(config: &Config) -> MessageLimits {
+    let cap = |bytes: usize| bytes.min(config.limits.max_recv_message_bytes);
+    let greeter = cap(service::max_request_bytes(&config.greeter));
+    let reflection = cap(REFLECTION_MAX_REQUEST_BYTES);
+    let table = MethodTable::new([
+        ("*".to_owned(), config.limits.max_recv_message_bytes),
+        (format!("/{GREETER_SERVICE}/*"), greeter),
+        (
+            "/grpc.health.v1.Health/*".to_owned(),
+            cap(health::MAX_REQUEST_BYTES),
+        ),
+        (
+            "/grpc.reflection.v1.ServerReflection/*".to_owned(),
+            reflection,
+        ),
+        (
+            "/grpc.reflection.v1alpha.ServerReflection/*".to_owned(),
+            reflection,
+        ),
+    ]);
+    MessageLimits {
+        table,
+        greeter,
+        reflection,
     }
 }
 
@@ -562,13 +682,22 @@ fn spawn_reloaders(
             stop.clone(),
             reloads.kind("tls"),
             move || {
-                tls::load(&settings, http1).map(|loaded| {
+                tls::reload(&settings, http1).map(|(loaded, revoked)| {
                     material.replace(loaded.config);
                     expiry.set(loaded.leaf.not_after_unix);
-                    format!(
+                    let summary = format!(
                         "certificate serial {} ({})",
                         loaded.leaf.serial, loaded.leaf.subject
-                    )
+                    );
+                    if revoked {
+                        Reloaded::Revoked(format!(
+                            "{summary}; tls.client_ca {} is missing: no client certificate is \
+                             accepted until it is back",
+                            settings.client_ca.display()
+                        ))
+                    } else {
+                        Reloaded::Loaded(summary)
+                    }
                 })
             },
         );
@@ -585,12 +714,22 @@ fn spawn_reloaders(
             hangups,
             stop.clone(),
             reloads.kind("tokens"),
-            move || {
-                TokenStore::load(&path).map(|tokens| {
+            move || match TokenStore::load(&path) {
+                Ok(tokens) => {
                     let count = tokens.len();
                     auth.replace_tokens(tokens);
-                    format!("{count} tokens")
-                })
+                    Ok(Reloaded::Loaded(format!("{count} tokens")))
+                }
+                // Deleting the file is how an operator revokes everything: honour it. A file that
+                // is there but does not load (half-written, malformed) keeps the previous tokens.
+                Err(TokensError::Read { source, .. }) if source.kind() == ErrorKind::NotFound => {
+                    auth.replace_tokens(TokenStore::default());
+                    Ok(Reloaded::Revoked(format!(
+                        "auth.tokens_file {} is missing: every token is refused until it is back",
+                        path.display()
+                    )))
+                }
+                Err(e) => Err(e),
             },
         );
     }

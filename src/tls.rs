@@ -13,11 +13,15 @@ use std::{
 
 use arc_swap::ArcSwap;
 use rustls::{
-    RootCertStore, ServerConfig,
+    DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
+    client::danger::HandshakeSignatureValid,
     crypto::CryptoProvider,
-    server::{WebPkiClientVerifier, danger::ClientCertVerifier},
+    server::{
+        WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
 };
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject as _};
 use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
 
 use crate::config::{ClientAuth, TlsConfig};
@@ -89,6 +93,32 @@ pub struct CertSummary {
 /// `tls.client_auth` says. Refuses an expired or not-yet-valid leaf, and a key that does not
 /// belong to the certificate.
 pub fn load(settings: &TlsConfig, http1: bool) -> Result<Material, TlsError> {
+    build(settings, http1, MissingCa::Fail)
+}
+
+/// What a reload does when `tls.client_ca` is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MissingCa {
+    /// Refuse to load (startup: a missing file is a mistake to report).
+    Fail,
+    /// Verify no client certificate until the file is back: deleting the CA revokes the
+    /// identities it vouched for, rather than trusting them for ever.
+    RefuseAll,
+}
+
+/// Like [`load`], for a reload: a missing `tls.client_ca` does not keep the old CA in force but
+/// installs a verifier that accepts no client certificate (fail closed); `revoked` says so.
+pub fn reload(settings: &TlsConfig, http1: bool) -> Result<(Material, bool), TlsError> {
+    let revoked = settings.client_auth != ClientAuth::None && !settings.client_ca.exists();
+    let missing = if revoked {
+        MissingCa::RefuseAll
+    } else {
+        MissingCa::Fail
+    };
+    build(settings, http1, missing).map(|material| (material, revoked))
+}
+
+fn build(settings: &TlsConfig, http1: bool, missing_ca: MissingCa) -> Result<Material, TlsError> {
     let chain = read_certs(&settings.cert)?;
     let leaf = summarize(&settings.cert, &chain[0], SystemTime::now())?;
     let key = read_key(&settings.key)?;
@@ -97,7 +127,12 @@ pub fn load(settings: &TlsConfig, http1: bool) -> Result<Material, TlsError> {
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .expect("ring supports TLS 1.2 and 1.3");
-    let builder = match client_verifier(settings, &provider)? {
+    let verifier = if missing_ca == MissingCa::RefuseAll {
+        Some(NoClientCa::new(settings.client_auth, &provider))
+    } else {
+        client_verifier(settings, &provider)?
+    };
+    let builder = match verifier {
         Some(verifier) => builder.with_client_cert_verifier(verifier),
         None => builder.with_no_client_auth(),
     };
@@ -143,6 +178,70 @@ fn client_verifier(
         path: path.clone(),
         reason: e.to_string(),
     })
+}
+
+/// Stands in for the client CA while its file is missing: every client certificate is refused,
+/// and with `client_auth = "required"` so is every handshake.
+#[derive(Debug)]
+struct NoClientCa {
+    mandatory: bool,
+    schemes: Vec<SignatureScheme>,
+}
+
+impl NoClientCa {
+    fn new(client_auth: ClientAuth, provider: &CryptoProvider) -> Arc<dyn ClientCertVerifier> {
+        Arc::new(Self {
+            mandatory: client_auth == ClientAuth::Required,
+            schemes: provider
+                .signature_verification_algorithms
+                .supported_schemes(),
+        })
+    }
+
+    fn refused() -> rustls::Error {
+        rustls::Error::General("tls.client_ca is missing: no client certificate is trusted".into())
+    }
+}
+
+impl ClientCertVerifier for NoClientCa {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Err(Self::refused())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(Self::refused())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(Self::refused())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.schemes.clone()
+    }
 }
 
 /// Reads every certificate of a PEM file; at least one.

@@ -73,8 +73,9 @@ impl Reloads {
         let family = Family::default();
         registry.register(
             "greeter_reloads",
-            "Reloads of rotated files by kind (tls, tokens) and outcome (success, failure); a \
-             failed reload keeps the previous version in force",
+            "Reloads of rotated files by kind (tls, tokens) and outcome: success; failure (the \
+             file did not load, the previous version stays in force); revoked (the file is gone: \
+             every token, or every client certificate, is refused until it is back)",
             family.clone(),
         );
         Self(family)
@@ -82,31 +83,42 @@ impl Reloads {
 
     /// The counters of one kind of file, created at zero.
     pub fn kind(&self, kind: &'static str) -> ReloadOutcomes {
+        let counter = |outcome| {
+            self.0
+                .get_or_create_owned(&[("kind", kind), ("outcome", outcome)])
+        };
         ReloadOutcomes {
-            success: self
-                .0
-                .get_or_create_owned(&[("kind", kind), ("outcome", "success")]),
-            failure: self
-                .0
-                .get_or_create_owned(&[("kind", kind), ("outcome", "failure")]),
+            success: counter("success"),
+            failure: counter("failure"),
+            revoked: counter("revoked"),
         }
     }
 }
 
-/// Success and failure counts of reloading one kind of file.
+/// How a reload ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    Success,
+    Failure,
+    Revoked,
+}
+
+/// The outcome counts of reloading one kind of file.
 #[derive(Debug, Clone)]
 pub struct ReloadOutcomes {
     success: Counter,
     failure: Counter,
+    revoked: Counter,
 }
 
 impl ReloadOutcomes {
-    pub fn record(&self, succeeded: bool) {
-        if succeeded {
-            self.success.inc();
-        } else {
-            self.failure.inc();
+    pub fn record(&self, outcome: ReloadOutcome) {
+        match outcome {
+            ReloadOutcome::Success => &self.success,
+            ReloadOutcome::Failure => &self.failure,
+            ReloadOutcome::Revoked => &self.revoked,
         }
+        .inc();
     }
 }
 
@@ -306,13 +318,16 @@ mod tests {
         let reloads = Reloads::register(&mut registry);
         assert_eq!(text(&registry), "", "no series before a kind is in use");
         let (tls, tokens) = (reloads.kind("tls"), reloads.kind("tokens"));
-        tls.record(true);
-        tokens.record(false);
+        tls.record(ReloadOutcome::Success);
+        tokens.record(ReloadOutcome::Failure);
+        tokens.record(ReloadOutcome::Revoked);
         let out = text(&registry);
         for line in [
             "greeter_reloads_total{kind=\"tls\",outcome=\"success\"} 1\n",
             "greeter_reloads_total{kind=\"tls\",outcome=\"failure\"} 0\n",
+            "greeter_reloads_total{kind=\"tls\",outcome=\"revoked\"} 0\n",
             "greeter_reloads_total{kind=\"tokens\",outcome=\"failure\"} 1\n",
+            "greeter_reloads_total{kind=\"tokens\",outcome=\"revoked\"} 1\n",
         ] {
             assert!(out.contains(line), "{line} in {out}");
         }

@@ -27,6 +27,14 @@ pub struct Greeter {
     min_compressed_bytes: usize,
 }
 
+/// The largest request message the Greeter reads: a HelloRequest is one name, so anything much
+/// larger than `greeter.max_name_bytes` is refused (RESOURCE_EXHAUSTED) as soon as its length is
+/// announced, before it is buffered. Names up to twice the limit still reach the handler, and get
+/// the precise INVALID_ARGUMENT with its BadRequest details.
+pub fn max_request_bytes(settings: &GreeterConfig) -> usize {
+    settings.max_name_bytes.saturating_mul(2).saturating_add(64)
+}
+
 impl Greeter {
     pub fn new(settings: GreeterConfig, min_compressed_bytes: usize) -> Self {
         Self {

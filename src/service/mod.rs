@@ -5,5 +5,5 @@ mod greeter;
 mod validate;
 
 pub use compression::{ReplyCompression, compressed};
-pub use greeter::Greeter;
+pub use greeter::{Greeter, max_request_bytes};
 pub use validate::{NameError, validate_name};

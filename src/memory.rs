@@ -1,0 +1,144 @@
+//! The most memory a configuration lets clients make the server hold, so an operator can set a
+//! container's memory limit the limits can never exceed (`greeter config check` prints it, and
+//! the deploy test holds every Deployment's limit to it).
+//!
+//! Every term is a limit the server enforces times what one unit of it can hold:
+//! - connections (main listener and Unix socket share `max_connections`; the probe port has its
+//!   own 64): the state of an open TLS + HTTP/2 connection, plus the request bytes HTTP/2 flow
+//!   control lets a client send before the server reads them (the connection window);
+//! - calls (`max_concurrent_calls`, the anonymous budget when auth is on, the probe's 32): the
+//!   call's own state, its headers (up to `max_header_list_bytes`), and the reply bytes queued for
+//!   a client that does not read (up to the stream window);
+//! - request messages still arriving, server-wide (`max_buffered_request_bytes`);
+//! - the process itself.
+//!
+//! The per-unit figures are measured upper bounds with room to spare (BENCHMARKS.md): an idle TLS
+//! connection measured ~28 KiB, the process at rest ~8 MiB.
+
+use std::fmt;
+
+use crate::{
+    config::Config,
+    server::{PROBE_MAX_CALLS, PROBE_MAX_CONNECTIONS},
+};
+
+/// The process at rest: code, runtime, metric registry, descriptor sets.
+const BASE_BYTES: u64 = 16 << 20;
+/// One open connection's state: socket, TLS session and buffers, HTTP/2 codec and HPACK tables.
+const CONNECTION_BYTES: u64 = 32 << 10;
+/// One call's state beyond its headers and queued replies: stream, task, codec buffers.
+const CALL_BYTES: u64 = 16 << 10;
+
+/// The worst case, by term, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorstCase {
+    pub connections: u64,
+    pub bytes_per_connection: u64,
+    pub calls: u64,
+    pub bytes_per_call: u64,
+    pub buffered_requests: u64,
+    pub base: u64,
+}
+
+impl WorstCase {
+    pub fn of(config: &Config) -> Self {
+        let limits = &config.limits;
+        let anonymous = if config.auth.enabled {
+            limits.max_anonymous_calls
+        } else {
+            0
+        };
+        let probe = config.probe.listen.is_some();
+        let connections = limits.max_connections + if probe { PROBE_MAX_CONNECTIONS } else { 0 };
+        let calls =
+            limits.max_concurrent_calls + anonymous + if probe { PROBE_MAX_CALLS } else { 0 };
+        Self {
+            connections: connections as u64,
+            bytes_per_connection: CONNECTION_BYTES
+                + u64::from(limits.initial_connection_window_bytes),
+            calls: calls as u64,
+            bytes_per_call: CALL_BYTES
+                + u64::from(limits.max_header_list_bytes)
+                + u64::from(limits.initial_stream_window_bytes),
+            buffered_requests: limits.max_buffered_request_bytes as u64,
+            base: BASE_BYTES,
+        }
+    }
+
+    /// The sum of the terms.
+    pub fn total(&self) -> u64 {
+        self.connections * self.bytes_per_connection
+            + self.calls * self.bytes_per_call
+            + self.buffered_requests
+            + self.base
+    }
+}
+
+impl fmt::Display for WorstCase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mib = |bytes: u64| bytes.div_ceil(1 << 20);
+        let kib = |bytes: u64| bytes.div_ceil(1 << 10);
+        write!(
+            f,
+            "worst-case memory: {} MiB ({} connections x {} KiB, {} calls x {} KiB, {} MiB of \
+             request messages arriving, {} MiB for the process)",
+            mib(self.total()),
+            self.connections,
+            kib(self.bytes_per_connection),
+            self.calls,
+            kib(self.bytes_per_call),
+            mib(self.buffered_requests),
+            mib(self.base),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Sources;
+
+    fn config(overrides: &[(&str, &str)]) -> Config {
+        Config::load(&Sources {
+            overrides: overrides
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Sources::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn every_limit_counts_in_the_worst_case() {
+        let base = WorstCase::of(&config(&[])).total();
+        for (key, value) in [
+            ("limits.max_connections", "2000"),
+            ("limits.max_concurrent_calls", "2000"),
+            ("limits.max_buffered_request_bytes", "67108864"),
+            ("limits.initial_connection_window_bytes", "1048576"),
+            ("limits.initial_stream_window_bytes", "1048576"),
+            ("limits.max_header_list_bytes", "65536"),
+            ("probe.listen", "127.0.0.1:0"),
+        ] {
+            let more = WorstCase::of(&config(&[(key, value)])).total();
+            assert!(more > base, "{key} = {value}: {more} <= {base}");
+        }
+    }
+
+    #[test]
+    fn the_printed_line_names_the_total_in_mib() {
+        let worst = WorstCase {
+            connections: 10,
+            bytes_per_connection: 100 << 10,
+            calls: 20,
+            bytes_per_call: 50 << 10,
+            buffered_requests: 1 << 20,
+            base: 1 << 20,
+        };
+        assert_eq!(worst.total(), (1000 << 10) + (1000 << 10) + (2 << 20));
+        let line = worst.to_string();
+        assert!(line.starts_with("worst-case memory: 4 MiB ("), "{line}");
+        assert!(line.contains("10 connections x 100 KiB"), "{line}");
+    }
+}
