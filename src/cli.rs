@@ -202,9 +202,14 @@ pub struct ClientArgs {
     /// Name to verify the server certificate against [default: the host of --addr]
     #[arg(long, value_name = "NAME")]
     pub server_name: Option<String>,
-    /// Bearer token, sent as `authorization: Bearer <token>`
+    /// Bearer token, sent as `authorization: Bearer <token>`; refused over plaintext beyond
+    /// loopback (see --allow-insecure-token)
     #[arg(long, env = "GREETER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Send --token over plaintext to a non-loopback address, readable by anyone on the path
+    /// (only for a network you trust, e.g. a mesh sidecar's mTLS); loopback and unix: need no flag
+    #[arg(long)]
+    pub allow_insecure_token: bool,
 }
 
 impl ClientArgs {

@@ -369,3 +369,115 @@ fn bench_measures_unary_and_bidi() {
         assert!(p50 > 0 && p50 <= max, "{report}");
     }
 }
+
+#[test]
+fn a_token_is_not_sent_in_cleartext_beyond_loopback_unless_allowed() {
+    // 192.0.2.1 is TEST-NET-1: nothing answers there, so a refusal that comes at once was made
+    // before connecting.
+    let refused = run(&[
+        "hello",
+        "--addr",
+        "192.0.2.1:50051",
+        "--token",
+        "secret",
+        "--timeout",
+        "2s",
+    ]);
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    let err = stderr(&refused);
+    assert!(
+        err.contains("cleartext") && err.contains("--allow-insecure-token"),
+        "{err}"
+    );
+    assert!(!err.contains("secret"), "never echoes the token: {err}");
+
+    let allowed = run(&[
+        "hello",
+        "--addr",
+        "192.0.2.1:50051",
+        "--token",
+        "secret",
+        "--timeout",
+        "500ms",
+        "--allow-insecure-token",
+    ]);
+    assert_eq!(allowed.status.code(), Some(1));
+    assert!(
+        stderr(&allowed).contains("cannot connect"),
+        "{}",
+        stderr(&allowed)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = BinaryServer::start(&json_log_config(dir.path(), ""), &[]);
+    for addr in [
+        server.addr_arg(),
+        format!("localhost:{}", server.addr.port()),
+    ] {
+        let loopback = run(&["hello", "you", "--addr", &addr, "--token", "secret"]);
+        assert_eq!(stdout(&loopback), "Hello, you!\n", "{}", stderr(&loopback));
+    }
+}
+
+#[test]
+fn plaintext_and_tls_mismatches_say_what_the_server_speaks() {
+    let pki = common::Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let tls_toml: String = pki
+        .tls_overrides()
+        .iter()
+        .filter(|(key, _)| key != "tls.reload_interval")
+        .map(|(key, value)| format!("{} = {value:?}\n", key.trim_start_matches("tls.")))
+        .collect();
+    let tls_server = BinaryServer::start(
+        &json_log_config(dir.path(), &format!("[tls]\n{tls_toml}")),
+        &[],
+    );
+    let tls_addr = format!("localhost:{}", tls_server.addr.port());
+    for extra in [&[][..], &["--token", "secret"][..]] {
+        let output = run(&[&["hello", "--addr", &tls_addr][..], extra].concat());
+        assert_eq!(output.status.code(), Some(1));
+        assert!(
+            stderr(&output).contains("the server speaks TLS: pass --ca"),
+            "{extra:?}: {}",
+            stderr(&output)
+        );
+    }
+
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain_server = BinaryServer::start(&json_log_config(plain_dir.path(), ""), &[]);
+    let plain_addr = format!("localhost:{}", plain_server.addr.port());
+    let output = run(&["health", "--addr", &plain_addr, "--ca", &pki.path("ca.pem")]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("the server speaks plaintext: drop --tls, --ca"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn a_stream_into_a_closed_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = json_log_config(dir.path(), "[greeter]\nstream_interval = \"50ms\"\n");
+    let server = BinaryServer::start(&config, &[]);
+    // `greeter stream you | head -1`: the reader takes one line and goes away.
+    let mut child = greeter_bin()
+        .args(["stream", "you", "--addr", &server.addr_arg()])
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert_eq!(first, "Hello, you!\n");
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(stderr(&output), "", "nothing on stderr");
+}
