@@ -1009,10 +1009,10 @@ mod tests {
     }
 
     #[test]
-    fn metrics_listen_defaults_to_loopback_and_can_be_disabled() {
+    fn metrics_listen_defaults_to_a_free_loopback_port_and_can_be_disabled() {
         assert_eq!(
             Config::embedded().metrics.listen,
-            Some("127.0.0.1:9090".parse().unwrap())
+            Some("127.0.0.1:0".parse().unwrap())
         );
         assert_eq!(
             with_overrides(&[("metrics.listen", "")])
