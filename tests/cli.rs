@@ -481,3 +481,39 @@ fn a_stream_into_a_closed_pipe_ends_quietly() {
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_eq!(stderr(&output), "", "nothing on stderr");
 }
+
+#[test]
+fn startup_and_shutdown_lines_hold_plain_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = json_log_config(dir.path(), "[probe]\nlisten = \"127.0.0.1:0\"\n");
+    let mut server = BinaryServer::start(&config, &[]);
+    let (code, _) = server.terminate();
+    assert_eq!(code, Some(0));
+    let logs = server.logs.lock().unwrap().clone();
+    let line = |message: &str| -> serde_json::Value {
+        logs.lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|event| event["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} line:\n{logs}"))
+    };
+    let serving = line("greeter serving");
+    let probe: std::net::SocketAddr = serving["probe"].as_str().unwrap().parse().unwrap();
+    assert!(probe.ip().is_loopback(), "{serving}");
+    assert_eq!(serving["client_auth"], "none", "{serving}");
+    assert_eq!(line("shutting down: health NOT_SERVING")["delay"], "0s");
+    // No Rust debug text anywhere: Some(..), None, 0ns.
+    for event in logs.lines() {
+        assert!(
+            !event.contains("Some(") && !event.contains("\"None\"") && !event.contains("0ns"),
+            "{event}"
+        );
+    }
+
+    let mut without_probe = BinaryServer::start(&json_log_config(dir.path(), ""), &[]);
+    assert_eq!(without_probe.terminate().0, Some(0));
+    let logs = without_probe.logs.lock().unwrap().clone();
+    assert!(
+        logs.contains("greeter serving") && !logs.contains("\"probe\""),
+        "no probe listener, no probe field: {logs}"
+    );
+}

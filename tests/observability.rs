@@ -572,6 +572,7 @@ async fn the_binary_logs_one_json_access_line_per_call_with_its_request_id() {
         format!(
             "[log]\nformat = \"json\"\nfilter = \"info,greeter::call=debug,greeter::request=debug\"\n\
              [auth]\nenabled = true\ntokens_file = {tokens:?}\n\
+             [auth.policy]\n\"/helloworld.Greeter/SayHelloAgain\" = \"admin\"\n\
              [greeter]\nstream_interval = \"1s\"\n"
         ),
     )
@@ -596,6 +597,12 @@ async fn the_binary_logs_one_json_access_line_per_call_with_its_request_id() {
         .to_str()
         .unwrap()
         .to_owned();
+    let mut denied = with_token(hello("denied"));
+    denied
+        .metadata_mut()
+        .insert("x-request-id", "access-log-denied".parse().unwrap());
+    let status = client.say_hello_again(denied).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     let mut late = with_token(hello("late"));
     late.set_timeout(Duration::from_millis(300));
     let replies = client.say_hello_stream_reply(late).await.unwrap();
@@ -622,7 +629,7 @@ async fn the_binary_logs_one_json_access_line_per_call_with_its_request_id() {
     let lines = loop {
         let logs = server.logs.lock().unwrap().clone();
         let lines = access_lines(&logs);
-        if lines.len() >= 3 || Instant::now() > deadline {
+        if lines.len() >= 4 || Instant::now() > deadline {
             break lines;
         }
         drop(logs);
@@ -631,7 +638,7 @@ async fn the_binary_logs_one_json_access_line_per_call_with_its_request_id() {
     let logs = server.logs.lock().unwrap().clone();
     assert_eq!(
         lines.len(),
-        3,
+        4,
         "one line per call, none for health:\n{logs}"
     );
     let by_id: HashMap<&str, &serde_json::Value> = lines
@@ -654,6 +661,12 @@ async fn the_binary_logs_one_json_access_line_per_call_with_its_request_id() {
     assert_eq!(refused["code"], "Unauthenticated");
     assert_eq!(refused["auth"], "none");
     assert!(refused.get("identity").is_none(), "{refused}");
+
+    // Identified, but without the scope: the line says who was refused.
+    let denied = by_id["access-log-denied"];
+    assert_eq!(denied["code"], "PermissionDenied");
+    assert_eq!(denied["auth"], "token");
+    assert_eq!(denied["identity"], "ci");
 
     let late = by_id[late_id.as_str()];
     assert_eq!(late["method"], "/helloworld.Greeter/SayHelloStreamReply");
