@@ -291,6 +291,29 @@ fn help_and_version_are_complete() {
         hello.contains("[default: 127.0.0.1:50051]") && hello.contains("10s"),
         "{hello}"
     );
+    // Unset, the variable is not "set to empty".
+    let hello = greeter_bin()
+        .args(["hello", "--help"])
+        .env_remove("GREETER_ADDR")
+        .output()
+        .unwrap();
+    let hello = stdout(&hello);
+    assert!(
+        hello.contains("[env: GREETER_ADDR]") && !hello.contains("GREETER_ADDR="),
+        "{hello}"
+    );
+    let top = stdout(&run(&["--help"]));
+    for sub in ["`bench`", "`certs`", "`token`", "`serve`", "`config`"] {
+        let about = top.split("Usage:").next().unwrap();
+        assert!(about.contains(sub), "the overview names {sub}: {top}");
+    }
+    let bench = stdout(&run(&["bench", "--help"]));
+    let timeout = bench.split("--timeout").nth(1).unwrap();
+    let timeout = timeout.split("\n\n").next().unwrap();
+    assert!(
+        !timeout.contains("chat") && timeout.contains("connection"),
+        "{timeout}"
+    );
 }
 
 #[test]
