@@ -425,6 +425,20 @@ impl Config {
                 ),
             );
         }
+        // The directory's owner and mode are part of who may reach the socket: greeter does not
+        // make it, so a missing one is caught here, by `config check` too, not at bind time.
+        if let Some(dir) = self.server.unix.parent()
+            && !dir.as_os_str().is_empty()
+            && !dir.is_dir()
+        {
+            return fail(
+                "server.unix",
+                format!(
+                    "the socket's directory {} does not exist; create it first (greeter does not)",
+                    dir.display()
+                ),
+            );
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.filter) {
             return fail("log.filter", format!("not a valid log filter: {e}"));
         }
