@@ -70,7 +70,7 @@ pub enum ClientError {
 impl ClientError {
     /// Whether the failure came from the connection rather than from the server's answer: a
     /// plaintext client meeting a TLS server, or the reverse, fails this way.
-    fn from_transport(&self) -> bool {
+    fn failed_at_transport(&self) -> bool {
         match self {
             Self::Connect { .. } => true,
             Self::Rpc { status, .. } => std::error::Error::source(status).is_some(),
@@ -256,7 +256,7 @@ async fn diagnosed<T>(
     command: impl Future<Output = Result<T, ClientError>>,
 ) -> Result<T, ClientError> {
     let error = match command.await {
-        Err(error) if error.from_transport() && !args.addr.starts_with("unix:") => error,
+        Err(error) if error.failed_at_transport() && !args.addr.starts_with("unix:") => error,
         other => return other,
     };
     let hint = match (args.use_tls(), probe(args).await) {
