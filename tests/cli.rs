@@ -540,3 +540,39 @@ fn startup_and_shutdown_lines_hold_plain_values() {
         "no probe listener, no probe field: {logs}"
     );
 }
+
+#[test]
+fn two_servers_on_the_embedded_default_metrics_address_start_side_by_side() {
+    // No metrics.listen override: the embedded default's, for both.
+    let start = || {
+        let mut child = greeter_bin()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env_remove("RUST_LOG")
+            .env_remove("GREETER__METRICS__LISTEN")
+            .env("GREETER__LOG__FORMAT", "json")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let serving = std::io::BufRead::lines(stderr)
+            .map_while(Result::ok)
+            .find(|line| line.contains("greeter serving"))
+            .unwrap_or_else(|| panic!("exited: {:?}", child.wait()));
+        let event: serde_json::Value = serde_json::from_str(&serving).unwrap();
+        let metrics: std::net::SocketAddr = event["metrics"].as_str().unwrap().parse().unwrap();
+        (child, metrics)
+    };
+    let (mut first, first_metrics) = start();
+    let (mut second, second_metrics) = start();
+    for metrics in [first_metrics, second_metrics] {
+        assert!(metrics.ip().is_loopback(), "{metrics}");
+        assert_ne!(metrics.port(), 9090, "Prometheus's own port");
+    }
+    assert_ne!(first_metrics, second_metrics);
+    for child in [&mut first, &mut second] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
