@@ -205,7 +205,7 @@ fn is_loopback(host: &str) -> bool {
 }
 
 /// What a server answers to the plaintext HTTP/2 connection preface.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum Speaks {
     /// A TLS alert record: the server expected a TLS handshake.
     Tls,
