@@ -15,7 +15,8 @@ const VERSION: &str = concat!(
 /// greeter: gRPC's helloworld Greeter as a production service, and its client.
 ///
 /// One binary: `serve` runs the server; `hello`, `hello-again`, `stream`, `chat` and `health` are
-/// clients for it (and for any helloworld server); `config` checks and prints configuration.
+/// clients for it (and for any helloworld server); `bench` load-tests one; `config` checks and
+/// prints configuration; `certs` and `token` make development certificates and bearer tokens.
 #[derive(Debug, Parser)]
 #[command(name = "greeter", version = VERSION, propagate_version = true)]
 pub struct Cli {
@@ -48,6 +49,9 @@ pub enum Command {
     Health(HealthArgs),
     /// Load-test a Greeter server (this one or any helloworld server) and report throughput,
     /// latency percentiles and answers by gRPC status code.
+    #[command(mut_arg("timeout", |arg| arg.help(
+        "Bound on opening each connection, e.g. 5s [default: 10s]; calls carry no deadline"
+    )))]
     Bench(BenchArgs),
     /// Development certificates (a CA, a server and a client certificate), made without openssl.
     #[command(subcommand)]
@@ -180,7 +184,12 @@ pub struct ServeArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
     /// Server address: host:port, a URI (http://host:port), or unix:PATH for the Unix socket
-    #[arg(long, env = "GREETER_ADDR", default_value = "127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "GREETER_ADDR",
+        hide_env_values = true,
+        default_value = "127.0.0.1:50051"
+    )]
     pub addr: String,
     /// Deadline for the whole call, e.g. 500ms, 5s, 1m, sent to the server as grpc-timeout
     /// [default: 10s; none for chat]
@@ -202,9 +211,14 @@ pub struct ClientArgs {
     /// Name to verify the server certificate against [default: the host of --addr]
     #[arg(long, value_name = "NAME")]
     pub server_name: Option<String>,
-    /// Bearer token, sent as `authorization: Bearer <token>`
+    /// Bearer token, sent as `authorization: Bearer <token>`; refused over plaintext beyond
+    /// loopback (see --allow-insecure-token)
     #[arg(long, env = "GREETER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Send --token over plaintext to a non-loopback address, readable by anyone on the path
+    /// (only for a network you trust, e.g. a mesh sidecar's mTLS); loopback and unix: need no flag
+    #[arg(long)]
+    pub allow_insecure_token: bool,
 }
 
 impl ClientArgs {

@@ -1,9 +1,12 @@
 //! Client subcommands: one channel builder, one error type, and the calls.
 
-use std::{future::Future, path::PathBuf, time::Duration};
+use std::{future::Future, net::IpAddr, path::PathBuf, time::Duration};
 
 use hyper_util::rt::TokioIo;
-use tokio::{io::AsyncBufReadExt as _, net::UnixStream};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpStream, UnixStream},
+};
 use tokio_stream::{StreamExt as _, wrappers::LinesStream};
 use tonic::{
     Code, Request, Status,
@@ -49,6 +52,31 @@ pub enum ClientError {
     },
     #[error("--token: {0}")]
     Token(String),
+    #[error(
+        "--token: refusing to send the bearer token in cleartext to {addr}: anyone on the path \
+         could read and replay it. Connect with TLS (--ca FILE, or --tls), or pass \
+         --allow-insecure-token if the network is trusted (loopback and unix: need no flag)"
+    )]
+    InsecureToken { addr: String },
+    #[error("{error}; {hint}")]
+    WrongProtocol {
+        error: Box<ClientError>,
+        hint: &'static str,
+    },
+    #[error("writing to stdout: {0}")]
+    Stdout(std::io::Error),
+}
+
+impl ClientError {
+    /// Whether the failure came from the connection rather than from the server's answer: a
+    /// plaintext client meeting a TLS server, or the reverse, fails this way.
+    fn failed_at_transport(&self) -> bool {
+        match self {
+            Self::Connect { .. } => true,
+            Self::Rpc { status, .. } => std::error::Error::source(status).is_some(),
+            _ => false,
+        }
+    }
 }
 
 /// gRPC's canonical upper-case name of a status code, as grpcurl and every other stack print it.
@@ -105,6 +133,18 @@ pub async fn connect(args: &ClientArgs) -> Result<Session, ClientError> {
         None if args.addr.contains("://") => args.addr.clone(),
         None => format!("{}://{}", if tls { "https" } else { "http" }, args.addr),
     };
+    if args.token.is_some() && !tls && unix.is_none() && !args.allow_insecure_token {
+        let host = uri.parse::<http::Uri>().ok();
+        if !host
+            .as_ref()
+            .and_then(http::Uri::host)
+            .is_some_and(is_loopback)
+        {
+            return Err(ClientError::InsecureToken {
+                addr: args.addr.clone(),
+            });
+        }
+    }
     let mut endpoint =
         Channel::from_shared(uri.clone()).map_err(|e| address_error(e.to_string()))?;
     if tls {
@@ -151,6 +191,86 @@ pub async fn connect(args: &ClientArgs) -> Result<Session, ClientError> {
     Ok(Session {
         channel,
         authorization,
+    })
+}
+
+/// `localhost` or a loopback address (`127.0.0.0/8`, `[::1]`): traffic that never leaves the host.
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// What a server answers to the plaintext HTTP/2 connection preface.
+#[derive(Debug)]
+enum Speaks {
+    /// A TLS alert record: the server expected a TLS handshake.
+    Tls,
+    /// An HTTP/2 SETTINGS frame: the server speaks plaintext HTTP/2.
+    PlaintextH2,
+}
+
+/// Asks the server at `args.addr` which protocol it speaks, by sending the plaintext HTTP/2
+/// preface on a fresh connection and reading the first bytes of the answer. `None`: no answer,
+/// or one that says neither.
+async fn probe(args: &ClientArgs) -> Option<Speaks> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+    let uri = if args.addr.contains("://") {
+        args.addr.parse::<http::Uri>().ok()?
+    } else {
+        format!("http://{}", args.addr).parse::<http::Uri>().ok()?
+    };
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    let exchange = async {
+        let mut socket = TcpStream::connect((host, port)).await.ok()?;
+        socket.write_all(PREFACE).await.ok()?;
+        let mut head = [0u8; 5];
+        socket.read_exact(&mut head).await.ok()?;
+        match head {
+            [0x15, 0x03, ..] => Some(Speaks::Tls),
+            [_, _, _, 0x04, _] => Some(Speaks::PlaintextH2),
+            _ => None,
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Runs a client command; when it fails at the transport, finds out whether the server speaks
+/// the other protocol (TLS for a plaintext client, plaintext for a TLS one) and says so: h2's
+/// "frame with invalid size" or a broken pipe do not.
+async fn diagnosed<T>(
+    args: &ClientArgs,
+    command: impl Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    let error = match command.await {
+        Err(error) if error.failed_at_transport() && !args.addr.starts_with("unix:") => error,
+        other => return other,
+    };
+    let hint = match (args.use_tls(), probe(args).await) {
+        (false, Some(Speaks::Tls)) => {
+            "the server speaks TLS: pass --ca FILE (or --tls for a publicly trusted certificate)"
+        }
+        (true, Some(Speaks::PlaintextH2)) => {
+            "the server speaks plaintext: drop --tls, --ca and --cert (and https://)"
+        }
+        _ => return Err(error),
+    };
+    Err(ClientError::WrongProtocol {
+        error: Box::new(error),
+        hint,
     })
 }
 
@@ -237,6 +357,10 @@ pub enum Unary {
 
 /// Calls a unary RPC and returns the greeting.
 pub async fn unary(args: &ClientArgs, rpc: Unary, name: String) -> Result<String, ClientError> {
+    diagnosed(args, unary_call(args, rpc, name)).await
+}
+
+async fn unary_call(args: &ClientArgs, rpc: Unary, name: String) -> Result<String, ClientError> {
     let session = connect(args).await?;
     let mut client = GreeterClient::new(session.channel.clone());
     let timeout = Some(args.timeout.unwrap_or(DEFAULT_TIMEOUT));
@@ -257,30 +381,56 @@ pub async fn unary(args: &ClientArgs, rpc: Unary, name: String) -> Result<String
     Ok(reply.into_inner().message)
 }
 
-/// Calls SayHelloStreamReply and hands each greeting to `print` as it arrives.
+/// Calls SayHelloStreamReply and hands each greeting to `print` as it arrives; an error from
+/// `print` ends the call.
 pub async fn stream(
     args: &ClientArgs,
     name: String,
-    mut print: impl FnMut(&str),
+    print: impl FnMut(&str) -> std::io::Result<()>,
+) -> Result<(), ClientError> {
+    diagnosed(args, stream_call(args, name, print)).await
+}
+
+async fn stream_call(
+    args: &ClientArgs,
+    name: String,
+    mut print: impl FnMut(&str) -> std::io::Result<()>,
 ) -> Result<(), ClientError> {
     let session = connect(args).await?;
     let mut client = GreeterClient::new(session.channel.clone());
     let timeout = Some(args.timeout.unwrap_or(DEFAULT_TIMEOUT));
+    let mut printed = Ok(());
+    let outcome = &mut printed;
     with_deadline("SayHelloStreamReply", timeout, |t| async move {
         let mut replies = client
             .say_hello_stream_reply(session.request(HelloRequest { name }, t))
             .await?
             .into_inner();
         while let Some(reply) = replies.message().await? {
-            print(&reply.message);
+            *outcome = print(&reply.message);
+            if outcome.is_err() {
+                break;
+            }
         }
         Ok(())
     })
-    .await
+    .await?;
+    printed.map_err(ClientError::Stdout)
 }
 
-/// Calls SayHelloBidiStream with one name per stdin line, handing replies to `print` as they come.
-pub async fn chat(args: &ClientArgs, mut print: impl FnMut(&str)) -> Result<(), ClientError> {
+/// Calls SayHelloBidiStream with one name per stdin line, handing replies to `print` as they come;
+/// an error from `print` ends the call.
+pub async fn chat(
+    args: &ClientArgs,
+    print: impl FnMut(&str) -> std::io::Result<()>,
+) -> Result<(), ClientError> {
+    diagnosed(args, chat_call(args, print)).await
+}
+
+async fn chat_call(
+    args: &ClientArgs,
+    mut print: impl FnMut(&str) -> std::io::Result<()>,
+) -> Result<(), ClientError> {
     let session = connect(args).await?;
     let mut client = GreeterClient::new(session.channel.clone());
     let stdin = tokio::io::BufReader::new(tokio::io::stdin());
@@ -296,17 +446,23 @@ pub async fn chat(args: &ClientArgs, mut print: impl FnMut(&str)) -> Result<(), 
             None
         }
     });
+    let mut printed = Ok(());
+    let outcome = &mut printed;
     with_deadline("SayHelloBidiStream", args.timeout, |t| async move {
         let mut replies = client
             .say_hello_bidi_stream(session.request(names, t))
             .await?
             .into_inner();
         while let Some(reply) = replies.message().await? {
-            print(&reply.message);
+            *outcome = print(&reply.message);
+            if outcome.is_err() {
+                break;
+            }
         }
         Ok(())
     })
     .await?;
+    printed.map_err(ClientError::Stdout)?;
     match error_rx.try_recv() {
         Ok(e) => Err(ClientError::Stdin(e)),
         Err(_) => Ok(()),
@@ -315,6 +471,10 @@ pub async fn chat(args: &ClientArgs, mut print: impl FnMut(&str)) -> Result<(), 
 
 /// Checks health of `service` and succeeds only when it is SERVING.
 pub async fn health(args: &ClientArgs, service: String) -> Result<(), ClientError> {
+    diagnosed(args, health_call(args, service)).await
+}
+
+async fn health_call(args: &ClientArgs, service: String) -> Result<(), ClientError> {
     let session = connect(args).await?;
     let mut client = HealthClient::new(session.channel.clone());
     let timeout = Some(args.timeout.unwrap_or(DEFAULT_TIMEOUT));
@@ -347,5 +507,21 @@ mod tests {
         assert_eq!(code_name(Code::InvalidArgument), "INVALID_ARGUMENT");
         assert_eq!(code_name(Code::Ok), "OK");
         assert_eq!(code_name(Code::DeadlineExceeded), "DEADLINE_EXCEEDED");
+    }
+
+    #[test]
+    fn loopback_hosts_are_recognised() {
+        for host in ["localhost", "LOCALHOST", "127.0.0.1", "127.8.9.10", "[::1]"] {
+            assert!(is_loopback(host), "{host}");
+        }
+        for host in [
+            "10.0.0.5",
+            "example.com",
+            "[2001:db8::1]",
+            "0.0.0.0",
+            "localhost.evil",
+        ] {
+            assert!(!is_loopback(host), "{host}");
+        }
     }
 }

@@ -96,6 +96,17 @@ pub enum ClientAuth {
     Required,
 }
 
+impl ClientAuth {
+    /// The value as written in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Optional => "optional",
+            Self::Required => "required",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
@@ -444,6 +455,20 @@ impl Config {
                 format!(
                     "{:o} is not a file mode (at most \"0777\")",
                     self.server.unix_mode
+                ),
+            );
+        }
+        // The directory's owner and mode are part of who may reach the socket: greeter does not
+        // make it, so a missing one is caught here, by `config check` too, not at bind time.
+        if let Some(dir) = self.server.unix.parent()
+            && !dir.as_os_str().is_empty()
+            && !dir.is_dir()
+        {
+            return fail(
+                "server.unix",
+                format!(
+                    "the socket's directory {} does not exist; create it first (greeter does not)",
+                    dir.display()
                 ),
             );
         }
@@ -1193,10 +1218,10 @@ mod tests {
     }
 
     #[test]
-    fn metrics_listen_defaults_to_loopback_and_can_be_disabled() {
+    fn metrics_listen_defaults_to_a_free_loopback_port_and_can_be_disabled() {
         assert_eq!(
             Config::embedded().metrics.listen,
-            Some("127.0.0.1:9090".parse().unwrap())
+            Some("127.0.0.1:0".parse().unwrap())
         );
         assert_eq!(
             with_overrides(&[("metrics.listen", "")])

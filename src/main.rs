@@ -40,7 +40,9 @@ enum Failure {
 impl Failure {
     fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) | Self::Server(ServerError::Tls(_) | ServerError::Tokens(_)) => 2,
+            Self::Config(_)
+            | Self::Server(ServerError::Tls(_) | ServerError::Tokens(_))
+            | Self::Client(ClientError::InsecureToken { .. }) => 2,
             _ => 1,
         }
     }
@@ -69,6 +71,12 @@ fn main() -> ExitCode {
         .expect("building the tokio runtime");
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`greeter stream you | head -1`): what it wanted was printed.
+        Err(Failure::Client(ClientError::Stdout(e)))
+            if e.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(failure) => {
             eprintln!("greeter: {failure}");
             ExitCode::from(failure.exit_code())
@@ -95,33 +103,26 @@ async fn run(command: Command) -> Result<(), Failure> {
         Command::Token(TokenCommand::New(args)) => new_token(&args),
         Command::Hello(a) => {
             client_logging();
-            println!(
-                "{}",
-                client::unary(&a.client, Unary::SayHello, a.name).await?
-            );
-            Ok(())
+            let reply = client::unary(&a.client, Unary::SayHello, a.name).await?;
+            Ok(print_line(&reply)?)
         }
         Command::HelloAgain(a) => {
             client_logging();
-            println!(
-                "{}",
-                client::unary(&a.client, Unary::SayHelloAgain, a.name).await?
-            );
-            Ok(())
+            let reply = client::unary(&a.client, Unary::SayHelloAgain, a.name).await?;
+            Ok(print_line(&reply)?)
         }
         Command::Stream(a) => {
             client_logging();
-            Ok(client::stream(&a.client, a.name, |r| println!("{r}")).await?)
+            Ok(client::stream(&a.client, a.name, write_line).await?)
         }
         Command::Chat(a) => {
             client_logging();
-            Ok(client::chat(&a, |r| println!("{r}")).await?)
+            Ok(client::chat(&a, write_line).await?)
         }
         Command::Health(a) => {
             client_logging();
             client::health(&a.client, a.service).await?;
-            println!("SERVING");
-            Ok(())
+            Ok(print_line("SERVING")?)
         }
     }
 }
@@ -136,6 +137,16 @@ fn print_out(text: &str) {
     {
         eprintln!("greeter: writing to stdout: {e}");
     }
+}
+
+/// One line on stdout, flushed at once (a stream's greetings appear as they arrive).
+fn write_line(text: &str) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{text}").and_then(|()| stdout.flush())
+}
+
+fn print_line(text: &str) -> Result<(), ClientError> {
+    write_line(text).map_err(ClientError::Stdout)
 }
 
 fn client_logging() {

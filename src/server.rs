@@ -396,10 +396,10 @@ impl Server {
         info!(
             listen = %local_addr,
             unix = unix_socket.as_ref().map(|socket| tracing::field::display(socket.path().display())),
-            probe = ?probe_addr,
+            probe = probe_addr.map(tracing::field::display),
             metrics = metrics_addr.map(tracing::field::display),
             tls = config.tls.enabled,
-            client_auth = ?config.tls.client_auth,
+            client_auth = config.tls.client_auth.as_str(),
             auth = config.auth.enabled,
             cert_serial = credentials.tls.as_ref().map(|(_, leaf)| leaf.serial.as_str()),
             "greeter serving"
@@ -411,7 +411,10 @@ impl Server {
         shutdown.await;
         health.set_all(ServingStatus::NotServing);
         let delay = config.shutdown.delay;
-        info!(?delay, "shutting down: health NOT_SERVING");
+        info!(
+            delay = %humantime::format_duration(delay),
+            "shutting down: health NOT_SERVING"
+        );
         tokio::time::sleep(delay).await;
         info!(
             connections = stack.connections.len(),
@@ -427,7 +430,7 @@ impl Server {
             info!("all calls finished; stopped");
         } else {
             warn!(
-                ?grace,
+                grace = %humantime::format_duration(grace),
                 "shutdown grace expired; abandoning the calls still open"
             );
         }

@@ -291,6 +291,29 @@ fn help_and_version_are_complete() {
         hello.contains("[default: 127.0.0.1:50051]") && hello.contains("10s"),
         "{hello}"
     );
+    // Unset, the variable is not "set to empty".
+    let hello = greeter_bin()
+        .args(["hello", "--help"])
+        .env_remove("GREETER_ADDR")
+        .output()
+        .unwrap();
+    let hello = stdout(&hello);
+    assert!(
+        hello.contains("[env: GREETER_ADDR]") && !hello.contains("GREETER_ADDR="),
+        "{hello}"
+    );
+    let top = stdout(&run(&["--help"]));
+    for sub in ["`bench`", "`certs`", "`token`", "`serve`", "`config`"] {
+        let about = top.split("Usage:").next().unwrap();
+        assert!(about.contains(sub), "the overview names {sub}: {top}");
+    }
+    let bench = stdout(&run(&["bench", "--help"]));
+    let timeout = bench.split("--timeout").nth(1).unwrap();
+    let timeout = timeout.split("\n\n").next().unwrap();
+    assert!(
+        !timeout.contains("chat") && timeout.contains("connection"),
+        "{timeout}"
+    );
 }
 
 #[test]
@@ -367,5 +390,189 @@ fn bench_measures_unary_and_bidi() {
         let p50 = report["latency_us"]["p50"].as_u64().unwrap();
         let max = report["latency_us"]["max"].as_u64().unwrap();
         assert!(p50 > 0 && p50 <= max, "{report}");
+    }
+}
+
+#[test]
+fn a_token_is_not_sent_in_cleartext_beyond_loopback_unless_allowed() {
+    // 192.0.2.1 is TEST-NET-1: nothing answers there, so a refusal that comes at once was made
+    // before connecting.
+    let refused = run(&[
+        "hello",
+        "--addr",
+        "192.0.2.1:50051",
+        "--token",
+        "secret",
+        "--timeout",
+        "2s",
+    ]);
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    let err = stderr(&refused);
+    assert!(
+        err.contains("cleartext") && err.contains("--allow-insecure-token"),
+        "{err}"
+    );
+    assert!(!err.contains("secret"), "never echoes the token: {err}");
+
+    let allowed = run(&[
+        "hello",
+        "--addr",
+        "192.0.2.1:50051",
+        "--token",
+        "secret",
+        "--timeout",
+        "500ms",
+        "--allow-insecure-token",
+    ]);
+    assert_eq!(allowed.status.code(), Some(1));
+    assert!(
+        stderr(&allowed).contains("cannot connect"),
+        "{}",
+        stderr(&allowed)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = BinaryServer::start(&json_log_config(dir.path(), ""), &[]);
+    for addr in [
+        server.addr_arg(),
+        format!("localhost:{}", server.addr.port()),
+    ] {
+        let loopback = run(&["hello", "you", "--addr", &addr, "--token", "secret"]);
+        assert_eq!(stdout(&loopback), "Hello, you!\n", "{}", stderr(&loopback));
+    }
+}
+
+#[test]
+fn plaintext_and_tls_mismatches_say_what_the_server_speaks() {
+    let pki = common::Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let tls_toml: String = pki
+        .tls_overrides()
+        .iter()
+        .filter(|(key, _)| key != "tls.reload_interval")
+        .map(|(key, value)| format!("{} = {value:?}\n", key.trim_start_matches("tls.")))
+        .collect();
+    let tls_server = BinaryServer::start(
+        &json_log_config(dir.path(), &format!("[tls]\n{tls_toml}")),
+        &[],
+    );
+    let tls_addr = format!("localhost:{}", tls_server.addr.port());
+    for extra in [&[][..], &["--token", "secret"][..]] {
+        let output = run(&[&["hello", "--addr", &tls_addr][..], extra].concat());
+        assert_eq!(output.status.code(), Some(1));
+        assert!(
+            stderr(&output).contains("the server speaks TLS: pass --ca"),
+            "{extra:?}: {}",
+            stderr(&output)
+        );
+    }
+
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain_server = BinaryServer::start(&json_log_config(plain_dir.path(), ""), &[]);
+    let plain_addr = format!("localhost:{}", plain_server.addr.port());
+    let output = run(&["health", "--addr", &plain_addr, "--ca", &pki.path("ca.pem")]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("the server speaks plaintext: drop --tls, --ca"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn a_stream_into_a_closed_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = json_log_config(dir.path(), "[greeter]\nstream_interval = \"50ms\"\n");
+    let server = BinaryServer::start(&config, &[]);
+    // `greeter stream you | head -1`: the reader takes one line and goes away.
+    let mut child = greeter_bin()
+        .args(["stream", "you", "--addr", &server.addr_arg()])
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert_eq!(first, "Hello, you!\n");
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(stderr(&output), "", "nothing on stderr");
+}
+
+#[test]
+fn startup_and_shutdown_lines_hold_plain_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = json_log_config(dir.path(), "[probe]\nlisten = \"127.0.0.1:0\"\n");
+    let mut server = BinaryServer::start(&config, &[]);
+    let (code, _) = server.terminate();
+    assert_eq!(code, Some(0));
+    let logs = server.logs.lock().unwrap().clone();
+    let line = |message: &str| -> serde_json::Value {
+        logs.lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|event| event["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} line:\n{logs}"))
+    };
+    let serving = line("greeter serving");
+    let probe: std::net::SocketAddr = serving["probe"].as_str().unwrap().parse().unwrap();
+    assert!(probe.ip().is_loopback(), "{serving}");
+    assert_eq!(serving["client_auth"], "none", "{serving}");
+    assert_eq!(line("shutting down: health NOT_SERVING")["delay"], "0s");
+    // No Rust debug text anywhere: Some(..), None, 0ns.
+    for event in logs.lines() {
+        assert!(
+            !event.contains("Some(") && !event.contains("\"None\"") && !event.contains("0ns"),
+            "{event}"
+        );
+    }
+
+    let mut without_probe = BinaryServer::start(&json_log_config(dir.path(), ""), &[]);
+    assert_eq!(without_probe.terminate().0, Some(0));
+    let logs = without_probe.logs.lock().unwrap().clone();
+    assert!(
+        logs.contains("greeter serving") && !logs.contains("\"probe\""),
+        "no probe listener, no probe field: {logs}"
+    );
+}
+
+#[test]
+fn two_servers_on_the_embedded_default_metrics_address_start_side_by_side() {
+    // No metrics.listen override: the embedded default's, for both.
+    let start = || {
+        let mut child = greeter_bin()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env_remove("RUST_LOG")
+            .env_remove("GREETER__METRICS__LISTEN")
+            .env("GREETER__LOG__FORMAT", "json")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let serving = std::io::BufRead::lines(stderr)
+            .map_while(Result::ok)
+            .find(|line| line.contains("greeter serving"))
+            .unwrap_or_else(|| panic!("exited: {:?}", child.wait()));
+        let event: serde_json::Value = serde_json::from_str(&serving).unwrap();
+        let metrics: std::net::SocketAddr = event["metrics"].as_str().unwrap().parse().unwrap();
+        (child, metrics)
+    };
+    let (mut first, first_metrics) = start();
+    let (mut second, second_metrics) = start();
+    for metrics in [first_metrics, second_metrics] {
+        assert!(metrics.ip().is_loopback(), "{metrics}");
+        assert_ne!(metrics.port(), 9090, "Prometheus's own port");
+    }
+    assert_ne!(first_metrics, second_metrics);
+    for child in [&mut first, &mut second] {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

@@ -675,3 +675,51 @@ async fn the_binary_logs_one_json_access_line_per_call_with_its_request_id() {
         assert_eq!(event["span"]["name"], "grpc", "{event}");
     }
 }
+
+#[tokio::test]
+async fn a_refusal_for_a_missing_scope_logs_who_was_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = tokens_file(&dir);
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[log]\nformat = \"json\"\nfilter = \"info\"\n\
+             [auth]\nenabled = true\ntokens_file = {tokens:?}\n\
+             [auth.policy]\n\"/helloworld.Greeter/SayHelloAgain\" = \"admin\"\n"
+        ),
+    )
+    .unwrap();
+    let server = BinaryServer::start(&config, &[]);
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut denied = with_token(hello("denied"));
+    denied
+        .metadata_mut()
+        .insert("x-request-id", "access-log-denied".parse().unwrap());
+    let status = GreeterClient::new(channel)
+        .say_hello_again(denied)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        let logs = server.logs.lock().unwrap().clone();
+        if let Some(line) = access_lines(&logs)
+            .into_iter()
+            .find(|line| line["request_id"] == "access-log-denied")
+        {
+            break line;
+        }
+        assert!(Instant::now() < deadline, "no access line:\n{logs}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // The token was verified; only its scope was missing: the line names its holder.
+    assert_eq!(line["code"], "PermissionDenied", "{line}");
+    assert_eq!(line["auth"], "token", "{line}");
+    assert_eq!(line["identity"], "ci", "{line}");
+}

@@ -144,3 +144,31 @@ async fn a_file_in_the_way_or_a_live_server_stops_startup_with_the_key_named() {
     let message = err.to_string();
     assert!(message.contains("another server is listening"), "{message}");
 }
+
+#[test]
+fn config_check_catches_a_missing_socket_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("run").join("greeter.sock");
+    for command in [&["config", "check"][..], &["serve"][..]] {
+        let output = greeter_bin()
+            .args(command)
+            .env("GREETER__SERVER__UNIX", &missing)
+            .env("GREETER__SERVER__LISTEN", "127.0.0.1:0")
+            .env("GREETER__METRICS__LISTEN", "")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{command:?}: {err}");
+        assert!(
+            err.contains("`server.unix`")
+                && err.contains(&format!("{}", dir.path().join("run").display())),
+            "{command:?}: {err}"
+        );
+    }
+    let present = greeter_bin()
+        .args(["config", "check"])
+        .env("GREETER__SERVER__UNIX", dir.path().join("greeter.sock"))
+        .output()
+        .unwrap();
+    assert!(present.status.success(), "{present:?}");
+}

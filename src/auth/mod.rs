@@ -50,16 +50,22 @@ const INVALID_TOKEN: &str = "invalid_token";
 /// Authenticated, but without the scope the method requires (PERMISSION_DENIED).
 const MISSING_SCOPE: &str = "missing_scope";
 
-/// A refused call: the status to answer with and the reason to count.
+/// A refused call: the status to answer with, the reason to count, and who the caller was when
+/// the credentials were valid (for the access log).
 #[derive(Debug)]
 struct Refusal {
     reason: &'static str,
     status: Status,
+    caller: Option<Caller>,
 }
 
 impl Refusal {
     fn new(reason: &'static str, status: Status) -> Self {
-        Self { reason, status }
+        Self {
+            reason,
+            status,
+            caller: None,
+        }
     }
 }
 
@@ -184,12 +190,15 @@ impl Authenticator {
                 Caller::ClientCert(subject) => format!("client certificate {subject:?}"),
                 Caller::Anonymous => "caller".to_owned(),
             };
-            Err(Refusal::new(
-                MISSING_SCOPE,
-                Status::permission_denied(format!(
-                    "{who} lacks scope {required:?}, required by {path}"
-                )),
-            ))
+            Err(Refusal {
+                caller: Some(caller),
+                ..Refusal::new(
+                    MISSING_SCOPE,
+                    Status::permission_denied(format!(
+                        "{who} lacks scope {required:?}, required by {path}"
+                    )),
+                )
+            })
         }
     }
 }
@@ -285,10 +294,19 @@ where
                     caller: identified,
                 })
             }
-            Err(Refusal { reason, status }) => {
+            Err(Refusal {
+                reason,
+                status,
+                caller,
+            }) => {
                 self.failures.inc(reason);
                 tracing::debug!(path = request.uri().path(), code = ?status.code(), reason, "call refused: {}", status.message());
-                Either::Left(ready(Ok(status.into_http())))
+                let mut response = status.into_http();
+                // Identified but not allowed: the access line names who was refused.
+                if let Some(caller) = caller {
+                    response.extensions_mut().insert(caller);
+                }
+                Either::Left(ready(Ok(response)))
             }
         }
     }

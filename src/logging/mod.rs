@@ -14,6 +14,7 @@
 //! of its cost per line.
 
 mod json;
+mod refused_authority;
 
 use std::io::IsTerminal as _;
 
@@ -28,15 +29,17 @@ use crate::config::LogFormat;
 /// Installs the global subscriber, writing to stderr (stdout is for command output).
 ///
 /// `RUST_LOG`, when set, wins over `filter` so an operator can raise verbosity without editing
-/// config. `Auto` picks text for a person at a terminal and JSON lines for log collectors.
+/// config. `Auto` picks text for a person at a terminal and JSON lines for log collectors. The
+/// filter applies to the lines written; h2's refusals of malformed authorities reach
+/// [`refused_authority`] whatever it says.
 pub fn init(filter: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     // A second init (tests in one process) keeps the first subscriber; that is fine.
     let _ = tracing_subscriber::registry()
-        .with(filter)
-        .with(layer(format, std::io::stderr))
+        .with(layer(format, std::io::stderr).with_filter(filter))
+        .with(refused_authority::layer())
         .try_init();
 }
 

@@ -5,10 +5,13 @@ access control, so it is checked too.
 grpcio (since 1.57) and grpcurl 1.8.6 send the socket path as `:authority`, which is not a valid
 HTTP/2 authority; hyper's h2 refuses such a stream with PROTOCOL_ERROR (hyperium/h2#487, open).
 Clients therefore name the authority `localhost`, as grpc-go and Kubernetes do for Unix sockets:
-grpcio's `grpc.default_authority` option, grpcurl's `-authority`. README.md says so."""
+grpcio's `grpc.default_authority` option, grpcurl's `-authority`. README.md says so, and the
+server logs a WARN naming the option when it refuses such a call."""
 
+import json
 import os
 import stat
+import time
 
 import grpc
 import pytest
@@ -37,6 +40,21 @@ def unix_channel(unix_greeter):
     options = [("grpc.default_authority", "localhost")]
     with grpc.insecure_channel(f"unix:{unix_greeter.socket_path}", options=options) as ch:
         yield ch
+
+
+def test_grpcio_without_default_authority_is_refused_and_the_server_says_why(unix_greeter):
+    with grpc.insecure_channel(f"unix:{unix_greeter.socket_path}") as ch:
+        with pytest.raises(grpc.RpcError) as refused:
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=RPC_TIMEOUT)
+    assert refused.value.code() == grpc.StatusCode.INTERNAL, refused.value
+    deadline = time.monotonic() + 5
+    while "grpc.default_authority" not in unix_greeter.stderr_path.read_text():
+        assert time.monotonic() < deadline, unix_greeter.stderr_path.read_text()
+        time.sleep(0.05)
+    warnings = [json.loads(line) for line in unix_greeter.stderr_path.read_text().splitlines()
+                if "grpc.default_authority" in line]
+    assert len(warnings) == 1 and warnings[0]["level"] == "WARN", warnings
+    assert "h2#487" in warnings[0]["message"], warnings
 
 
 def test_socket_has_the_configured_mode(unix_greeter):
