@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Pki, TestServer, config_with, tls_channel};
+use common::{Pki, TestServer, config_with, reloads, tls_channel, wait_for_reloads};
 use greeter::{
     auth,
     pb::{HelloRequest, greeter_client::GreeterClient},
@@ -209,11 +209,17 @@ async fn tokens_file_reloads_add_and_revoke_and_a_bad_file_keeps_the_old_set() {
     tokens.write(&[("grt_second", "second", &["greeter"])]);
     eventually(&channel, "grt_first", Err(Code::Unauthenticated)).await;
 
-    // A broken file is refused; the tokens in force stay in force.
+    // A broken file is refused (counted as a failed reload); the tokens in force stay in force.
+    let metrics = server.metrics_addr.unwrap();
+    assert_eq!(reloads(metrics, "tokens", "failure").await, 0.0);
     tokens
         .write_raw("[[tokens]]\nname = \"broken\"\nsha256 = \"not hex\"\nscopes = [\"greeter\"]\n");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for_reloads(metrics, "tokens", "failure", 1.0).await;
     assert_eq!(say_hello(&channel, Some("Bearer grt_second")).await, hello);
+    assert_eq!(
+        say_hello(&channel, Some("Bearer grt_first")).await,
+        Err(Code::Unauthenticated)
+    );
 }
 
 #[tokio::test]

@@ -13,7 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Pki, TestServer, config_with, generate_pki, tls_channel};
+use common::{
+    Pki, TestServer, config_with, generate_pki, reloads, tls_channel, wait_for_reloads,
+};
 use greeter::{
     pb::{HelloRequest, greeter_client::GreeterClient},
     server::{Server, ServerError},
@@ -41,12 +43,28 @@ async fn tls_calls_work_and_plaintext_is_refused() {
         .unwrap();
     assert_eq!(greet(channel).await.unwrap(), "Hello, tls!");
 
-    // A plaintext HTTP/2 client gets no answer from a TLS port.
-    let plain = Channel::from_shared(server.uri()).unwrap().connect().await;
-    if let Ok(plain) = plain {
-        let status = greet(plain).await.unwrap_err();
-        assert_ne!(status.code(), tonic::Code::Ok);
-    }
+    // A plaintext HTTP/2 client is answered with a fatal TLS alert (decode_error) and EOF, and
+    // the failed handshake is counted.
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut plain = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    plain
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut answer))
+        .await
+        .expect("the server closes the connection")
+        .unwrap();
+    const ALERT: u8 = 21;
+    const FATAL: u8 = 2;
+    const DECODE_ERROR: u8 = 50;
+    assert_eq!(answer, [ALERT, 3, 3, 0, 2, FATAL, DECODE_ERROR]);
+    let failures = common::scrape(server.metrics_addr.unwrap()).await;
+    assert!(
+        failures.contains("greeter_tls_handshake_failures_total{reason=\"error\"} 1\n"),
+        "{failures}"
+    );
 }
 
 #[tokio::test]
@@ -79,13 +97,13 @@ async fn mtls_required_refuses_missing_and_foreign_client_certificates() {
         .unwrap();
     assert_eq!(greet(channel).await.unwrap(), "Hello, tls!");
 
-    // TLS 1.3 reports a refused client certificate after the handshake: on connect or first call.
-    let without = match tls_channel(server.addr, pki.client_tls(false)).await {
-        Ok(channel) => greet(channel).await.is_err(),
-        Err(_) => true,
-    };
-    assert!(without, "a client without a certificate must be refused");
+    assert_eq!(
+        refusal(server.addr, pki.client_tls(false)).await,
+        "received fatal alert: CertificateRequired"
+    );
 
+    // The stranger's CA has the same name as ours, so the server finds an issuer by name whose
+    // signature does not verify.
     let stranger = generate_pki("stranger");
     let foreign = pki
         .client_tls(false)
@@ -93,14 +111,30 @@ async fn mtls_required_refuses_missing_and_foreign_client_certificates() {
             &stranger.client_cert,
             &stranger.client_key,
         ));
-    let refused = match tls_channel(server.addr, foreign).await {
-        Ok(channel) => greet(channel).await.is_err(),
-        Err(_) => true,
-    };
-    assert!(
-        refused,
-        "a client certificate from another CA must be refused"
+    assert_eq!(
+        refusal(server.addr, foreign).await,
+        "received fatal alert: DecryptError"
     );
+
+    // The server refused the two handshakes and kept serving.
+    let channel = tls_channel(server.addr, pki.client_tls(true))
+        .await
+        .unwrap();
+    assert_eq!(greet(channel).await.unwrap(), "Hello, tls!");
+}
+
+/// How the server refuses a TLS client: the error at the bottom of the chain, from connecting or
+/// (TLS 1.3 reports a refused client certificate after the handshake) from the first call.
+async fn refusal(addr: SocketAddr, tls: tonic::transport::ClientTlsConfig) -> String {
+    let error: Box<dyn std::error::Error> = match tls_channel(addr, tls).await {
+        Ok(channel) => Box::new(greet(channel).await.unwrap_err()),
+        Err(error) => Box::new(error),
+    };
+    let mut source: &dyn std::error::Error = error.as_ref();
+    while let Some(next) = source.source() {
+        source = next;
+    }
+    source.to_string()
 }
 
 #[tokio::test]
@@ -310,13 +344,16 @@ async fn certificates_rotate_without_failing_a_call_and_garbage_is_refused() {
         "Hello, after!"
     );
 
-    // Garbage: refused, the renewed certificate keeps serving.
+    // Garbage: refused (counted as a failed reload), the renewed certificate keeps serving.
+    let metrics = server.metrics_addr.unwrap();
+    // (Writing key and certificate one after the other may already have failed a reload.)
+    let failures = reloads(metrics, "tls", "failure").await;
     std::fs::write(
         pki.path("server.pem"),
         "-----BEGIN CERTIFICATE-----\nnope\n",
     )
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for_reloads(metrics, "tls", "failure", failures + 1.0).await;
     assert_eq!(
         served_serial(server.addr, &both_cas).await,
         served_serial_of(&renewed.server_cert)

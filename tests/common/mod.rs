@@ -386,3 +386,31 @@ pub async fn scrape(metrics_addr: SocketAddr) -> String {
     assert_eq!(response.status, 200, "{}", response.body);
     response.body
 }
+
+/// The value of `greeter_reloads_total{kind, outcome}` in a scrape; 0 when the series is absent.
+pub async fn reloads(metrics_addr: SocketAddr, kind: &str, outcome: &str) -> f64 {
+    let text = scrape(metrics_addr).await;
+    text.lines()
+        .filter(|line| line.starts_with("greeter_reloads_total{"))
+        .filter(|line| line.contains(&format!("kind=\"{kind}\"")))
+        .filter(|line| line.contains(&format!("outcome=\"{outcome}\"")))
+        .map(|line| line.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
+        .sum()
+}
+
+/// Waits (up to 10s) until the server has counted at least `count` reloads of `kind` with
+/// `outcome`: the reloader has read the file and decided, whatever the decision was.
+pub async fn wait_for_reloads(metrics_addr: SocketAddr, kind: &str, outcome: &str, count: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = reloads(metrics_addr, kind, outcome).await;
+        if seen >= count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{seen} {kind} reloads with outcome {outcome} after 10s, want {count}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
