@@ -639,7 +639,10 @@ async fn the_binary_logs_one_json_access_line_per_call_with_its_request_id() {
     let lines = loop {
         let logs = server.logs.lock().unwrap().clone();
         let lines = access_lines(&logs);
-        if lines.iter().any(|line| line["request_id"] == "after-health") {
+        if lines
+            .iter()
+            .any(|line| line["request_id"] == "after-health")
+        {
             break lines;
         }
         assert!(

@@ -13,9 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
-    Pki, TestServer, config_with, generate_pki, reloads, tls_channel, wait_for_reloads,
-};
+use common::{Pki, TestServer, config_with, generate_pki, reloads, tls_channel, wait_for_reloads};
 use greeter::{
     pb::{HelloRequest, greeter_client::GreeterClient},
     server::{Server, ServerError},

@@ -128,12 +128,18 @@ impl BinaryServer {
     /// learns the ports from the startup log line, which is itself part of the contract
     /// (operators read it).
     pub fn start(config: &Path, extra_args: &[&str]) -> Self {
+        Self::start_with_env(config, extra_args, &[])
+    }
+
+    /// Like [`BinaryServer::start`], with environment variables (`GREETER__...` config layers).
+    pub fn start_with_env(config: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = greeter_bin()
             .args(["serve", "--listen", "127.0.0.1:0", "--config"])
             .arg(config)
             .args(extra_args)
             .env_remove("RUST_LOG")
             .env("GREETER__METRICS__LISTEN", "127.0.0.1:0")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
