@@ -46,16 +46,6 @@ async fn slow_stream_server(extra: &[(&str, &str)]) -> TestServer {
 /// messages misses it.
 const DEADLINE_SLACK: Duration = Duration::from_secs(1);
 
-/// A HelloRequest as one gRPC message (uncompressed), as a raw HTTP/2 client sends it.
-fn grpc_message(name: &str) -> Bytes {
-    let mut message = vec![0x0a, u8::try_from(name.len()).unwrap()];
-    message.extend_from_slice(name.as_bytes());
-    let mut frame = vec![0];
-    frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
-    frame.extend_from_slice(&message);
-    frame.into()
-}
-
 /// Reads a response to its end (within 10s): the number of gRPC messages, the final grpc-status,
 /// and when it arrived.
 async fn messages_and_status(response: h2::client::ResponseFuture) -> (usize, String, Instant) {
@@ -115,7 +105,7 @@ async fn server_stream_past_its_deadline_ends_with_deadline_exceeded() {
             false,
         )
         .unwrap();
-    body.send_data(grpc_message("you"), true).unwrap();
+    body.send_data(common::grpc_message("you"), true).unwrap();
     let (messages, status, ended) = messages_and_status(response).await;
     assert_eq!(messages, 1, "the first greeting came before the deadline");
     assert_eq!(status, "4", "DEADLINE_EXCEEDED");
@@ -135,7 +125,7 @@ async fn bidi_stream_past_its_deadline_ends_with_deadline_exceeded() {
         )
         .unwrap();
     // One request, then the request stream stays open and idle: only the deadline can end it.
-    body.send_data(grpc_message("a"), false).unwrap();
+    body.send_data(common::grpc_message("a"), false).unwrap();
     let (messages, status, ended) = messages_and_status(response).await;
     assert_eq!(messages, 1, "the reply to the one request");
     assert_eq!(status, "4", "DEADLINE_EXCEEDED");

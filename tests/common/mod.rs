@@ -420,3 +420,40 @@ pub async fn wait_for_reloads(metrics_addr: SocketAddr, kind: &str, outcome: &st
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A HelloRequest as one gRPC message (uncompressed), as a raw HTTP/2 client sends it.
+pub fn grpc_message(name: &str) -> bytes::Bytes {
+    let mut message = vec![0x0a, u8::try_from(name.len()).unwrap()];
+    message.extend_from_slice(name.as_bytes());
+    let mut frame = vec![0];
+    frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&message);
+    frame.into()
+}
+
+/// `greeter_calls_in_flight` on a metrics listener.
+pub async fn calls_in_flight(metrics_addr: SocketAddr) -> f64 {
+    scrape(metrics_addr)
+        .await
+        .lines()
+        .find_map(|line| line.strip_prefix("greeter_calls_in_flight "))
+        .expect("greeter_calls_in_flight is exposed")
+        .parse()
+        .unwrap()
+}
+
+/// Waits (up to 10s) until the server counts exactly `count` calls in flight.
+pub async fn wait_for_calls_in_flight(metrics_addr: SocketAddr, count: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = calls_in_flight(metrics_addr).await;
+        if seen == count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{seen} calls in flight after 10s, want {count}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
