@@ -223,6 +223,58 @@ fn malformed_and_missing_files_are_named() {
 }
 
 #[test]
+fn config_check_checks_the_tls_and_token_files_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::generate_pki("client");
+    let cert = write(dir.path(), "server.pem", &pki.server_cert);
+    let key = write(dir.path(), "server.key", &pki.server_key);
+    let tokens = write(
+        dir.path(),
+        "tokens.toml",
+        &greeter::auth::entry_toml(&greeter::auth::entry_for("t", "ops", &["greeter".into()])),
+    );
+    let secure = |cert: &Path, tokens: &Path| {
+        format!(
+            "[tls]\nenabled = true\ncert = {:?}\nkey = {:?}\n\
+             [auth]\nenabled = true\ntokens_file = {:?}\n",
+            cert.to_str().unwrap(),
+            key.to_str().unwrap(),
+            tokens.to_str().unwrap()
+        )
+    };
+    let good = write(dir.path(), "good.toml", &secure(&cert, &tokens));
+    let output = run(&["config", "check", "-c", good.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    let missing_cert = dir.path().join("missing.pem");
+    let config = write(dir.path(), "no-cert.toml", &secure(&missing_cert, &tokens));
+    let output = run(&["config", "check", "-c", config.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains(&format!("{}: cannot read", missing_cert.display())),
+        "{}",
+        stderr(&output)
+    );
+
+    let bad_tokens = write(dir.path(), "bad-tokens.toml", "[[tokens]\nname = ");
+    let config = write(
+        dir.path(),
+        "bad-tokens-config.toml",
+        &secure(&cert, &bad_tokens),
+    );
+    let output = run(&["config", "check", "-c", config.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains(&format!(
+            "{}: not a valid tokens file",
+            bad_tokens.display()
+        )),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
 fn environment_errors_name_the_variable() {
     let output = greeter_bin()
         .args(["config", "check"])

@@ -286,3 +286,41 @@ async fn h2_open_call(addr: std::net::SocketAddr) -> (tokio::task::JoinHandle<()
     let call = client.send_request(request, false).unwrap();
     (task, call)
 }
+
+#[tokio::test]
+async fn greeter_health_exits_1_while_not_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = BinaryServer::start(&config(&dir, "delay = \"30s\"\ngrace = \"1s\""), &[]);
+    let health = |addr: String| {
+        common::greeter_bin()
+            .args(["health", "--addr", &addr, "--timeout", "5s"])
+            .output()
+            .unwrap()
+    };
+    let serving = health(server.addr_arg());
+    assert_eq!(serving.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&serving.stdout), "SERVING\n");
+
+    // SIGTERM: NOT_SERVING for shutdown.delay (30s) while the server still answers.
+    sigterm(&server);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let output = loop {
+        let output = health(server.addr_arg());
+        if output.status.code() != Some(0) || Instant::now() > deadline {
+            break output;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr),
+        "greeter: not serving: \"\" is NOT_SERVING\n"
+    );
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "still answering"
+    );
+    sigterm(&server);
+    let (code, _) = wait_exit(&mut server, Duration::from_secs(5)).await;
+    assert_eq!(code, Some(128 + 15));
+}
