@@ -246,22 +246,7 @@ async fn startup_errors_name_the_file_and_the_problem() {
 
 /// The serial of the certificate a fresh TLS connection to `addr` is given.
 async fn served_serial(addr: SocketAddr, ca_pem: &str) -> String {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(greeter::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let stream = connector
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    let leaf = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let leaf = CertificateDer::from(served_leaf(addr, ca_pem).await);
     greeter::tls::summarize("served".as_ref(), &leaf, std::time::SystemTime::now())
         .unwrap()
         .serial
@@ -373,4 +358,152 @@ fn served_serial_of(cert_pem: &str) -> String {
     greeter::tls::summarize("renewed".as_ref(), &der, std::time::SystemTime::now())
         .unwrap()
         .serial
+}
+
+/// The leaf certificate (DER) a fresh TLS connection to `addr` is given, trusting `ca_pem`.
+async fn served_leaf(addr: SocketAddr, ca_pem: &str) -> Vec<u8> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(greeter::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stream = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+fn der_of(cert_pem: &str) -> Vec<u8> {
+    CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+async fn say_hello_with(channel: &Channel, token: &str) -> Result<String, tonic::Code> {
+    let mut request = tonic::Request::new(hello("hup"));
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    GreeterClient::new(channel.clone())
+        .say_hello(request)
+        .await
+        .map(|reply| reply.into_inner().message)
+        .map_err(|status| status.code())
+}
+
+#[tokio::test]
+async fn sighup_reloads_certificates_and_tokens_at_once() {
+    let pki = Pki::new();
+    let tokens = pki.dir.path().join("tokens.toml");
+    let entry = |token: &str| {
+        greeter::auth::entry_toml(&greeter::auth::entry_for(token, token, &["greeter".into()]))
+    };
+    std::fs::write(&tokens, entry("first")).unwrap();
+    let config = pki.dir.path().join("server.toml");
+    // Reload intervals of an hour: within this test only SIGHUP can explain a reload.
+    std::fs::write(
+        &config,
+        format!(
+            "[log]\nformat = \"json\"\n\
+             [tls]\nenabled = true\ncert = {:?}\nkey = {:?}\nreload_interval = \"1h\"\n\
+             [auth]\nenabled = true\ntokens_file = {:?}\nreload_interval = \"1h\"\n",
+            pki.path("server.pem"),
+            pki.path("server.key"),
+            tokens.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let server = common::BinaryServer::start(&config, &[]);
+    let metrics = server.metrics_addr.unwrap();
+    let channel = tls_channel(server.addr, pki.client_tls(false))
+        .await
+        .unwrap();
+    assert_eq!(
+        say_hello_with(&channel, "first").await,
+        Ok("Hello, hup!".into())
+    );
+
+    // New files: a certificate from a new CA and a token set with "second" only.
+    let renewed = generate_pki("renewed");
+    std::fs::write(pki.path("server.key"), &renewed.server_key).unwrap();
+    std::fs::write(pki.path("server.pem"), &renewed.server_cert).unwrap();
+    std::fs::write(&tokens, entry("second")).unwrap();
+    let both_cas = format!("{}{}", pki.pki.ca_cert, renewed.ca_cert);
+    // Without the signal nothing changes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        served_leaf(server.addr, &both_cas).await,
+        der_of(&pki.pki.server_cert)
+    );
+    assert_eq!(
+        say_hello_with(&channel, "second").await,
+        Err(tonic::Code::Unauthenticated)
+    );
+
+    let hup = Command::new("kill")
+        .args(["-HUP", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    wait_for_reloads(metrics, "tls", "success", 1.0).await;
+    wait_for_reloads(metrics, "tokens", "success", 1.0).await;
+    assert_eq!(
+        served_leaf(server.addr, &both_cas).await,
+        der_of(&renewed.server_cert)
+    );
+    // The open connection keeps its certificate and sees the new tokens.
+    assert_eq!(
+        say_hello_with(&channel, "second").await,
+        Ok("Hello, hup!".into())
+    );
+    assert_eq!(
+        say_hello_with(&channel, "first").await,
+        Err(tonic::Code::Unauthenticated)
+    );
+}
+
+#[tokio::test]
+async fn reload_refuses_a_mismatched_key_and_an_expired_certificate() {
+    let pki = Pki::new();
+    let server = TestServer::start_with(config_with(pki.tls_overrides())).await;
+    let metrics = server.metrics_addr.unwrap();
+    let original = der_of(&pki.pki.server_cert);
+    let expired = greeter::certs::DevPki::generate(&greeter::certs::PkiOptions {
+        hosts: vec!["localhost".into()],
+        client_name: "c".into(),
+        not_before: std::time::SystemTime::now() - Duration::from_secs(10 * 86_400),
+        not_after: std::time::SystemTime::now() - Duration::from_secs(86_400),
+    })
+    .unwrap();
+    let all_cas = format!("{}{}", pki.pki.ca_cert, expired.ca_cert);
+    // Served: the reloader has taken its first look at the files (it does when serving starts).
+    assert_eq!(served_leaf(server.addr, &all_cas).await, original);
+
+    // One file at a time, each change refused before the next: the certificate in force with
+    // another key, then the expired certificate with its own key (a matching, expired pair).
+    std::fs::write(pki.path("server.key"), &expired.server_key).unwrap();
+    wait_for_reloads(metrics, "tls", "failure", 1.0).await;
+    assert_eq!(served_leaf(server.addr, &all_cas).await, original);
+    std::fs::write(pki.path("server.pem"), &expired.server_cert).unwrap();
+    wait_for_reloads(metrics, "tls", "failure", 2.0).await;
+    assert_eq!(served_leaf(server.addr, &all_cas).await, original);
+    assert_eq!(reloads(metrics, "tls", "success").await, 0.0);
+
+    // A valid pair is taken: the refusals were about the material, not the reloader.
+    let renewed = generate_pki("renewed");
+    std::fs::write(pki.path("server.key"), &renewed.server_key).unwrap();
+    std::fs::write(pki.path("server.pem"), &renewed.server_cert).unwrap();
+    wait_for_reloads(metrics, "tls", "success", 1.0).await;
+    let all_cas = format!("{all_cas}{}", renewed.ca_cert);
+    assert_eq!(
+        served_leaf(server.addr, &all_cas).await,
+        der_of(&renewed.server_cert)
+    );
 }
