@@ -571,3 +571,53 @@ async fn probe_port_serves_health_and_nothing_else() {
             .await;
     assert_eq!(reflection.unwrap_err().code(), Code::Unimplemented);
 }
+
+#[tokio::test]
+async fn keepalive_pings_close_a_peer_that_stopped_answering() {
+    use tokio::io::AsyncWriteExt as _;
+
+    let server = TestServer::start_with(config_with(overrides(&[
+        ("connection.keepalive_interval", "200ms"),
+        ("connection.keepalive_timeout", "200ms"),
+    ])))
+    .await;
+    // A live client: the h2 crate answers pings; its call stays open.
+    let mut live = h2_client(&server).await;
+    let (response, mut body) = live
+        .send_request(grpc_request("/helloworld.Greeter/SayHello", None), false)
+        .unwrap();
+    // A peer that made a request and then went silent: it reads nothing, answers no ping.
+    let mut dead = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bytes.extend(frame(0x4, 0, 0, &[])); // empty SETTINGS
+    bytes.extend(frame(0x1, 0x4 | 0x1, 1, &[0x83, 0x86, 0x84])); // HEADERS, END_STREAM
+    dead.write_all(&bytes).await.unwrap();
+    eventually_async("both connections open", || async {
+        connections_open(&server).await == "2"
+    })
+    .await;
+
+    eventually_async("the silent peer's connection closed", || async {
+        connections_open(&server).await == "1"
+    })
+    .await;
+    // The live one is still there, and its call finishes.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(connections_open(&server).await, "1");
+    body.send_data(common::grpc_message("alive"), true).unwrap();
+    let (messages, status, _) = messages_and_status(response).await;
+    assert_eq!((messages, status.as_str()), (1, "0"));
+}
+
+/// Waits (bounded) until the async `condition` holds.
+async fn eventually_async<F, Fut>(what: &str, condition: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !condition().await {
+        assert!(Instant::now() < deadline, "{what}: not within 5s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
