@@ -621,3 +621,48 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn connections_over_max_connections_wait_to_be_accepted() {
+    let server =
+        TestServer::start_with(config_with(overrides(&[("limits.max_connections", "2")]))).await;
+    // Two connections, each with a call in progress.
+    let mut first = h2_client(&server).await;
+    let (_first_response, first_body) = first
+        .send_request(grpc_request("/helloworld.Greeter/SayHello", None), false)
+        .unwrap();
+    let mut second = h2_client(&server).await;
+    let (second_response, mut second_body) = second
+        .send_request(grpc_request("/helloworld.Greeter/SayHello", None), false)
+        .unwrap();
+    eventually_async("two connections open", || async {
+        connections_open(&server).await == "2"
+    })
+    .await;
+
+    // A third client connects (the kernel completes the TCP handshake) and calls: it waits.
+    let channel = Channel::from_shared(server.uri()).unwrap().connect_lazy();
+    let third = tokio::spawn(async move {
+        GreeterClient::new(channel)
+            .say_hello(hello("third"))
+            .await
+            .map(|reply| reply.into_inner().message)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!third.is_finished(), "the third call was answered");
+    assert_eq!(server.stats.connections_accepted.load(Ordering::Relaxed), 2);
+
+    // One connection ends: the waiting one is accepted and served.
+    second_body
+        .send_data(common::grpc_message("second"), true)
+        .unwrap();
+    let (messages, status, _) = messages_and_status(second_response).await;
+    assert_eq!((messages, status.as_str()), (1, "0"));
+    drop((second, second_body));
+    let reply = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("the third call is served once a connection closes")
+        .unwrap();
+    assert_eq!(reply.unwrap(), "Hello, third!");
+    drop((first, first_body));
+}
