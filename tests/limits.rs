@@ -265,6 +265,22 @@ async fn a_message_over_the_size_limit_is_resource_exhausted() {
     assert!(client.say_hello(hello(&"x".repeat(1000))).await.is_ok());
 }
 
+#[tokio::test]
+async fn a_reply_over_the_send_limit_is_resource_exhausted() {
+    let server = TestServer::start_with(config_with(overrides(&[
+        ("limits.max_send_message_bytes", "100"),
+        ("greeter.max_name_bytes", "100000"),
+    ])))
+    .await;
+    let mut client = GreeterClient::new(server.channel().await);
+    // "Hello, " + name + "!" encoded: 2 bytes of framing + 8 + the name.
+    let fits = client.say_hello(hello(&"x".repeat(90))).await.unwrap();
+    assert_eq!(fits.into_inner().message.len(), 98);
+    let status = client.say_hello(hello(&"x".repeat(91))).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(client.say_hello(hello("after")).await.is_ok());
+}
+
 /// Opens a slow server stream on `channel` and waits for its first reply: one call in progress.
 async fn hold_a_call(channel: Channel) -> tonic::Streaming<greeter::pb::HelloReply> {
     let mut replies = GreeterClient::new(channel)
