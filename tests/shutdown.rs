@@ -324,3 +324,54 @@ async fn greeter_health_exits_1_while_not_serving() {
     let (code, _) = wait_exit(&mut server, Duration::from_secs(5)).await;
     assert_eq!(code, Some(128 + 15));
 }
+
+#[tokio::test]
+async fn the_listener_closes_after_the_delay_and_server_streams_end_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("server.toml");
+    std::fs::write(
+        &path,
+        "[log]\nformat = \"json\"\n[shutdown]\ndelay = \"1s\"\ngrace = \"10s\"\n\
+         [greeter]\nstream_interval = \"100ms\"\nstream_greetings = \
+         [\"a\", \"b\", \"c\", \"d\", \"e\", \"f\", \"g\", \"h\", \"i\", \"j\", \"k\", \"l\", \
+         \"m\", \"n\", \"o\", \"p\", \"q\", \"r\", \"s\", \"t\", \"u\", \"v\", \"w\", \"x\", \
+         \"y\", \"z\"]\n",
+    )
+    .unwrap();
+    let mut server = BinaryServer::start(&path, &[]);
+    // A 2.5s stream, started before the signal.
+    let mut replies = GreeterClient::new(channel(&server).await)
+        .say_hello_stream_reply(hello("you"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replies.message().await.unwrap().unwrap().message, "a, you!");
+
+    let signalled = Instant::now();
+    sigterm(&server);
+    let deadline = signalled + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(server.addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "the listener is still open");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let closed_after = signalled.elapsed();
+    assert!(
+        closed_after >= Duration::from_secs(1) && closed_after < Duration::from_secs(2),
+        "listener closed {closed_after:?} after SIGTERM, delay 1s"
+    );
+
+    // The stream delivered what it had sent, then ended with UNAVAILABLE, before its end (z).
+    let mut received = vec!["a, you!".to_owned()];
+    let status = loop {
+        match replies.message().await {
+            Ok(Some(reply)) => received.push(reply.message),
+            Ok(None) => panic!("the stream completed: {received:?}"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(status.message(), "server shutting down");
+    assert!(received.len() >= 2, "{received:?}");
+    let (code, _) = wait_exit(&mut server, Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0));
+}
