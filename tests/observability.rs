@@ -706,3 +706,137 @@ async fn the_binary_logs_one_json_access_line_per_call_with_its_request_id() {
         assert_eq!(event["span"]["name"], "grpc", "{event}");
     }
 }
+
+/// Runs `greeter serve ARGS` with `env` (RUST_LOG removed unless given) until it announces it
+/// serves, then stops it with SIGTERM: all its stderr lines, startup to exit.
+fn serve_and_stop(args: &[&str], env: &[(&str, &str)]) -> Vec<String> {
+    use std::io::BufRead as _;
+
+    let mut child = common::greeter_bin()
+        .arg("serve")
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env("GREETER__METRICS__LISTEN", "")
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (serving_tx, serving_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("greeter serving") {
+                let _ = serving_tx.send(());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    let serving = serving_rx.recv_timeout(Duration::from_secs(15));
+    let pid = child.id().to_string();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    let exited = (0..1000).any(|_| {
+        std::thread::sleep(Duration::from_millis(10));
+        child.try_wait().unwrap().is_some()
+    });
+    if !exited {
+        let _ = child.kill();
+    }
+    let lines = reader.join().unwrap();
+    assert!(serving.is_ok() && exited, "{lines:?}");
+    lines
+}
+
+#[test]
+fn allow_insecure_is_warned_about_at_start() {
+    let warning = "serving plaintext or unauthenticated calls beyond loopback \
+                   (server.allow_insecure = true)";
+    let json = [("GREETER__LOG__FORMAT", "json")];
+    let exposed = serve_and_stop(
+        &["--listen", "0.0.0.0:0"],
+        &[json[0], ("GREETER__SERVER__ALLOW_INSECURE", "true")],
+    );
+    let warned: Vec<serde_json::Value> = exposed
+        .iter()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter(|event| event["message"] == warning)
+        .collect();
+    assert_eq!(warned.len(), 1, "{exposed:?}");
+    assert_eq!(warned[0]["level"], "WARN");
+    // On loopback there is nothing to warn about.
+    let loopback = serve_and_stop(&["--listen", "127.0.0.1:0"], &json);
+    assert!(
+        loopback.iter().all(|line| !line.contains(warning)),
+        "{loopback:?}"
+    );
+}
+
+#[test]
+fn log_format_auto_is_json_when_stderr_is_not_a_terminal() {
+    let auto = serve_and_stop(
+        &["--listen", "127.0.0.1:0"],
+        &[("GREETER__LOG__FORMAT", "auto")],
+    );
+    for line in &auto {
+        let event: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(event["level"].is_string(), "{line}");
+    }
+    let text = serve_and_stop(
+        &["--listen", "127.0.0.1:0"],
+        &[("GREETER__LOG__FORMAT", "text")],
+    );
+    assert!(
+        text.iter()
+            .all(|line| serde_json::from_str::<serde_json::Value>(line).is_err()),
+        "{text:?}"
+    );
+}
+
+// Multi-threaded: the client's connection answers the GOAWAY while `terminate` blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_off_in_the_filter_and_rust_log_taking_precedence() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        "[log]\nformat = \"json\"\nfilter = \"info,greeter::access=off\"\n",
+    )
+    .unwrap();
+    for (env, access_lines_wanted) in [(vec![], 0), (vec![("RUST_LOG", "info")], 1)] {
+        let mut server = BinaryServer::start_with_env(&config, &[], &env);
+        let channel = Channel::from_shared(format!("http://{}", server.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        GreeterClient::new(channel)
+            .say_hello(hello("filtered"))
+            .await
+            .unwrap();
+        // Everything the process logs is in once its last line is.
+        let (code, _) = server.terminate();
+        assert_eq!(code, Some(0));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let logs = loop {
+            let logs = server.logs.lock().unwrap().clone();
+            if logs.contains("all calls finished") {
+                break logs;
+            }
+            assert!(Instant::now() < deadline, "no last line:\n{logs}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(
+            access_lines(&logs).len(),
+            access_lines_wanted,
+            "RUST_LOG {env:?}:\n{logs}"
+        );
+    }
+}
