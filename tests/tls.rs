@@ -507,3 +507,51 @@ async fn reload_refuses_a_mismatched_key_and_an_expired_certificate() {
         der_of(&renewed.server_cert)
     );
 }
+
+/// Writes `pki`'s server pair as a Kubernetes Secret volume revision: a timestamped directory
+/// that `..data` is then pointed at, atomically (rename of a new symlink over the old one).
+fn secret_revision(volume: &std::path::Path, revision: &str, pki: &greeter::certs::DevPki) {
+    let dir = volume.join(revision);
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("tls.crt"), &pki.server_cert).unwrap();
+    std::fs::write(dir.join("tls.key"), &pki.server_key).unwrap();
+    let staged = volume.join("..data_tmp");
+    std::os::unix::fs::symlink(revision, &staged).unwrap();
+    std::fs::rename(&staged, volume.join("..data")).unwrap();
+}
+
+#[tokio::test]
+async fn a_kubernetes_secret_swapped_by_its_data_symlink_is_reloaded() {
+    let volume = tempfile::tempdir().unwrap();
+    let first = generate_pki("first");
+    secret_revision(volume.path(), "..2026_01_01_00_00_00.1", &first);
+    for file in ["tls.crt", "tls.key"] {
+        std::os::unix::fs::symlink(format!("..data/{file}"), volume.path().join(file)).unwrap();
+    }
+    let path = |file: &str| volume.path().join(file).to_str().unwrap().to_owned();
+    let server = TestServer::start_with(config_with(vec![
+        ("tls.enabled".into(), "true".into()),
+        ("tls.cert".into(), path("tls.crt")),
+        ("tls.key".into(), path("tls.key")),
+        ("tls.reload_interval".into(), "50ms".into()),
+    ]))
+    .await;
+    let second = generate_pki("second");
+    let both_cas = format!("{}{}", first.ca_cert, second.ca_cert);
+    assert_eq!(
+        served_leaf(server.addr, &both_cas).await,
+        der_of(&first.server_cert)
+    );
+
+    // The kubelet's update: the files the config names are the same symlinks throughout.
+    secret_revision(volume.path(), "..2026_01_02_00_00_00.2", &second);
+    wait_for_reloads(server.metrics_addr.unwrap(), "tls", "success", 1.0).await;
+    assert_eq!(
+        served_leaf(server.addr, &both_cas).await,
+        der_of(&second.server_cert)
+    );
+    assert_eq!(
+        reloads(server.metrics_addr.unwrap(), "tls", "failure").await,
+        0.0
+    );
+}
