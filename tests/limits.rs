@@ -526,6 +526,100 @@ async fn max_connection_age_rotates_connections_and_calls_get_the_grace_to_finis
     );
 }
 
+#[tokio::test]
+async fn a_call_longer_than_max_age_grace_is_cut_when_the_grace_ends() {
+    let mut config = config_with(overrides(&[
+        ("connection.max_age", "300ms"),
+        ("connection.max_age_grace", "500ms"),
+        ("greeter.stream_interval", "100ms"),
+    ]));
+    // A 1.9s stream: it outlives age (300ms +-10%) + grace (500ms).
+    config.greeter.stream_greetings = (0..20).map(|i| format!("g{i}")).collect();
+    let server = TestServer::start_with(config).await;
+    let before_connecting = Instant::now();
+    let mut replies = GreeterClient::new(server.channel().await)
+        .say_hello_stream_reply(hello("long"))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut received = 0;
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(10), replies.message())
+            .await
+            .expect("the stream ends within 10s")
+        {
+            Ok(Some(_)) => received += 1,
+            Ok(None) => panic!("the stream outlived its connection's age and grace"),
+            Err(_) => break before_connecting.elapsed(),
+        }
+    };
+    assert!(received > 0 && received < 20, "{received} greetings");
+    // No earlier than the shortest age plus the grace, no later than the longest plus 1s slack.
+    assert!(
+        ended >= Duration::from_millis(270 + 500)
+            && ended < Duration::from_millis(330 + 500 + 1000),
+        "cut {ended:?} after connecting"
+    );
+}
+
+/// Opens a raw HTTP/2 connection that makes one request and then idles; returns how long after
+/// connecting the server's first GOAWAY arrived (within 10s).
+async fn goaway_after(server: &TestServer) -> Duration {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let connecting = Instant::now();
+    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bytes.extend(frame(0x4, 0, 0, &[])); // empty SETTINGS
+    bytes.extend(frame(0x1, 0x4 | 0x1, 1, &[0x83, 0x86, 0x84])); // HEADERS, END_STREAM
+    tcp.write_all(&bytes).await.unwrap();
+    let read = async {
+        let mut buffer = Vec::new();
+        loop {
+            while buffer.len() >= 9 {
+                let len = u32::from_be_bytes([0, buffer[0], buffer[1], buffer[2]]) as usize;
+                if buffer.len() < 9 + len {
+                    break;
+                }
+                if buffer[3] == 0x7 {
+                    return connecting.elapsed();
+                }
+                buffer.drain(..9 + len);
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tcp.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed without GOAWAY");
+            buffer.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("a GOAWAY within 10s")
+}
+
+#[tokio::test]
+async fn max_connection_age_is_jittered_so_connections_do_not_all_go_together() {
+    let server =
+        TestServer::start_with(config_with(overrides(&[("connection.max_age", "1s")]))).await;
+    let server = Arc::new(server);
+    let connections: Vec<_> = (0..12)
+        .map(|_| {
+            let server = Arc::clone(&server);
+            tokio::spawn(async move { goaway_after(&server).await })
+        })
+        .collect();
+    let mut ages = Vec::new();
+    for connection in connections {
+        ages.push(connection.await.unwrap());
+    }
+    ages.sort();
+    // Each within 1s +-10% (plus slack for a busy machine), and spread over that range: twelve
+    // draws from 200ms fall within 50ms of each other less than once in 100,000 runs.
+    assert!(ages[0] >= Duration::from_millis(900), "{ages:?}");
+    assert!(ages[11] < Duration::from_millis(1100 + 500), "{ages:?}");
+    assert!(ages[11] - ages[0] >= Duration::from_millis(50), "{ages:?}");
+}
+
 /// `greeter_connections_open` on the server's metrics listener.
 async fn connections_open(server: &TestServer) -> String {
     let text = common::scrape(server.metrics_addr.unwrap()).await;
