@@ -180,8 +180,8 @@ async fn sigterm_under_load_fails_no_call_and_exits_zero_within_the_grace() {
         failed.load(Ordering::SeqCst),
     );
     assert_eq!(failed.load(Ordering::SeqCst), 0, "no unary call failed");
-    // Calls were running when the signal came (the ones that must not fail); a call still in
-    // flight when the listener closes is a_unary_call_in_flight_when_the_listener_closes_....
+    // Calls were running when the signal came: the ones that must not fail. (A call still in
+    // flight when the listener closes has a test of its own.)
     assert!(in_flight_at_sigterm > 0, "no call in flight at SIGTERM");
     assert!(
         calls_before > 100,
