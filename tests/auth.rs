@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Pki, TestServer, config_with, tls_channel};
+use common::{Pki, TestServer, config_with, reloads, tls_channel, wait_for_reloads};
 use greeter::{
     auth,
     pb::{HelloRequest, greeter_client::GreeterClient},
@@ -209,11 +209,17 @@ async fn tokens_file_reloads_add_and_revoke_and_a_bad_file_keeps_the_old_set() {
     tokens.write(&[("grt_second", "second", &["greeter"])]);
     eventually(&channel, "grt_first", Err(Code::Unauthenticated)).await;
 
-    // A broken file is refused; the tokens in force stay in force.
+    // A broken file is refused (counted as a failed reload); the tokens in force stay in force.
+    let metrics = server.metrics_addr.unwrap();
+    assert_eq!(reloads(metrics, "tokens", "failure").await, 0.0);
     tokens
         .write_raw("[[tokens]]\nname = \"broken\"\nsha256 = \"not hex\"\nscopes = [\"greeter\"]\n");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for_reloads(metrics, "tokens", "failure", 1.0).await;
     assert_eq!(say_hello(&channel, Some("Bearer grt_second")).await, hello);
+    assert_eq!(
+        say_hello(&channel, Some("Bearer grt_first")).await,
+        Err(Code::Unauthenticated)
+    );
 }
 
 #[tokio::test]
@@ -256,5 +262,100 @@ async fn mtls_and_tokens_combine_as_configured() {
     assert_eq!(
         say_hello(&without, Some("Bearer grt_app")).await,
         Err(Code::Unauthenticated)
+    );
+}
+
+#[tokio::test]
+async fn either_mode_takes_a_certificate_or_a_token_and_logs_who() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = greeter::certs::DevPki::generate(&greeter::certs::PkiOptions::valid_for_days(
+        vec!["localhost".into()],
+        "either-client".into(),
+        30,
+    ))
+    .unwrap();
+    pki.write(dir.path(), false).unwrap();
+    let path = |file: &str| dir.path().join(file).to_str().unwrap().to_owned();
+    std::fs::write(
+        path("tokens.toml"),
+        auth::entry_toml(&auth::entry_for("grt_app", "app", &["greeter".into()])),
+    )
+    .unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[log]\nformat = \"json\"\n\
+             [tls]\nenabled = true\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n\
+             client_auth = \"optional\"\n\
+             [auth]\nenabled = true\nmode = \"either\"\ntokens_file = {:?}\n\
+             client_cert_scopes = [\"greeter\"]\n",
+            path("server.pem"),
+            path("server.key"),
+            path("ca.pem"),
+            path("tokens.toml"),
+        ),
+    )
+    .unwrap();
+    let server = common::BinaryServer::start(&config, &[]);
+    let tls = || {
+        tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&pki.ca_cert))
+            .domain_name("localhost")
+    };
+    let with_cert = tls_channel(
+        server.addr,
+        tls().identity(tonic::transport::Identity::from_pem(
+            &pki.client_cert,
+            &pki.client_key,
+        )),
+    )
+    .await
+    .unwrap();
+    let without = tls_channel(server.addr, tls()).await.unwrap();
+
+    assert_eq!(say_hello(&with_cert, None).await, Ok("Hello, you!".into()));
+    assert_eq!(
+        say_hello(&without, Some("Bearer grt_app")).await,
+        Ok("Hello, you!".into())
+    );
+    assert_eq!(say_hello(&without, None).await, Err(Code::Unauthenticated));
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let lines = loop {
+        let logs = server.logs.lock().unwrap().clone();
+        let lines: Vec<serde_json::Value> = logs
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|event| event["target"] == "greeter::access")
+            .collect();
+        if lines.len() >= 3 {
+            break lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "3 access lines within 5s:\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // (Each line is written as its call's response ends: in any order.)
+    let mut who: Vec<(&str, Option<&str>, &str)> = lines
+        .iter()
+        .map(|line| {
+            (
+                line["auth"].as_str().unwrap(),
+                line["identity"].as_str(),
+                line["code"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    who.sort();
+    assert_eq!(
+        who,
+        [
+            ("client_cert", Some("CN=either-client"), "OK"),
+            ("none", None, "Unauthenticated"),
+            ("token", Some("app"), "OK"),
+        ]
     );
 }

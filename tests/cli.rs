@@ -81,26 +81,129 @@ fn config_errors_name_the_key_and_the_file() {
 #[test]
 fn later_files_win_and_errors_name_the_file_that_set_the_value() {
     let dir = tempfile::tempdir().unwrap();
-    let good = write(dir.path(), "good.toml", "[greeter]\nmax_name_bytes = 9\n");
+    let nine = write(dir.path(), "nine.toml", "[greeter]\nmax_name_bytes = 9\n");
+    let seven = write(dir.path(), "seven.toml", "[greeter]\nmax_name_bytes = 7\n");
     let empty = write(
         dir.path(),
         "empty.toml",
         "[greeter]\nstream_greetings = []\n",
     );
-    let shown = run(&["config", "show", "-c", good.to_str().unwrap()]);
-    assert!(shown.status.success(), "{}", stderr(&shown));
-    assert!(
-        stdout(&shown).contains("max_name_bytes = 9"),
-        "{}",
-        stdout(&shown)
-    );
+    for (first, second, want) in [(&nine, &seven, 7), (&seven, &nine, 9)] {
+        let shown = run(&[
+            "config",
+            "show",
+            "-c",
+            first.to_str().unwrap(),
+            "-c",
+            second.to_str().unwrap(),
+        ]);
+        assert!(shown.status.success(), "{}", stderr(&shown));
+        assert!(
+            stdout(&shown).contains(&format!("\nmax_name_bytes = {want}\n")),
+            "{}",
+            stdout(&shown)
+        );
+    }
 
     let path = empty.to_str().unwrap();
     assert_config_error(
-        &["config", "check", "-c", good.to_str().unwrap(), "-c", path],
+        &["config", "check", "-c", nine.to_str().unwrap(), "-c", path],
         path,
         "greeter.stream_greetings",
     );
+}
+
+/// Files for the precedence chain: each key is set by the layers that should lose to a later one.
+fn layered_files(dir: &Path) -> [PathBuf; 2] {
+    let earlier = write(
+        dir,
+        "earlier.toml",
+        "[server]\nlisten = \"127.0.0.1:6001\"\n\
+         [tls]\nhandshake_timeout = \"7s\"\n\
+         [greeter]\nmax_name_bytes = 5\nstream_greetings = [\"Earlier\"]\n",
+    );
+    let later = write(
+        dir,
+        "later.toml",
+        "[server]\nlisten = \"127.0.0.1:6002\"\n\
+         [greeter]\nmax_name_bytes = 6\nstream_greetings = [\"Later\"]\n",
+    );
+    [earlier, later]
+}
+
+const LAYERED_ENV: [(&str, &str); 2] = [
+    ("GREETER__SERVER__LISTEN", "127.0.0.1:6003"),
+    ("GREETER__GREETER__MAX_NAME_BYTES", "7"),
+];
+
+#[test]
+fn config_show_applies_default_then_files_in_order_then_env_then_listen() {
+    let dir = tempfile::tempdir().unwrap();
+    let [earlier, later] = layered_files(dir.path());
+    let output = greeter_bin()
+        .args(["config", "show", "-c"])
+        .arg(&earlier)
+        .arg("-c")
+        .arg(&later)
+        .args(["--listen", "127.0.0.1:6004"])
+        .env_remove("RUST_LOG")
+        .envs(LAYERED_ENV)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let shown: toml::Table = toml::from_str(&stdout(&output)).unwrap();
+    // Set only by the default, by the earlier file, by both files, by files and env, by all.
+    assert_eq!(shown["tls"]["reload_interval"].as_str(), Some("5s"));
+    assert_eq!(shown["tls"]["handshake_timeout"].as_str(), Some("7s"));
+    assert_eq!(
+        shown["greeter"]["stream_greetings"].as_array().unwrap(),
+        &vec![toml::Value::from("Later")]
+    );
+    assert_eq!(shown["greeter"]["max_name_bytes"].as_integer(), Some(7));
+    assert_eq!(shown["server"]["listen"].as_str(), Some("127.0.0.1:6004"));
+}
+
+#[tokio::test]
+async fn the_running_server_applies_the_same_precedence() {
+    use greeter::pb::{HelloRequest, greeter_client::GreeterClient};
+
+    let dir = tempfile::tempdir().unwrap();
+    let [earlier, later] = layered_files(dir.path());
+    // BinaryServer passes `--listen 127.0.0.1:0`: the server is reachable only if it wins.
+    let server = BinaryServer::start_with_env(
+        &json_log_config(dir.path(), ""),
+        &[
+            "-c",
+            earlier.to_str().unwrap(),
+            "-c",
+            later.to_str().unwrap(),
+        ],
+        &LAYERED_ENV,
+    );
+    assert_ne!(server.addr.port(), 6001);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = GreeterClient::new(channel);
+    let hello = |name: &str| HelloRequest { name: name.into() };
+    // max_name_bytes: 5 (earlier file) < 6 (later file) < 7 (environment).
+    let reply = client.say_hello(hello("seven77")).await.unwrap();
+    assert_eq!(reply.into_inner().message, "Hello, seven77!");
+    let status = client.say_hello(hello("eight888")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    // stream_greetings: the later file's.
+    let mut replies = client
+        .say_hello_stream_reply(hello("you"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        replies.message().await.unwrap().unwrap().message,
+        "Later, you!"
+    );
+    assert!(replies.message().await.unwrap().is_none());
 }
 
 #[test]
@@ -117,6 +220,58 @@ fn malformed_and_missing_files_are_named() {
     let output = run(&["serve", "-c", path]);
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains(path) && stderr(&output).contains("not found"));
+}
+
+#[test]
+fn config_check_checks_the_tls_and_token_files_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::generate_pki("client");
+    let cert = write(dir.path(), "server.pem", &pki.server_cert);
+    let key = write(dir.path(), "server.key", &pki.server_key);
+    let tokens = write(
+        dir.path(),
+        "tokens.toml",
+        &greeter::auth::entry_toml(&greeter::auth::entry_for("t", "ops", &["greeter".into()])),
+    );
+    let secure = |cert: &Path, tokens: &Path| {
+        format!(
+            "[tls]\nenabled = true\ncert = {:?}\nkey = {:?}\n\
+             [auth]\nenabled = true\ntokens_file = {:?}\n",
+            cert.to_str().unwrap(),
+            key.to_str().unwrap(),
+            tokens.to_str().unwrap()
+        )
+    };
+    let good = write(dir.path(), "good.toml", &secure(&cert, &tokens));
+    let output = run(&["config", "check", "-c", good.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    let missing_cert = dir.path().join("missing.pem");
+    let config = write(dir.path(), "no-cert.toml", &secure(&missing_cert, &tokens));
+    let output = run(&["config", "check", "-c", config.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains(&format!("{}: cannot read", missing_cert.display())),
+        "{}",
+        stderr(&output)
+    );
+
+    let bad_tokens = write(dir.path(), "bad-tokens.toml", "[[tokens]\nname = ");
+    let config = write(
+        dir.path(),
+        "bad-tokens-config.toml",
+        &secure(&cert, &bad_tokens),
+    );
+    let output = run(&["config", "check", "-c", config.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains(&format!(
+            "{}: not a valid tokens file",
+            bad_tokens.display()
+        )),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[test]
@@ -251,6 +406,50 @@ fn client_timeout_reports_deadline_exceeded() {
     );
 }
 
+/// A `grpc-timeout` header as a duration (gRPC's `<digits><unit>` form).
+fn grpc_timeout(value: &str) -> Duration {
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().unwrap();
+    match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => panic!("not a grpc-timeout: {value}"),
+    }
+}
+
+#[tokio::test]
+async fn client_timeout_is_sent_to_the_server_as_the_call_deadline() {
+    // An HTTP/2 server that records the request headers and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut connection = h2::server::handshake(tcp).await.unwrap();
+        let (request, respond) = connection.accept().await.unwrap().unwrap();
+        let _ = seen_tx.send(request.headers().clone());
+        let _keep_open = respond;
+        while connection.accept().await.is_some() {}
+    });
+    let output = tokio::task::spawn_blocking(move || {
+        run(&["hello", "you", "--addr", &addr, "--timeout", "300ms"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let headers = seen_rx.await.unwrap();
+    let timeout = grpc_timeout(headers["grpc-timeout"].to_str().unwrap());
+    assert!(
+        timeout <= Duration::from_millis(300) && timeout > Duration::from_millis(200),
+        "{timeout:?}"
+    );
+    server.abort();
+}
+
 #[test]
 fn unreachable_server_is_a_clear_error() {
     let output = run(&["hello", "--addr", "127.0.0.1:1", "--timeout", "2s"]);
@@ -266,8 +465,22 @@ fn unreachable_server_is_a_clear_error() {
 #[test]
 fn help_and_version_are_complete() {
     let version = run(&["--version"]);
-    assert!(stdout(&version).starts_with(&format!("greeter {}", env!("CARGO_PKG_VERSION"))));
-    assert!(stdout(&version).contains("commit"));
+    let version = stdout(&version);
+    let commit = version
+        .strip_prefix(&format!("greeter {} (commit ", env!("CARGO_PKG_VERSION")))
+        .and_then(|rest| rest.strip_suffix(")\n"))
+        .unwrap_or_else(|| panic!("`greeter VERSION (commit ID)`: {version:?}"));
+    // The id names a commit of this repository.
+    let known = std::process::Command::new("git")
+        .args(["cat-file", "-t", commit])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&known.stdout),
+        "commit\n",
+        "{version}"
+    );
     for sub in [
         "serve",
         "hello",

@@ -478,14 +478,24 @@ async fn metrics_listen_empty_means_no_listener_and_calls_still_get_request_ids(
 async fn tls_metrics_show_expiry_handshake_failures_and_reloads() {
     use tokio::io::AsyncWriteExt as _;
 
-    let pki = Pki::new();
+    // A server certificate whose expiry the test knows: 2040-01-01T00:00:00Z.
+    const NOT_AFTER_UNIX: u64 = 2_208_988_800;
+    let dir = tempfile::tempdir().unwrap();
+    let generated = greeter::certs::DevPki::generate(&greeter::certs::PkiOptions {
+        hosts: vec!["localhost".into(), "127.0.0.1".into()],
+        client_name: "client".into(),
+        not_before: std::time::SystemTime::now() - Duration::from_secs(3600),
+        not_after: std::time::UNIX_EPOCH + Duration::from_secs(NOT_AFTER_UNIX),
+    })
+    .unwrap();
+    generated.write(dir.path(), false).unwrap();
+    let pki = Pki {
+        dir,
+        pki: generated,
+    };
     let server = TestServer::start_with(config_with(pki.tls_overrides())).await;
     let metrics_addr = server.metrics_addr.unwrap();
-
     let cert_path = std::path::PathBuf::from(pki.path("server.pem"));
-    let chain = greeter::tls::read_certs(&cert_path).unwrap();
-    let leaf =
-        greeter::tls::summarize(&cert_path, &chain[0], std::time::SystemTime::now()).unwrap();
 
     // Not TLS at all: the handshake fails.
     let mut garbage = tokio::net::TcpStream::connect(server.addr).await.unwrap();
@@ -532,7 +542,7 @@ async fn tls_metrics_show_expiry_handshake_failures_and_reloads() {
     assert_eq!(reloads(&scrape, "failure"), 1.0);
     assert_eq!(
         scrape.get("greeter_tls_certificate_expiry_timestamp_seconds", &[]),
-        leaf.not_after_unix as f64
+        NOT_AFTER_UNIX as f64
     );
     assert_eq!(
         scrape.get(
@@ -587,7 +597,9 @@ async fn the_binary_logs_one_json_access_line_per_call_with_its_request_id() {
     let mut ok = with_token(hello("log"));
     ok.metadata_mut()
         .insert("x-request-id", "access-log-1".parse().unwrap());
+    let called = Instant::now();
     client.say_hello(ok).await.unwrap();
+    let ok_took = called.elapsed();
     let refused = client.say_hello(hello("no token")).await.unwrap_err();
     let refused_id = refused
         .metadata()
@@ -612,28 +624,42 @@ async fn the_binary_logs_one_json_access_line_per_call_with_its_request_id() {
         replies.message().await.unwrap_err().code(),
         Code::DeadlineExceeded
     );
-    // Health checks are logged at DEBUG only: not with this filter.
+    // Health checks are logged at DEBUG only: not with this filter. A Greeter call after the
+    // health check is logged after it, so once that call's line is in, a health line would be too.
     tonic_health::pb::health_client::HealthClient::new(channel)
         .check(tonic_health::pb::HealthCheckRequest::default())
         .await
         .unwrap();
+    let mut last = with_token(hello("after health"));
+    last.metadata_mut()
+        .insert("x-request-id", "after-health".parse().unwrap());
+    client.say_hello(last).await.unwrap();
 
     let deadline = Instant::now() + Duration::from_secs(5);
     let lines = loop {
         let logs = server.logs.lock().unwrap().clone();
         let lines = access_lines(&logs);
-        if lines.len() >= 3 || Instant::now() > deadline {
+        if lines
+            .iter()
+            .any(|line| line["request_id"] == "after-health")
+        {
             break lines;
         }
+        assert!(
+            Instant::now() < deadline,
+            "no access line for the last call within 5s:\n{logs}"
+        );
         drop(logs);
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let logs = server.logs.lock().unwrap().clone();
-    assert_eq!(
-        lines.len(),
-        3,
-        "one line per call, none for health:\n{logs}"
+    assert!(
+        lines
+            .iter()
+            .all(|line| !line["method"].as_str().unwrap().starts_with("/grpc.health")),
+        "no access line for the health check:\n{logs}"
     );
+    assert_eq!(lines.len(), 4, "one line per call:\n{logs}");
     let by_id: HashMap<&str, &serde_json::Value> = lines
         .iter()
         .map(|line| (line["request_id"].as_str().unwrap(), line))
@@ -648,7 +674,12 @@ async fn the_binary_logs_one_json_access_line_per_call_with_its_request_id() {
     assert_eq!(ok["identity"], "ci");
     let peer: SocketAddr = ok["peer"].as_str().unwrap().parse().unwrap();
     assert!(peer.ip().is_loopback());
-    assert!(ok["duration_ms"].as_f64().unwrap() >= 0.0);
+    // The server's measure of the call lies within the client's.
+    let duration = ok["duration_ms"].as_f64().unwrap();
+    assert!(
+        duration > 0.0 && duration <= ok_took.as_secs_f64() * 1000.0,
+        "{ok} within {ok_took:?}"
+    );
 
     let refused = by_id[refused_id.as_str()];
     assert_eq!(refused["code"], "Unauthenticated");
@@ -722,4 +753,138 @@ async fn a_refusal_for_a_missing_scope_logs_who_was_refused() {
     assert_eq!(line["code"], "PermissionDenied", "{line}");
     assert_eq!(line["auth"], "token", "{line}");
     assert_eq!(line["identity"], "ci", "{line}");
+}
+
+/// Runs `greeter serve ARGS` with `env` (RUST_LOG removed unless given) until it announces it
+/// serves, then stops it with SIGTERM: all its stderr lines, startup to exit.
+fn serve_and_stop(args: &[&str], env: &[(&str, &str)]) -> Vec<String> {
+    use std::io::BufRead as _;
+
+    let mut child = common::greeter_bin()
+        .arg("serve")
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env("GREETER__METRICS__LISTEN", "")
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (serving_tx, serving_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("greeter serving") {
+                let _ = serving_tx.send(());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    let serving = serving_rx.recv_timeout(Duration::from_secs(15));
+    let pid = child.id().to_string();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    let exited = (0..1000).any(|_| {
+        std::thread::sleep(Duration::from_millis(10));
+        child.try_wait().unwrap().is_some()
+    });
+    if !exited {
+        let _ = child.kill();
+    }
+    let lines = reader.join().unwrap();
+    assert!(serving.is_ok() && exited, "{lines:?}");
+    lines
+}
+
+#[test]
+fn allow_insecure_is_warned_about_at_start() {
+    let warning = "serving plaintext or unauthenticated calls beyond loopback \
+                   (server.allow_insecure = true)";
+    let json = [("GREETER__LOG__FORMAT", "json")];
+    let exposed = serve_and_stop(
+        &["--listen", "0.0.0.0:0"],
+        &[json[0], ("GREETER__SERVER__ALLOW_INSECURE", "true")],
+    );
+    let warned: Vec<serde_json::Value> = exposed
+        .iter()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter(|event| event["message"] == warning)
+        .collect();
+    assert_eq!(warned.len(), 1, "{exposed:?}");
+    assert_eq!(warned[0]["level"], "WARN");
+    // On loopback there is nothing to warn about.
+    let loopback = serve_and_stop(&["--listen", "127.0.0.1:0"], &json);
+    assert!(
+        loopback.iter().all(|line| !line.contains(warning)),
+        "{loopback:?}"
+    );
+}
+
+#[test]
+fn log_format_auto_is_json_when_stderr_is_not_a_terminal() {
+    let auto = serve_and_stop(
+        &["--listen", "127.0.0.1:0"],
+        &[("GREETER__LOG__FORMAT", "auto")],
+    );
+    for line in &auto {
+        let event: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(event["level"].is_string(), "{line}");
+    }
+    let text = serve_and_stop(
+        &["--listen", "127.0.0.1:0"],
+        &[("GREETER__LOG__FORMAT", "text")],
+    );
+    assert!(
+        text.iter()
+            .all(|line| serde_json::from_str::<serde_json::Value>(line).is_err()),
+        "{text:?}"
+    );
+}
+
+// Multi-threaded: the client's connection answers the GOAWAY while `terminate` blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_off_in_the_filter_and_rust_log_taking_precedence() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        "[log]\nformat = \"json\"\nfilter = \"info,greeter::access=off\"\n",
+    )
+    .unwrap();
+    for (env, access_lines_wanted) in [(vec![], 0), (vec![("RUST_LOG", "info")], 1)] {
+        let mut server = BinaryServer::start_with_env(&config, &[], &env);
+        let channel = Channel::from_shared(format!("http://{}", server.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        GreeterClient::new(channel)
+            .say_hello(hello("filtered"))
+            .await
+            .unwrap();
+        // Everything the process logs is in once its last line is.
+        let (code, _) = server.terminate();
+        assert_eq!(code, Some(0));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let logs = loop {
+            let logs = server.logs.lock().unwrap().clone();
+            if logs.contains("all calls finished") {
+                break logs;
+            }
+            assert!(Instant::now() < deadline, "no last line:\n{logs}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(
+            access_lines(&logs).len(),
+            access_lines_wanted,
+            "RUST_LOG {env:?}:\n{logs}"
+        );
+    }
 }

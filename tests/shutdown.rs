@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::BinaryServer;
+use common::{BinaryServer, wait_for_calls_in_flight};
 use greeter::pb::{HelloRequest, greeter_client::GreeterClient};
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::{
@@ -180,6 +180,9 @@ async fn sigterm_under_load_fails_no_call_and_exits_zero_within_the_grace() {
         failed.load(Ordering::SeqCst),
     );
     assert_eq!(failed.load(Ordering::SeqCst), 0, "no unary call failed");
+    // Calls were running when the signal came: the ones that must not fail. (A call still in
+    // flight when the listener closes has a test of its own.)
+    assert!(in_flight_at_sigterm > 0, "no call in flight at SIGTERM");
     assert!(
         calls_before > 100,
         "the server was under load: {calls_before} calls"
@@ -209,24 +212,67 @@ async fn a_second_signal_exits_at_once() {
 #[tokio::test]
 async fn the_drain_is_bounded_by_the_grace() {
     let dir = tempfile::tempdir().unwrap();
-    // A health Watch has no deadline and only ends when the server ends it; a client that ignores
-    // GOAWAY keeps its connection. Neither may keep the process alive past the grace.
+    // A unary call whose request never ends cannot finish; a client that ignores GOAWAY keeps its
+    // connection. Neither may keep the process alive past the grace, and the drain waits for the
+    // call until then.
     let mut server = BinaryServer::start(&config(&dir, "delay = \"0s\"\ngrace = \"1s\""), &[]);
-    let client = h2_idle_client(server.addr).await;
+    let (client, _request) = h2_open_call(server.addr).await;
+    wait_for_calls_in_flight(server.metrics_addr.unwrap(), 1.0).await;
     let signalled = Instant::now();
     sigterm(&server);
     let (code, exited) = wait_exit(&mut server, Duration::from_secs(10)).await;
     assert_eq!(code, Some(0), "{}", server.logs.lock().unwrap());
+    let took = exited - signalled;
     assert!(
-        exited - signalled < Duration::from_secs(4),
-        "{:?}",
-        exited - signalled
+        took >= Duration::from_secs(1) && took < Duration::from_secs(4),
+        "{took:?}"
     );
     client.abort();
 }
 
-/// A raw HTTP/2 connection with one request whose body never ends: the server cannot finish it.
-async fn h2_idle_client(addr: std::net::SocketAddr) -> tokio::task::JoinHandle<()> {
+#[tokio::test]
+async fn a_unary_call_in_flight_when_the_listener_closes_still_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = BinaryServer::start(&config(&dir, "delay = \"300ms\"\ngrace = \"10s\""), &[]);
+    let (client, (response, mut request)) = h2_open_call(server.addr).await;
+    wait_for_calls_in_flight(server.metrics_addr.unwrap(), 1.0).await;
+    sigterm(&server);
+    // After shutdown.delay the listener closes (and connections get GOAWAY): connecting fails.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(server.addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "the listener is still open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The call in flight keeps its slot through the drain (the grace is 10s) and finishes
+    // normally.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(server.child.try_wait().unwrap().is_none(), "still draining");
+    request
+        .send_data(common::grpc_message("held"), true)
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("an answer within 5s")
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.data().await {
+        bytes.extend_from_slice(&chunk.unwrap());
+    }
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    assert_eq!(trailers["grpc-status"], "0", "{trailers:?}");
+    assert!(bytes.ends_with(b"Hello, held!"), "{bytes:?}");
+    let (code, _) = wait_exit(&mut server, Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0));
+    client.abort();
+}
+
+type OpenCall = (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>);
+
+/// A raw HTTP/2 connection with one SayHello call whose request body is not sent yet: the call
+/// is in flight until the test sends it. Returns the connection's task and the call.
+async fn h2_open_call(addr: std::net::SocketAddr) -> (tokio::task::JoinHandle<()>, OpenCall) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
     let task = tokio::spawn(async move {
@@ -237,11 +283,95 @@ async fn h2_idle_client(addr: std::net::SocketAddr) -> tokio::task::JoinHandle<(
         .header("te", "trailers")
         .body(())
         .unwrap();
-    let (_response, stream) = client.send_request(request, false).unwrap();
-    // Keep the request stream open for the life of the task.
-    tokio::spawn(async move {
-        let _keep = (client, stream);
-        std::future::pending::<()>().await;
-    });
-    task
+    let call = client.send_request(request, false).unwrap();
+    (task, call)
+}
+
+#[tokio::test]
+async fn greeter_health_exits_1_while_not_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = BinaryServer::start(&config(&dir, "delay = \"30s\"\ngrace = \"1s\""), &[]);
+    let health = |addr: String| {
+        common::greeter_bin()
+            .args(["health", "--addr", &addr, "--timeout", "5s"])
+            .output()
+            .unwrap()
+    };
+    let serving = health(server.addr_arg());
+    assert_eq!(serving.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&serving.stdout), "SERVING\n");
+
+    // SIGTERM: NOT_SERVING for shutdown.delay (30s) while the server still answers.
+    sigterm(&server);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let output = loop {
+        let output = health(server.addr_arg());
+        if output.status.code() != Some(0) || Instant::now() > deadline {
+            break output;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr),
+        "greeter: not serving: \"\" is NOT_SERVING\n"
+    );
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "still answering"
+    );
+    sigterm(&server);
+    let (code, _) = wait_exit(&mut server, Duration::from_secs(5)).await;
+    assert_eq!(code, Some(128 + 15));
+}
+
+#[tokio::test]
+async fn the_listener_closes_after_the_delay_and_server_streams_end_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("server.toml");
+    std::fs::write(
+        &path,
+        "[log]\nformat = \"json\"\n[shutdown]\ndelay = \"1s\"\ngrace = \"10s\"\n\
+         [greeter]\nstream_interval = \"100ms\"\nstream_greetings = \
+         [\"a\", \"b\", \"c\", \"d\", \"e\", \"f\", \"g\", \"h\", \"i\", \"j\", \"k\", \"l\", \
+         \"m\", \"n\", \"o\", \"p\", \"q\", \"r\", \"s\", \"t\", \"u\", \"v\", \"w\", \"x\", \
+         \"y\", \"z\"]\n",
+    )
+    .unwrap();
+    let mut server = BinaryServer::start(&path, &[]);
+    // A 2.5s stream, started before the signal.
+    let mut replies = GreeterClient::new(channel(&server).await)
+        .say_hello_stream_reply(hello("you"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replies.message().await.unwrap().unwrap().message, "a, you!");
+
+    let signalled = Instant::now();
+    sigterm(&server);
+    let deadline = signalled + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(server.addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "the listener is still open");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let closed_after = signalled.elapsed();
+    assert!(
+        closed_after >= Duration::from_secs(1) && closed_after < Duration::from_secs(2),
+        "listener closed {closed_after:?} after SIGTERM, delay 1s"
+    );
+
+    // The stream delivered what it had sent, then ended with UNAVAILABLE, before its end (z).
+    let mut received = vec!["a, you!".to_owned()];
+    let status = loop {
+        match replies.message().await {
+            Ok(Some(reply)) => received.push(reply.message),
+            Ok(None) => panic!("the stream completed: {received:?}"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(status.message(), "server shutting down");
+    assert!(received.len() >= 2, "{received:?}");
+    let (code, _) = wait_exit(&mut server, Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0));
 }

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Pki, TestServer, config_with, generate_pki, tls_channel};
+use common::{Pki, TestServer, config_with, generate_pki, reloads, tls_channel, wait_for_reloads};
 use greeter::{
     pb::{HelloRequest, greeter_client::GreeterClient},
     server::{Server, ServerError},
@@ -41,12 +41,28 @@ async fn tls_calls_work_and_plaintext_is_refused() {
         .unwrap();
     assert_eq!(greet(channel).await.unwrap(), "Hello, tls!");
 
-    // A plaintext HTTP/2 client gets no answer from a TLS port.
-    let plain = Channel::from_shared(server.uri()).unwrap().connect().await;
-    if let Ok(plain) = plain {
-        let status = greet(plain).await.unwrap_err();
-        assert_ne!(status.code(), tonic::Code::Ok);
-    }
+    // A plaintext HTTP/2 client is answered with a fatal TLS alert (decode_error) and EOF, and
+    // the failed handshake is counted.
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut plain = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    plain
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut answer))
+        .await
+        .expect("the server closes the connection")
+        .unwrap();
+    const ALERT: u8 = 21;
+    const FATAL: u8 = 2;
+    const DECODE_ERROR: u8 = 50;
+    assert_eq!(answer, [ALERT, 3, 3, 0, 2, FATAL, DECODE_ERROR]);
+    let failures = common::scrape(server.metrics_addr.unwrap()).await;
+    assert!(
+        failures.contains("greeter_tls_handshake_failures_total{reason=\"error\"} 1\n"),
+        "{failures}"
+    );
 }
 
 #[tokio::test]
@@ -79,13 +95,13 @@ async fn mtls_required_refuses_missing_and_foreign_client_certificates() {
         .unwrap();
     assert_eq!(greet(channel).await.unwrap(), "Hello, tls!");
 
-    // TLS 1.3 reports a refused client certificate after the handshake: on connect or first call.
-    let without = match tls_channel(server.addr, pki.client_tls(false)).await {
-        Ok(channel) => greet(channel).await.is_err(),
-        Err(_) => true,
-    };
-    assert!(without, "a client without a certificate must be refused");
+    assert_eq!(
+        refusal(server.addr, pki.client_tls(false)).await,
+        "received fatal alert: CertificateRequired"
+    );
 
+    // The stranger's CA has the same name as ours, so the server finds an issuer by name whose
+    // signature does not verify.
     let stranger = generate_pki("stranger");
     let foreign = pki
         .client_tls(false)
@@ -93,14 +109,30 @@ async fn mtls_required_refuses_missing_and_foreign_client_certificates() {
             &stranger.client_cert,
             &stranger.client_key,
         ));
-    let refused = match tls_channel(server.addr, foreign).await {
-        Ok(channel) => greet(channel).await.is_err(),
-        Err(_) => true,
-    };
-    assert!(
-        refused,
-        "a client certificate from another CA must be refused"
+    assert_eq!(
+        refusal(server.addr, foreign).await,
+        "received fatal alert: DecryptError"
     );
+
+    // The server refused the two handshakes and kept serving.
+    let channel = tls_channel(server.addr, pki.client_tls(true))
+        .await
+        .unwrap();
+    assert_eq!(greet(channel).await.unwrap(), "Hello, tls!");
+}
+
+/// How the server refuses a TLS client: the error at the bottom of the chain, from connecting or
+/// (TLS 1.3 reports a refused client certificate after the handshake) from the first call.
+async fn refusal(addr: SocketAddr, tls: tonic::transport::ClientTlsConfig) -> String {
+    let error: Box<dyn std::error::Error> = match tls_channel(addr, tls).await {
+        Ok(channel) => Box::new(greet(channel).await.unwrap_err()),
+        Err(error) => Box::new(error),
+    };
+    let mut source: &dyn std::error::Error = error.as_ref();
+    while let Some(next) = source.source() {
+        source = next;
+    }
+    source.to_string()
 }
 
 #[tokio::test]
@@ -214,22 +246,7 @@ async fn startup_errors_name_the_file_and_the_problem() {
 
 /// The serial of the certificate a fresh TLS connection to `addr` is given.
 async fn served_serial(addr: SocketAddr, ca_pem: &str) -> String {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(greeter::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let stream = connector
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    let leaf = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let leaf = CertificateDer::from(served_leaf(addr, ca_pem).await);
     greeter::tls::summarize("served".as_ref(), &leaf, std::time::SystemTime::now())
         .unwrap()
         .serial
@@ -310,13 +327,16 @@ async fn certificates_rotate_without_failing_a_call_and_garbage_is_refused() {
         "Hello, after!"
     );
 
-    // Garbage: refused, the renewed certificate keeps serving.
+    // Garbage: refused (counted as a failed reload), the renewed certificate keeps serving.
+    let metrics = server.metrics_addr.unwrap();
+    // (Writing key and certificate one after the other may already have failed a reload.)
+    let failures = reloads(metrics, "tls", "failure").await;
     std::fs::write(
         pki.path("server.pem"),
         "-----BEGIN CERTIFICATE-----\nnope\n",
     )
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for_reloads(metrics, "tls", "failure", failures + 1.0).await;
     assert_eq!(
         served_serial(server.addr, &both_cas).await,
         served_serial_of(&renewed.server_cert)
@@ -338,4 +358,200 @@ fn served_serial_of(cert_pem: &str) -> String {
     greeter::tls::summarize("renewed".as_ref(), &der, std::time::SystemTime::now())
         .unwrap()
         .serial
+}
+
+/// The leaf certificate (DER) a fresh TLS connection to `addr` is given, trusting `ca_pem`.
+async fn served_leaf(addr: SocketAddr, ca_pem: &str) -> Vec<u8> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(greeter::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stream = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+fn der_of(cert_pem: &str) -> Vec<u8> {
+    CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+async fn say_hello_with(channel: &Channel, token: &str) -> Result<String, tonic::Code> {
+    let mut request = tonic::Request::new(hello("hup"));
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    GreeterClient::new(channel.clone())
+        .say_hello(request)
+        .await
+        .map(|reply| reply.into_inner().message)
+        .map_err(|status| status.code())
+}
+
+#[tokio::test]
+async fn sighup_reloads_certificates_and_tokens_at_once() {
+    let pki = Pki::new();
+    let tokens = pki.dir.path().join("tokens.toml");
+    let entry = |token: &str| {
+        greeter::auth::entry_toml(&greeter::auth::entry_for(token, token, &["greeter".into()]))
+    };
+    std::fs::write(&tokens, entry("first")).unwrap();
+    let config = pki.dir.path().join("server.toml");
+    // Reload intervals of an hour: within this test only SIGHUP can explain a reload.
+    std::fs::write(
+        &config,
+        format!(
+            "[log]\nformat = \"json\"\n\
+             [tls]\nenabled = true\ncert = {:?}\nkey = {:?}\nreload_interval = \"1h\"\n\
+             [auth]\nenabled = true\ntokens_file = {:?}\nreload_interval = \"1h\"\n",
+            pki.path("server.pem"),
+            pki.path("server.key"),
+            tokens.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let server = common::BinaryServer::start(&config, &[]);
+    let metrics = server.metrics_addr.unwrap();
+    let channel = tls_channel(server.addr, pki.client_tls(false))
+        .await
+        .unwrap();
+    assert_eq!(
+        say_hello_with(&channel, "first").await,
+        Ok("Hello, hup!".into())
+    );
+
+    // New files: a certificate from a new CA and a token set with "second" only.
+    let renewed = generate_pki("renewed");
+    std::fs::write(pki.path("server.key"), &renewed.server_key).unwrap();
+    std::fs::write(pki.path("server.pem"), &renewed.server_cert).unwrap();
+    std::fs::write(&tokens, entry("second")).unwrap();
+    let both_cas = format!("{}{}", pki.pki.ca_cert, renewed.ca_cert);
+    // Without the signal nothing changes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        served_leaf(server.addr, &both_cas).await,
+        der_of(&pki.pki.server_cert)
+    );
+    assert_eq!(
+        say_hello_with(&channel, "second").await,
+        Err(tonic::Code::Unauthenticated)
+    );
+
+    let hup = Command::new("kill")
+        .args(["-HUP", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    wait_for_reloads(metrics, "tls", "success", 1.0).await;
+    wait_for_reloads(metrics, "tokens", "success", 1.0).await;
+    assert_eq!(
+        served_leaf(server.addr, &both_cas).await,
+        der_of(&renewed.server_cert)
+    );
+    // The open connection keeps its certificate and sees the new tokens.
+    assert_eq!(
+        say_hello_with(&channel, "second").await,
+        Ok("Hello, hup!".into())
+    );
+    assert_eq!(
+        say_hello_with(&channel, "first").await,
+        Err(tonic::Code::Unauthenticated)
+    );
+}
+
+#[tokio::test]
+async fn reload_refuses_a_mismatched_key_and_an_expired_certificate() {
+    let pki = Pki::new();
+    let server = TestServer::start_with(config_with(pki.tls_overrides())).await;
+    let metrics = server.metrics_addr.unwrap();
+    let original = der_of(&pki.pki.server_cert);
+    let expired = greeter::certs::DevPki::generate(&greeter::certs::PkiOptions {
+        hosts: vec!["localhost".into()],
+        client_name: "c".into(),
+        not_before: std::time::SystemTime::now() - Duration::from_secs(10 * 86_400),
+        not_after: std::time::SystemTime::now() - Duration::from_secs(86_400),
+    })
+    .unwrap();
+    let all_cas = format!("{}{}", pki.pki.ca_cert, expired.ca_cert);
+    // Served: the reloader has taken its first look at the files (it does when serving starts).
+    assert_eq!(served_leaf(server.addr, &all_cas).await, original);
+
+    // One file at a time, each change refused before the next: the certificate in force with
+    // another key, then the expired certificate with its own key (a matching, expired pair).
+    std::fs::write(pki.path("server.key"), &expired.server_key).unwrap();
+    wait_for_reloads(metrics, "tls", "failure", 1.0).await;
+    assert_eq!(served_leaf(server.addr, &all_cas).await, original);
+    std::fs::write(pki.path("server.pem"), &expired.server_cert).unwrap();
+    wait_for_reloads(metrics, "tls", "failure", 2.0).await;
+    assert_eq!(served_leaf(server.addr, &all_cas).await, original);
+    assert_eq!(reloads(metrics, "tls", "success").await, 0.0);
+
+    // A valid pair is taken: the refusals were about the material, not the reloader.
+    let renewed = generate_pki("renewed");
+    std::fs::write(pki.path("server.key"), &renewed.server_key).unwrap();
+    std::fs::write(pki.path("server.pem"), &renewed.server_cert).unwrap();
+    wait_for_reloads(metrics, "tls", "success", 1.0).await;
+    let all_cas = format!("{all_cas}{}", renewed.ca_cert);
+    assert_eq!(
+        served_leaf(server.addr, &all_cas).await,
+        der_of(&renewed.server_cert)
+    );
+}
+
+/// Writes `pki`'s server pair as a Kubernetes Secret volume revision: a timestamped directory
+/// that `..data` is then pointed at, atomically (rename of a new symlink over the old one).
+fn secret_revision(volume: &std::path::Path, revision: &str, pki: &greeter::certs::DevPki) {
+    let dir = volume.join(revision);
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("tls.crt"), &pki.server_cert).unwrap();
+    std::fs::write(dir.join("tls.key"), &pki.server_key).unwrap();
+    let staged = volume.join("..data_tmp");
+    std::os::unix::fs::symlink(revision, &staged).unwrap();
+    std::fs::rename(&staged, volume.join("..data")).unwrap();
+}
+
+#[tokio::test]
+async fn a_kubernetes_secret_swapped_by_its_data_symlink_is_reloaded() {
+    let volume = tempfile::tempdir().unwrap();
+    let first = generate_pki("first");
+    secret_revision(volume.path(), "..2026_01_01_00_00_00.1", &first);
+    for file in ["tls.crt", "tls.key"] {
+        std::os::unix::fs::symlink(format!("..data/{file}"), volume.path().join(file)).unwrap();
+    }
+    let path = |file: &str| volume.path().join(file).to_str().unwrap().to_owned();
+    let server = TestServer::start_with(config_with(vec![
+        ("tls.enabled".into(), "true".into()),
+        ("tls.cert".into(), path("tls.crt")),
+        ("tls.key".into(), path("tls.key")),
+        ("tls.reload_interval".into(), "50ms".into()),
+    ]))
+    .await;
+    let second = generate_pki("second");
+    let both_cas = format!("{}{}", first.ca_cert, second.ca_cert);
+    assert_eq!(
+        served_leaf(server.addr, &both_cas).await,
+        der_of(&first.server_cert)
+    );
+
+    // The kubelet's update: the files the config names are the same symlinks throughout.
+    secret_revision(volume.path(), "..2026_01_02_00_00_00.2", &second);
+    wait_for_reloads(server.metrics_addr.unwrap(), "tls", "success", 1.0).await;
+    assert_eq!(
+        served_leaf(server.addr, &both_cas).await,
+        der_of(&second.server_cert)
+    );
+    assert_eq!(
+        reloads(server.metrics_addr.unwrap(), "tls", "failure").await,
+        0.0
+    );
 }

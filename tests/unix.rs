@@ -51,7 +51,9 @@ fn hello(name: &str) -> HelloRequest {
 async fn the_socket_serves_every_kind_of_call_and_is_removed_at_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("greeter.sock");
-    let server = TestServer::start_with(unix_config(&path, vec![])).await;
+    let config = unix_config(&path, vec![]);
+    let greetings = config.greeter.stream_greetings.clone();
+    let server = TestServer::start_with(config).await;
 
     let meta = std::fs::symlink_metadata(&path).unwrap();
     assert!(meta.file_type().is_socket());
@@ -60,17 +62,21 @@ async fn the_socket_serves_every_kind_of_call_and_is_removed_at_shutdown() {
     let mut client = GreeterClient::new(unix_channel(path.clone()).await);
     let reply = client.say_hello(hello("sidecar")).await.unwrap();
     assert_eq!(reply.into_inner().message, "Hello, sidecar!");
-    let count = client
+    // Every greeting of the default list, in order, and a stream that ends with OK.
+    let streamed: Vec<String> = client
         .say_hello_stream_reply(hello("sidecar"))
         .await
         .unwrap()
         .into_inner()
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .filter(Result::is_ok)
-        .count();
-    assert_eq!(count, 10);
+        .map(|reply| reply.unwrap().message)
+        .collect()
+        .await;
+    let expected: Vec<String> = greetings
+        .iter()
+        .map(|greeting| format!("{greeting}, sidecar!"))
+        .collect();
+    assert_eq!(expected.len(), 10);
+    assert_eq!(streamed, expected);
     let requests = tokio_stream::iter([hello("a"), hello("b")]);
     let replies: Vec<_> = client
         .say_hello_bidi_stream(requests)

@@ -202,6 +202,53 @@ async fn cors_preflights_allow_the_configured_origins_only() {
 }
 
 #[tokio::test]
+async fn allowed_origins_star_allows_any_origin() {
+    let mut config = config_with(vec![]);
+    config.web = Config::load(&Sources {
+        env: vec![("GREETER__WEB__ALLOWED_ORIGINS".into(), "*".into())],
+        ..Sources::default()
+    })
+    .unwrap()
+    .web;
+    let server = TestServer::start_with(config).await;
+    for origin in ["https://app.example", "http://localhost:8080"] {
+        let preflight = http_request_with(
+            server.addr,
+            "OPTIONS",
+            "/helloworld.Greeter/SayHello",
+            &[
+                ("Origin", origin),
+                ("Access-Control-Request-Method", "POST"),
+                ("Access-Control-Request-Headers", "content-type,x-grpc-web"),
+            ],
+        )
+        .await;
+        assert_eq!(preflight.status, 200, "{origin}");
+        assert_eq!(
+            preflight.header("access-control-allow-origin"),
+            Some("*"),
+            "{origin}"
+        );
+        // No credentials with "*": tokens travel in the authorization header, not cookies.
+        assert_eq!(preflight.header("access-control-allow-credentials"), None);
+
+        let mut request = Request::new(hello("anyone"));
+        request
+            .metadata_mut()
+            .insert("origin", origin.parse().unwrap());
+        let answer = web_client(&server).say_hello(request).await.unwrap();
+        assert_eq!(
+            answer
+                .metadata()
+                .get("access-control-allow-origin")
+                .unwrap(),
+            "*"
+        );
+        assert_eq!(answer.into_inner().message, "Hello, anyone!");
+    }
+}
+
+#[tokio::test]
 async fn the_page_is_served_with_a_strict_content_security_policy() {
     let server = TestServer::start().await;
 

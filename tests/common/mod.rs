@@ -128,12 +128,18 @@ impl BinaryServer {
     /// learns the ports from the startup log line, which is itself part of the contract
     /// (operators read it).
     pub fn start(config: &Path, extra_args: &[&str]) -> Self {
+        Self::start_with_env(config, extra_args, &[])
+    }
+
+    /// Like [`BinaryServer::start`], with environment variables (`GREETER__...` config layers).
+    pub fn start_with_env(config: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = greeter_bin()
             .args(["serve", "--listen", "127.0.0.1:0", "--config"])
             .arg(config)
             .args(extra_args)
             .env_remove("RUST_LOG")
             .env("GREETER__METRICS__LISTEN", "127.0.0.1:0")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -385,4 +391,69 @@ pub async fn scrape(metrics_addr: SocketAddr) -> String {
     let response = http_request(metrics_addr, "GET", "/metrics", None).await;
     assert_eq!(response.status, 200, "{}", response.body);
     response.body
+}
+
+/// The value of `greeter_reloads_total{kind, outcome}` in a scrape; 0 when the series is absent.
+pub async fn reloads(metrics_addr: SocketAddr, kind: &str, outcome: &str) -> f64 {
+    let text = scrape(metrics_addr).await;
+    text.lines()
+        .filter(|line| line.starts_with("greeter_reloads_total{"))
+        .filter(|line| line.contains(&format!("kind=\"{kind}\"")))
+        .filter(|line| line.contains(&format!("outcome=\"{outcome}\"")))
+        .map(|line| line.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
+        .sum()
+}
+
+/// Waits (up to 10s) until the server has counted at least `count` reloads of `kind` with
+/// `outcome`: the reloader has read the file and decided, whatever the decision was.
+pub async fn wait_for_reloads(metrics_addr: SocketAddr, kind: &str, outcome: &str, count: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = reloads(metrics_addr, kind, outcome).await;
+        if seen >= count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{seen} {kind} reloads with outcome {outcome} after 10s, want {count}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A HelloRequest as one gRPC message (uncompressed), as a raw HTTP/2 client sends it.
+pub fn grpc_message(name: &str) -> bytes::Bytes {
+    let mut message = vec![0x0a, u8::try_from(name.len()).unwrap()];
+    message.extend_from_slice(name.as_bytes());
+    let mut frame = vec![0];
+    frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&message);
+    frame.into()
+}
+
+/// `greeter_calls_in_flight` on a metrics listener.
+pub async fn calls_in_flight(metrics_addr: SocketAddr) -> f64 {
+    scrape(metrics_addr)
+        .await
+        .lines()
+        .find_map(|line| line.strip_prefix("greeter_calls_in_flight "))
+        .expect("greeter_calls_in_flight is exposed")
+        .parse()
+        .unwrap()
+}
+
+/// Waits (up to 10s) until the server counts exactly `count` calls in flight.
+pub async fn wait_for_calls_in_flight(metrics_addr: SocketAddr, count: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = calls_in_flight(metrics_addr).await;
+        if seen == count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{seen} calls in flight after 10s, want {count}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -40,14 +40,27 @@ def test_client_cert_and_token(mtls_greeter, secure_material):
                      client_pki=secure_material.pki) == "Hello, you!"
 
 
+# TLS 1.3: the client finishes its side of the handshake, then reads the server's fatal alert
+# (refused certificate) where it expected data. A server that is down or not speaking TLS fails
+# differently ("Connection refused", "Socket closed").
+REFUSED_CERT = "Unwrap failed (TSI_DATA_CORRUPTED)"
+
+
 def test_no_client_cert_is_unavailable(mtls_greeter, secure_material):
     err = say_hello_error(mtls_greeter, secure_material, secure_material.token)
     assert err.code() == grpc.StatusCode.UNAVAILABLE, (err.code(), err.details())
+    assert REFUSED_CERT in err.details(), err.details()
+    # The same server, with the certificate: served.
+    assert say_hello(mtls_greeter, secure_material, secure_material.token,
+                     client_pki=secure_material.pki) == "Hello, you!"
 
 
 def test_client_cert_of_unknown_ca_is_unavailable(mtls_greeter, secure_material, other_pki):
     err = say_hello_error(mtls_greeter, secure_material, secure_material.token, client_pki=other_pki)
     assert err.code() == grpc.StatusCode.UNAVAILABLE, (err.code(), err.details())
+    assert REFUSED_CERT in err.details(), err.details()
+    assert say_hello(mtls_greeter, secure_material, secure_material.token,
+                     client_pki=secure_material.pki) == "Hello, you!"
 
 
 def test_client_cert_without_token_is_unauthenticated(mtls_greeter, secure_material):

@@ -148,3 +148,10 @@ def test_plaintext_client_on_tls_port_is_unavailable(secure_greeter):
                                options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
         err = call_error(ch, "SayHello")
     assert err.code() == grpc.StatusCode.UNAVAILABLE, (err.code(), err.details())
+    # The port accepted the connection and closed it on the HTTP/2 preface (a down server
+    # refuses the connection instead).
+    assert err.details().endswith(": Socket closed"), err.details()
+    with tls_channel(secure_greeter.target, ca(secure_greeter), secure_greeter.token) as ch:
+        reply = helloworld_pb2_grpc.GreeterStub(ch).SayHello(pb.HelloRequest(name="you"),
+                                                             timeout=RPC_TIMEOUT)
+    assert reply.message == "Hello, you!"
