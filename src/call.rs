@@ -32,6 +32,10 @@ use tower::{Layer, Service};
 
 use crate::{deadline::DeadlinePolicy, methods::Catalog};
 
+/// The log target of a call's end (deadline, client gone): `greeter::call=debug` in `log.filter`
+/// shows them, wherever this module lives.
+const TARGET: &str = "greeter::call";
+
 /// How calls ended abnormally, for operators (and tests).
 #[derive(Debug, Default)]
 pub struct CallStats {
@@ -185,6 +189,7 @@ impl Ending {
         let budget = self.deadline.take().map(|d| d.budget).unwrap_or_default();
         self.stats.deadline_exceeded.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
+            target: TARGET,
             path = self.uri.path(),
             ?budget,
             "deadline exceeded; call ended"
@@ -338,6 +343,7 @@ impl<B> Drop for CallBody<B> {
         if !self.finished {
             self.ending.stats.cancelled.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(
+                target: TARGET,
                 path = self.ending.uri.path(),
                 "call cancelled by the client; handler work dropped"
             );
