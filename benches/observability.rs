@@ -30,10 +30,10 @@ use std::{
 };
 
 use greeter::{
+    call::observe::request_id,
     config::{Config, LogFormat, Sources},
-    logging,
+    ops::logging,
     pb::{HelloRequest, greeter_client::GreeterClient},
-    request_id,
     server::Server,
 };
 use tonic::transport::Channel;

@@ -65,7 +65,7 @@ pub enum Command {
 pub struct BenchArgs {
     /// The RPC to drive
     #[arg(long, value_enum, default_value = "unary")]
-    pub rpc: crate::bench::BenchRpc,
+    pub rpc: crate::client::bench::BenchRpc,
     /// HTTP/2 connections to open
     #[arg(long, default_value_t = 4)]
     pub connections: usize,

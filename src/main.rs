@@ -7,16 +7,16 @@ use std::{io::Write as _, process::ExitCode};
 
 use clap::Parser as _;
 use greeter::{
-    auth,
-    bench::Plan,
+    call::auth,
     certs::{CertsError, DevPki, PkiOptions},
     cli::{BenchArgs, CertsArgs, Cli, Command, ConfigArgs, ConfigCommand, TokenArgs, TokenCommand},
+    client::bench::Plan,
     client::{self, ClientError, Unary},
     config::{Config, ConfigError, LogFormat, Sources},
-    logging,
-    memory::WorstCase,
+    ops::logging,
+    ops::memory::WorstCase,
+    ops::shutdown::Signals,
     server::{Credentials, Server, ServerError},
-    shutdown::Signals,
 };
 
 /// Everything that can end a command unsuccessfully, with its exit code.
@@ -185,7 +185,7 @@ async fn bench(args: &BenchArgs) -> Result<(), Failure> {
         rate: args.rate,
         name: args.name.clone(),
     };
-    let report = greeter::bench::run(&args.client, &plan).await?;
+    let report = greeter::client::bench::run(&args.client, &plan).await?;
     if args.json {
         println!(
             "{}",

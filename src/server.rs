@@ -26,27 +26,27 @@ use tower_http::add_extension::AddExtensionLayer;
 use tracing::{info, warn};
 
 use crate::{
-    auth::{AuthLayer, Authenticator, TokenStore, TokensError},
-    call::{CallLayer, CallStats},
+    call::auth::{AuthLayer, Authenticator, TokenStore, TokensError},
+    call::deadline::DeadlinePolicy,
+    call::intake::{BufferBudget, IntakeLayer},
+    call::lifetime::{CallLayer, CallStats},
+    call::limit::{Activity, Budget, Budgets, LimitLayer, ShedBy, ShedCount},
+    call::methods::{Catalog, MethodTable},
+    call::observe::ObserveLayer,
+    call::web::{OriginError, WebLayer},
     config::{AuthMode, Config, LimitsConfig},
-    connection,
-    deadline::DeadlinePolicy,
-    health::{self, Health},
-    intake::{BufferBudget, IntakeLayer},
-    limit::{Activity, Budget, Budgets, LimitLayer, ShedBy, ShedCount},
-    listener::{
+    ops::metrics::{self, CounterFn, CounterFnSet, GrpcMetrics, Reloads, ServerMetrics, exporter},
+    ops::reload::{self, Reloaded},
+    pb::{self, greeter_server::GreeterServer},
+    service::health::{self, Health},
+    service::{self, Greeter, compressed},
+    transport::connection,
+    transport::listener::{
         self, Connection, ConnectionBudget, ConnectionSlot, Listener, OnConnection, PeerCounts,
         TlsAccept,
     },
-    methods::{Catalog, MethodTable},
-    metrics::{self, CounterFn, CounterFnSet, GrpcMetrics, Reloads, ServerMetrics, exporter},
-    observe::ObserveLayer,
-    pb::{self, greeter_server::GreeterServer},
-    reload::{self, Reloaded},
-    service::{self, Greeter, compressed},
-    tls::{self, CertSummary, Reloadable, TlsError},
-    unix_socket::{UnixSocket, UnixSocketError},
-    web::{OriginError, WebLayer},
+    transport::tls::{self, CertSummary, Reloadable, TlsError},
+    transport::unix_socket::{UnixSocket, UnixSocketError},
 };
 
 /// Connections the probe listener accepts at once: probes connect, ask, and leave.

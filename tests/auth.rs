@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::{Pki, TestServer, config_with, reloads, tls_channel, wait_for_reloads};
 use greeter::{
-    auth,
+    call::auth,
     pb::{HelloRequest, greeter_client::GreeterClient},
 };
 use tonic::{Code, Request, transport::Channel};

@@ -231,7 +231,11 @@ fn config_check_checks_the_tls_and_token_files_too() {
     let tokens = write(
         dir.path(),
         "tokens.toml",
-        &greeter::auth::entry_toml(&greeter::auth::entry_for("t", "ops", &["greeter".into()])),
+        &greeter::call::auth::entry_toml(&greeter::call::auth::entry_for(
+            "t",
+            "ops",
+            &["greeter".into()],
+        )),
     );
     let secure = |cert: &Path, tokens: &Path| {
         format!(

@@ -12,7 +12,7 @@ use std::{
 
 use common::{BinaryServer, Pki, TestServer, config_with, http_request, scrape, tls_channel};
 use greeter::{
-    auth,
+    call::auth,
     pb::{HelloRequest, greeter_client::GreeterClient},
 };
 use tonic::{Code, Request, transport::Channel};

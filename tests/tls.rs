@@ -17,7 +17,7 @@ use common::{Pki, TestServer, config_with, generate_pki, reloads, tls_channel, w
 use greeter::{
     pb::{HelloRequest, greeter_client::GreeterClient},
     server::{Server, ServerError},
-    tls::TlsError,
+    transport::tls::TlsError,
 };
 use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use tonic::transport::Channel;
@@ -247,7 +247,7 @@ async fn startup_errors_name_the_file_and_the_problem() {
 /// The serial of the certificate a fresh TLS connection to `addr` is given.
 async fn served_serial(addr: SocketAddr, ca_pem: &str) -> String {
     let leaf = CertificateDer::from(served_leaf(addr, ca_pem).await);
-    greeter::tls::summarize("served".as_ref(), &leaf, std::time::SystemTime::now())
+    greeter::transport::tls::summarize("served".as_ref(), &leaf, std::time::SystemTime::now())
         .unwrap()
         .serial
 }
@@ -355,7 +355,7 @@ async fn certificates_rotate_without_failing_a_call_and_garbage_is_refused() {
 
 fn served_serial_of(cert_pem: &str) -> String {
     let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
-    greeter::tls::summarize("renewed".as_ref(), &der, std::time::SystemTime::now())
+    greeter::transport::tls::summarize("renewed".as_ref(), &der, std::time::SystemTime::now())
         .unwrap()
         .serial
 }
@@ -366,7 +366,7 @@ async fn served_leaf(addr: SocketAddr, ca_pem: &str) -> Vec<u8> {
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
     }
-    let config = rustls::ClientConfig::builder_with_provider(greeter::tls::provider())
+    let config = rustls::ClientConfig::builder_with_provider(greeter::transport::tls::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
@@ -403,7 +403,11 @@ async fn sighup_reloads_certificates_and_tokens_at_once() {
     let pki = Pki::new();
     let tokens = pki.dir.path().join("tokens.toml");
     let entry = |token: &str| {
-        greeter::auth::entry_toml(&greeter::auth::entry_for(token, token, &["greeter".into()]))
+        greeter::call::auth::entry_toml(&greeter::call::auth::entry_for(
+            token,
+            token,
+            &["greeter".into()],
+        ))
     };
     std::fs::write(&tokens, entry("first")).unwrap();
     let config = pki.dir.path().join("server.toml");

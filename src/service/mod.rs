@@ -2,6 +2,7 @@
 
 mod compression;
 mod greeter;
+pub mod health;
 mod validate;
 
 pub use compression::{ReplyCompression, compressed};

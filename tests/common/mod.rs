@@ -40,7 +40,7 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub probe_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
-    pub health: greeter::health::Health,
+    pub health: greeter::service::health::Health,
     pub stats: std::sync::Arc<greeter::server::Stats>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServerError>>>,
@@ -288,8 +288,8 @@ pub fn config_with(overrides: Vec<(String, String)>) -> Config {
 /// `greeter` scope, held by `name`.
 pub fn greeter_token_auth(dir: &Path, token: &str, name: &str) -> Vec<(String, String)> {
     let tokens = dir.join("tokens.toml");
-    let entry = greeter::auth::entry_for(token, name, &["greeter".into()]);
-    std::fs::write(&tokens, greeter::auth::entry_toml(&entry)).unwrap();
+    let entry = greeter::call::auth::entry_for(token, name, &["greeter".into()]);
+    std::fs::write(&tokens, greeter::call::auth::entry_toml(&entry)).unwrap();
     vec![
         ("auth.enabled".into(), "true".into()),
         ("auth.tokens_file".into(), tokens.to_str().unwrap().into()),

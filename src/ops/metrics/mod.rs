@@ -128,7 +128,7 @@ pub struct ServerMetrics {
     pub connections_open: Gauge,
     /// TLS handshakes that did not complete, by `reason`: `error` or `timeout`.
     pub tls_handshake_failures: CounterSet,
-    /// Calls refused by the auth layer, by `reason` (see [`crate::auth::REFUSAL_REASONS`]).
+    /// Calls refused by the auth layer, by `reason` (see [`crate::call::auth::REFUSAL_REASONS`]).
     pub auth_failures: CounterSet,
 }
 
@@ -154,7 +154,7 @@ impl ServerMetrics {
                 "greeter_auth_failures",
                 "Calls refused by authentication or authorization, by reason",
                 "reason",
-                crate::auth::REFUSAL_REASONS,
+                crate::call::auth::REFUSAL_REASONS,
             ),
         }
     }

@@ -9,6 +9,7 @@
 //! ends.
 
 pub mod frames;
+pub mod request_id;
 
 use std::{
     fmt,
@@ -30,10 +31,9 @@ pub use frames::CountedBody;
 use frames::MessageCounter;
 
 use crate::{
-    auth::Caller,
-    listener::{PeerAddr, PeerInfo},
-    metrics::{GrpcMetrics, MethodMetrics, grpc::CODE_NAMES},
-    request_id,
+    call::auth::Caller,
+    ops::metrics::{GrpcMetrics, MethodMetrics, grpc::CODE_NAMES},
+    transport::listener::{PeerAddr, PeerInfo},
 };
 
 /// The target of the per-call log line: `greeter::access=off` in `log.filter` switches it off.
@@ -478,7 +478,7 @@ mod tests {
     fn identity_prefers_the_admitted_caller_then_the_certificate() {
         let cert = PeerInfo {
             remote_addr: PeerAddr::Tcp("127.0.0.1:1".parse().unwrap()),
-            client_cert: Some(Arc::new(crate::tls::ClientIdentity {
+            client_cert: Some(Arc::new(crate::transport::tls::ClientIdentity {
                 subject: "CN=client".into(),
                 sans: vec![],
             })),

@@ -24,7 +24,7 @@ use pin_project_lite::pin_project;
 use tonic::{Status, codegen::http};
 use tower::{Layer, Service};
 
-use crate::auth::Caller;
+use crate::call::auth::Caller;
 
 /// What one connection is doing, for idle detection and its share of the call budgets.
 #[derive(Debug, Default)]

@@ -28,9 +28,9 @@ use tower::Service;
 use tracing::debug;
 
 use crate::{
+    call::limit::Activity,
     config::{ConnectionConfig, LimitsConfig},
-    limit::Activity,
-    listener::{Connection, PeerAddr},
+    transport::listener::{Connection, PeerAddr},
 };
 
 /// An HTTP/1.1 client must finish sending a request's headers within this (slowloris); hyper

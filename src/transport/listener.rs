@@ -28,8 +28,8 @@ use tokio_util::{either::Either, sync::CancellationToken};
 use tracing::{debug, warn};
 
 use crate::{
-    metrics::CounterSet,
-    tls::{ClientIdentity, Reloadable},
+    ops::metrics::CounterSet,
+    transport::tls::{ClientIdentity, Reloadable},
 };
 
 /// Connection facts every request of the connection carries in its extensions: the auth layer,

@@ -1,5 +1,7 @@
 //! Client subcommands: one channel builder, one error type, and the calls.
 
+pub mod bench;
+
 use std::{future::Future, net::IpAddr, path::PathBuf, time::Duration};
 
 use hyper_util::rt::TokioIo;

@@ -25,10 +25,10 @@ pub use tokens::{
 };
 
 use crate::{
+    call::methods::MethodTable,
     config::{AuthConfig, AuthMode},
-    listener::PeerInfo,
-    methods::MethodTable,
-    metrics::CounterSet,
+    ops::metrics::CounterSet,
+    transport::listener::PeerInfo,
 };
 
 /// Why calls are refused, as `greeter_auth_failures_total{reason}` counts them.
@@ -342,7 +342,7 @@ mod tests {
     use tonic::Code;
 
     use super::*;
-    use crate::{listener::PeerAddr, tls::ClientIdentity};
+    use crate::{transport::listener::PeerAddr, transport::tls::ClientIdentity};
 
     fn config(mode: AuthMode) -> AuthConfig {
         let mut config = crate::config::Config::embedded().auth;

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::metrics::{ReloadOutcome, ReloadOutcomes};
+use crate::ops::metrics::{ReloadOutcome, ReloadOutcomes};
 
 /// Sends a tick on every SIGHUP the process receives.
 pub fn hangups() -> watch::Receiver<()> {

@@ -1,0 +1,19 @@
+//! The per-call layers, in the order the server stacks them, outermost first:
+//!
+//! - [`web`]: edge translation, grpc-web and CORS to plain gRPC (only with `[web]`);
+//! - [`observe`]: request id, log span, go-grpc-prometheus metrics, one access line;
+//! - [`auth`]: who is calling, and whether the method allows it;
+//! - [`limit`]: call budgets by trust class, shedding instead of queueing;
+//! - [`intake`]: request bytes held (per-method message limits, server-wide budget);
+//! - [`lifetime`]: the deadline ([`deadline`] is its policy), the end at shutdown, a client gone.
+//!
+//! [`methods`] is what they share: the catalog of served methods and per-method tables.
+
+pub mod auth;
+pub mod deadline;
+pub mod intake;
+pub mod lifetime;
+pub mod limit;
+pub mod methods;
+pub mod observe;
+pub mod web;
