@@ -1,7 +1,7 @@
 //! The `greeter` binary across the process boundary: config errors and exit codes, the insecure
 //! bind guard, the client subcommands against a served port, and SIGTERM.
 
-mod common;
+use crate::common;
 
 use std::{
     io::Write as _,
@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use common::{BinaryServer, greeter_bin};
+use crate::common::{BinaryServer, greeter_bin};
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);

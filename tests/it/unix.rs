@@ -1,14 +1,12 @@
 //! The Unix domain socket listener: a real socket file in a temporary directory, its mode, calls
 //! and auth over it, the `greeter` CLI as a sidecar would use it, and cleanup at shutdown.
 
-mod common;
-
 use std::{
     os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
 };
 
-use common::{TestServer, config_with, greeter_bin, greeter_token_auth};
+use crate::common::{TestServer, config_with, greeter_bin, greeter_token_auth};
 use greeter::{
     pb::{HelloRequest, greeter_client::GreeterClient},
     server::Server,

@@ -1,9 +1,9 @@
 //! The Greeter's four RPCs, validation, and transport-level bad input, against a real server on a
 //! loopback port through a real tonic client.
 
-mod common;
+use crate::common;
 
-use common::{TestServer, test_config};
+use crate::common::{TestServer, test_config};
 use greeter::pb::{HelloReply, HelloRequest, greeter_client::GreeterClient};
 use tokio_stream::StreamExt as _;
 use tonic::{Code, Request, codegen::http::uri::PathAndQuery};

@@ -1,10 +1,8 @@
 //! The standard services beside the Greeter: grpc.health.v1 and server reflection v1 + v1alpha.
 
-mod common;
-
 use std::time::Duration;
 
-use common::TestServer;
+use crate::common::TestServer;
 use tokio_stream::StreamExt as _;
 use tonic::Code;
 use tonic_health::pb::{

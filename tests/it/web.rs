@@ -3,11 +3,11 @@
 //! gone when `web.enabled = false`. The page itself is driven by a real browser in
 //! tests/interop/test_browser.py.
 
-mod common;
-
 use std::{sync::Arc, time::Duration};
 
-use common::{Pki, TestServer, config_with, greeter_token_auth, http_request, http_request_with};
+use crate::common::{
+    Pki, TestServer, config_with, greeter_token_auth, http_request, http_request_with,
+};
 use greeter::{
     config::{Config, Sources},
     pb::{HelloRequest, greeter_client::GreeterClient},

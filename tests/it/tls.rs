@@ -1,7 +1,7 @@
 //! TLS and mTLS with real certificates on real files, real handshakes, and rotation while calls
 //! are running.
 
-mod common;
+use crate::common;
 
 use std::{
     net::SocketAddr,
@@ -13,7 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Pki, TestServer, config_with, generate_pki, reloads, tls_channel, wait_for_reloads};
+use crate::common::{
+    Pki, TestServer, config_with, generate_pki, reloads, tls_channel, wait_for_reloads,
+};
 use greeter::{
     pb::{HelloRequest, greeter_client::GreeterClient},
     server::{Server, ServerError},

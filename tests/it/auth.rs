@@ -1,11 +1,11 @@
 //! Token authentication and per-method policy against a real server, with a real tokens file that
 //! is rewritten while the server runs.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
-use common::{Pki, TestServer, config_with, reloads, tls_channel, wait_for_reloads};
+use crate::common::{Pki, TestServer, config_with, reloads, tls_channel, wait_for_reloads};
 use greeter::{
     call::auth,
     pb::{HelloRequest, greeter_client::GreeterClient},

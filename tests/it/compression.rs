@@ -3,10 +3,8 @@
 //! compressed flag), so these calls are made with the h2 crate and read the frames as sent;
 //! `grpc-encoding` alone says only what the server *would* use.
 
-mod common;
-
+use crate::common::{TestServer, config_with};
 use bytes::{BufMut as _, Bytes, BytesMut};
-use common::{TestServer, config_with};
 use greeter::{
     config::Encoding,
     pb::{HelloRequest, greeter_client::GreeterClient},

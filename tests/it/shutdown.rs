@@ -1,7 +1,7 @@
 //! Graceful shutdown of the real binary under load: SIGTERM with unary calls and streams in
 //! flight, and a second signal that cuts the drain short.
 
-mod common;
+use crate::common;
 
 use std::{
     path::PathBuf,
@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{BinaryServer, wait_for_calls_in_flight};
+use crate::common::{BinaryServer, wait_for_calls_in_flight};
 use greeter::pb::{HelloRequest, greeter_client::GreeterClient};
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::{

@@ -1,8 +1,6 @@
 //! Starting real servers for tests: in-process through the library, or as the built binary where
 //! the process boundary matters (signals, exit codes, config files). Nothing here is mocked.
 
-#![allow(dead_code)] // each test crate uses its own subset of these helpers
-
 use std::{
     io::{BufRead as _, BufReader},
     net::SocketAddr,
@@ -40,7 +38,6 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub probe_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
-    pub health: greeter::service::health::Health,
     pub stats: std::sync::Arc<greeter::server::Stats>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServerError>>>,
@@ -56,7 +53,6 @@ impl TestServer {
         let addr = server.local_addr();
         let probe_addr = server.probe_addr();
         let metrics_addr = server.metrics_addr();
-        let health = server.health();
         let stats = server.stats();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(async {
@@ -66,7 +62,6 @@ impl TestServer {
             addr,
             probe_addr,
             metrics_addr,
-            health,
             stats,
             stop: Some(stop),
             task: Some(task),

@@ -2,7 +2,7 @@
 //! calls (exact counts, go-grpc-prometheus names and labels), request ids in response metadata,
 //! and one JSON access line per call from the real binary.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -10,7 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{BinaryServer, Pki, TestServer, config_with, http_request, scrape, tls_channel};
+use crate::common::{
+    BinaryServer, Pki, TestServer, config_with, http_request, scrape, tls_channel,
+};
 use greeter::{
     call::auth,
     pb::{HelloRequest, greeter_client::GreeterClient},

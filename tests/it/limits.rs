@@ -2,15 +2,15 @@
 //! against a real server on loopback. Time bounds asserted here are generous upper bounds (the
 //! machine is shared): they prove "ends on time, not never", not speed.
 
-mod common;
+use crate::common;
 
 use std::{
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
+use crate::common::{TestServer, config_with};
 use bytes::Bytes;
-use common::{TestServer, config_with};
 use greeter::pb::{HelloRequest, greeter_client::GreeterClient};
 use tokio_stream::StreamExt as _;
 use tonic::{Code, transport::Channel};

@@ -1,0 +1,16 @@
+//! The end-to-end tests: one crate, so the shared helpers in [`common`] compile once and every
+//! test file is a module of it. Real servers on loopback, real clients; nothing is mocked.
+
+mod common;
+
+mod auth;
+mod cli;
+mod compression;
+mod greeter;
+mod health_reflection;
+mod limits;
+mod observability;
+mod shutdown;
+mod tls;
+mod unix;
+mod web;
