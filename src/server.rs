@@ -26,7 +26,7 @@ use tower_http::add_extension::AddExtensionLayer;
 use tracing::{info, warn};
 
 use crate::{
-    call::auth::{AuthLayer, Authenticator, TokenStore, TokensError},
+    call::auth::{self, AuthLayer, Authenticator, TokenStore, TokensError},
     call::deadline::DeadlinePolicy,
     call::intake::{BufferBudget, IntakeLayer},
     call::lifetime::{CallLayer, CallStats},
@@ -246,7 +246,7 @@ impl Server {
         // Every series exists from here on, at zero; the layers and tasks get handles on them.
         let mut registry = Registry::default();
         let grpc_metrics = Arc::new(GrpcMetrics::register(&mut registry, &descriptor_sets));
-        let server_metrics = ServerMetrics::register(&mut registry);
+        let server_metrics = ServerMetrics::register(&mut registry, auth::REFUSAL_REASONS);
         stats.register(&mut registry);
         let main_connections = ConnectionBudget {
             total: Arc::new(Semaphore::new(limits.max_connections)),

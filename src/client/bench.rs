@@ -24,8 +24,7 @@ use tokio::{sync::mpsc, time::Instant};
 use tonic::Code;
 
 use crate::{
-    cli::ClientArgs,
-    client::{self, ClientError, Session, code_name},
+    client::{self, ClientArgs, ClientError, Session, code_name},
     pb::{HelloRequest, greeter_client::GreeterClient},
 };
 

@@ -4,6 +4,7 @@ pub mod bench;
 
 use std::{future::Future, net::IpAddr, path::PathBuf, time::Duration};
 
+use clap::Args;
 use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _},
@@ -21,10 +22,55 @@ use tonic_health::pb::{
 
 use tower::service_fn;
 
-use crate::{
-    cli::ClientArgs,
-    pb::{HelloRequest, greeter_client::GreeterClient},
-};
+use crate::pb::{HelloRequest, greeter_client::GreeterClient};
+
+/// How a client subcommand reaches the server.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Server address: host:port, a URI (http://host:port), or unix:PATH for the Unix socket
+    #[arg(
+        long,
+        env = "GREETER_ADDR",
+        hide_env_values = true,
+        default_value = "127.0.0.1:50051"
+    )]
+    pub addr: String,
+    /// Deadline for the whole call, e.g. 500ms, 5s, 1m, sent to the server as grpc-timeout
+    /// [default: 10s; none for chat]
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub timeout: Option<Duration>,
+    /// Connect with TLS (implied by --ca, --cert and https:// addresses); without --ca the
+    /// server certificate must chain to the Mozilla root set
+    #[arg(long)]
+    pub tls: bool,
+    /// PEM CA bundle to verify the server certificate with
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate for mTLS (with --key)
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of --cert
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Name to verify the server certificate against [default: the host of --addr]
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
+    /// Bearer token, sent as `authorization: Bearer <token>`; refused over plaintext beyond
+    /// loopback (see --allow-insecure-token)
+    #[arg(long, env = "GREETER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Send --token over plaintext to a non-loopback address, readable by anyone on the path
+    /// (only for a network you trust, e.g. a mesh sidecar's mTLS); loopback and unix: need no flag
+    #[arg(long)]
+    pub allow_insecure_token: bool,
+}
+
+impl ClientArgs {
+    /// Whether to speak TLS.
+    pub fn use_tls(&self) -> bool {
+        self.tls || self.ca.is_some() || self.cert.is_some() || self.addr.starts_with("https://")
+    }
+}
 
 /// Deadline of unary, server-streaming and health calls when `--timeout` is not given.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -128,12 +128,13 @@ pub struct ServerMetrics {
     pub connections_open: Gauge,
     /// TLS handshakes that did not complete, by `reason`: `error` or `timeout`.
     pub tls_handshake_failures: CounterSet,
-    /// Calls refused by the auth layer, by `reason` (see [`crate::call::auth::REFUSAL_REASONS`]).
+    /// Calls refused by the auth layer, by `reason`.
     pub auth_failures: CounterSet,
 }
 
 impl ServerMetrics {
-    pub fn register(registry: &mut Registry) -> Self {
+    /// `auth_refusals` are the reasons the auth layer refuses calls for: it owns them.
+    pub fn register(registry: &mut Registry, auth_refusals: &'static [&'static str]) -> Self {
         let connections_open = Gauge::default();
         registry.register(
             "greeter_connections_open",
@@ -154,7 +155,7 @@ impl ServerMetrics {
                 "greeter_auth_failures",
                 "Calls refused by authentication or authorization, by reason",
                 "reason",
-                crate::call::auth::REFUSAL_REASONS,
+                auth_refusals,
             ),
         }
     }
