@@ -19,7 +19,7 @@ use std::{
 use config::{Environment, File, FileFormat};
 use serde::{Deserialize, Serialize};
 
-use crate::call::methods;
+use crate::methods;
 
 /// The embedded default: what `greeter serve` runs with when given no file.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");

@@ -8,6 +8,7 @@ pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod methods;
 pub mod ops;
 pub mod pb;
 pub mod server;

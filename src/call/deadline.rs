@@ -10,8 +10,8 @@ use std::time::Duration;
 use tonic::codegen::http::HeaderMap;
 
 use crate::{
-    call::methods::MethodTable,
     config::{DeadlineConfig, DeadlineLimits},
+    methods::MethodTable,
 };
 
 /// Parses a `grpc-timeout` value: up to 8 ASCII digits and a unit (H, M, S, m, u, n), per the

@@ -29,7 +29,7 @@ use pin_project_lite::pin_project;
 use tonic::{Status, codegen::http};
 use tower::{Layer, Service};
 
-use crate::{call::methods::MethodTable, call::observe::frames::MessageCounter};
+use crate::{call::observe::frames::MessageCounter, methods::MethodTable};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

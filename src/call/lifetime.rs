@@ -30,7 +30,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Status, codegen::http};
 use tower::{Layer, Service};
 
-use crate::{call::deadline::DeadlinePolicy, call::methods::Catalog};
+use crate::{call::deadline::DeadlinePolicy, methods::Catalog};
 
 /// The log target of a call's end (deadline, client gone): `greeter::call=debug` in `log.filter`
 /// shows them, wherever this module lives.

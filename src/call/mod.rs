@@ -6,14 +6,11 @@
 //! - [`limit`]: call budgets by trust class, shedding instead of queueing;
 //! - [`intake`]: request bytes held (per-method message limits, server-wide budget);
 //! - [`lifetime`]: the deadline ([`deadline`] is its policy), the end at shutdown, a client gone.
-//!
-//! [`methods`] is what they share: the catalog of served methods and per-method tables.
 
 pub mod auth;
 pub mod deadline;
 pub mod intake;
 pub mod lifetime;
 pub mod limit;
-pub mod methods;
 pub mod observe;
 pub mod web;

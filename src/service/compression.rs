@@ -17,8 +17,8 @@ use tonic::server::NamedService;
 use tower::Service;
 
 use crate::{
-    call::methods::served_methods,
     config::CompressionConfig,
+    methods::served_methods,
     pb::{self, greeter_server::GreeterServer},
     service::Greeter,
 };

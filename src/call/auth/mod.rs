@@ -25,8 +25,8 @@ pub use tokens::{
 };
 
 use crate::{
-    call::methods::MethodTable,
     config::{AuthConfig, AuthMode},
+    methods::MethodTable,
     ops::metrics::CounterSet,
     transport::listener::PeerInfo,
 };

@@ -15,7 +15,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::call::methods::{Method, served_methods};
+use crate::methods::{Method, served_methods};
 
 /// gRPC status codes as go-grpc-prometheus labels them (`codes.Code.String()` in grpc-go), indexed
 /// by code number. Note grpc-go's spelling `Canceled`.
