@@ -150,6 +150,17 @@ pub struct ProbeConfig {
     pub listen: Option<SocketAddr>,
 }
 
+/// The probe listener's budgets are fixed, not configured: probes connect, ask, and leave.
+impl ProbeConfig {
+    /// Connections the probe listener accepts at once.
+    pub const MAX_CONNECTIONS: usize = 64;
+    /// ... from one IP address: the kubelet probes from its node's, one probe at a time.
+    pub const MAX_CONNECTIONS_PER_PEER: usize = 8;
+    /// Calls in progress on the probe listener at once, and on one of its connections.
+    pub const MAX_CALLS: usize = 32;
+    pub const MAX_CALLS_PER_CONNECTION: usize = 4;
+}
+
 /// Deadlines: `default` when the client sends none, `max` caps what it asks; zero means none.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -30,17 +30,17 @@ use crate::{
     call::deadline::DeadlinePolicy,
     call::intake::{BufferBudget, IntakeLayer},
     call::lifetime::{CallLayer, CallStats},
-    call::limit::{Activity, Budget, Budgets, LimitLayer, ShedBy, ShedCount},
+    call::limit::{Budget, Budgets, LimitLayer, ShedBy, ShedCount},
     call::observe::ObserveLayer,
     call::web::{OriginError, WebLayer},
-    config::{AuthMode, Config, LimitsConfig},
+    config::{AuthMode, Config, LimitsConfig, ProbeConfig},
     methods::{Catalog, MethodTable},
     ops::metrics::{self, CounterFn, CounterFnSet, GrpcMetrics, Reloads, ServerMetrics, exporter},
     ops::reload::{self, Reloaded},
     pb::{self, greeter_server::GreeterServer},
     service::health::{self, Health},
     service::{self, Greeter, compressed},
-    transport::connection,
+    transport::connection::{self, Activity},
     transport::listener::{
         self, Connection, ConnectionBudget, ConnectionSlot, Listener, OnConnection, PeerCounts,
         TlsAccept,
@@ -48,14 +48,6 @@ use crate::{
     transport::tls::{self, CertSummary, Reloadable, TlsError},
     transport::unix_socket::{UnixSocket, UnixSocketError},
 };
-
-/// Connections the probe listener accepts at once: probes connect, ask, and leave.
-pub const PROBE_MAX_CONNECTIONS: usize = 64;
-/// ... from one IP address: the kubelet probes from its node's, one probe at a time.
-const PROBE_MAX_CONNECTIONS_PER_PEER: usize = 8;
-/// Calls in progress on the probe listener at once, and on one of its connections.
-pub const PROBE_MAX_CALLS: usize = 32;
-const PROBE_MAX_CALLS_PER_CONNECTION: usize = 4;
 
 /// The largest reflection request: a file name or a symbol, with room to spare.
 const REFLECTION_MAX_REQUEST_BYTES: usize = 16 * 1024;
@@ -254,8 +246,8 @@ impl Server {
                 .then(|| PeerCounts::new(limits.max_connections_per_peer)),
         };
         let probe_connections = ConnectionBudget {
-            total: Arc::new(Semaphore::new(PROBE_MAX_CONNECTIONS)),
-            per_peer: Some(PeerCounts::new(PROBE_MAX_CONNECTIONS_PER_PEER)),
+            total: Arc::new(Semaphore::new(ProbeConfig::MAX_CONNECTIONS)),
+            per_peer: Some(PeerCounts::new(ProbeConfig::MAX_CONNECTIONS_PER_PEER)),
         };
         register_connection_refusals(&mut registry, &main_connections, &probe_connections);
         metrics::process::register(&mut registry);
@@ -381,7 +373,10 @@ impl Server {
                         settings: Arc::new(connection::Settings::probe(limits, &config.connection)),
                         web: None,
                         budgets: Budgets {
-                            calls: Budget::new(PROBE_MAX_CALLS, PROBE_MAX_CALLS_PER_CONNECTION),
+                            calls: Budget::new(
+                                ProbeConfig::MAX_CALLS,
+                                ProbeConfig::MAX_CALLS_PER_CONNECTION,
+                            ),
                             anonymous: None,
                             shed: Arc::clone(&stats.shed),
                         },

@@ -2,7 +2,7 @@
 //!
 //! tonic reads `grpc-timeout` but answers an expired deadline with CANCELLED, and only until the
 //! response headers are sent, so a stream outlives its deadline (tonic #1826, #936). greeter does
-//! not hand `grpc-timeout` to tonic; [`crate::call`] enforces the deadline computed here on every
+//! not hand `grpc-timeout` to tonic; [`crate::call::lifetime`] enforces the deadline computed here on every
 //! call kind and answers DEADLINE_EXCEEDED, as every other gRPC stack does.
 
 use std::time::Duration;

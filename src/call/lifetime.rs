@@ -1,7 +1,7 @@
 //! The life of one call after it is admitted: its deadline, its end at shutdown, and noticing
 //! when the client leaves.
 //!
-//! - Deadline ([`crate::deadline`]): a handler still running when it passes is dropped and the
+//! - Deadline ([`crate::call::deadline`]): a handler still running when it passes is dropped and the
 //!   call answers DEADLINE_EXCEEDED; a stream still sending ends with DEADLINE_EXCEEDED in its
 //!   trailers and its producer is dropped at once.
 //! - Shutdown: once the server drains, every server stream ends with UNAVAILABLE "server shutting

@@ -24,27 +24,7 @@ use pin_project_lite::pin_project;
 use tonic::{Status, codegen::http};
 use tower::{Layer, Service};
 
-use crate::call::auth::Caller;
-
-/// What one connection is doing, for idle detection and its share of the call budgets.
-#[derive(Debug, Default)]
-pub struct Activity {
-    in_flight: AtomicUsize,
-    anonymous_in_flight: AtomicUsize,
-    started: AtomicU64,
-}
-
-impl Activity {
-    /// Calls in progress on the connection.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
-    }
-
-    /// Calls ever started on the connection: unchanged between two looks means none started.
-    pub fn started(&self) -> u64 {
-        self.started.load(Ordering::Acquire)
-    }
-}
+use crate::{call::auth::Caller, transport::connection::Activity};
 
 /// Which limit refused a call; each is counted in `greeter_calls_shed_total{limit}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -17,10 +17,7 @@
 
 use std::fmt;
 
-use crate::{
-    config::Config,
-    server::{PROBE_MAX_CALLS, PROBE_MAX_CONNECTIONS},
-};
+use crate::config::{Config, ProbeConfig};
 
 /// The process at rest: code, runtime, metric registry, descriptor sets.
 const BASE_BYTES: u64 = 16 << 20;
@@ -49,9 +46,15 @@ impl WorstCase {
             0
         };
         let probe = config.probe.listen.is_some();
-        let connections = limits.max_connections + if probe { PROBE_MAX_CONNECTIONS } else { 0 };
-        let calls =
-            limits.max_concurrent_calls + anonymous + if probe { PROBE_MAX_CALLS } else { 0 };
+        let connections = limits.max_connections
+            + if probe {
+                ProbeConfig::MAX_CONNECTIONS
+            } else {
+                0
+            };
+        let calls = limits.max_concurrent_calls
+            + anonymous
+            + if probe { ProbeConfig::MAX_CALLS } else { 0 };
         Self {
             connections: connections as u64,
             bytes_per_connection: CONNECTION_BYTES

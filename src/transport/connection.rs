@@ -8,7 +8,10 @@
 //! shutdown. Here each of those is decided in one visible place.
 
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -28,10 +31,30 @@ use tower::Service;
 use tracing::debug;
 
 use crate::{
-    call::limit::Activity,
     config::{ConnectionConfig, LimitsConfig},
     transport::listener::{Connection, PeerAddr},
 };
+
+/// What one connection is doing, for idle detection and its share of the call budgets.
+#[derive(Debug, Default)]
+pub struct Activity {
+    /// Calls in progress; the limit layer admits and releases them.
+    pub(crate) in_flight: AtomicUsize,
+    pub(crate) anonymous_in_flight: AtomicUsize,
+    pub(crate) started: AtomicU64,
+}
+
+impl Activity {
+    /// Calls in progress on the connection.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Calls ever started on the connection: unchanged between two looks means none started.
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::Acquire)
+    }
+}
 
 /// An HTTP/1.1 client must finish sending a request's headers within this (slowloris); hyper
 /// counts from when it starts waiting for a request, so an idle keep-alive connection is closed

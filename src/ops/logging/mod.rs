@@ -1,14 +1,13 @@
 //! The tracing subscriber: one place decides the format and the filter.
 //!
 //! What operators get, besides the server's own events:
-//! - one line per finished call under the target [`crate::call::observe::ACCESS_TARGET`]
-//!   (`greeter::access`), at INFO (health checks at DEBUG): method, peer, auth (`token`,
-//!   `client_cert`, `none`) and identity, code, duration_ms, request_id. Switch it off with `greeter::access=off` in `log.filter` or
-//!   `RUST_LOG`;
+//! - one line per finished call under the target `greeter::access` (written by `call::observe`),
+//!   at INFO (health checks at DEBUG): method, peer, auth (`token`, `client_cert`, `none`) and
+//!   identity, code, duration_ms, request_id. Switch it off with `greeter::access=off` in
+//!   `log.filter` or `RUST_LOG`;
 //! - with `greeter::request=debug`, the call's `grpc` span on every line logged while a call runs,
 //!   holding its `request_id` (in JSON: `"span": {"request_id": ..., "name": "grpc"}`); off at
-//!   `info`, where the only line a call logs is its access line (see
-//!   [`crate::call::observe::SPAN_TARGET`]).
+//!   `info`, where the only line a call logs is its access line.
 //!
 //! JSON lines are formatted by [`json`], which keeps tracing-subscriber's JSON shape at a fraction
 //! of its cost per line.
