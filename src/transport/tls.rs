@@ -128,7 +128,7 @@ fn build(settings: &TlsConfig, http1: bool, missing_ca: MissingCa) -> Result<Mat
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .expect("ring supports TLS 1.2 and 1.3");
     let verifier = if missing_ca == MissingCa::RefuseAll {
-        Some(NoClientCa::new(settings.client_auth, &provider))
+        Some(NoClientCa::verifier(settings.client_auth, &provider))
     } else {
         client_verifier(settings, &provider)?
     };
@@ -189,7 +189,7 @@ struct NoClientCa {
 }
 
 impl NoClientCa {
-    fn new(client_auth: ClientAuth, provider: &CryptoProvider) -> Arc<dyn ClientCertVerifier> {
+    fn verifier(client_auth: ClientAuth, provider: &CryptoProvider) -> Arc<dyn ClientCertVerifier> {
         Arc::new(Self {
             mandatory: client_auth == ClientAuth::Required,
             schemes: provider
