@@ -1,7 +1,7 @@
 //! The catalog of every method served, read from the same descriptor sets reflection serves, so
 //! that layers can tell a unary call from a stream without hard-coding method names.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use prost::Message as _;
 use prost_types::FileDescriptorSet;
@@ -82,29 +82,11 @@ pub fn served_methods(sets: &[&[u8]]) -> Vec<Method> {
     methods
 }
 
-/// `/package.Service/Method` -> kind, for every method of the given descriptor sets.
-#[derive(Debug, Clone, Default)]
-pub struct Catalog(HashMap<String, MethodKind>);
-
-impl Catalog {
-    /// Builds the catalog from encoded `FileDescriptorSet`s (as `build.rs` and the tonic crates
-    /// embed them).
-    ///
-    /// # Panics
-    /// If a set does not decode: they are compiled in, so that is a build defect.
-    pub fn from_encoded_sets(sets: &[&[u8]]) -> Self {
-        Self(
-            served_methods(sets)
-                .into_iter()
-                .map(|m| (m.path(), m.kind))
-                .collect(),
-        )
-    }
-
-    /// The kind of a method; `None` for a path no served service has.
-    pub fn kind(&self, path: &str) -> Option<MethodKind> {
-        self.0.get(path).copied()
-    }
+/// What a method requires of its caller (`auth.policy`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rule {
+    Open,
+    Scope(String),
 }
 
 /// Whether `pattern` is one [`MethodTable`] understands: `*`, `/package.Service/*` or
@@ -161,6 +143,16 @@ impl<T> MethodTable<T> {
         })
     }
 
+    /// The `/pkg.Service/Method` patterns.
+    pub fn methods(&self) -> impl Iterator<Item = &str> {
+        self.methods.keys().map(String::as_str)
+    }
+
+    /// The services of the `/pkg.Service/*` patterns, as `/pkg.Service`.
+    pub fn services(&self) -> impl Iterator<Item = &str> {
+        self.services.keys().map(String::as_str)
+    }
+
     /// The most specific entry: the method, its service, then `*`.
     pub fn lookup(&self, path: &str) -> Option<&T> {
         self.specific(path).or(self.any.as_ref())
@@ -170,24 +162,6 @@ impl<T> MethodTable<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn greeter_methods_have_their_kinds() {
-        let catalog = Catalog::from_encoded_sets(&[
-            crate::pb::FILE_DESCRIPTOR_SET,
-            tonic_health::pb::FILE_DESCRIPTOR_SET,
-        ]);
-        let kind = |m: &str| catalog.kind(&format!("/helloworld.Greeter/{m}"));
-        assert_eq!(kind("SayHello"), Some(MethodKind::Unary));
-        assert_eq!(kind("SayHelloAgain"), Some(MethodKind::Unary));
-        assert_eq!(kind("SayHelloStreamReply"), Some(MethodKind::ServerStream));
-        assert_eq!(kind("SayHelloBidiStream"), Some(MethodKind::BidiStream));
-        assert_eq!(
-            catalog.kind("/grpc.health.v1.Health/Watch"),
-            Some(MethodKind::ServerStream)
-        );
-        assert_eq!(catalog.kind("/nope.Nope/Nope"), None);
-    }
 
     #[test]
     fn patterns_are_checked() {

@@ -32,9 +32,10 @@ use crate::{
     call::lifetime::{CallLayer, CallStats},
     call::limit::{Budget, Budgets, LimitLayer, ShedBy, ShedCount},
     call::observe::ObserveLayer,
+    call::resolve::{Resolver, Tables},
     call::web::{OriginError, WebLayer},
     config::{AuthMode, Config, LimitsConfig, ProbeConfig},
-    methods::{Catalog, MethodTable},
+    methods::{MethodTable, served_methods},
     ops::metrics::{self, CounterFn, CounterFnSet, GrpcMetrics, Reloads, ServerMetrics, exporter},
     ops::reload::{self, Reloaded},
     pb::{self, greeter_server::GreeterServer},
@@ -237,7 +238,7 @@ impl Server {
 
         // Every series exists from here on, at zero; the layers and tasks get handles on them.
         let mut registry = Registry::default();
-        let grpc_metrics = Arc::new(GrpcMetrics::register(&mut registry, &descriptor_sets));
+        let grpc_metrics = GrpcMetrics::register(&mut registry, &descriptor_sets);
         let server_metrics = ServerMetrics::register(&mut registry, auth::REFUSAL_REASONS);
         stats.register(&mut registry);
         let main_connections = ConnectionBudget {
@@ -260,6 +261,17 @@ impl Server {
             ))
         });
         let message_limits = message_limits(&config);
+        // Every per-method setting, looked up once per method here rather than once per call.
+        let resolver = Resolver::new(
+            &served_methods(&descriptor_sets),
+            &Tables {
+                metrics: &grpc_metrics,
+                deadlines: &DeadlinePolicy::new(&config.deadline),
+                policy: credentials.auth.as_ref().map(Authenticator::policy),
+                message_limits: &message_limits.table,
+                plain_replies: &service::plain_streams(&config.compression),
+            },
+        );
         let reflection = || {
             descriptor_sets.iter().fold(
                 tonic_reflection::server::Builder::configure().include_reflection_service(false),
@@ -297,14 +309,9 @@ impl Server {
         // (per-method message limits, server-wide budget) -> deadline, drain and cancellation ->
         // route -> handler.
         let stack = Stack {
-            observe: ObserveLayer::new(grpc_metrics, metrics_addr.is_some()),
-            intake: IntakeLayer::new(message_limits.table, Arc::clone(&stats.buffered)),
-            call_layer: CallLayer::new(
-                DeadlinePolicy::new(&config.deadline),
-                Catalog::from_encoded_sets(&descriptor_sets),
-                draining.clone(),
-                Arc::clone(&stats.calls),
-            ),
+            observe: ObserveLayer::new(Arc::new(resolver), metrics_addr.is_some()),
+            intake: IntakeLayer::new(Arc::clone(&stats.buffered)),
+            call_layer: CallLayer::new(draining.clone(), Arc::clone(&stats.calls)),
             accepted: Arc::clone(&stats.connections_accepted),
             connections_open: server_metrics.connections_open.clone(),
             draining: draining.clone(),

@@ -57,24 +57,29 @@ impl DeadlinePolicy {
         }
     }
 
-    /// How long a call to `path` may run: the client's `grpc-timeout`, or the method's default
-    /// when it sent none, capped at the method's maximum. A limit of zero means "none".
-    pub fn budget(&self, path: &str, headers: &HeaderMap) -> Option<Duration> {
-        let limits = self.limits(path);
-        let asked = headers
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout);
-        let wanted = asked.or(nonzero(limits.default));
-        match (wanted, nonzero(limits.max)) {
-            (Some(wanted), Some(max)) => Some(wanted.min(max)),
-            (Some(wanted), None) => Some(wanted),
-            (None, max) => max,
-        }
+    /// The limits of calls to `path`, which [`crate::call::resolve`] looks up once per method.
+    pub fn limits(&self, path: &str) -> &DeadlineLimits {
+        self.overrides.specific(path).unwrap_or(&self.all)
     }
 
-    fn limits(&self, path: &str) -> &DeadlineLimits {
-        self.overrides.specific(path).unwrap_or(&self.all)
+    /// The per-method and per-service overrides.
+    pub fn overrides(&self) -> &MethodTable<DeadlineLimits> {
+        &self.overrides
+    }
+}
+
+/// How long a call may run: the client's `grpc-timeout`, or the method's default when it sent
+/// none, capped at the method's maximum. A limit of zero means "none".
+pub fn budget(limits: &DeadlineLimits, headers: &HeaderMap) -> Option<Duration> {
+    let asked = headers
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout);
+    let wanted = asked.or(nonzero(limits.default));
+    match (wanted, nonzero(limits.max)) {
+        (Some(wanted), Some(max)) => Some(wanted.min(max)),
+        (Some(wanted), None) => Some(wanted),
+        (None, max) => max,
     }
 }
 
@@ -125,6 +130,13 @@ mod tests {
             max: Duration::from_secs(300),
             methods,
         })
+    }
+
+    impl DeadlinePolicy {
+        /// The budget of a call to `path`, its limits looked up as the resolver does.
+        fn budget(&self, path: &str, headers: &HeaderMap) -> Option<Duration> {
+            budget(self.limits(path), headers)
+        }
     }
 
     fn headers(timeout: Option<&str>) -> HeaderMap {

@@ -29,7 +29,7 @@ use pin_project_lite::pin_project;
 use tonic::{Status, codegen::http};
 use tower::{Layer, Service};
 
-use crate::{call::observe::frames::MessageCounter, methods::MethodTable};
+use crate::call::{observe::frames::MessageCounter, resolve::Resolved};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -76,20 +76,16 @@ impl BufferBudget {
     }
 }
 
-/// Shared by every connection of a server: the largest message each method accepts (patterns as
-/// in `auth.policy`; `*` for the rest) and the shared budget.
+/// Shared by every connection of a server: the budget. The largest message each method accepts
+/// comes with the call's resolved method.
 #[derive(Debug, Clone)]
 pub struct IntakeLayer {
-    message_limits: Arc<MethodTable<usize>>,
     budget: Arc<BufferBudget>,
 }
 
 impl IntakeLayer {
-    pub fn new(message_limits: MethodTable<usize>, budget: Arc<BufferBudget>) -> Self {
-        Self {
-            message_limits: Arc::new(message_limits),
-            budget,
-        }
+    pub fn new(budget: Arc<BufferBudget>) -> Self {
+        Self { budget }
     }
 }
 
@@ -123,12 +119,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let max_message = self
-            .layer
-            .message_limits
-            .lookup(request.uri().path())
-            .copied()
-            .unwrap_or(0);
+        let max_message = Resolved::of(&request).max_request_bytes;
         let budget = Arc::clone(&self.layer.budget);
         self.inner.call(request.map(|inner| IntakeBody {
             inner,

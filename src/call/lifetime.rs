@@ -30,7 +30,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Status, codegen::http};
 use tower::{Layer, Service};
 
-use crate::{call::deadline::DeadlinePolicy, methods::Catalog};
+use crate::call::{deadline, resolve::Resolved};
 
 /// The log target of a call's end (deadline, client gone): `greeter::call=debug` in `log.filter`
 /// shows them, wherever this module lives.
@@ -64,25 +64,13 @@ impl CallStats {
 /// Shared by every connection of a server.
 #[derive(Debug, Clone)]
 pub struct CallLayer {
-    deadlines: Arc<DeadlinePolicy>,
-    catalog: Arc<Catalog>,
     draining: CancellationToken,
     stats: Arc<CallStats>,
 }
 
 impl CallLayer {
-    pub fn new(
-        deadlines: DeadlinePolicy,
-        catalog: Catalog,
-        draining: CancellationToken,
-        stats: Arc<CallStats>,
-    ) -> Self {
-        Self {
-            deadlines: Arc::new(deadlines),
-            catalog: Arc::new(catalog),
-            draining,
-            stats,
-        }
+    pub fn new(draining: CancellationToken, stats: Arc<CallStats>) -> Self {
+        Self { draining, stats }
     }
 }
 
@@ -118,12 +106,9 @@ where
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let layer = &self.layer;
-        let path = request.uri().path();
-        let budget = layer.deadlines.budget(path, request.headers());
-        let streams = layer
-            .catalog
-            .kind(path)
-            .is_some_and(|kind| kind.server_streams());
+        let method = Resolved::of(&request);
+        let budget = deadline::budget(&method.deadline, request.headers());
+        let streams = method.kind.is_some_and(|kind| kind.server_streams());
         let ending = Ending {
             deadline: budget.map(Deadline::new),
             drain: streams.then(|| Box::pin(layer.draining.clone().cancelled_owned())),

@@ -6,6 +6,9 @@
 //! - [`limit`]: call budgets by trust class, shedding instead of queueing;
 //! - [`intake`]: request bytes held (per-method message limits, server-wide budget);
 //! - [`lifetime`]: the deadline ([`deadline`] is its policy), the end at shutdown, a client gone.
+//!
+//! [`resolve`] is what they share: `observe` resolves the call's method once, into everything the
+//! layers further in need, and hands it down in the request's extensions.
 
 pub mod auth;
 pub mod deadline;
@@ -13,4 +16,5 @@ pub mod intake;
 pub mod lifetime;
 pub mod limit;
 pub mod observe;
+pub mod resolve;
 pub mod web;

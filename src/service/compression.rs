@@ -8,15 +8,13 @@
 //! handler's override for streams, so streams are sent plain unless `min_reply_bytes = 0`: this
 //! layer hides the client's `grpc-accept-encoding` from them.
 
-use std::{
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::task::{Context, Poll};
 
 use tonic::server::NamedService;
 use tower::Service;
 
 use crate::{
+    call::resolve::Resolved,
     config::CompressionConfig,
     methods::served_methods,
     pb::{self, greeter_server::GreeterServer},
@@ -36,19 +34,20 @@ pub fn compressed(
     for &encoding in &compression.send {
         greeter = greeter.send_compressed(encoding.into());
     }
-    // The Greeter's methods whose replies are streams, from its descriptor.
-    let plain_streams = if compression.min_reply_bytes > 0 {
+    ReplyCompression { inner: greeter }
+}
+
+/// The paths whose replies go plain: the Greeter's streaming methods, from its descriptor, or
+/// none with `min_reply_bytes = 0`. Resolved once per method ([`crate::call::resolve`]).
+pub fn plain_streams(compression: &CompressionConfig) -> Vec<String> {
+    if compression.min_reply_bytes > 0 {
         served_methods(&[pb::FILE_DESCRIPTOR_SET])
             .into_iter()
             .filter(|method| method.kind.server_streams())
             .map(|method| method.path())
             .collect()
     } else {
-        Arc::default()
-    };
-    ReplyCompression {
-        inner: greeter,
-        plain_streams,
+        Vec::new()
     }
 }
 
@@ -56,8 +55,6 @@ pub fn compressed(
 #[derive(Debug, Clone)]
 pub struct ReplyCompression<S> {
     inner: S,
-    /// Paths whose replies go plain: the streaming methods, or none with `min_reply_bytes = 0`.
-    plain_streams: Arc<[String]>,
 }
 
 impl<S: NamedService> NamedService for ReplyCompression<S> {
@@ -77,8 +74,7 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let path = request.uri().path();
-        if self.plain_streams.iter().any(|plain| plain == path) {
+        if Resolved::of(&request).plain_replies {
             request.headers_mut().remove(ACCEPT_ENCODING);
         }
         self.inner.call(request)
@@ -93,15 +89,14 @@ mod tests {
     #[test]
     fn the_streaming_methods_go_plain_unless_every_reply_may_be_compressed() {
         let mut config = Config::embedded().compression;
-        let greeter = || GreeterServer::new(Greeter::new(Config::embedded().greeter, 0));
         assert_eq!(
-            *compressed(greeter(), &config).plain_streams,
+            plain_streams(&config),
             [
                 "/helloworld.Greeter/SayHelloStreamReply",
                 "/helloworld.Greeter/SayHelloBidiStream",
             ]
         );
         config.min_reply_bytes = 0;
-        assert!(compressed(greeter(), &config).plain_streams.is_empty());
+        assert!(plain_streams(&config).is_empty());
     }
 }

@@ -5,6 +5,6 @@ mod greeter;
 pub mod health;
 mod validate;
 
-pub use compression::{ReplyCompression, compressed};
+pub use compression::{ReplyCompression, compressed, plain_streams};
 pub use greeter::{Greeter, max_request_bytes};
 pub use validate::{NameError, validate_name};

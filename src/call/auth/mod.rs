@@ -25,8 +25,9 @@ pub use tokens::{
 };
 
 use crate::{
+    call::resolve::Resolved,
     config::{AuthConfig, AuthMode},
-    methods::MethodTable,
+    methods::{MethodTable, Rule},
     ops::metrics::CounterSet,
     transport::listener::PeerInfo,
 };
@@ -81,13 +82,6 @@ pub enum Caller {
     ClientCert(String),
 }
 
-/// What a method requires.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Rule {
-    Open,
-    Scope(String),
-}
-
 /// Method pattern -> rule, from `auth.policy`; a path no pattern covers is refused.
 fn policy(config: &BTreeMap<String, String>) -> MethodTable<Rule> {
     MethodTable::new(config.iter().map(|(pattern, rule)| {
@@ -123,23 +117,20 @@ impl Authenticator {
         self.tokens.store(Arc::new(tokens));
     }
 
-    /// The verdict for one call.
-    pub fn authorize(
-        &self,
-        path: &str,
-        headers: &http::HeaderMap,
-        peer: Option<&PeerInfo>,
-    ) -> Result<Caller, Status> {
-        self.check(path, headers, peer).map_err(|r| r.status)
+    /// The `auth.policy` rules, which [`crate::call::resolve`] looks up once per method.
+    pub fn policy(&self) -> &MethodTable<Rule> {
+        &self.policy
     }
 
+    /// The verdict for one call to `path`, whose method requires `rule`.
     fn check(
         &self,
+        rule: Option<&Rule>,
         path: &str,
         headers: &http::HeaderMap,
         peer: Option<&PeerInfo>,
     ) -> Result<Caller, Refusal> {
-        let required = match self.policy.lookup(path) {
+        let required = match rule {
             Some(Rule::Open) => return Ok(Caller::Anonymous),
             Some(Rule::Scope(scope)) => scope,
             None => {
@@ -279,6 +270,7 @@ where
         let verdict = match &self.auth {
             None => Ok(Caller::Anonymous),
             Some(auth) => auth.check(
+                Resolved::of(&request).rule.as_ref(),
                 request.uri().path(),
                 request.headers(),
                 request.extensions().get::<PeerInfo>(),
@@ -373,6 +365,19 @@ mod tests {
                     sans: vec![],
                 })
             }),
+        }
+    }
+
+    impl Authenticator {
+        /// The verdict for one call, its rule looked up as the resolver does.
+        fn authorize(
+            &self,
+            path: &str,
+            headers: &http::HeaderMap,
+            peer: Option<&PeerInfo>,
+        ) -> Result<Caller, Status> {
+            self.check(self.policy.lookup(path), path, headers, peer)
+                .map_err(|r| r.status)
         }
     }
 
@@ -479,9 +484,14 @@ mod tests {
     fn refusals_name_their_reason() {
         let auth = Authenticator::new(&config(AuthMode::Token), store("secret", &["greeter"]));
         let reason = |path, header| {
-            auth.check(path, &headers(header), Some(&peer(false)))
-                .unwrap_err()
-                .reason
+            auth.check(
+                auth.policy.lookup(path),
+                path,
+                &headers(header),
+                Some(&peer(false)),
+            )
+            .unwrap_err()
+            .reason
         };
         assert_eq!(reason(HELLO, None), MISSING_CREDENTIALS);
         assert_eq!(reason(HELLO, Some("Basic x")), MALFORMED_HEADER);

@@ -32,7 +32,8 @@ use frames::MessageCounter;
 
 use crate::{
     call::auth::Caller,
-    ops::metrics::{GrpcMetrics, MethodMetrics, grpc::CODE_NAMES},
+    call::resolve::Resolver,
+    ops::metrics::{MethodMetrics, grpc::CODE_NAMES},
     transport::listener::{PeerAddr, PeerInfo},
 };
 
@@ -72,14 +73,14 @@ const INTERNAL: u8 = 13;
 /// Shared by every connection of a server.
 #[derive(Debug, Clone)]
 pub struct ObserveLayer {
-    metrics: Arc<GrpcMetrics>,
+    methods: Arc<Resolver>,
     /// Whether to keep metrics at all: off when nothing can scrape them (`metrics.listen = ""`).
     count: bool,
 }
 
 impl ObserveLayer {
-    pub fn new(metrics: Arc<GrpcMetrics>, count: bool) -> Self {
-        Self { metrics, count }
+    pub fn new(methods: Arc<Resolver>, count: bool) -> Self {
+        Self { methods, count }
     }
 }
 
@@ -113,9 +114,11 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
         let path = request.uri().path();
-        let method = self.layer.metrics.method(path);
+        // The one lookup of the call's method: the layers further in read it from here.
+        let resolved = self.layer.methods.resolve(path);
+        let method = &resolved.metrics;
         let count = self.layer.count;
         // Decided once per call, at the cost of a filter lookup, so that a switched-off access log
         // costs neither the fields' copies nor the formatting.
@@ -149,6 +152,7 @@ where
             method.started();
             method.msg_received.clone()
         });
+        request.extensions_mut().insert(Arc::clone(resolved));
         let request = request.map(|body| CountedBody::new(body, received));
         ObserveFuture {
             inner: span.in_scope(|| self.inner.call(request)),
