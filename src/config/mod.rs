@@ -1,0 +1,378 @@
+//! Typed configuration, layered and validated before anything binds.
+//!
+//! Layers, later wins: the embedded default (`config/default.toml`, compiled in), each `--config`
+//! file in order, `GREETER__SECTION__KEY` environment variables, then command-line overrides.
+//! Every error names the key and the layer it came from, because "invalid type: string" alone
+//! sends an operator hunting through four layers.
+//!
+//! The configuration holds no secrets by design: TLS keys and token hashes live in files the config
+//! only points to, so `greeter config show` can print it whole.
+//!
+//! Here: the types, one per section. [`load`](Config::load) layers the sources and names where
+//! each value came from (`load.rs`); `check.rs` holds the checks types alone cannot express;
+//! `values.rs` how some values are written (removable map entries, octal modes, optional
+//! addresses).
+
+mod check;
+mod load;
+mod values;
+
+use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+pub use load::{ConfigError, Sources, env_var_name};
+
+/// The embedded default: what `greeter serve` runs with when given no file.
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
+
+/// The whole configuration. Every section is required after merging, which the embedded default
+/// guarantees, so no value here has a second, hidden default in Rust code.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub tls: TlsConfig,
+    pub auth: AuthConfig,
+    pub probe: ProbeConfig,
+    pub deadline: DeadlineConfig,
+    pub limits: LimitsConfig,
+    pub connection: ConnectionConfig,
+    pub compression: CompressionConfig,
+    pub greeter: GreeterConfig,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+    pub metrics: MetricsConfig,
+    pub web: WebConfig,
+    pub health: HealthConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the gRPC listener.
+    pub listen: SocketAddr,
+    /// Explicit opt-out of the secure-by-default guard for non-loopback addresses.
+    pub allow_insecure: bool,
+    /// A Unix domain socket serving the same calls, for clients on this host (sidecars);
+    /// empty: none.
+    pub unix: PathBuf,
+    /// Permission bits of the socket file; connecting needs write permission on it.
+    #[serde(with = "values::octal_mode")]
+    pub unix_mode: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub enabled: bool,
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) matching `cert`.
+    pub key: PathBuf,
+    /// PEM CA bundle that client certificates must chain to; empty: no client certificates.
+    pub client_ca: PathBuf,
+    pub client_auth: ClientAuth,
+    /// A TLS handshake not finished within this is dropped, so idle sockets cannot pile up.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// How often the certificate, key and CA files are re-read (SIGHUP re-reads at once).
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+/// Whether the TLS listener asks for client certificates (mTLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// Never ask.
+    None,
+    /// Ask; verify one if presented, admit clients without.
+    Optional,
+    /// Refuse the handshake without a certificate from `tls.client_ca`.
+    Required,
+}
+
+impl ClientAuth {
+    /// The value as written in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Optional => "optional",
+            Self::Required => "required",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub enabled: bool,
+    /// TOML file of `[[tokens]]` entries: name, sha256 (hex) of the token, scopes.
+    pub tokens_file: PathBuf,
+    /// What authenticates a caller.
+    pub mode: AuthMode,
+    /// Scopes granted to a caller authenticated by a verified client certificate.
+    pub client_cert_scopes: Vec<String>,
+    /// How often the tokens file is re-read (SIGHUP re-reads at once).
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+    /// Method pattern -> "open" or the scope a caller needs. Patterns are a full method path
+    /// (`/helloworld.Greeter/SayHello`), a service (`/helloworld.Greeter/*`) or `*`; the most
+    /// specific wins. Methods no pattern matches are refused: fail closed. A later layer removes
+    /// an entry by setting it to `""`.
+    #[serde(deserialize_with = "values::removable::map")]
+    pub policy: BTreeMap<String, String>,
+}
+
+/// Which credentials a call must carry when `auth.enabled`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// A bearer token.
+    Token,
+    /// A client certificate verified against `tls.client_ca`.
+    ClientCert,
+    /// Either one (a token, when present, decides).
+    Either,
+    /// Both: the certificate proves the machine, the token's scopes decide.
+    Both,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeConfig {
+    /// Plaintext listener serving only grpc.health.v1.Health; empty string: none.
+    #[serde(with = "values::optional_addr")]
+    pub listen: Option<SocketAddr>,
+}
+
+/// The probe listener's budgets are fixed, not configured: probes connect, ask, and leave.
+impl ProbeConfig {
+    /// Connections the probe listener accepts at once.
+    pub const MAX_CONNECTIONS: usize = 64;
+    /// ... from one IP address: the kubelet probes from its node's, one probe at a time.
+    pub const MAX_CONNECTIONS_PER_PEER: usize = 8;
+    /// Calls in progress on the probe listener at once, and on one of its connections.
+    pub const MAX_CALLS: usize = 32;
+    pub const MAX_CALLS_PER_CONNECTION: usize = 4;
+}
+
+/// Deadlines: `default` when the client sends none, `max` caps what it asks; zero means none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadlineConfig {
+    #[serde(with = "humantime_serde")]
+    pub default: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+    /// Per-method (`/pkg.Service/Method`) or per-service (`/pkg.Service/*`) overrides. A later
+    /// layer removes an entry by setting it to `""`.
+    #[serde(deserialize_with = "values::removable::map")]
+    pub methods: BTreeMap<String, DeadlineLimits>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadlineLimits {
+    #[serde(with = "humantime_serde")]
+    pub default: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+}
+
+/// Sizes and counts that bound memory and work; every HTTP/2 limit is set explicitly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_recv_message_bytes: usize,
+    pub max_send_message_bytes: usize,
+    pub max_connections: usize,
+    pub max_concurrent_calls: usize,
+    pub max_concurrent_calls_per_connection: usize,
+    pub max_concurrent_streams: u32,
+    pub max_header_list_bytes: u32,
+    pub max_frame_bytes: u32,
+    pub initial_stream_window_bytes: u32,
+    pub initial_connection_window_bytes: u32,
+    pub max_pending_accept_reset_streams: usize,
+    pub max_local_error_reset_streams: usize,
+    /// Calls to methods the policy marks `"open"` (when auth is on), across the server: they
+    /// come from anyone, so they draw from a budget of their own and cannot crowd out callers
+    /// with credentials.
+    pub max_anonymous_calls: usize,
+    pub max_anonymous_calls_per_connection: usize,
+    /// Bytes of request messages received but not yet complete (so not yet handed to a handler),
+    /// across the server.
+    pub max_buffered_request_bytes: usize,
+    /// Connections from one IP address on the main TCP listener; 0: no cap.
+    pub max_connections_per_peer: usize,
+}
+
+/// HTTP/2 connection management: keepalive pings, idle and age limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionConfig {
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_idle: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_age_grace: Duration,
+    /// A connection that has not started a call this long after it was accepted (after its TLS
+    /// handshake) is closed: sockets that never speak cannot hold connection slots.
+    #[serde(with = "humantime_serde")]
+    pub first_call_timeout: Duration,
+}
+
+/// Message compression the Greeter accepts from clients and uses for its replies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompressionConfig {
+    /// Encodings a client may compress requests with.
+    pub accept: Vec<Encoding>,
+    /// Encodings replies are compressed with, when the client accepts one of them.
+    pub send: Vec<Encoding>,
+    /// Calls whose replies cannot reach this many bytes are answered uncompressed: compressing a
+    /// few dozen bytes costs CPU and makes them larger.
+    pub min_reply_bytes: usize,
+}
+
+/// A gRPC message encoding (`grpc-encoding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    Gzip,
+    Zstd,
+}
+
+impl From<Encoding> for tonic::codec::CompressionEncoding {
+    fn from(encoding: Encoding) -> Self {
+        match encoding {
+            Encoding::Gzip => Self::Gzip,
+            Encoding::Zstd => Self::Zstd,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GreeterConfig {
+    /// Longest accepted name in UTF-8 bytes.
+    pub max_name_bytes: usize,
+    /// The greetings of `SayHelloStreamReply`, in order.
+    pub stream_greetings: Vec<String>,
+    /// Pause between two greetings of `SayHelloStreamReply`.
+    #[serde(with = "humantime_serde")]
+    pub stream_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// After a shutdown signal, how long to keep serving with health NOT_SERVING so that load
+    /// balancers and endpoints controllers stop sending before the listener closes.
+    #[serde(with = "humantime_serde")]
+    pub delay: Duration,
+    /// How long open calls may run after a shutdown signal before the process exits anyway.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// An `EnvFilter` directive; `RUST_LOG` wins when set.
+    pub filter: String,
+    pub format: LogFormat,
+}
+
+/// Prometheus metrics: a plain HTTP listener of its own, so scrapes never compete with gRPC
+/// calls for connection or call limits, and never need the gRPC listener's TLS or tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address serving `GET /metrics`; empty string: no listener, and no per-call metrics kept.
+    #[serde(with = "values::optional_addr")]
+    pub listen: Option<SocketAddr>,
+}
+
+/// grpc-web for browsers, on the main listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebConfig {
+    /// Serve grpc-web (over HTTP/1.1 and HTTP/2) and the demo page at `/`.
+    pub enabled: bool,
+    /// Origins whose pages may call the server (CORS); `"*"` alone allows any. The page the
+    /// server serves itself is same-origin and needs no entry.
+    pub allowed_origins: Vec<String>,
+    /// How long a browser may cache a CORS preflight answer.
+    #[serde(with = "humantime_serde")]
+    pub cors_max_age: Duration,
+}
+
+/// `grpc.health.v1.Health`: what its `Watch` streams, open to anyone, may hold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// `Watch` streams open at once across the server; more are refused RESOURCE_EXHAUSTED.
+    pub max_watch_streams: usize,
+    /// A `Watch` stream older than this ends with UNAVAILABLE (clients re-open it).
+    #[serde(with = "humantime_serde")]
+    pub watch_max_age: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Text on a terminal, JSON otherwise.
+    Auto,
+    Text,
+    Json,
+}
+
+impl Config {
+    /// The embedded default alone.
+    pub fn embedded() -> Self {
+        Self::load(&Sources::default()).expect("the embedded default config is valid")
+    }
+
+    /// True when the server will accept plaintext, unauthenticated calls from beyond this host:
+    /// worth a warning at every start.
+    pub fn is_insecure_exposed(&self) -> bool {
+        !self.server.listen.ip().is_loopback() && (!self.tls.enabled || !self.auth.enabled)
+    }
+
+    /// The effective configuration as TOML, for `greeter config show`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the config serializes to TOML")
+    }
+}
+
+impl AuthMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Token => "token",
+            Self::ClientCert => "client_cert",
+            Self::Either => "either",
+            Self::Both => "both",
+        }
+    }
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Text => "text",
+            Self::Json => "json",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,294 @@
+//! The configuration: layering, provenance and checks, through `Config::load`.
+
+use super::{load::OVERRIDE_ORIGIN, *};
+
+fn with_env(vars: &[(&str, &str)]) -> Sources {
+    Sources {
+        env: vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Sources::default()
+    }
+}
+
+#[test]
+fn embedded_default_is_loopback_plaintext() {
+    let config = Config::embedded();
+    assert_eq!(config.server.listen, "127.0.0.1:50051".parse().unwrap());
+    assert!(!config.tls.enabled && !config.auth.enabled);
+    assert!(!config.is_insecure_exposed());
+    assert_eq!(config.greeter.max_name_bytes, 1024);
+}
+
+#[test]
+fn env_overrides_embedded_and_names_the_variable_on_error() {
+    let config = Config::load(&with_env(&[("GREETER__GREETER__MAX_NAME_BYTES", "16")])).unwrap();
+    assert_eq!(config.greeter.max_name_bytes, 16);
+
+    let err = Config::load(&with_env(&[("GREETER__GREETER__MAX_NAME_BYTES", "lots")])).unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("greeter.max_name_bytes"), "{err}");
+    assert!(
+        err.origin.contains("GREETER__GREETER__MAX_NAME_BYTES"),
+        "{err}"
+    );
+}
+
+#[test]
+fn env_list_is_comma_separated() {
+    let config = Config::load(&with_env(&[(
+        "GREETER__GREETER__STREAM_GREETINGS",
+        "Hi,Yo",
+    )]))
+    .unwrap();
+    assert_eq!(config.greeter.stream_greetings, ["Hi", "Yo"]);
+}
+
+#[test]
+fn insecure_guard_names_key_and_opt_out() {
+    let sources = Sources {
+        overrides: vec![("server.listen".into(), "0.0.0.0:50051".into())],
+        ..Sources::default()
+    };
+    let err = Config::load(&sources).unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("server.listen"));
+    assert_eq!(err.origin, OVERRIDE_ORIGIN);
+    assert!(
+        err.message.contains("server.allow_insecure = true"),
+        "{err}"
+    );
+
+    let mut opted_out = sources.clone();
+    opted_out
+        .overrides
+        .push(("server.allow_insecure".into(), "true".into()));
+    assert!(Config::load(&opted_out).unwrap().is_insecure_exposed());
+}
+
+fn with_overrides(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    Config::load(&Sources {
+        overrides: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Sources::default()
+    })
+}
+
+#[test]
+fn zero_durations_that_cannot_work_are_refused() {
+    for key in [
+        "tls.handshake_timeout",
+        "tls.reload_interval",
+        "auth.reload_interval",
+        "connection.first_call_timeout",
+        "health.watch_max_age",
+    ] {
+        let error = with_overrides(&[(key, "0s")]).unwrap_err();
+        assert_eq!(error.key.as_deref(), Some(key), "{error}");
+        assert!(error.message.contains("above zero"), "{error}");
+    }
+    for key in [
+        "limits.max_anonymous_calls",
+        "limits.max_anonymous_calls_per_connection",
+        "limits.max_buffered_request_bytes",
+        "health.max_watch_streams",
+    ] {
+        let error = with_overrides(&[(key, "0")]).unwrap_err();
+        assert_eq!(error.key.as_deref(), Some(key), "{error}");
+    }
+    with_overrides(&[("limits.max_connections_per_peer", "0")]).expect("0: no cap");
+}
+
+#[test]
+fn a_later_file_removes_a_map_entry_with_an_empty_string() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("later.toml");
+    std::fs::write(
+        &file,
+        "[auth.policy]\n\"/grpc.reflection.v1.ServerReflection/*\" = \"\"\n\
+         \"/helloworld.Greeter/SayHello\" = \"open\"\n\
+         [deadline.methods]\n\"/helloworld.Greeter/SayHelloBidiStream\" = \"\"\n",
+    )
+    .unwrap();
+    let config = Config::load(&Sources {
+        files: vec![file],
+        ..Sources::default()
+    })
+    .unwrap();
+    let policy = &config.auth.policy;
+    assert!(!policy.contains_key("/grpc.reflection.v1.ServerReflection/*"));
+    assert_eq!(policy["/helloworld.Greeter/SayHello"], "open");
+    assert_eq!(policy["/helloworld.Greeter/*"], "greeter", "others stay");
+    let methods = &config.deadline.methods;
+    assert!(!methods.contains_key("/helloworld.Greeter/SayHelloBidiStream"));
+    assert!(
+        methods.contains_key("/grpc.health.v1.Health/*"),
+        "others stay"
+    );
+}
+
+#[test]
+fn deadline_patterns_are_checked_like_policy_patterns() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("typo.toml");
+    std::fs::write(
+        &file,
+        "[deadline.methods.\"helloworld.Greeter/SayHello\"]\ndefault = \"1s\"\nmax = \"2s\"\n",
+    )
+    .unwrap();
+    let error = Config::load(&Sources {
+        files: vec![file],
+        ..Sources::default()
+    })
+    .unwrap_err();
+    assert_eq!(error.key.as_deref(), Some("deadline.methods"), "{error}");
+    assert!(error.message.contains("a pattern is"), "{error}");
+}
+
+#[test]
+fn tls_and_auth_settings_must_agree() {
+    let key_of = |pairs: &[(&str, &str)]| with_overrides(pairs).unwrap_err().key.unwrap();
+    assert_eq!(key_of(&[("tls.client_ca", "ca.pem")]), "tls.client_ca");
+    assert_eq!(
+        key_of(&[("tls.client_auth", "required")]),
+        "tls.client_auth"
+    );
+    assert_eq!(
+        key_of(&[("auth.enabled", "true"), ("auth.mode", "client_cert")]),
+        "auth.mode"
+    );
+    assert_eq!(
+        key_of(&[("auth.enabled", "true"), ("auth.tokens_file", "")]),
+        "auth.tokens_file"
+    );
+    assert_eq!(
+        key_of(&[("auth.enabled", "true"), ("auth.policy.bad", "x")]),
+        "auth.policy"
+    );
+    assert!(with_overrides(&[("auth.enabled", "true")]).is_ok());
+}
+
+#[test]
+fn exposed_addresses_need_both_tls_and_auth() {
+    let exposed = [("server.listen", "0.0.0.0:1"), ("tls.enabled", "true")];
+    assert_eq!(
+        with_overrides(&exposed).unwrap_err().key.as_deref(),
+        Some("server.listen")
+    );
+    let secured = [exposed[0], exposed[1], ("auth.enabled", "true")];
+    assert!(!with_overrides(&secured).unwrap().is_insecure_exposed());
+}
+
+#[test]
+fn probe_listen_is_optional() {
+    assert_eq!(Config::embedded().probe.listen, None);
+    let config = with_overrides(&[("probe.listen", "127.0.0.1:8081")]).unwrap();
+    assert_eq!(config.probe.listen, Some("127.0.0.1:8081".parse().unwrap()));
+    assert_eq!(
+        with_overrides(&[("probe.listen", "nope")])
+            .unwrap_err()
+            .key
+            .as_deref(),
+        Some("probe.listen")
+    );
+}
+
+#[test]
+fn metrics_listen_defaults_to_a_free_loopback_port_and_can_be_disabled() {
+    assert_eq!(
+        Config::embedded().metrics.listen,
+        Some("127.0.0.1:0".parse().unwrap())
+    );
+    assert_eq!(
+        with_overrides(&[("metrics.listen", "")])
+            .unwrap()
+            .metrics
+            .listen,
+        None
+    );
+    assert_eq!(
+        with_overrides(&[("metrics.listen", "9090")])
+            .unwrap_err()
+            .key
+            .as_deref(),
+        Some("metrics.listen")
+    );
+}
+
+#[test]
+fn env_var_names_follow_the_documented_scheme() {
+    assert_eq!(env_var_name("server.listen"), "GREETER__SERVER__LISTEN");
+}
+
+#[test]
+fn show_round_trips_through_toml() {
+    let config = Config::embedded();
+    let again: Config = toml::from_str(&config.to_toml()).unwrap();
+    assert_eq!(config, again);
+}
+
+#[test]
+fn unix_mode_is_octal_text_in_files_and_the_environment() {
+    let config = Config::load(&with_env(&[("GREETER__SERVER__UNIX_MODE", "0660")])).unwrap();
+    assert_eq!(config.server.unix_mode, 0o660);
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mode.toml");
+    std::fs::write(&file, "[server]\nunix_mode = \"0640\"\n").unwrap();
+    let sources = Sources {
+        files: vec![file.clone()],
+        ..Sources::default()
+    };
+    assert_eq!(Config::load(&sources).unwrap().server.unix_mode, 0o640);
+
+    // 0o660 in TOML is the number 432: refused rather than guessed at.
+    std::fs::write(&file, "[server]\nunix_mode = 0o660\n").unwrap();
+    let err = Config::load(&sources).unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("server.unix_mode"));
+    assert!(err.origin.ends_with("mode.toml"), "{err}");
+
+    let err = Config::load(&with_env(&[("GREETER__SERVER__UNIX_MODE", "1777")])).unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("server.unix_mode"), "{err}");
+}
+
+#[test]
+fn allowed_origins_are_origins() {
+    let origins = |value: &str| {
+        Config::load(&with_env(&[("GREETER__WEB__ALLOWED_ORIGINS", value)]))
+            .map(|config| config.web.allowed_origins)
+    };
+    assert_eq!(
+        origins("https://app.example,http://127.0.0.1:8080").unwrap(),
+        ["https://app.example", "http://127.0.0.1:8080"]
+    );
+    assert_eq!(origins("*").unwrap(), ["*"]);
+    for bad in [
+        "https://app.example/",
+        "https://app.example/path",
+        "app.example",
+        "ftp://app.example",
+        "*,https://app.example",
+        "https://App.example",
+        "https://app.example:443",
+        "http://app.example:80",
+    ] {
+        let err = origins(bad).unwrap_err();
+        assert_eq!(
+            err.key.as_deref(),
+            Some("web.allowed_origins"),
+            "{bad}: {err}"
+        );
+    }
+}
+
+#[test]
+fn web_is_on_for_the_quick_start_and_off_in_production() {
+    assert!(Config::embedded().web.enabled);
+    let production = Config::load(&Sources {
+        files: vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/production.toml")],
+        ..Sources::default()
+    })
+    .unwrap();
+    assert!(!production.web.enabled);
+}
