@@ -33,7 +33,7 @@ use crate::{
     call::limit::{Budget, Budgets, LimitLayer, ShedBy, ShedCount},
     call::observe::ObserveLayer,
     call::resolve::{Resolver, Tables},
-    call::web::{OriginError, WebLayer},
+    call::web::WebLayer,
     config::{AuthMode, Config, LimitsConfig, ProbeConfig},
     methods::{MethodTable, served_methods},
     ops::metrics::{self, CounterFn, CounterFnSet, GrpcMetrics, Reloads, ServerMetrics, exporter},
@@ -71,8 +71,6 @@ pub enum ServerError {
     Tokens(#[from] TokensError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
-    #[error("{0}")]
-    Web(#[from] OriginError),
     #[error("cannot serve the Unix socket (server.unix): {0}")]
     Unix(#[from] UnixSocketError),
     #[error("cannot build the reflection service: {0}")]
@@ -134,7 +132,7 @@ impl Server {
         let credentials = Credentials::load(&config)?;
         let web = if config.web.enabled {
             let loopback_only = config.server.listen.ip().is_loopback() && !config.tls.enabled;
-            Some(WebLayer::new(&config.web, loopback_only)?)
+            Some(WebLayer::new(&config.web, loopback_only))
         } else {
             None
         };

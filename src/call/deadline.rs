@@ -10,8 +10,8 @@ use std::time::Duration;
 use tonic::codegen::http::HeaderMap;
 
 use crate::{
-    config::{DeadlineConfig, DeadlineLimits},
-    methods::MethodTable,
+    config::{DeadlineConfig, DeadlineLimits, Problem, Section},
+    methods::{self, MethodTable},
 };
 
 /// Parses a `grpc-timeout` value: up to 8 ASCII digits and a unit (H, M, S, m, u, n), per the
@@ -31,6 +31,21 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
         "n" => Duration::from_nanos(amount),
         _ => return None,
     })
+}
+
+impl Section for DeadlineConfig {
+    /// `deadline.methods` patterns are checked like `auth.policy`'s, by one parser.
+    fn check(&self) -> Result<(), Problem> {
+        for pattern in self.methods.keys() {
+            if let Err(problem) = methods::check_pattern(pattern) {
+                return Err(Problem {
+                    key: "deadline.methods",
+                    message: format!("deadline.methods.\"{pattern}\": {problem}"),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The server's deadline rules, per method.

@@ -30,7 +30,7 @@ use tonic_web::{GrpcWebLayer, GrpcWebService};
 use tower::{Layer, Service, ServiceExt as _, util::Oneshot};
 use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
 
-use crate::config::WebConfig;
+use crate::config::{Problem, Section, WebConfig};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -88,15 +88,13 @@ pub struct WebLayer {
     loopback_only: bool,
 }
 
-/// An origin of `web.allowed_origins` that cannot be an HTTP header value.
-#[derive(Debug, thiserror::Error)]
-#[error("web.allowed_origins: {0:?} is not a valid origin")]
-pub struct OriginError(String);
-
 impl WebLayer {
     /// `loopback_only`: answer browsers only when they call the server by a loopback name (a
     /// plaintext listener on a loopback address).
-    pub fn new(config: &WebConfig, loopback_only: bool) -> Result<Self, OriginError> {
+    ///
+    /// # Panics
+    /// On an origin [`WebConfig::check`] refuses: `config` comes from `Config::load`, which ran it.
+    pub fn new(config: &WebConfig, loopback_only: bool) -> Self {
         let origins = if config.allowed_origins.iter().any(|o| o == "*") {
             AllowOrigin::any()
         } else {
@@ -104,9 +102,9 @@ impl WebLayer {
                 .allowed_origins
                 .iter()
                 .map(|origin| {
-                    HeaderValue::from_str(origin).map_err(|_| OriginError(origin.clone()))
+                    HeaderValue::from_str(origin).expect("web.allowed_origins were checked")
                 })
-                .collect::<Result<Vec<_>, _>>()?;
+                .collect::<Vec<_>>();
             AllowOrigin::list(list)
         };
         let cors = CorsLayer::new()
@@ -115,11 +113,68 @@ impl WebLayer {
             .allow_headers(ALLOWED_HEADERS.map(HeaderName::from_static))
             .expose_headers(EXPOSED_HEADERS.map(HeaderName::from_static))
             .max_age(config.cors_max_age);
-        Ok(Self {
+        Self {
             cors,
             loopback_only,
-        })
+        }
     }
+}
+
+impl Section for WebConfig {
+    /// Origins as browsers send them in `Origin`, since CORS compares them byte for byte; `"*"`
+    /// only alone.
+    fn check(&self) -> Result<(), Problem> {
+        let problem = |message| {
+            Err(Problem {
+                key: "web.allowed_origins",
+                message,
+            })
+        };
+        let allowed = &self.allowed_origins;
+        if allowed.iter().any(|o| o == "*") {
+            if allowed.len() > 1 {
+                return problem("\"*\" allows every origin: give it alone, or list origins".into());
+            }
+            return Ok(());
+        }
+        for origin in allowed {
+            if let Some(why) = origin_problem(origin) {
+                return problem(format!(
+                    "{origin:?} is not an origin as browsers send it: {why}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why `text` is not an origin as browsers send it in `Origin`: `http` or `https`, a lowercase
+/// host, a port only when not the scheme's default, nothing after.
+fn origin_problem(text: &str) -> Option<&'static str> {
+    let Ok(uri) = text.parse::<http::Uri>() else {
+        return Some("write scheme://host[:port], no path");
+    };
+    let Some(authority) = uri.authority().filter(|a| !a.host().is_empty()) else {
+        return Some("write scheme://host[:port], no path");
+    };
+    let default_port = match uri.scheme_str() {
+        Some("http") => 80,
+        Some("https") => 443,
+        _ => return Some("the scheme is http or https"),
+    };
+    if text.ends_with('/')
+        || uri.path_and_query().is_some_and(|p| p.as_str() != "/")
+        || text.contains('@')
+    {
+        return Some("write scheme://host[:port], no path");
+    }
+    if text.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Some("browsers send it in lowercase");
+    }
+    if authority.port_u16() == Some(default_port) {
+        return Some("browsers leave out the scheme's default port");
+    }
+    None
 }
 
 impl<S: Clone> Layer<S> for WebLayer {

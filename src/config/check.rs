@@ -1,87 +1,42 @@
-//! The checks types alone cannot express: ranges, non-empty lists, settings that must agree, and
-//! the secure-by-default guard. Each error names the key and the layer that set it.
+//! The checks types alone cannot express. Settings that must agree across sections, the limits
+//! and the secure-by-default guard are checked here; a section's own checks live with the module
+//! that owns it, behind [`Section`]. Each error names the key and the layer that set it.
 
 use super::{AuthMode, ClientAuth, Config, ConfigError, load::Origins};
-use crate::methods;
+
+/// What is wrong with one key of a section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The dotted key, e.g. `web.allowed_origins`.
+    pub key: &'static str,
+    pub message: String,
+}
+
+/// A section whose owner checks what its types cannot express. The checks live with the code that
+/// uses the section (`call::web` checks origins, `call::auth` the policy, `transport::tls` its
+/// files, ...); [`Config::load`] runs them in its own order and names the layer that set the key.
+pub trait Section {
+    fn check(&self) -> Result<(), Problem>;
+}
+
+/// Runs a section's own checks, naming the layer that set the offending key.
+fn check(section: &impl Section, origins: &Origins<'_>) -> Result<(), ConfigError> {
+    section
+        .check()
+        .map_err(|problem| origins.error(problem.key, problem.message))
+}
 
 impl Config {
     /// Checks what types alone cannot: ranges, non-empty lists, and the secure-by-default guard.
     pub(super) fn validate(&self, origins: &Origins<'_>) -> Result<(), ConfigError> {
         let fail = |key: &str, message: String| Err(origins.error(key, message));
 
-        if self.greeter.max_name_bytes == 0 {
-            return fail("greeter.max_name_bytes", "must be at least 1".into());
-        }
-        if self.greeter.stream_greetings.is_empty() {
-            return fail(
-                "greeter.stream_greetings",
-                "must hold at least one greeting".into(),
-            );
-        }
-        if let Some(bad) = self
-            .greeter
-            .stream_greetings
-            .iter()
-            .find(|g| g.trim().is_empty() || g.chars().any(char::is_control))
-        {
-            return fail(
-                "greeter.stream_greetings",
-                format!("{bad:?} is empty or holds a control character"),
-            );
-        }
+        check(&self.greeter, origins)?;
         self.validate_limits(origins)?;
-        self.validate_web(origins)?;
-        if self.server.unix_mode > 0o777 {
-            return fail(
-                "server.unix_mode",
-                format!(
-                    "{:o} is not a file mode (at most \"0777\")",
-                    self.server.unix_mode
-                ),
-            );
-        }
-        // The directory's owner and mode are part of who may reach the socket: greeter does not
-        // make it, so a missing one is caught here, by `config check` too, not at bind time.
-        if let Some(dir) = self.server.unix.parent()
-            && !dir.as_os_str().is_empty()
-            && !dir.is_dir()
-        {
-            return fail(
-                "server.unix",
-                format!(
-                    "the socket's directory {} does not exist; create it first (greeter does not)",
-                    dir.display()
-                ),
-            );
-        }
-        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.filter) {
-            return fail("log.filter", format!("not a valid log filter: {e}"));
-        }
-        if self.tls.enabled {
-            for (key, path) in [("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
-                if path.as_os_str().is_empty() {
-                    return fail(key, "required when tls.enabled = true".into());
-                }
-            }
-        }
-        let has_ca = !self.tls.client_ca.as_os_str().is_empty();
-        match (self.tls.client_auth, has_ca) {
-            (ClientAuth::None, true) => {
-                return fail(
-                    "tls.client_ca",
-                    "is set but tls.client_auth = \"none\": set client_auth to \"optional\" \
-                     or \"required\", or remove client_ca"
-                        .into(),
-                );
-            }
-            (ClientAuth::Optional | ClientAuth::Required, false) => {
-                return fail(
-                    "tls.client_auth",
-                    "client certificates need tls.client_ca (the CA bundle to verify them)".into(),
-                );
-            }
-            _ => {}
-        }
+        check(&self.web, origins)?;
+        check(&self.server, origins)?;
+        check(&self.log, origins)?;
+        check(&self.tls, origins)?;
         if self.auth.enabled {
             self.validate_auth(origins)?;
         }
@@ -159,14 +114,7 @@ impl Config {
         if let Some((key, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
             return Err(origins.error(key, "must be above zero (e.g. \"10s\")".into()));
         }
-        for pattern in self.deadline.methods.keys() {
-            if let Err(problem) = methods::check_pattern(pattern) {
-                return Err(origins.error(
-                    "deadline.methods",
-                    format!("deadline.methods.\"{pattern}\": {problem}"),
-                ));
-            }
-        }
+        check(&self.deadline, origins)?;
         // RFC 9113 bounds SETTINGS_MAX_FRAME_SIZE and the flow-control windows.
         if !(16_384..=16_777_215).contains(&l.max_frame_bytes) {
             return Err(origins.error(
@@ -194,28 +142,6 @@ impl Config {
                 "connection.keepalive_timeout",
                 "must be above zero when keepalive_interval is set".into(),
             ));
-        }
-        Ok(())
-    }
-
-    fn validate_web(&self, origins: &Origins<'_>) -> Result<(), ConfigError> {
-        let allowed = &self.web.allowed_origins;
-        if allowed.iter().any(|o| o == "*") {
-            if allowed.len() > 1 {
-                return Err(origins.error(
-                    "web.allowed_origins",
-                    "\"*\" allows every origin: give it alone, or list origins".into(),
-                ));
-            }
-            return Ok(());
-        }
-        for origin in allowed {
-            if let Some(problem) = origin_problem(origin) {
-                return Err(origins.error(
-                    "web.allowed_origins",
-                    format!("{origin:?} is not an origin as browsers send it: {problem}"),
-                ));
-            }
         }
         Ok(())
     }
@@ -249,47 +175,7 @@ impl Config {
                 "must be \"required\" with auth.mode = \"both\"".into(),
             ));
         }
-        for (pattern, rule) in &auth.policy {
-            let key = format!("auth.policy.\"{pattern}\"");
-            if let Err(problem) = methods::check_pattern(pattern) {
-                return Err(origins.error("auth.policy", format!("{key}: {problem}")));
-            }
-            if rule.trim().is_empty() {
-                return Err(origins.error(
-                    "auth.policy",
-                    format!("{key}: give \"open\" or a scope name"),
-                ));
-            }
-        }
+        check(auth, origins)?;
         Ok(())
     }
-}
-
-/// Why `text` is not an origin as browsers send it in `Origin` (CORS compares it byte for byte):
-/// `http` or `https`, a lowercase host, a port only when not the scheme's default, nothing after.
-fn origin_problem(text: &str) -> Option<&'static str> {
-    let Ok(uri) = text.parse::<http::Uri>() else {
-        return Some("write scheme://host[:port], no path");
-    };
-    let Some(authority) = uri.authority().filter(|a| !a.host().is_empty()) else {
-        return Some("write scheme://host[:port], no path");
-    };
-    let default_port = match uri.scheme_str() {
-        Some("http") => 80,
-        Some("https") => 443,
-        _ => return Some("the scheme is http or https"),
-    };
-    if text.ends_with('/')
-        || uri.path_and_query().is_some_and(|p| p.as_str() != "/")
-        || text.contains('@')
-    {
-        return Some("write scheme://host[:port], no path");
-    }
-    if text.bytes().any(|b| b.is_ascii_uppercase()) {
-        return Some("browsers send it in lowercase");
-    }
-    if authority.port_u16() == Some(default_port) {
-        return Some("browsers leave out the scheme's default port");
-    }
-    None
 }

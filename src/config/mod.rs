@@ -21,6 +21,7 @@ use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, time::Dura
 
 use serde::{Deserialize, Serialize};
 
+pub use check::{Problem, Section};
 pub use load::{ConfigError, Sources, env_var_name};
 
 /// The embedded default: what `greeter serve` runs with when given no file.

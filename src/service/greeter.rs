@@ -12,12 +12,41 @@ use tonic::{Request, Response, Status, Streaming, codec::SingleMessageCompressio
 
 use super::validate_name;
 use crate::{
-    config::GreeterConfig,
+    config::{GreeterConfig, Problem, Section},
     pb::{HelloReply, HelloRequest, greeter_server},
 };
 
 /// The stream type of both streaming RPCs.
 pub type ReplyStream = Pin<Box<dyn Stream<Item = Result<HelloReply, Status>> + Send + 'static>>;
+
+impl Section for GreeterConfig {
+    /// Names can be greeted (a byte at least), and every greeting streamed is visible text.
+    fn check(&self) -> Result<(), Problem> {
+        if self.max_name_bytes == 0 {
+            return Err(Problem {
+                key: "greeter.max_name_bytes",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.stream_greetings.is_empty() {
+            return Err(Problem {
+                key: "greeter.stream_greetings",
+                message: "must hold at least one greeting".into(),
+            });
+        }
+        if let Some(bad) = self
+            .stream_greetings
+            .iter()
+            .find(|g| g.trim().is_empty() || g.chars().any(char::is_control))
+        {
+            return Err(Problem {
+                key: "greeter.stream_greetings",
+                message: format!("{bad:?} is empty or holds a control character"),
+            });
+        }
+        Ok(())
+    }
+}
 
 /// The Greeter service; cheap to clone (shares its settings).
 #[derive(Debug, Clone)]

@@ -24,7 +24,7 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject as _};
 use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
 
-use crate::config::{ClientAuth, TlsConfig};
+use crate::config::{ClientAuth, Problem, Section, TlsConfig};
 
 /// What is wrong with the TLS material, naming the file.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +62,37 @@ pub enum TlsError {
     },
     #[error("{path}: cannot use as client CA: {reason}")]
     ClientCa { path: PathBuf, reason: String },
+}
+
+impl Section for TlsConfig {
+    /// The files TLS needs are named, and client certificates come with the CA to verify them.
+    fn check(&self) -> Result<(), Problem> {
+        if self.enabled {
+            for (key, path) in [("tls.cert", &self.cert), ("tls.key", &self.key)] {
+                if path.as_os_str().is_empty() {
+                    return Err(Problem {
+                        key,
+                        message: "required when tls.enabled = true".into(),
+                    });
+                }
+            }
+        }
+        let has_ca = !self.client_ca.as_os_str().is_empty();
+        match (self.client_auth, has_ca) {
+            (ClientAuth::None, true) => Err(Problem {
+                key: "tls.client_ca",
+                message: "is set but tls.client_auth = \"none\": set client_auth to \"optional\" \
+                          or \"required\", or remove client_ca"
+                    .into(),
+            }),
+            (ClientAuth::Optional | ClientAuth::Required, false) => Err(Problem {
+                key: "tls.client_auth",
+                message: "client certificates need tls.client_ca (the CA bundle to verify them)"
+                    .into(),
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// The crypto provider, chosen once: ring needs no cmake or clang to build.

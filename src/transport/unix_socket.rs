@@ -15,6 +15,35 @@ use std::{
 
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::config::{Problem, Section, ServerConfig};
+
+impl Section for ServerConfig {
+    /// The socket's mode is a file mode, and its directory exists: its owner and mode are part
+    /// of who may reach the socket, so greeter does not make it. Caught by `config check` too,
+    /// not only at bind time.
+    fn check(&self) -> Result<(), Problem> {
+        if self.unix_mode > 0o777 {
+            return Err(Problem {
+                key: "server.unix_mode",
+                message: format!("{:o} is not a file mode (at most \"0777\")", self.unix_mode),
+            });
+        }
+        if let Some(dir) = self.unix.parent()
+            && !dir.as_os_str().is_empty()
+            && !dir.is_dir()
+        {
+            return Err(Problem {
+                key: "server.unix",
+                message: format!(
+                    "the socket's directory {} does not exist; create it first (greeter does not)",
+                    dir.display()
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Why the socket could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum UnixSocketError {

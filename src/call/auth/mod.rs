@@ -26,8 +26,8 @@ pub use tokens::{
 
 use crate::{
     call::resolve::Resolved,
-    config::{AuthConfig, AuthMode},
-    methods::{MethodTable, Rule},
+    config::{AuthConfig, AuthMode, Problem, Section},
+    methods::{self, MethodTable, Rule},
     ops::metrics::CounterSet,
     transport::listener::PeerInfo,
 };
@@ -91,6 +91,28 @@ fn policy(config: &BTreeMap<String, String>) -> MethodTable<Rule> {
         };
         (pattern.clone(), rule)
     }))
+}
+
+impl Section for AuthConfig {
+    /// Every `auth.policy` entry: a pattern `MethodTable` understands, and a rule.
+    fn check(&self) -> Result<(), Problem> {
+        for (pattern, rule) in &self.policy {
+            let key = format!("auth.policy.\"{pattern}\"");
+            if let Err(problem) = methods::check_pattern(pattern) {
+                return Err(Problem {
+                    key: "auth.policy",
+                    message: format!("{key}: {problem}"),
+                });
+            }
+            if rule.trim().is_empty() {
+                return Err(Problem {
+                    key: "auth.policy",
+                    message: format!("{key}: give \"open\" or a scope name"),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Decides whether a request may proceed. Cheap to clone; the token set reloads underneath.

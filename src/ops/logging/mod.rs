@@ -23,7 +23,20 @@ use tracing_subscriber::{
     util::SubscriberInitExt as _,
 };
 
-use crate::config::LogFormat;
+use crate::config::{LogConfig, LogFormat, Problem, Section};
+
+impl Section for LogConfig {
+    /// `log.filter` parses as the subscriber will parse it.
+    fn check(&self) -> Result<(), Problem> {
+        match EnvFilter::builder().parse(&self.filter) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(Problem {
+                key: "log.filter",
+                message: format!("not a valid log filter: {e}"),
+            }),
+        }
+    }
+}
 
 /// Installs the global subscriber, writing to stderr (stdout is for command output).
 ///
