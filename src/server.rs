@@ -3,7 +3,6 @@
 
 use std::{
     future::Future,
-    io::ErrorKind,
     net::SocketAddr,
     path::Path,
     sync::{
@@ -36,8 +35,12 @@ use crate::{
     call::web::WebLayer,
     config::{AuthMode, Config, LimitsConfig, ProbeConfig},
     methods::{MethodTable, served_methods},
-    ops::metrics::{self, CounterFn, CounterFnSet, GrpcMetrics, Reloads, ServerMetrics, exporter},
-    ops::reload::{self, Reloaded},
+    ops::metrics::{
+        self, CounterFn, CounterFnSet, GrpcMetrics, Reloads, ServerCounters, ServerMetrics,
+        exporter,
+    },
+    ops::reload,
+    ops::shutdown,
     pb::{self, greeter_server::GreeterServer},
     service::health::{self, Health},
     service::{self, Greeter, compressed},
@@ -238,7 +241,6 @@ impl Server {
         let mut registry = Registry::default();
         let grpc_metrics = GrpcMetrics::register(&mut registry, &descriptor_sets);
         let server_metrics = ServerMetrics::register(&mut registry, auth::REFUSAL_REASONS);
-        stats.register(&mut registry);
         let main_connections = ConnectionBudget {
             total: Arc::new(Semaphore::new(limits.max_connections)),
             per_peer: (limits.max_connections_per_peer > 0)
@@ -248,7 +250,7 @@ impl Server {
             total: Arc::new(Semaphore::new(ProbeConfig::MAX_CONNECTIONS)),
             per_peer: Some(PeerCounts::new(ProbeConfig::MAX_CONNECTIONS_PER_PEER)),
         };
-        register_connection_refusals(&mut registry, &main_connections, &probe_connections);
+        server_counters(&stats, &main_connections, &probe_connections).register(&mut registry);
         metrics::process::register(&mut registry);
         spawn_reloaders(&config, &credentials, &background, &mut registry);
         let exporter = metrics_listener.map(|metrics_listener| {
@@ -306,7 +308,7 @@ impl Server {
         // -> auth (who is calling) -> call budgets by trust (sheds) -> request bytes held
         // (per-method message limits, server-wide budget) -> deadline, drain and cancellation ->
         // route -> handler.
-        let stack = Stack {
+        let shared = Shared {
             observe: ObserveLayer::new(Arc::new(resolver), metrics_addr.is_some()),
             intake: IntakeLayer::new(Arc::clone(&stats.buffered)),
             call_layer: CallLayer::new(draining.clone(), Arc::clone(&stats.calls)),
@@ -321,8 +323,8 @@ impl Server {
             handshake_failures: server_metrics.tls_handshake_failures.clone(),
         });
         let auth_failures = server_metrics.auth_failures;
-        let main = stack.on_connection(
-            Front {
+        let main = shared.on_connection(
+            PerListener {
                 settings: Arc::new(connection::Settings::new(
                     limits,
                     &config.connection,
@@ -347,7 +349,7 @@ impl Server {
             routes,
             AuthLayer::new(credentials.auth.clone(), auth_failures.clone()),
         );
-        stack.connections.spawn(listener::accept(
+        shared.connections.spawn(listener::accept(
             Listener::Tcp(listener),
             tls,
             main_connections.clone(),
@@ -356,7 +358,7 @@ impl Server {
         ));
         if let Some(unix_listener) = unix_listener {
             // The same calls as the main listener, and the same connection budget.
-            stack.connections.spawn(listener::accept(
+            shared.connections.spawn(listener::accept(
                 Listener::Unix(unix_listener),
                 None,
                 main_connections,
@@ -368,13 +370,13 @@ impl Server {
             // Plaintext HTTP/2, health Check only, the same health state; never behind auth or
             // grpc-web. Budgets of its own, connections and calls: a server full of clients, or
             // under attack on its main port, must still answer the kubelet's probes.
-            stack.connections.spawn(listener::accept(
+            shared.connections.spawn(listener::accept(
                 Listener::Tcp(probe_listener),
                 None,
                 probe_connections,
                 draining.clone(),
-                stack.on_connection(
-                    Front {
+                shared.on_connection(
+                    PerListener {
                         settings: Arc::new(connection::Settings::probe(limits, &config.connection)),
                         web: None,
                         budgets: Budgets {
@@ -409,31 +411,13 @@ impl Server {
         }
 
         shutdown.await;
-        health.set_all(ServingStatus::NotServing);
-        let delay = config.shutdown.delay;
-        info!(
-            delay = %humantime::format_duration(delay),
-            "shutting down: health NOT_SERVING"
-        );
-        tokio::time::sleep(delay).await;
-        info!(
-            connections = stack.connections.len(),
-            "closing listeners; draining open calls"
-        );
-        draining.cancel();
-        stack.connections.close();
-        let grace = config.shutdown.grace;
-        if tokio::time::timeout(grace, stack.connections.wait())
-            .await
-            .is_ok()
-        {
-            info!("all calls finished; stopped");
-        } else {
-            warn!(
-                grace = %humantime::format_duration(grace),
-                "shutdown grace expired; abandoning the calls still open"
-            );
-        }
+        shutdown::drain(
+            &config.shutdown,
+            || health.set_all(ServingStatus::NotServing),
+            &draining,
+            &shared.connections,
+        )
+        .await;
         // Scrapes worked through the drain; the metrics port closes before this returns, so a
         // restarted server can bind it again at once.
         background.cancel();
@@ -445,9 +429,11 @@ impl Server {
     }
 }
 
-/// What every connection of a server shares, and how a new connection is served.
+/// What every listener of a server shares: the per-call layers that are the same for all (observe,
+/// which resolves each call's method; intake, with the server-wide request budget; the call
+/// lifetime), the connection counters, the drain signal and the tracker of connection tasks.
 #[derive(Clone)]
-struct Stack {
+struct Shared {
     observe: ObserveLayer,
     intake: IntakeLayer,
     call_layer: CallLayer,
@@ -457,29 +443,34 @@ struct Stack {
     connections: TaskTracker,
 }
 
-impl Stack {
+impl Shared {
     /// The per-connection service over `routes`, spawned for each accepted connection.
-    fn on_connection(&self, front: Front, routes: Routes, auth: AuthLayer) -> OnConnection {
-        let stack = self.clone();
+    fn on_connection(
+        &self,
+        listener: PerListener,
+        routes: Routes,
+        auth: AuthLayer,
+    ) -> OnConnection {
+        let shared = self.clone();
         Arc::new(move |conn: Connection, slot: ConnectionSlot| {
-            stack.accepted.fetch_add(1, Ordering::Relaxed);
-            let open = OpenConnection::new(stack.connections_open.clone());
+            shared.accepted.fetch_add(1, Ordering::Relaxed);
+            let open = OpenConnection::new(shared.connections_open.clone());
             let activity = Arc::new(Activity::default());
             let peer = AddExtensionLayer::new(conn.peer().clone());
             let calls = ServiceBuilder::new()
-                .layer(stack.observe.clone())
+                .layer(shared.observe.clone())
                 .layer(auth.clone())
                 .layer(LimitLayer::new(
-                    front.budgets.clone(),
+                    listener.budgets.clone(),
                     Arc::clone(&activity),
                 ))
-                .layer(stack.intake.clone())
-                .layer(stack.call_layer.clone())
+                .layer(shared.intake.clone())
+                .layer(shared.call_layer.clone())
                 .service(routes.clone());
-            let (settings, draining) = (Arc::clone(&front.settings), stack.draining.clone());
+            let (settings, draining) = (Arc::clone(&listener.settings), shared.draining.clone());
             // Two monomorphic paths rather than one boxed service: without [web], calls pay
             // nothing for it.
-            let serving = match &front.web {
+            let serving = match &listener.web {
                 Some(web) => {
                     let service = ServiceBuilder::new()
                         .layer(peer)
@@ -496,7 +487,7 @@ impl Stack {
                     ))
                 }
             };
-            stack.connections.spawn(async move {
+            shared.connections.spawn(async move {
                 serving.await;
                 drop(open);
                 drop(slot);
@@ -505,9 +496,9 @@ impl Stack {
     }
 }
 
-/// How a listener's connections speak HTTP (the protocol settings, grpc-web or not) and the call
-/// budgets they draw from.
-struct Front {
+/// What differs between listeners (main and Unix socket, probe): the HTTP protocol settings,
+/// grpc-web or not, and the call budgets their calls draw from.
+struct PerListener {
     settings: Arc<connection::Settings>,
     web: Option<WebLayer>,
     budgets: Budgets,
@@ -551,76 +542,48 @@ impl Stats {
     }
 }
 
-impl Stats {
-    /// Exposes the counters as `greeter_*` metrics, read at each scrape.
-    fn register(&self, registry: &mut Registry) {
-        let accepted = Arc::clone(&self.connections_accepted);
-        registry.register(
-            "greeter_connections_accepted",
-            "Connections accepted (TLS ones once their handshake succeeded), probe port included",
-            CounterFn::new(move || accepted.load(Ordering::Relaxed)),
-        );
-        let shed_by = ShedBy::ALL
-            .into_iter()
-            .fold(CounterFnSet::new("limit"), |set, by| {
-                let shed = Arc::clone(&self.shed);
-                set.with(by.as_str(), move || shed.by(by))
-            });
-        registry.register(
-            "greeter_calls_shed",
-            "Calls refused with RESOURCE_EXHAUSTED at once because a concurrency limit was \
-             reached, by limit (connection: max_concurrent_calls_per_connection, server: \
-             max_concurrent_calls, anonymous_connection: max_anonymous_calls_per_connection, \
-             anonymous: max_anonymous_calls)",
-            shed_by,
-        );
-        let buffered = Arc::clone(&self.buffered);
-        registry.register(
-            "greeter_requests_refused_oversize",
-            "Calls refused with RESOURCE_EXHAUSTED because a request message was larger than its \
-             method accepts or limits.max_buffered_request_bytes was reached",
-            CounterFn::new(move || buffered.refused()),
-        );
-        let calls = Arc::clone(&self.calls);
-        registry.register(
-            "greeter_calls_deadline_exceeded",
-            "Calls the server ended with DEADLINE_EXCEEDED because their deadline passed",
-            CounterFn::new(move || calls.deadline_exceeded()),
-        );
-        let calls = Arc::clone(&self.calls);
-        registry.register(
-            "greeter_calls_cancelled",
-            "Calls whose client reset the stream or disconnected before the call ended",
-            CounterFn::new(move || calls.cancelled()),
-        );
-        let calls = Arc::clone(&self.calls);
-        registry.register(
-            "greeter_streams_ended_by_shutdown",
-            "Server streams ended with UNAVAILABLE because the server was shutting down",
-            CounterFn::new(move || calls.ended_by_shutdown()),
-        );
-    }
-}
-
-/// Connections closed at once because their address had too many open, per listener.
-fn register_connection_refusals(
-    registry: &mut Registry,
+/// The server's own counters as `greeter_*` metrics, read at each scrape.
+fn server_counters(
+    stats: &Stats,
     main: &ConnectionBudget,
     probe: &ConnectionBudget,
-) {
-    let refused = [("main", main), ("probe", probe)].into_iter().fold(
-        CounterFnSet::new("listener"),
-        |set, (name, budget)| {
-            let counts = budget.per_peer.clone();
-            set.with(name, move || counts.as_ref().map_or(0, |c| c.refused()))
+) -> ServerCounters {
+    let shed = Arc::clone(&stats.shed);
+    ServerCounters {
+        connections_accepted: {
+            let accepted = Arc::clone(&stats.connections_accepted);
+            CounterFn::new(move || accepted.load(Ordering::Relaxed))
         },
-    );
-    registry.register(
-        "greeter_connections_refused_per_peer",
-        "Connections closed at once because their IP address already had as many open as \
-         allowed (limits.max_connections_per_peer; 8 on the probe port)",
-        refused,
-    );
+        calls_shed: ShedBy::ALL
+            .into_iter()
+            .fold(CounterFnSet::new("limit"), |set, by| {
+                let shed = Arc::clone(&shed);
+                set.with(by.as_str(), move || shed.by(by))
+            }),
+        requests_refused_oversize: {
+            let buffered = Arc::clone(&stats.buffered);
+            CounterFn::new(move || buffered.refused())
+        },
+        calls_deadline_exceeded: {
+            let calls = Arc::clone(&stats.calls);
+            CounterFn::new(move || calls.deadline_exceeded())
+        },
+        calls_cancelled: {
+            let calls = Arc::clone(&stats.calls);
+            CounterFn::new(move || calls.cancelled())
+        },
+        streams_ended_by_shutdown: {
+            let calls = Arc::clone(&stats.calls);
+            CounterFn::new(move || calls.ended_by_shutdown())
+        },
+        connections_refused_per_peer: [("main", main), ("probe", probe)].into_iter().fold(
+            CounterFnSet::new("listener"),
+            |set, (name, budget)| {
+                let counts = budget.per_peer.clone();
+                set.with(name, move || counts.as_ref().map_or(0, |c| c.refused()))
+            },
+        ),
+    }
 }
 
 /// The largest request message each method accepts: what its request type can usefully hold,
@@ -669,71 +632,25 @@ fn spawn_reloaders(
     let hangups = reload::hangups();
     let reloads = Reloads::register(registry);
     if let Some((material, leaf)) = &credentials.tls {
-        let expiry = metrics::register_certificate_expiry(registry, leaf.not_after_unix);
-        let settings = config.tls.clone();
-        let http1 = config.web.enabled;
-        let mut paths = vec![settings.cert.clone(), settings.key.clone()];
-        if !settings.client_ca.as_os_str().is_empty() {
-            paths.push(settings.client_ca.clone());
-        }
-        let material = material.clone();
-        reload::spawn(
-            "tls",
-            paths,
-            settings.reload_interval,
+        tls::spawn_reloader(
+            &config.tls,
+            config.web.enabled,
+            material.clone(),
+            metrics::register_certificate_expiry(registry, leaf.not_after_unix),
             hangups.clone(),
             stop.clone(),
             reloads.kind("tls"),
-            move || {
-                tls::reload(&settings, http1).map(|(loaded, revoked)| {
-                    material.replace(loaded.config);
-                    expiry.set(loaded.leaf.not_after_unix);
-                    let summary = format!(
-                        "certificate serial {} ({})",
-                        loaded.leaf.serial, loaded.leaf.subject
-                    );
-                    if revoked {
-                        Reloaded::Revoked(format!(
-                            "{summary}; tls.client_ca {} is missing: no client certificate is \
-                             accepted until it is back",
-                            settings.client_ca.display()
-                        ))
-                    } else {
-                        Reloaded::Loaded(summary)
-                    }
-                })
-            },
         );
     }
     if let Some(auth) = &credentials.auth
         && uses_tokens(config)
     {
-        let path = config.auth.tokens_file.clone();
-        let auth = auth.clone();
-        reload::spawn(
-            "tokens",
-            vec![path.clone()],
-            config.auth.reload_interval,
+        auth::spawn_token_reloader(
+            auth.clone(),
+            &config.auth,
             hangups,
             stop.clone(),
             reloads.kind("tokens"),
-            move || match TokenStore::load(&path) {
-                Ok(tokens) => {
-                    let count = tokens.len();
-                    auth.replace_tokens(tokens);
-                    Ok(Reloaded::Loaded(format!("{count} tokens")))
-                }
-                // Deleting the file is how an operator revokes everything: honour it. A file that
-                // is there but does not load (half-written, malformed) keeps the previous tokens.
-                Err(TokensError::Read { source, .. }) if source.kind() == ErrorKind::NotFound => {
-                    auth.replace_tokens(TokenStore::default());
-                    Ok(Reloaded::Revoked(format!(
-                        "auth.tokens_file {} is missing: every token is refused until it is back",
-                        path.display()
-                    )))
-                }
-                Err(e) => Err(e),
-            },
         );
     }
 }

@@ -1,6 +1,10 @@
-//! Process signals that stop the server.
+//! Stopping: the process signals that start it, and the drain that bounds it.
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn};
+
+use crate::config::ShutdownConfig;
 
 /// SIGTERM (Kubernetes, `podman stop`) and SIGINT (Ctrl-C) handlers.
 ///
@@ -35,5 +39,40 @@ impl Signals {
             std::process::exit(code);
         });
         first
+    }
+}
+
+/// The drain, once the shutdown began: `not_serving` takes the server out of rotation (health
+/// NOT_SERVING), calls are still answered for `shutdown.delay` while load balancers notice, then
+/// `draining` closes the listeners, sends GOAWAY and ends server streams, and open calls get up
+/// to `shutdown.grace` to finish in `connections` before this returns regardless.
+pub async fn drain(
+    config: &ShutdownConfig,
+    not_serving: impl FnOnce(),
+    draining: &CancellationToken,
+    connections: &TaskTracker,
+) {
+    not_serving();
+    info!(
+        delay = %humantime::format_duration(config.delay),
+        "shutting down: health NOT_SERVING"
+    );
+    tokio::time::sleep(config.delay).await;
+    info!(
+        connections = connections.len(),
+        "closing listeners; draining open calls"
+    );
+    draining.cancel();
+    connections.close();
+    if tokio::time::timeout(config.grace, connections.wait())
+        .await
+        .is_ok()
+    {
+        info!("all calls finished; stopped");
+    } else {
+        warn!(
+            grace = %humantime::format_duration(config.grace),
+            "shutdown grace expired; abandoning the calls still open"
+        );
     }
 }

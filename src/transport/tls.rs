@@ -24,7 +24,14 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject as _};
 use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
 
-use crate::config::{ClientAuth, Problem, Section, TlsConfig};
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::{ClientAuth, Problem, Section, TlsConfig},
+    ops::{metrics::ReloadOutcomes, reload::Reloaded},
+};
 
 /// What is wrong with the TLS material, naming the file.
 #[derive(Debug, thiserror::Error)]
@@ -404,4 +411,50 @@ impl Reloadable {
     pub fn replace(&self, config: Arc<ServerConfig>) {
         self.current.store(config);
     }
+}
+
+/// Re-reads `tls.cert`, `tls.key` and `tls.client_ca` when they change or SIGHUP arrives, swaps
+/// them into `material` and keeps `expiry` current. A missing client CA revokes every client
+/// certificate until it is back; material that does not load keeps the previous one.
+pub fn spawn_reloader(
+    settings: &TlsConfig,
+    http1: bool,
+    material: Reloadable,
+    expiry: Gauge,
+    hangups: watch::Receiver<()>,
+    stop: CancellationToken,
+    outcomes: ReloadOutcomes,
+) {
+    let settings = settings.clone();
+    let mut paths = vec![settings.cert.clone(), settings.key.clone()];
+    if !settings.client_ca.as_os_str().is_empty() {
+        paths.push(settings.client_ca.clone());
+    }
+    crate::ops::reload::spawn(
+        "tls",
+        paths,
+        settings.reload_interval,
+        hangups,
+        stop,
+        outcomes,
+        move || {
+            reload(&settings, http1).map(|(loaded, revoked)| {
+                material.replace(loaded.config);
+                expiry.set(loaded.leaf.not_after_unix);
+                let summary = format!(
+                    "certificate serial {} ({})",
+                    loaded.leaf.serial, loaded.leaf.subject
+                );
+                if revoked {
+                    Reloaded::Revoked(format!(
+                        "{summary}; tls.client_ca {} is missing: no client certificate is \
+                         accepted until it is back",
+                        settings.client_ca.display()
+                    ))
+                } else {
+                    Reloaded::Loaded(summary)
+                }
+            })
+        },
+    );
 }

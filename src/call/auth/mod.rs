@@ -8,6 +8,7 @@ mod tokens;
 
 use std::{
     collections::BTreeMap,
+    io::ErrorKind,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -16,6 +17,8 @@ use std::{
 use arc_swap::ArcSwap;
 use futures_util::future::{Either, Ready, ready};
 use pin_project_lite::pin_project;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tonic::{Status, codegen::http};
 use tower::{Layer, Service};
 
@@ -28,7 +31,10 @@ use crate::{
     call::resolve::Resolved,
     config::{AuthConfig, AuthMode, Problem, Section},
     methods::{self, MethodTable, Rule},
-    ops::metrics::CounterSet,
+    ops::{
+        metrics::{CounterSet, ReloadOutcomes},
+        reload::{self, Reloaded},
+    },
     transport::listener::PeerInfo,
 };
 
@@ -214,6 +220,42 @@ impl Authenticator {
             })
         }
     }
+}
+
+/// Re-reads `auth.tokens_file` when it changes or SIGHUP arrives. Deleting the file is how an
+/// operator revokes everything: that is honoured. A file that is there but does not load
+/// (half-written, malformed) keeps the previous tokens.
+pub fn spawn_token_reloader(
+    auth: Authenticator,
+    config: &AuthConfig,
+    hangups: watch::Receiver<()>,
+    stop: CancellationToken,
+    outcomes: ReloadOutcomes,
+) {
+    let path = config.tokens_file.clone();
+    reload::spawn(
+        "tokens",
+        vec![path.clone()],
+        config.reload_interval,
+        hangups,
+        stop,
+        outcomes,
+        move || match TokenStore::load(&path) {
+            Ok(tokens) => {
+                let count = tokens.len();
+                auth.replace_tokens(tokens);
+                Ok(Reloaded::Loaded(format!("{count} tokens")))
+            }
+            Err(TokensError::Read { source, .. }) if source.kind() == ErrorKind::NotFound => {
+                auth.replace_tokens(TokenStore::default());
+                Ok(Reloaded::Revoked(format!(
+                    "auth.tokens_file {} is missing: every token is refused until it is back",
+                    path.display()
+                )))
+            }
+            Err(e) => Err(e),
+        },
+    );
 }
 
 fn missing(what: &str) -> Refusal {

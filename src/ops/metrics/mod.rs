@@ -161,6 +161,65 @@ impl ServerMetrics {
     }
 }
 
+/// The counters the server keeps for its own use (atomics on its hot paths), each read at a
+/// scrape: the server supplies the readers, this names and explains the series.
+pub struct ServerCounters {
+    pub connections_accepted: CounterFn,
+    /// By `limit`: `connection`, `server`, `anonymous_connection`, `anonymous`.
+    pub calls_shed: CounterFnSet,
+    pub requests_refused_oversize: CounterFn,
+    pub calls_deadline_exceeded: CounterFn,
+    pub calls_cancelled: CounterFn,
+    pub streams_ended_by_shutdown: CounterFn,
+    /// By `listener`: `main`, `probe`.
+    pub connections_refused_per_peer: CounterFnSet,
+}
+
+impl ServerCounters {
+    pub fn register(self, registry: &mut Registry) {
+        registry.register(
+            "greeter_connections_accepted",
+            "Connections accepted (TLS ones once their handshake succeeded), probe port included",
+            self.connections_accepted,
+        );
+        registry.register(
+            "greeter_calls_shed",
+            "Calls refused with RESOURCE_EXHAUSTED at once because a concurrency limit was \
+             reached, by limit (connection: max_concurrent_calls_per_connection, server: \
+             max_concurrent_calls, anonymous_connection: max_anonymous_calls_per_connection, \
+             anonymous: max_anonymous_calls)",
+            self.calls_shed,
+        );
+        registry.register(
+            "greeter_requests_refused_oversize",
+            "Calls refused with RESOURCE_EXHAUSTED because a request message was larger than its \
+             method accepts or limits.max_buffered_request_bytes was reached",
+            self.requests_refused_oversize,
+        );
+        registry.register(
+            "greeter_calls_deadline_exceeded",
+            "Calls the server ended with DEADLINE_EXCEEDED because their deadline passed",
+            self.calls_deadline_exceeded,
+        );
+        registry.register(
+            "greeter_calls_cancelled",
+            "Calls whose client reset the stream or disconnected before the call ended",
+            self.calls_cancelled,
+        );
+        registry.register(
+            "greeter_streams_ended_by_shutdown",
+            "Server streams ended with UNAVAILABLE because the server was shutting down",
+            self.streams_ended_by_shutdown,
+        );
+        registry.register(
+            "greeter_connections_refused_per_peer",
+            "Connections closed at once because their IP address already had as many open as \
+             allowed (limits.max_connections_per_peer; 8 on the probe port)",
+            self.connections_refused_per_peer,
+        );
+    }
+}
+
 /// Registers the expiry of the serving certificate; the caller keeps the gauge current on reload.
 pub fn register_certificate_expiry(registry: &mut Registry, not_after_unix: i64) -> Gauge {
     let gauge = Gauge::default();
