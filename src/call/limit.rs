@@ -18,13 +18,17 @@ use std::{
     task::{Context, Poll},
 };
 
-use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tonic::{Status, codegen::http};
 use tower::{Layer, Service};
 
-use crate::{call::auth::Caller, transport::connection::Activity};
+use crate::{
+    call::{
+        auth::Caller,
+        body::{Watch, Watched},
+    },
+    transport::connection::Activity,
+};
 
 /// Which limit refused a call; each is counted in `greeter_calls_shed_total{limit}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -298,7 +302,7 @@ where
             LimitFutureProj::Admitted { inner, permit } => {
                 let response = std::task::ready!(inner.poll(cx))?;
                 let permit = permit.take();
-                Poll::Ready(Ok(response.map(|inner| PermitBody { inner, permit })))
+                Poll::Ready(Ok(response.map(|inner| PermitBody::new(inner, permit))))
             }
             LimitFutureProj::Shed { response } => {
                 let response = response.take().expect("polled after completion");
@@ -308,41 +312,8 @@ where
     }
 }
 
-pin_project! {
-    /// A response body that holds its call's permits until it is dropped.
-    pub struct PermitBody<B> {
-        #[pin]
-        inner: B,
-        permit: Option<CallPermit>,
-    }
-}
+/// A response body that holds its call's permits until it is dropped; the default, holding none,
+/// is what a layer outside this one answers refusals with.
+pub type PermitBody<B> = Watched<B, Option<CallPermit>>;
 
-/// An empty body holding no permit: what a layer outside this one answers refusals with.
-impl<B: Default> Default for PermitBody<B> {
-    fn default() -> Self {
-        Self {
-            inner: B::default(),
-            permit: None,
-        }
-    }
-}
-
-impl<B: Body<Data = Bytes>> Body for PermitBody<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        self.project().inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
+impl Watch for Option<CallPermit> {}

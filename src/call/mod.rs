@@ -11,6 +11,7 @@
 //! layers further in need, and hands it down in the request's extensions.
 
 pub mod auth;
+pub mod body;
 pub mod deadline;
 pub mod intake;
 pub mod lifetime;

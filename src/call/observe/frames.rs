@@ -6,15 +6,11 @@
 //! messages, or a piece of one, or a piece of a prefix. The counter keeps a few bytes of state
 //! across chunks and never copies or allocates.
 
-use std::{
-    pin::Pin,
-    task::{Context, Poll},
-};
-
 use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
-use pin_project_lite::pin_project;
+use http_body::Frame;
 use prometheus_client::metrics::counter::Counter;
+
+use crate::call::body::{Watch, Watched};
 
 /// Where the counter is in the stream of length-prefixed messages.
 #[derive(Debug, Default, Clone, Copy)]
@@ -92,49 +88,31 @@ impl MessageCounter {
     }
 }
 
-pin_project! {
-    /// A request body that counts the messages the server reads from it; with no counter
-    /// (metrics off) it only passes frames through.
-    pub struct CountedBody<B> {
-        #[pin]
-        inner: B,
-        messages: MessageCounter,
-        counter: Option<Counter>,
-    }
+/// A request body that counts the messages the server reads from it; with no counter (metrics
+/// off) it only passes frames through.
+pub type CountedBody<B> = Watched<B, Counting>;
+
+/// Counts complete messages into `counter`, when there is one.
+#[derive(Debug, Default)]
+pub struct Counting {
+    messages: MessageCounter,
+    counter: Option<Counter>,
 }
 
-impl<B> CountedBody<B> {
-    pub fn new(inner: B, counter: Option<Counter>) -> Self {
+impl Counting {
+    pub fn new(counter: Option<Counter>) -> Self {
         Self {
-            inner,
             messages: MessageCounter::default(),
             counter,
         }
     }
 }
 
-impl<B: Body<Data = Bytes>> Body for CountedBody<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.project();
-        let frame = std::task::ready!(this.inner.poll_frame(cx));
-        if let (Some(Ok(frame)), Some(counter)) = (&frame, &*this.counter) {
-            this.messages.count(frame, counter);
+impl Watch for Counting {
+    fn frame(&mut self, frame: &Frame<Bytes>) {
+        if let Some(counter) = &self.counter {
+            self.messages.count(frame, counter);
         }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

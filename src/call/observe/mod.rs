@@ -28,6 +28,7 @@ use tower::{Layer, Service};
 use tracing::{Level, Span};
 
 pub use frames::CountedBody;
+use frames::Counting;
 use frames::MessageCounter;
 
 use crate::{
@@ -153,7 +154,7 @@ where
             method.msg_received.clone()
         });
         request.extensions_mut().insert(Arc::clone(resolved));
-        let request = request.map(|body| CountedBody::new(body, received));
+        let request = request.map(|body| CountedBody::new(body, Counting::new(received)));
         ObserveFuture {
             inner: span.in_scope(|| self.inner.call(request)),
             span,
