@@ -254,10 +254,12 @@ impl Server {
         metrics::process::register(&mut registry);
         spawn_reloaders(&config, &credentials, &background, &mut registry);
         let exporter = metrics_listener.map(|metrics_listener| {
-            tokio::spawn(exporter::serve(
+            tokio::spawn(listener::serve_http1(
                 metrics_listener,
-                Arc::new(registry),
+                exporter::MAX_CONNECTIONS,
+                exporter::HEADER_READ_TIMEOUT,
                 background.clone(),
+                exporter::responder(Arc::new(registry)),
             ))
         });
         let message_limits = message_limits(&config);

@@ -7,7 +7,10 @@
 
 use std::{
     collections::HashMap,
-    fmt, io,
+    convert::Infallible,
+    fmt,
+    future::Future,
+    io,
     net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
@@ -18,6 +21,8 @@ use std::{
     time::Duration,
 };
 
+use hyper::{body::Incoming, server::conn::http1};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream, UnixListener, UnixStream},
@@ -25,6 +30,7 @@ use tokio::{
 };
 use tokio_rustls::server::TlsStream;
 use tokio_util::{either::Either, sync::CancellationToken};
+use tonic::codegen::http;
 use tracing::{debug, warn};
 
 use crate::{
@@ -247,6 +253,81 @@ impl Listener {
 /// queue (as with grpc-go's limit listener) rather than being accepted and starved. A connection
 /// from an address already at its `budget.per_peer` cap is closed at once. `tls` applies to TCP
 /// connections; a handshake not done within its timeout is dropped.
+/// The next connection, once one of `slots` is free; `None` once `stop` fires. A failed accept
+/// (EMFILE and friends) is logged and backed off instead of spun on: the next one may work.
+async fn next_connection<S, A, F>(
+    slots: &Arc<Semaphore>,
+    stop: &CancellationToken,
+    mut accept: impl FnMut() -> F,
+    failed: &'static str,
+) -> Option<(OwnedSemaphorePermit, S, A)>
+where
+    F: Future<Output = io::Result<(S, A)>>,
+{
+    loop {
+        let permit = tokio::select! {
+            () = stop.cancelled() => return None,
+            permit = Arc::clone(slots).acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return None,
+            accepted = accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, addr)) => return Some((permit, stream, addr)),
+            Err(e) => {
+                warn!("{failed}: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// A plain HTTP/1.1 listener answering every request with `respond` (the metrics endpoint):
+/// at most `max_connections` at once, request heads within `header_read_timeout`, every
+/// connection closed when `stop` fires.
+pub async fn serve_http1<R>(
+    listener: TcpListener,
+    max_connections: usize,
+    header_read_timeout: Duration,
+    stop: CancellationToken,
+    respond: R,
+) where
+    R: Fn(&http::Request<Incoming>) -> http::Response<String> + Clone + Send + Sync + 'static,
+{
+    let slots = Arc::new(Semaphore::new(max_connections));
+    while let Some((permit, tcp, remote_addr)) = next_connection(
+        &slots,
+        &stop,
+        || listener.accept(),
+        "metrics listener: accept failed",
+    )
+    .await
+    {
+        let respond = respond.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                std::future::ready(Ok::<_, Infallible>(respond(&request)))
+            });
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .serve_connection(TokioIo::new(tcp), service);
+            tokio::select! {
+                () = stop.cancelled() => {}
+                result = connection => {
+                    if let Err(e) = result {
+                        debug!(%remote_addr, "metrics connection ended with an error: {e}");
+                    }
+                }
+            }
+            drop(permit);
+        });
+    }
+    debug!("metrics listener closed");
+}
+
 pub async fn accept(
     listener: Listener,
     tls: Option<TlsAccept>,
@@ -254,24 +335,9 @@ pub async fn accept(
     stop: CancellationToken,
     on_connection: OnConnection,
 ) {
-    loop {
-        let permit = tokio::select! {
-            () = stop.cancelled() => break,
-            permit = Arc::clone(&budget.total).acquire_owned() => permit.expect("the semaphore is never closed"),
-        };
-        let accepted = tokio::select! {
-            () = stop.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, remote_addr) = match accepted {
-            Ok(pair) => pair,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning; the next accept may work.
-                warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    while let Some((permit, stream, remote_addr)) =
+        next_connection(&budget.total, &stop, || listener.accept(), "accept failed").await
+    {
         let peer_slot = match (&budget.per_peer, remote_addr) {
             (Some(counts), PeerAddr::Tcp(addr)) => match counts.try_add(addr.ip()) {
                 Some(slot) => Some(slot),

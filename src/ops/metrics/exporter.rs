@@ -1,19 +1,15 @@
-//! The metrics listener: plain HTTP/1.1 serving `GET /metrics` and nothing else.
+//! What the metrics listener answers: `GET /metrics` and nothing else, over plain HTTP/1.1.
 //!
 //! It shares only the registry with the gRPC server, so a scrape never takes a gRPC call or
 //! connection slot and keeps working while the gRPC listener sheds load or drains. Prometheus
 //! asks for OpenMetrics in its `Accept` header and gets it; anything else (curl, older scrapers)
 //! gets the classic text format, which is what client_golang serves by default.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, server::conn::http1};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::{Method, Request, Response, StatusCode, body::Incoming};
 use prometheus_client::{encoding, registry::Registry};
-use tokio::{net::TcpListener, sync::Semaphore};
-use tokio_util::sync::CancellationToken;
 use tonic::codegen::http::{HeaderValue, header};
-use tracing::{debug, warn};
 
 pub const PATH: &str = "/metrics";
 
@@ -22,52 +18,17 @@ const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.
 
 /// Scrapers connected at once; more wait in the kernel's accept queue. Prometheus uses one
 /// connection per target, so this only bounds what a misbehaving client can hold.
-const MAX_CONNECTIONS: usize = 16;
+pub const MAX_CONNECTIONS: usize = 16;
 
 /// A client must finish sending its request head within this, so idle sockets cannot pile up.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves `registry` on `listener` until `stop`; open connections are closed then too.
-pub async fn serve(listener: TcpListener, registry: Arc<Registry>, stop: CancellationToken) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            () = stop.cancelled() => break,
-            permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
-        };
-        let (tcp, remote_addr) = tokio::select! {
-            () = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    warn!("metrics listener: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let registry = Arc::clone(&registry);
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                std::future::ready(Ok::<_, Infallible>(respond(&registry, &request)))
-            });
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(tcp), service);
-            tokio::select! {
-                () = stop.cancelled() => {}
-                result = connection => {
-                    if let Err(e) = result {
-                        debug!(%remote_addr, "metrics connection ended with an error: {e}");
-                    }
-                }
-            }
-            drop(permit);
-        });
-    }
-    debug!("metrics listener closed");
+/// The answer to every request of the metrics listener (`transport::listener::serve_http1`
+/// accepts and speaks HTTP/1.1 for it).
+pub fn responder(
+    registry: Arc<Registry>,
+) -> impl Fn(&Request<Incoming>) -> Response<String> + Clone + Send + Sync + 'static {
+    move |request| respond(&registry, request)
 }
 
 fn respond(registry: &Registry, request: &Request<Incoming>) -> Response<String> {

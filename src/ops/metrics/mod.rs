@@ -6,7 +6,8 @@
 //!
 //! - [`grpc`]: go-grpc-prometheus' `grpc_server_*` families, per method.
 //! - [`process`]: `process_*`, read from `/proc` at each scrape.
-//! - [`exporter`]: the plain HTTP listener serving `GET /metrics`.
+//! - [`exporter`]: what the metrics listener answers (`GET /metrics`); the listener itself is
+//!   `transport::listener::serve_http1`.
 //! - here: `greeter_*`, what the server itself does (connections, TLS, auth, reloads).
 
 pub mod exporter;
