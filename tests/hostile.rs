@@ -461,6 +461,7 @@ struct Frame {
 }
 
 impl Frame {
+    /// The error code of a GOAWAY or RST_STREAM.
     fn code(&self) -> u32 {
         let at = if self.kind == GOAWAY { 4 } else { 0 };
         u32::from_be_bytes(self.payload[at..at + 4].try_into().unwrap())
@@ -773,6 +774,43 @@ async fn anonymous_calls_draw_from_their_own_budget_and_never_starve_token_holde
     // The probe port has its own budget: a main port full of anonymous calls does not touch it.
     let probe = probe_check(channel_from(ATTACKER_IP, prod.probe()).await).await;
     assert_eq!(probe.unwrap(), ServingStatus::Serving);
+}
+
+#[tokio::test]
+async fn without_auth_open_methods_share_the_common_call_budget() {
+    // Anonymous budgets of 1 do not apply with auth off: max_concurrent_calls (3) decides.
+    let server = TestServer::start_with(config_with(
+        [
+            ("probe.listen", "127.0.0.1:0"),
+            ("web.enabled", "false"),
+            ("limits.max_concurrent_calls", "3"),
+            ("limits.max_anonymous_calls", "1"),
+            ("limits.max_anonymous_calls_per_connection", "1"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+    ))
+    .await;
+    let channel = channel_from(ATTACKER_IP, server.addr).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            open_watch(channel.clone(), "")
+                .await
+                .expect("within max_concurrent_calls"),
+        );
+    }
+    let status = open_watch(channel.clone(), "").await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("too many"), "{status:?}");
+    drop(held);
+    let mut greeter = GreeterClient::new(channel_from(CONTROL_IP, server.addr).await);
+    within(Duration::from_secs(5), "held calls released", async || {
+        greeter.say_hello(hello("after")).await.is_ok()
+    })
+    .await;
+    control_call(server.addr, server.probe_addr.unwrap(), None).await;
 }
 
 // ---------------------------------------------------------------------------------------------
