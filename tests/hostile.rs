@@ -416,7 +416,13 @@ async fn announce(
     // Send errors mean the server already reset the stream: the outcome says why.
     let _ = body.send_data(grpc_frame(announced, &vec![0x61; sent]), false);
     match tokio::time::timeout(wait, &mut response).await {
-        Ok(result) => Ok(outcome_of(result).await),
+        // A streaming method answers with headers first: its status must come within `wait` too.
+        Ok(result) => Ok(tokio::time::timeout(wait, outcome_of(result))
+            .await
+            .unwrap_or_else(|_| Outcome {
+                status: format!("open: response headers, no status within {wait:?}"),
+                message: String::new(),
+            })),
         Err(_) => Err((response, body)),
     }
 }
