@@ -864,7 +864,7 @@ async fn announced_4_mib_health_messages_are_refused_at_once_and_rss_stays_bound
             Duration::from_secs(5),
         )
         .await
-        .unwrap_or_else(|_| panic!("a 4 MiB Check announcement is answered within 5 s"));
+        .unwrap_or_else(|_| panic!("a 4 MiB Check announcement: no answer within 5 s"));
         slowest = slowest.max(started.elapsed());
         outcome.assert_refused(RESOURCE_EXHAUSTED, "exceeds");
     }
@@ -901,7 +901,7 @@ async fn each_method_refuses_announced_messages_over_its_own_limit() {
         let started = Instant::now();
         let refused = announce(&mut client, path, token, limit + 1, 0, wait)
             .await
-            .unwrap_or_else(|_| panic!("{path}: over-limit announcement answered within 5 s"));
+            .unwrap_or_else(|_| panic!("{path}: over-limit announcement: no answer within 5 s"));
         eprintln!(
             "{path}: {} bytes announced: {refused:?} in {:?}",
             limit + 1,
@@ -922,7 +922,7 @@ async fn each_method_refuses_announced_messages_over_its_own_limit() {
     let mut client = h2_from(ATTACKER_IP, capped.addr()).await;
     let refused = announce(&mut client, SAY_HELLO, true, 600, 0, wait)
         .await
-        .unwrap_or_else(|_| panic!("answered within 5 s"));
+        .unwrap_or_else(|_| panic!("600 bytes over a 512-byte cap: no answer within 5 s"));
     refused.assert_refused(RESOURCE_EXHAUSTED, "exceeds");
     capped.control_call().await;
 }
@@ -1720,9 +1720,19 @@ async fn probe_port_serves_only_check_with_its_own_budget() {
         Duration::from_secs(5),
     )
     .await
-    .unwrap_or_else(|_| panic!("the 5th call on a probe connection is answered at once"));
+    .unwrap_or_else(|_| panic!("the 5th call on a probe connection: no answer within 5 s"));
     fifth.assert_refused(RESOURCE_EXHAUSTED, "too many");
     assert_eq!(probe_check(probe).await.unwrap(), ServingStatus::Serving);
+    // Once the held stream ends, the main port serves token holders again.
+    drop(held);
+    let mut greeter = GreeterClient::new(channel_from(CONTROL_IP, prod.addr()).await);
+    within(
+        Duration::from_secs(5),
+        "the held stream released",
+        async || greeter.say_hello(with_token(hello("after"))).await.is_ok(),
+    )
+    .await;
+    prod.control_call().await;
 }
 
 #[test]
