@@ -532,9 +532,9 @@ async fn until_closed(
     }
 }
 
-/// A raw HTTP/2 connection from 127.0.0.1: preface, empty SETTINGS, then the ACK of the server's
-/// SETTINGS, which puts its advertised limits (header list, frame size) in force in h2: until
-/// the client ACKs, h2 decodes with its own 16 MiB header-list default.
+/// A raw HTTP/2 connection from 127.0.0.1, opened as a well-formed client does: preface, empty
+/// SETTINGS, the ACK of the server's SETTINGS; so only the attack under test is hostile. (h2
+/// enforces the server's header-list limit even before that ACK: checked by hand.)
 async fn raw_h2(addr: SocketAddr) -> TcpStream {
     let mut tcp = tcp_from(ATTACKER_IP, addr).await.unwrap();
     tcp.write_all(PREFACE).await.unwrap();
