@@ -191,7 +191,8 @@ where
             let partial = usize::try_from(this.messages.partial_bytes()).unwrap_or(usize::MAX);
             if partial > *this.held && !this.budget.try_take(partial - *this.held) {
                 Some(Status::resource_exhausted(
-                    "server is holding too many incomplete request messages; retry with backoff",
+                    "server is buffering too many incomplete request messages \
+                     (limits.max_buffered_request_bytes); retry with backoff",
                 ))
             } else {
                 this.budget.give_back(this.held.saturating_sub(partial));
