@@ -114,7 +114,7 @@ mod tests {
         let base = WorstCase::of(&config(&[])).total();
         for (key, value) in [
             ("limits.max_connections", "2000"),
-            ("limits.max_concurrent_calls", "2000"),
+            ("limits.max_concurrent_calls", "4000"),
             ("limits.max_buffered_request_bytes", "67108864"),
             ("limits.initial_connection_window_bytes", "1048576"),
             ("limits.initial_stream_window_bytes", "1048576"),
