@@ -32,13 +32,13 @@ use crate::{
     connection,
     deadline::DeadlinePolicy,
     health::{self, Health},
-    intake::{BufferBudget, IntakeLayer},
+    intake::{BufferBudget, IntakeLayer, MessageLimit},
     limit::{Activity, Budget, Budgets, LimitLayer, ShedBy, ShedCount},
     listener::{
         self, Connection, ConnectionBudget, ConnectionSlot, Listener, OnConnection, PeerCounts,
         TlsAccept,
     },
-    methods::{Catalog, MethodTable},
+    methods::{self, Catalog, MethodTable},
     metrics::{self, CounterFn, CounterFnSet, GrpcMetrics, Reloads, ServerMetrics, exporter},
     observe::ObserveLayer,
     pb::{self, greeter_server::GreeterServer},
@@ -267,7 +267,7 @@ impl Server {
                 background.clone(),
             ))
         });
-        let message_limits = message_limits(&config);
+        let message_limits = message_limits(&config, &descriptor_sets);
         let reflection = || {
             descriptor_sets.iter().fold(
                 tonic_reflection::server::Builder::configure().include_reflection_service(false),
@@ -623,36 +623,40 @@ fn register_connection_refusals(
     );
 }
 
-/// The largest request message each method accepts: what its request type can usefully hold,
-/// never more than `limits.max_recv_message_bytes`.
+/// What each method's requests may be: the largest message its request type can usefully
+/// hold (never more than `limits.max_recv_message_bytes`), and whether the client streams.
 struct MessageLimits {
-    table: MethodTable<usize>,
+    table: MethodTable<MessageLimit>,
     greeter: usize,
     reflection: usize,
 }
 
-fn message_limits(config: &Config) -> MessageLimits {
+fn message_limits(config: &Config, descriptor_sets: &[&[u8]]) -> MessageLimits {
     let cap = |bytes: usize| bytes.min(config.limits.max_recv_message_bytes);
     let greeter = cap(service::max_request_bytes(&config.greeter));
     let reflection = cap(REFLECTION_MAX_REQUEST_BYTES);
-    let table = MethodTable::new([
-        ("*".to_owned(), config.limits.max_recv_message_bytes),
-        (format!("/{GREETER_SERVICE}/*"), greeter),
-        (
-            "/grpc.health.v1.Health/*".to_owned(),
-            cap(health::MAX_REQUEST_BYTES),
-        ),
-        (
-            "/grpc.reflection.v1.ServerReflection/*".to_owned(),
-            reflection,
-        ),
-        (
-            "/grpc.reflection.v1alpha.ServerReflection/*".to_owned(),
-            reflection,
-        ),
-    ]);
+    let health = cap(health::MAX_REQUEST_BYTES);
+    let any = MessageLimit {
+        max_bytes: config.limits.max_recv_message_bytes,
+        request_streams: false,
+    };
+    let served = methods::served_methods(descriptor_sets)
+        .into_iter()
+        .map(|method| {
+            let max_bytes = match method.service.as_str() {
+                GREETER_SERVICE => greeter,
+                "grpc.health.v1.Health" => health,
+                s if s.starts_with("grpc.reflection.") => reflection,
+                _ => any.max_bytes,
+            };
+            let limit = MessageLimit {
+                max_bytes,
+                request_streams: method.kind.client_streams(),
+            };
+            (method.path(), limit)
+        });
     MessageLimits {
-        table,
+        table: MethodTable::new(std::iter::once(("*".to_owned(), any)).chain(served)),
         greeter,
         reflection,
     }

@@ -889,12 +889,13 @@ async fn announced_4_mib_health_messages_are_refused_at_once_and_rss_stays_bound
 
 #[tokio::test]
 async fn each_method_refuses_announced_messages_over_its_own_limit() {
-    // max_name_bytes 1024: Greeter methods take 1040 bytes, health 1024, reflection 16384.
+    // max_name_bytes 1024: Greeter methods take 2 x 1024 + 64 bytes (names up to twice the limit
+    // still get INVALID_ARGUMENT with its details), health 1024, reflection 16384.
     let prod = Production::start(&[]).await;
     let mut client = h2_from(ATTACKER_IP, prod.addr()).await;
     let wait = Duration::from_secs(5);
     for (path, token, limit) in [
-        (SAY_HELLO, true, 1024 + 16),
+        (SAY_HELLO, true, 2 * 1024 + 64),
         (HEALTH_CHECK, false, 1024),
         (REFLECTION, true, 16384),
     ] {
@@ -933,7 +934,7 @@ async fn partly_sent_messages_are_bounded_by_max_buffered_request_bytes() {
     let budget = BUDGET.to_string();
     let prod = Production::start(&[("limits.max_buffered_request_bytes", &budget)]).await;
     let mut client = h2_from(ATTACKER_IP, prod.addr()).await;
-    // Each SayHello announces 1000 bytes (within the Greeter's 1040) and sends 600 of them.
+    // Each SayHello announces 1000 bytes (within the Greeter's 2112) and sends 600 of them.
     let mut held = Vec::new();
     let mut refusal = None;
     for _ in 0..20 {
@@ -1516,44 +1517,17 @@ async fn zero_window_readers_cannot_make_the_server_buffer_without_bound() {
 }
 
 #[tokio::test]
-async fn a_message_sent_as_one_byte_data_frames_is_served() {
+async fn tiny_data_frames_are_served_until_they_become_a_flood() {
     let prod = Production::start(&[]).await;
-    let started = Instant::now();
-    // Raw frames, so each byte really is its own DATA frame (h2's client may coalesce).
-    let mut tcp = raw_h2(prod.addr()).await;
-    let mut block = grpc_header_block(SAY_HELLO);
-    block.extend(hpack_literal(23, format!("Bearer {TOKEN}").as_bytes())); // authorization
-    tcp.write_all(&frame(HEADERS, END_HEADERS, 1, &block))
-        .await
-        .unwrap();
-    let name = "t".repeat(500);
-    let message = encoded(&hello(&name));
-    for (i, byte) in message.iter().enumerate() {
-        let flags = if i + 1 == message.len() {
-            END_STREAM
-        } else {
-            0
-        };
-        tcp.write_all(&frame(DATA, flags, 1, &[*byte]))
-            .await
-            .unwrap();
-    }
-    let frames = frames_until(&mut tcp, |f| {
-        f.stream == 1 && (f.kind == RST_STREAM || f.kind == HEADERS && f.flags & END_STREAM != 0)
-    })
-    .await;
+    // A small message in one-byte DATA frames is served (raw frames, so each byte really is its
+    // own frame: h2's client may coalesce). 100 frames cost h2's small-frame budget 25 KB.
+    let name = "t".repeat(90);
+    let (frames, _) = one_byte_frames(prod.addr(), &encoded(&hello(&name))).await;
     let body: Vec<u8> = frames
         .iter()
         .filter(|f| f.stream == 1 && f.kind == DATA)
         .flat_map(|f| f.payload.iter().copied())
         .collect();
-    let ms = prod.control_call().await.as_millis();
-    eprintln!(
-        "1-byte DATA frames: {} frames, {} reply bytes in {:?}; control OK in {ms} ms",
-        message.len(),
-        body.len(),
-        started.elapsed()
-    );
     assert!(
         frames
             .iter()
@@ -1562,6 +1536,53 @@ async fn a_message_sent_as_one_byte_data_frames_is_served() {
     );
     let reply = HelloReply::decode(body.get(5..).expect("a reply message")).unwrap();
     assert_eq!(reply.message, format!("Hello, {name}!"));
+
+    // A flood of them is framing overhead the server would buffer: h2 budgets it against the
+    // connection window (half of limits.initial_connection_window_bytes, 64 KiB) and cuts the
+    // connection off with ENHANCE_YOUR_CALM.
+    let name = "t".repeat(2000);
+    let (frames, took) = one_byte_frames(prod.addr(), &encoded(&hello(&name))).await;
+    let goaway = frames.iter().find(|f| f.kind == GOAWAY).expect("a GOAWAY");
+    let ms = prod.control_call().await.as_millis();
+    eprintln!(
+        "1-byte DATA frames: 100 served; a flood of 2005 cut off with {goaway:?} after {took:?}; \
+         control OK in {ms} ms"
+    );
+    assert_eq!(&goaway.payload[4..8], &[0, 0, 0, 0xb], "ENHANCE_YOUR_CALM");
+    assert_eq!(&goaway.payload[8..], b"too_many_data_frames");
+}
+
+/// Sends `message` to SayHello, each byte in a DATA frame of its own, and reads the answer: the
+/// frames until stream 1 ends or the connection is closed, and how long that took.
+async fn one_byte_frames(addr: SocketAddr, message: &[u8]) -> (Vec<Frame>, Duration) {
+    let started = Instant::now();
+    let mut tcp = raw_h2(addr).await;
+    let mut block = grpc_header_block(SAY_HELLO);
+    block.extend(hpack_literal(23, format!("Bearer {TOKEN}").as_bytes())); // authorization
+    tcp.write_all(&frame(HEADERS, END_HEADERS, 1, &block))
+        .await
+        .unwrap();
+    for (i, byte) in message.iter().enumerate() {
+        let flags = if i + 1 == message.len() {
+            END_STREAM
+        } else {
+            0
+        };
+        if tcp
+            .write_all(&frame(DATA, flags, 1, &[*byte]))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let frames = frames_until(&mut tcp, |f| {
+        f.kind == GOAWAY
+            || f.stream == 1
+                && (f.kind == RST_STREAM || f.kind == HEADERS && f.flags & END_STREAM != 0)
+    })
+    .await;
+    (frames, started.elapsed())
 }
 
 // ---------------------------------------------------------------------------------------------
