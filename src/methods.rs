@@ -21,6 +21,11 @@ impl MethodKind {
         matches!(self, Self::ServerStream | Self::BidiStream)
     }
 
+    /// Whether the client sends a stream of requests.
+    pub fn client_streams(self) -> bool {
+        matches!(self, Self::ClientStream | Self::BidiStream)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Unary => "unary",

@@ -34,7 +34,7 @@ use crate::{
     call::resolve::{Resolver, Tables},
     call::web::WebLayer,
     config::{AuthMode, Config, LimitsConfig, ProbeConfig},
-    methods::{MethodTable, served_methods},
+    methods::{Method, MethodTable, served_methods},
     ops::metrics::{
         self, CounterFn, CounterFnSet, GrpcMetrics, Reloads, ServerCounters, ServerMetrics,
         exporter,
@@ -262,10 +262,11 @@ impl Server {
                 exporter::responder(Arc::new(registry)),
             ))
         });
-        let message_limits = message_limits(&config);
+        let served = served_methods(&descriptor_sets);
+        let message_limits = message_limits(&config, &served);
         // Every per-method setting, looked up once per method here rather than once per call.
         let resolver = Resolver::new(
-            &served_methods(&descriptor_sets),
+            &served,
             &Tables {
                 metrics: &grpc_metrics,
                 deadlines: &DeadlinePolicy::new(&config.deadline),
@@ -589,35 +590,30 @@ fn server_counters(
 }
 
 /// The largest request message each method accepts: what its request type can usefully hold,
-/// never more than `limits.max_recv_message_bytes`.
+/// never more than `limits.max_recv_message_bytes` (which applies to paths no service has).
 struct MessageLimits {
     table: MethodTable<usize>,
     greeter: usize,
     reflection: usize,
 }
 
-fn message_limits(config: &Config) -> MessageLimits {
-    let cap = |bytes: usize| bytes.min(config.limits.max_recv_message_bytes);
+fn message_limits(config: &Config, served: &[Method]) -> MessageLimits {
+    let any = config.limits.max_recv_message_bytes;
+    let cap = |bytes: usize| bytes.min(any);
     let greeter = cap(service::max_request_bytes(&config.greeter));
     let reflection = cap(REFLECTION_MAX_REQUEST_BYTES);
-    let table = MethodTable::new([
-        ("*".to_owned(), config.limits.max_recv_message_bytes),
-        (format!("/{GREETER_SERVICE}/*"), greeter),
-        (
-            "/grpc.health.v1.Health/*".to_owned(),
-            cap(health::MAX_REQUEST_BYTES),
-        ),
-        (
-            "/grpc.reflection.v1.ServerReflection/*".to_owned(),
-            reflection,
-        ),
-        (
-            "/grpc.reflection.v1alpha.ServerReflection/*".to_owned(),
-            reflection,
-        ),
-    ]);
+    let health = cap(health::MAX_REQUEST_BYTES);
+    let served = served.iter().map(|method| {
+        let max_bytes = match method.service.as_str() {
+            GREETER_SERVICE => greeter,
+            "grpc.health.v1.Health" => health,
+            s if s.starts_with("grpc.reflection.") => reflection,
+            _ => any,
+        };
+        (method.path(), max_bytes)
+    });
     MessageLimits {
-        table,
+        table: MethodTable::new(std::iter::once(("*".to_owned(), any)).chain(served)),
         greeter,
         reflection,
     }

@@ -17,7 +17,7 @@
 use std::{
     pin::Pin,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
@@ -29,7 +29,10 @@ use pin_project_lite::pin_project;
 use tonic::{Status, codegen::http};
 use tower::{Layer, Service};
 
-use crate::call::{observe::frames::MessageCounter, resolve::Resolved};
+use crate::{
+    call::{observe::frames::MessageCounter, resolve::Resolved},
+    methods::MethodKind,
+};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -76,8 +79,8 @@ impl BufferBudget {
     }
 }
 
-/// Shared by every connection of a server: the budget. The largest message each method accepts
-/// comes with the call's resolved method.
+/// Shared by every connection of a server: the budget. What each method accepts comes with the
+/// call's resolved method ([`Resolved::max_request_bytes`], and whether the client streams).
 #[derive(Debug, Clone)]
 pub struct IntakeLayer {
     budget: Arc<BufferBudget>,
@@ -106,28 +109,136 @@ pub struct Intake<S> {
     layer: IntakeLayer,
 }
 
-impl<S, B> Service<http::Request<B>> for Intake<S>
+impl<S, B, ResBody> Service<http::Request<B>> for Intake<S>
 where
-    S: Service<http::Request<IntakeBody<B>>>,
+    S: Service<http::Request<IntakeBody<B>>, Response = http::Response<ResBody>>,
 {
-    type Response = S::Response;
+    type Response = http::Response<IntakeResponseBody<ResBody>>;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = IntakeFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let max_message = Resolved::of(&request).max_request_bytes;
+        let method = Resolved::of(&request);
+        let max_message = method.max_request_bytes;
+        // When the client streams requests, a refusal reaches the handler in the middle of its
+        // stream, and not every handler turns it into the call's status (tonic-reflection ends
+        // the call OK), so the refusal is put in the response's trailers here.
+        let refusal = method
+            .kind
+            .is_some_and(MethodKind::client_streams)
+            .then(Arc::default);
         let budget = Arc::clone(&self.layer.budget);
-        self.inner.call(request.map(|inner| IntakeBody {
+        let body_refusal = refusal.clone();
+        IntakeFuture {
+            inner: self.inner.call(request.map(|inner| IntakeBody {
+                inner,
+                messages: MessageCounter::default(),
+                max_message,
+                held: 0,
+                budget,
+                refusal: body_refusal,
+            })),
+            refusal,
+        }
+    }
+}
+
+/// The status a streaming request was refused with, for its response's trailers.
+type SharedRefusal = Arc<OnceLock<Status>>;
+
+pin_project! {
+    pub struct IntakeFuture<F> {
+        #[pin]
+        inner: F,
+        refusal: Option<SharedRefusal>,
+    }
+}
+
+impl<F, B, E> Future for IntakeFuture<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+{
+    type Output = Result<http::Response<IntakeResponseBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.inner.poll(cx))?;
+        let refusal = this.refusal.take();
+        Poll::Ready(Ok(response.map(|inner| IntakeResponseBody {
             inner,
-            messages: MessageCounter::default(),
-            max_message,
-            held: 0,
-            budget,
-        }))
+            refusal,
+            ended: false,
+        })))
+    }
+}
+
+pin_project! {
+    /// A response body whose end carries the request's refusal, if there was one: its trailers
+    /// are replaced, or added when the handler ended without any.
+    pub struct IntakeResponseBody<B> {
+        #[pin]
+        inner: B,
+        refusal: Option<SharedRefusal>,
+        ended: bool,
+    }
+}
+
+impl<B> Body for IntakeResponseBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        if *this.ended {
+            return Poll::Ready(None);
+        }
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        let refused = this.refusal.as_ref().and_then(|r| r.get());
+        let Some(status) = refused else {
+            return Poll::Ready(frame);
+        };
+        match frame {
+            Some(Ok(frame)) if frame.is_data() => Poll::Ready(Some(Ok(frame))),
+            Some(Ok(_)) | None => {
+                *this.ended = true;
+                let mut trailers = http::HeaderMap::new();
+                // The status's own headers: grpc-status, grpc-message (percent-encoded).
+                if let Err(e) = status.add_header(&mut trailers) {
+                    tracing::debug!("cannot encode a refusal as trailers: {e}");
+                }
+                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An empty body: what a layer outside this one answers refusals with.
+impl<B: Default> Default for IntakeResponseBody<B> {
+    fn default() -> Self {
+        Self {
+            inner: B::default(),
+            refusal: None,
+            ended: false,
+        }
     }
 }
 
@@ -141,6 +252,8 @@ pin_project! {
         // Bytes of the message in progress taken from the budget.
         held: usize,
         budget: Arc<BufferBudget>,
+        // Where a refusal of a streaming request is left for the response.
+        refusal: Option<SharedRefusal>,
     }
 
     impl<B> PinnedDrop for IntakeBody<B> {
@@ -182,7 +295,8 @@ where
             let partial = usize::try_from(this.messages.partial_bytes()).unwrap_or(usize::MAX);
             if partial > *this.held && !this.budget.try_take(partial - *this.held) {
                 Some(Status::resource_exhausted(
-                    "server is holding too many incomplete request messages; retry with backoff",
+                    "server is buffering too many incomplete request messages \
+                     (limits.max_buffered_request_bytes); retry with backoff",
                 ))
             } else {
                 this.budget.give_back(this.held.saturating_sub(partial));
@@ -194,6 +308,9 @@ where
             None => Poll::Ready(Some(Ok(frame))),
             Some(status) => {
                 this.budget.refused.fetch_add(1, Ordering::Relaxed);
+                if let Some(refusal) = this.refusal {
+                    let _ = refusal.set(status.clone());
+                }
                 Poll::Ready(Some(Err(status.into())))
             }
         }
@@ -236,6 +353,7 @@ mod tests {
             max_message,
             held: 0,
             budget: Arc::clone(budget),
+            refusal: None,
         }
     }
 

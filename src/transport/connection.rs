@@ -119,11 +119,12 @@ impl Settings {
     }
 
     /// The probe port's: HTTP/2 only, and connections idle or unused for [`PROBE_IDLE`] (or
-    /// less, if the config says so) are closed.
+    /// less, if the config says so) are closed, with at most that much grace after GOAWAY.
     pub fn probe(limits: &LimitsConfig, connection: &ConnectionConfig) -> Self {
         let mut settings = Self::new(limits, connection, false);
         settings.max_idle = Some(settings.max_idle.map_or(PROBE_IDLE, |d| d.min(PROBE_IDLE)));
         settings.first_call_timeout = settings.first_call_timeout.min(PROBE_IDLE);
+        settings.max_age_grace = settings.max_age_grace.min(PROBE_IDLE);
         settings
     }
 }
@@ -235,7 +236,9 @@ async fn lifetime(
                     continue;
                 }
                 debug!(%peer, "max connection idle: GOAWAY");
-                (Verdict::GoAway, Some(settings.max_age_grace))
+                // A connection that never started a call has nothing to let finish.
+                let grace = if started == 0 { UNUSED_CLOSE_GRACE } else { settings.max_age_grace };
+                (Verdict::GoAway, Some(grace))
             }
             () = sleep_until(force_close_at) => {
                 debug!(%peer, "grace after GOAWAY passed: closing with calls still open");

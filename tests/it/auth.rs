@@ -359,3 +359,28 @@ async fn either_mode_takes_a_certificate_or_a_token_and_logs_who() {
         ]
     );
 }
+
+#[tokio::test]
+async fn deleting_the_tokens_file_revokes_every_token_until_it_is_back() {
+    let tokens = Tokens::new();
+    tokens.write(&[("grt_kept", "kept", &["greeter"])]);
+    let server = TestServer::start_with(config_with(tokens.overrides())).await;
+    let channel = server.channel().await;
+    let metrics = server.metrics_addr.unwrap();
+    assert_eq!(
+        say_hello(&channel, Some("Bearer grt_kept")).await,
+        Ok("Hello, you!".into())
+    );
+
+    // Deleting the file is how an operator revokes everything: fail closed, not "keep the old".
+    std::fs::remove_file(tokens.path()).unwrap();
+    wait_for_reloads(metrics, "tokens", "revoked", 1.0).await;
+    assert_eq!(
+        say_hello(&channel, Some("Bearer grt_kept")).await,
+        Err(Code::Unauthenticated)
+    );
+    assert_eq!(reloads(metrics, "tokens", "failure").await, 0.0);
+
+    tokens.write(&[("grt_kept", "kept", &["greeter"])]);
+    eventually(&channel, "grt_kept", Ok("Hello, you!".into())).await;
+}

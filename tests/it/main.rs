@@ -8,6 +8,7 @@ mod cli;
 mod compression;
 mod greeter;
 mod health_reflection;
+mod hostile;
 mod limits;
 mod observability;
 mod shutdown;

@@ -561,3 +561,53 @@ async fn a_kubernetes_secret_swapped_by_its_data_symlink_is_reloaded() {
         0.0
     );
 }
+
+#[tokio::test]
+async fn deleting_the_client_ca_refuses_every_client_certificate_until_it_is_back() {
+    let pki = Pki::new();
+    let mut overrides = pki.tls_overrides();
+    overrides.push(("tls.client_ca".into(), pki.path("ca.pem")));
+    overrides.push(("tls.client_auth".into(), "required".into()));
+    let server = TestServer::start_with(config_with(overrides)).await;
+    let metrics = server.metrics_addr.unwrap();
+    let open = tls_channel(server.addr, pki.client_tls(true))
+        .await
+        .expect("a client certificate from the CA is accepted");
+
+    let ca = std::fs::read(pki.path("ca.pem")).unwrap();
+    std::fs::remove_file(pki.path("ca.pem")).unwrap();
+    wait_for_reloads(metrics, "tls", "revoked", 1.0).await;
+    // TLS 1.3: the client's handshake completes before the server checks its certificate, so
+    // the refusal (the server's alert) arrives with the first call.
+    let refused = match tls_channel(server.addr, pki.client_tls(true)).await {
+        Err(e) => format!("{e:?}"),
+        Ok(channel) => format!(
+            "{:?}",
+            GreeterClient::new(channel)
+                .say_hello(hello("refused"))
+                .await
+                .expect_err("no client certificate verifies without the CA file")
+        ),
+    };
+    eprintln!("client CA deleted: {refused}");
+    assert!(
+        refused.contains("received fatal alert: HandshakeFailure"),
+        "{refused}"
+    );
+    assert_eq!(reloads(metrics, "tls", "failure").await, 0.0);
+    // Connections made before keep the session they shook hands with.
+    GreeterClient::new(open)
+        .say_hello(hello("kept"))
+        .await
+        .expect("an open connection keeps working");
+
+    std::fs::write(pki.path("ca.pem"), ca).unwrap();
+    wait_for_reloads(metrics, "tls", "success", 1.0).await;
+    let back = tls_channel(server.addr, pki.client_tls(true))
+        .await
+        .unwrap();
+    GreeterClient::new(back)
+        .say_hello(hello("back"))
+        .await
+        .expect("the CA is back: certificates are accepted again");
+}
