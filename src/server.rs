@@ -1,5 +1,8 @@
-//! The gRPC server: listeners, the tower stack, routes, health, reloads and shutdown, assembled in
-//! one place so the path of a call reads top to bottom in [`Server::serve`].
+//! The gRPC server, wired: the listeners ([`crate::transport`]), the per-call layers
+//! ([`crate::call`]) stacked in the order a call crosses them, the routes ([`crate::service`]),
+//! and beside them the metrics, reloaders and drain ([`crate::ops`]). What each piece does lives
+//! in its module; here is only how they connect, so the path of a call reads top to bottom in
+//! [`Server::serve`].
 
 use std::{
     future::Future,
