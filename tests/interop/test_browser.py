@@ -1,4 +1,4 @@
-"""The grpc-web page (src/web/) in a real browser: headless Chromium driven by Selenium.
+"""The grpc-web page (src/call/web/) in a real browser: headless Chromium driven by Selenium.
 
 The server serves the page at "/" with [web] on (as in the embedded default); the page speaks
 grpc-web to helloworld.Greeter with fetch. These tests click its buttons and read what it shows:
@@ -26,7 +26,7 @@ import helloworld_pb2 as pb
 
 from conftest import ROOT, RPC_TIMEOUT, GreeterProcess, new_token, toml_str
 
-WEB_DIR = ROOT / "src" / "web"
+WEB_DIR = ROOT / "src" / "call" / "web"
 ARTIFACTS = ROOT / "target" / "interop"
 WAIT = 15.0  # seconds for any state of the page to be reached
 STREAM_GREETINGS = 10  # greeter.stream_greetings by default, 100 ms apart
@@ -88,7 +88,7 @@ def browser(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def other_origin():
-    """src/web/ served by Python's http.server on another loopback port: a second origin."""
+    """src/call/web/ served by Python's http.server on another loopback port: a second origin."""
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
@@ -184,7 +184,7 @@ def check_served_page(base):
         except OSError as e:
             pytest.fail(f"GET {base}{path}: {e} (is [web] on in this greeter binary?)", pytrace=False)
         if body != (WEB_DIR / name).read_bytes():
-            pytest.fail(f"GET {base}{path} is not src/web/{name}: the binary embeds another page "
+            pytest.fail(f"GET {base}{path} is not src/call/web/{name}: the binary embeds another page "
                         "(cargo build)", pytrace=False)
         if not csp or "script-src 'self'" not in csp:
             pytest.fail(f"GET {base}{path}: no CSP with script-src 'self' ({csp!r})", pytrace=False)
