@@ -8,7 +8,8 @@
 //! - [`lifetime`]: the deadline ([`deadline`] is its policy), the end at shutdown, a client gone.
 //!
 //! [`resolve`] is what they share: `observe` resolves the call's method once, into everything the
-//! layers further in need, and hands it down in the request's extensions.
+//! layers further in need, and hands it down in the request's extensions. [`body`] is the
+//! pass-through body of the layers that only watch a body or hold something until it ends.
 
 pub mod auth;
 pub mod body;
