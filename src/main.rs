@@ -150,7 +150,7 @@ fn print_line(text: &str) -> Result<(), ClientError> {
 }
 
 fn client_logging() {
-    logging::init("warn", LogFormat::Text);
+    logging::init_direct("warn", LogFormat::Text);
 }
 
 fn load(args: &ConfigArgs) -> Result<Config, ConfigError> {
@@ -162,7 +162,8 @@ fn load(args: &ConfigArgs) -> Result<Config, ConfigError> {
 
 async fn serve(args: &ConfigArgs) -> Result<(), Failure> {
     let config = load(args)?;
-    logging::init(&config.log.filter, config.log.format);
+    // Held to the end: dropping it writes out the last lines (the drain's) before the exit.
+    let _log = logging::init(&config.log.filter, config.log.format);
     let signals = Signals::install().map_err(ServerError::Signals)?;
     let server = Server::bind(config).await?;
     let stop = async {

@@ -38,6 +38,7 @@ use crate::{
     call::web::WebLayer,
     config::{AuthMode, Config, LimitsConfig, ProbeConfig},
     methods::{Method, MethodTable, served_methods},
+    ops::logging,
     ops::metrics::{
         self, CounterFn, CounterFnSet, GrpcMetrics, Reloads, ServerCounters, ServerMetrics,
         exporter,
@@ -589,6 +590,7 @@ fn server_counters(
                 set.with(name, move || counts.as_ref().map_or(0, |c| c.refused()))
             },
         ),
+        log_lines_dropped: CounterFn::new(logging::dropped_lines),
     }
 }
 

@@ -890,3 +890,54 @@ async fn access_off_in_the_filter_and_rust_log_taking_precedence() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_last_lines_of_a_drain_are_written_before_the_process_exits() {
+    // Lines go through a queue to a writer thread: the exit must wait until it has written them.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(&config, "[log]\nformat = \"json\"\nfilter = \"info\"\n").unwrap();
+    let mut server = BinaryServer::start(&config, &[]);
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    const CALLS: usize = 300;
+    let calls: Vec<_> = (0..CALLS)
+        .map(|i| {
+            let mut client = GreeterClient::new(channel.clone());
+            tokio::spawn(async move { client.say_hello(hello(&format!("drain-{i}"))).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    drop(channel);
+    // terminate() waits for the exit; off this runtime, whose connections must answer GOAWAY.
+    let (server, (code, _)) = tokio::task::spawn_blocking(move || {
+        let exit = server.terminate();
+        (server, exit)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0));
+    // The process is gone; its stderr reader may still be copying what it wrote.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let logs = loop {
+        let logs = server.logs.lock().unwrap().clone();
+        if logs.contains("all calls finished") || Instant::now() > deadline {
+            break logs;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let greetings = access_lines(&logs)
+        .into_iter()
+        .filter(|line| line["method"] == "/helloworld.Greeter/SayHello")
+        .count();
+    assert_eq!(greetings, CALLS, "every call's access line is written");
+    assert!(
+        logs.contains("all calls finished"),
+        "the drain's last line is written: {logs}"
+    );
+}

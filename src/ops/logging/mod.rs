@@ -15,9 +15,13 @@
 mod json;
 mod refused_authority;
 
-use std::io::IsTerminal as _;
+use std::{
+    io::{BufWriter, IsTerminal as _},
+    sync::OnceLock,
+};
 
 use tracing::Subscriber;
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{
     EnvFilter, Layer, fmt, fmt::MakeWriter, layer::SubscriberExt as _, registry::LookupSpan,
     util::SubscriberInitExt as _,
@@ -38,21 +42,76 @@ impl Section for LogConfig {
     }
 }
 
-/// Installs the global subscriber, writing to stderr (stdout is for command output).
+/// Log lines queued for the writer thread at most; past that, lines are dropped and counted
+/// ([`dropped_lines`]) rather than making a call wait for stderr. About 300 bytes a line: ~2.5 MiB.
+const QUEUED_LINES: usize = 8192;
+
+/// The writer thread's buffer: lines that arrive together leave in one `write(2)`.
+const WRITE_BUFFER_BYTES: usize = 64 << 10;
+
+/// The queued writer's count of dropped lines, once the server's subscriber is installed.
+static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// Lines dropped because the writer's queue was full (`greeter_log_lines_dropped_total`).
+pub fn dropped_lines() -> u64 {
+    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+}
+
+/// Keeps the writer thread of [`init`] alive; dropping it writes out every queued line, so hold
+/// it until the last line that matters (the drain's) has been logged.
+#[must_use = "dropping the guard stops the log writer"]
+pub struct LogGuard {
+    _writer: Option<WorkerGuard>,
+}
+
+/// Installs the server's global subscriber: lines are formatted on the thread that logs them and
+/// handed to a writer thread through a bounded queue, which writes them to stderr in batches.
+/// A call never waits for stderr (a full queue drops the line and counts it), and the access log
+/// costs no system call per call.
 ///
 /// `RUST_LOG`, when set, wins over `filter` so an operator can raise verbosity without editing
 /// config. `Auto` picks text for a person at a terminal and JSON lines for log collectors. The
 /// filter applies to the lines written; h2's refusals of malformed authorities reach
 /// [`refused_authority`] whatever it says.
-pub fn init(filter: &str, format: LogFormat) {
+pub fn init(filter: &str, format: LogFormat) -> LogGuard {
+    let (writer, guard) = NonBlockingBuilder::default()
+        .buffered_lines_limit(QUEUED_LINES)
+        .lossy(true)
+        .thread_name("greeter-log")
+        .finish(BufWriter::with_capacity(
+            WRITE_BUFFER_BYTES,
+            std::io::stderr(),
+        ));
+    let counter = writer.error_counter();
+    if install(filter, format, writer) {
+        let _ = DROPPED.set(counter);
+        LogGuard {
+            _writer: Some(guard),
+        }
+    } else {
+        LogGuard { _writer: None }
+    }
+}
+
+/// Installs a global subscriber writing straight to stderr: for the client commands, whose few
+/// lines must be out before the process exits.
+pub fn init_direct(filter: &str, format: LogFormat) {
+    install(filter, format, std::io::stderr);
+}
+
+/// Installs the subscriber; false when one already is (tests in one process keep the first).
+fn install<W>(filter: &str, format: LogFormat, writer: W) -> bool
+where
+    W: for<'writer> MakeWriter<'writer> + Send + Sync + 'static,
+{
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    // A second init (tests in one process) keeps the first subscriber; that is fine.
-    let _ = tracing_subscriber::registry()
-        .with(layer(format, std::io::stderr).with_filter(filter))
+    tracing_subscriber::registry()
+        .with(layer(format, writer).with_filter(filter))
         .with(refused_authority::layer())
-        .try_init();
+        .try_init()
+        .is_ok()
 }
 
 /// The formatting layer, writing to `writer`: JSON lines with the event's fields at the top level,

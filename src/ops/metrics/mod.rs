@@ -174,6 +174,7 @@ pub struct ServerCounters {
     pub streams_ended_by_shutdown: CounterFn,
     /// By `listener`: `main`, `probe`.
     pub connections_refused_per_peer: CounterFnSet,
+    pub log_lines_dropped: CounterFn,
 }
 
 impl ServerCounters {
@@ -217,6 +218,12 @@ impl ServerCounters {
             "Connections closed at once because their IP address already had as many open as \
              allowed (limits.max_connections_per_peer; 8 on the probe port)",
             self.connections_refused_per_peer,
+        );
+        registry.register(
+            "greeter_log_lines_dropped",
+            "Log lines dropped because the log writer's queue was full (stderr slower than the \
+             lines arrive); calls never wait for the log",
+            self.log_lines_dropped,
         );
     }
 }
