@@ -84,11 +84,6 @@ impl ShedBy {
 pub struct ShedCount([AtomicU64; 4]);
 
 impl ShedCount {
-    /// Calls refused by any limit.
-    pub fn get(&self) -> u64 {
-        ShedBy::ALL.into_iter().map(|by| self.by(by)).sum()
-    }
-
     /// Calls refused by one limit.
     pub fn by(&self, by: ShedBy) -> u64 {
         self.0[by as usize].load(Ordering::Relaxed)
@@ -114,11 +109,6 @@ impl CallCount {
             in_use: AtomicUsize::new(0),
             limit,
         }
-    }
-
-    /// Calls in progress now.
-    pub fn in_use(&self) -> usize {
-        self.in_use.load(Ordering::Acquire)
     }
 
     fn try_acquire(&self) -> bool {

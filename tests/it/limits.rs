@@ -11,6 +11,7 @@ use std::{
 
 use crate::common::{TestServer, config_with};
 use bytes::Bytes;
+use greeter::call::limit::ShedBy;
 use greeter::pb::{HelloRequest, greeter_client::GreeterClient};
 use tokio_stream::StreamExt as _;
 use tonic::{Code, transport::Channel};
@@ -356,7 +357,8 @@ async fn global_overload_sheds_fast_with_resource_exhausted_and_recovers() {
         started.elapsed() < Duration::from_secs(2),
         "sheds at once, no queueing"
     );
-    assert_eq!(server.stats.shed.get(), 1);
+    assert_eq!(server.stats.shed.by(ShedBy::Server), 1);
+    assert_eq!(server.stats.shed.by(ShedBy::Connection), 0);
     drop(held);
     let stats = Arc::clone(&server.stats);
     eventually("held calls released", || stats.calls.cancelled() == 2).await;

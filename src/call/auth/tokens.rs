@@ -187,8 +187,12 @@ mod tests {
         let token = generate();
         assert!(token.starts_with(TOKEN_PREFIX) && token.len() > 40);
         let entry = entry_for(&token, "ci", &["greeter".into()]);
-        let store = TokenStore::parse(&entry_toml(&entry), "t.toml").unwrap();
-        assert_eq!(store.len(), 1);
+        let other = entry_for(&generate(), "other", &["greeter".into()]);
+        let file = format!("{}{}", entry_toml(&entry), entry_toml(&other));
+        let store = TokenStore::parse(&file, "t.toml").unwrap();
+        assert_eq!(store.len(), 2);
+        assert!(!store.is_empty());
+        assert!(TokenStore::default().is_empty());
         let holder = store.authenticate(&token).unwrap();
         assert_eq!(&*holder.name, "ci");
         assert_eq!(holder.scopes, ["greeter"]);
