@@ -17,6 +17,19 @@ from .build import build_go_server, build_python_server, grpc_go_version
 from .host import free_port, log, pinned, run
 
 # What production.toml enables, kept; only what a loopback benchmark cannot use is changed.
+# What both greeter peers change for the benchmark itself: room for 10,000 idle connections from
+# one address that start no call, and no shutdown delay (the benchmark restarts servers).
+BENCH_OVERRIDES = """\
+[limits]
+max_connections = 50000
+max_connections_per_peer = 0
+[connection]
+first_call_timeout = "1h"
+[shutdown]
+delay = "0s"
+grace = "2s"
+"""
+
 PLAIN_OVERRIDES = """\
 # benches/compare: layered after config/production.toml. Plaintext and no auth (the "production
 # stack, plaintext" peer); loopback addresses; everything else as production has it (JSON logs at
@@ -31,14 +44,6 @@ enabled = false
 enabled = false
 [probe]
 listen = "127.0.0.1:{probe}"
-[limits]
-max_connections = 50000
-max_connections_per_peer = 0
-[connection]
-first_call_timeout = "1h"
-[shutdown]
-delay = "0s"
-grace = "2s"
 """
 
 TLS_OVERRIDES = """\
@@ -55,14 +60,6 @@ enabled = true
 tokens_file = "{tokens}"
 [probe]
 listen = "127.0.0.1:{probe}"
-[limits]
-max_connections = 50000
-max_connections_per_peer = 0
-[connection]
-first_call_timeout = "1h"
-[shutdown]
-delay = "0s"
-grace = "2s"
 """
 
 
@@ -203,7 +200,7 @@ def prepare_peers(args, work, greeter_bin, bare_bin):
     extra = loopback_listeners(greeter_bin, production)
     p, probe = free_port(), free_port()
     plain = work / "plain.toml"
-    plain.write_text(PLAIN_OVERRIDES.format(port=p, probe=probe) + extra())
+    plain.write_text(PLAIN_OVERRIDES.format(port=p, probe=probe) + BENCH_OVERRIDES + extra())
     peers.append(Peer("greeter", "greeter (prod stack, plaintext)",
                       [str(greeter_bin), "serve", "--config", str(production), "--config", str(plain)],
                       p, ready="health", binary=greeter_bin))
@@ -215,7 +212,9 @@ def prepare_peers(args, work, greeter_bin, bare_bin):
                  "--append", str(tokens)], capture_output=True, text=True).stdout.strip()
     p, probe = free_port(), free_port()
     tls = work / "tls.toml"
-    tls.write_text(TLS_OVERRIDES.format(port=p, probe=probe, certs=certs, tokens=tokens) + extra())
+    tls.write_text(
+        TLS_OVERRIDES.format(port=p, probe=probe, certs=certs, tokens=tokens) + BENCH_OVERRIDES + extra()
+    )
     ca = str(certs / "ca.pem")
     peers.append(Peer("greeter-tls", "greeter (prod stack, TLS + token)",
                       [str(greeter_bin), "serve", "--config", str(production), "--config", str(tls)],
