@@ -33,7 +33,7 @@ use crate::{
     call::intake::{BufferBudget, IntakeLayer},
     call::lifetime::{CallLayer, CallStats},
     call::limit::{Budget, Budgets, LimitLayer, ShedBy, ShedCount},
-    call::observe::ObserveLayer,
+    call::observe::{ObserveLayer, trace::CallTracer},
     call::resolve::{Resolver, Tables},
     call::web::WebLayer,
     config::{AuthMode, Config, LimitsConfig, ProbeConfig},
@@ -45,6 +45,7 @@ use crate::{
     },
     ops::reload,
     ops::shutdown,
+    ops::telemetry::{ExportMaterial, SpanQueue, Telemetry, TelemetryError},
     pb::{self, greeter_server::GreeterServer},
     service::health::{self, Health},
     service::{self, Greeter, compressed},
@@ -82,6 +83,8 @@ pub enum ServerError {
     Unix(#[from] UnixSocketError),
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("tracing: {0}")]
+    Tracing(#[from] TelemetryError),
 }
 
 /// TLS and token material, loaded and checked: what `config check` verifies beyond the config
@@ -89,6 +92,8 @@ pub enum ServerError {
 pub struct Credentials {
     pub tls: Option<(Reloadable, CertSummary)>,
     pub auth: Option<Authenticator>,
+    /// The trace exporter's headers and TLS files, with `tracing.enabled`.
+    pub tracing: Option<ExportMaterial>,
 }
 
 impl Credentials {
@@ -109,7 +114,12 @@ impl Credentials {
         } else {
             None
         };
-        Ok(Self { tls, auth })
+        let tracing = config
+            .tracing
+            .enabled
+            .then(|| ExportMaterial::load(&config.tracing))
+            .transpose()?;
+        Ok(Self { tls, auth, tracing })
     }
 }
 
@@ -254,7 +264,18 @@ impl Server {
             total: Arc::new(Semaphore::new(ProbeConfig::MAX_CONNECTIONS)),
             per_peer: Some(PeerCounts::new(ProbeConfig::MAX_CONNECTIONS_PER_PEER)),
         };
-        server_counters(&stats, &main_connections, &probe_connections).register(&mut registry);
+        let telemetry = credentials
+            .tracing
+            .as_ref()
+            .map(|material| Telemetry::start(&config.tracing, material))
+            .transpose()?;
+        server_counters(
+            &stats,
+            &main_connections,
+            &probe_connections,
+            telemetry.as_ref().map(Telemetry::queue),
+        )
+        .register(&mut registry);
         metrics::process::register(&mut registry);
         spawn_reloaders(&config, &credentials, &background, &mut registry);
         let exporter = metrics_listener.map(|metrics_listener| {
@@ -316,7 +337,11 @@ impl Server {
         // (per-method message limits, server-wide budget) -> deadline, drain and cancellation ->
         // route -> handler.
         let shared = Shared {
-            observe: ObserveLayer::new(Arc::new(resolver), metrics_addr.is_some()),
+            observe: ObserveLayer::new(Arc::new(resolver), metrics_addr.is_some()).traced(
+                telemetry
+                    .as_ref()
+                    .map(|t| CallTracer::new(t.tracer(), config.tracing.response_header)),
+            ),
             intake: IntakeLayer::new(Arc::clone(&stats.buffered)),
             call_layer: CallLayer::new(draining.clone(), Arc::clone(&stats.calls)),
             accepted: Arc::clone(&stats.connections_accepted),
@@ -376,13 +401,22 @@ impl Server {
         if let Some(probe_listener) = probe_listener {
             // Plaintext HTTP/2, health Check only, the same health state; never behind auth or
             // grpc-web. Budgets of its own, connections and calls: a server full of clients, or
-            // under attack on its main port, must still answer the kubelet's probes.
+            // under attack on its main port, must still answer the kubelet's probes. Traced only
+            // with tracing.probe_spans: the kubelet's checks would outnumber the real calls.
+            let probe_shared = if config.tracing.probe_spans {
+                shared.clone()
+            } else {
+                Shared {
+                    observe: shared.observe.clone().traced(None),
+                    ..shared.clone()
+                }
+            };
             shared.connections.spawn(listener::accept(
                 Listener::Tcp(probe_listener),
                 None,
                 probe_connections,
                 draining.clone(),
-                shared.on_connection(
+                probe_shared.on_connection(
                     PerListener {
                         settings: Arc::new(connection::Settings::probe(limits, &config.connection)),
                         web: None,
@@ -425,6 +459,10 @@ impl Server {
             &shared.connections,
         )
         .await;
+        // The drain's last calls ended their spans: send them, within tracing.export_timeout.
+        if let Some(telemetry) = telemetry {
+            telemetry.shutdown().await;
+        }
         // Scrapes worked through the drain; the metrics port closes before this returns, so a
         // restarted server can bind it again at once.
         background.cancel();
@@ -554,6 +592,7 @@ fn server_counters(
     stats: &Stats,
     main: &ConnectionBudget,
     probe: &ConnectionBudget,
+    spans: Option<Arc<SpanQueue>>,
 ) -> ServerCounters {
     let shed = Arc::clone(&stats.shed);
     ServerCounters {
@@ -591,6 +630,15 @@ fn server_counters(
             },
         ),
         log_lines_dropped: CounterFn::new(logging::dropped_lines),
+        trace_spans_dropped: [
+            ("queue_full", SpanQueue::dropped_queue_full as fn(&SpanQueue) -> u64),
+            ("export_failed", SpanQueue::dropped_export_failed),
+        ]
+        .into_iter()
+        .fold(CounterFnSet::new("reason"), |set, (reason, read)| {
+            let spans = spans.clone();
+            set.with(reason, move || spans.as_deref().map_or(0, read))
+        }),
     }
 }
 

@@ -264,8 +264,11 @@ where
             },
             Err(by) => {
                 self.limits.budgets.shed.record(by);
+                let mut response = Status::resource_exhausted(by.message()).into_http();
+                // For the call's span (observe), which records which limit shed it.
+                response.extensions_mut().insert(by);
                 LimitFuture::Shed {
-                    response: Some(Status::resource_exhausted(by.message()).into_http()),
+                    response: Some(response),
                 }
             }
         }

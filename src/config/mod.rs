@@ -46,6 +46,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub web: WebConfig,
     pub health: HealthConfig,
+    pub tracing: TracingConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -325,6 +326,54 @@ pub struct HealthConfig {
     /// A `Watch` stream older than this ends with UNAVAILABLE (clients re-open it).
     #[serde(with = "humantime_serde")]
     pub watch_max_age: Duration,
+}
+
+/// OpenTelemetry traces: a server span per call, child of the caller's W3C `traceparent`,
+/// exported over OTLP in batches. Off by default; off, the call path holds no tracer at all.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    pub enabled: bool,
+    /// The collector: `http://host:4317` (gRPC) or `http://host:4318` (HTTP, `/v1/traces` is
+    /// appended); `https://` for TLS.
+    pub endpoint: String,
+    pub protocol: OtlpProtocol,
+    /// Parent-based: a caller's sampled flag decides; calls without one are sampled at this ratio.
+    pub sample_ratio: f64,
+    /// TOML file of `name = "value"` headers sent with every export (collector credentials), so
+    /// the configuration itself stays free of secrets; empty: none.
+    pub headers_file: PathBuf,
+    /// PEM CA bundle the collector's certificate must chain to (https only); empty: the Web PKI.
+    pub ca_file: PathBuf,
+    /// PEM client certificate chain and key for a collector that wants mTLS; both or neither.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Spans waiting for export at most; more are dropped and counted, never waited for.
+    pub max_queue_size: usize,
+    /// Spans in one export request at most.
+    pub max_export_batch_size: usize,
+    /// How long spans may wait before a batch is sent.
+    #[serde(with = "humantime_serde")]
+    pub scheduled_delay: Duration,
+    /// One export attempt's bound, and the bound on the flush at shutdown.
+    #[serde(with = "humantime_serde")]
+    pub export_timeout: Duration,
+    /// Return the call's trace id to the caller in the `greeter-trace-id` response header.
+    pub response_header: bool,
+    /// Trace the probe port's health checks too (the kubelet's, every few seconds).
+    pub probe_spans: bool,
+    /// `service.instance.id`; empty: the `HOSTNAME` environment variable (the pod's name in
+    /// Kubernetes), else the kernel's host name.
+    pub service_instance_id: String,
+}
+
+/// How spans travel to the collector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OtlpProtocol {
+    #[serde(rename = "grpc")]
+    Grpc,
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

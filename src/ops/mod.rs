@@ -7,3 +7,4 @@ pub mod memory;
 pub mod metrics;
 pub mod reload;
 pub mod shutdown;
+pub mod telemetry;

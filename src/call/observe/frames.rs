@@ -92,26 +92,39 @@ impl MessageCounter {
 /// off) it only passes frames through.
 pub type CountedBody<B> = Watched<B, Counting>;
 
-/// Counts complete messages into `counter`, when there is one.
+/// Counts complete messages into `counter` (the method's metric) and `tally` (the call's span),
+/// when there are any.
 #[derive(Debug, Default)]
 pub struct Counting {
     messages: MessageCounter,
     counter: Option<Counter>,
+    tally: Option<Counter>,
 }
 
 impl Counting {
-    pub fn new(counter: Option<Counter>) -> Self {
+    pub fn new(counter: Option<Counter>, tally: Option<Counter>) -> Self {
         Self {
             messages: MessageCounter::default(),
             counter,
+            tally,
         }
     }
 }
 
 impl Watch for Counting {
     fn frame(&mut self, frame: &Frame<Bytes>) {
-        if let Some(counter) = &self.counter {
-            self.messages.count(frame, counter);
+        match (&self.counter, &self.tally) {
+            (None, None) => {}
+            (Some(counter), None) | (None, Some(counter)) => self.messages.count(frame, counter),
+            (Some(counter), Some(tally)) => {
+                if let Some(data) = frame.data_ref() {
+                    let completed = self.messages.feed(data).completed;
+                    if completed > 0 {
+                        counter.inc_by(completed);
+                        tally.inc_by(completed);
+                    }
+                }
+            }
         }
     }
 }

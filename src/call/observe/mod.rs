@@ -10,6 +10,7 @@
 
 pub mod frames;
 pub mod request_id;
+pub mod trace;
 
 use std::{
     fmt,
@@ -30,9 +31,11 @@ use tracing::{Level, Span};
 pub use frames::CountedBody;
 use frames::Counting;
 use frames::MessageCounter;
+use trace::{CallSpan, CallTracer};
 
 use crate::{
     call::auth::Caller,
+    call::limit::ShedBy,
     call::resolve::Resolver,
     ops::metrics::{MethodMetrics, grpc::CODE_NAMES},
     transport::listener::{PeerAddr, PeerInfo},
@@ -77,11 +80,22 @@ pub struct ObserveLayer {
     methods: Arc<Resolver>,
     /// Whether to keep metrics at all: off when nothing can scrape them (`metrics.listen = ""`).
     count: bool,
+    /// A span per call, with `tracing.enabled`.
+    tracer: Option<CallTracer>,
 }
 
 impl ObserveLayer {
     pub fn new(methods: Arc<Resolver>, count: bool) -> Self {
-        Self { methods, count }
+        Self {
+            methods,
+            count,
+            tracer: None,
+        }
+    }
+
+    /// Starts an OpenTelemetry span per call (`None`: none, at no cost).
+    pub fn traced(self, tracer: Option<CallTracer>) -> Self {
+        Self { tracer, ..self }
     }
 }
 
@@ -135,16 +149,23 @@ where
             "grpc",
             request_id = request_id.to_str().unwrap_or_default()
         );
-        let record = (count || log).then(|| CallRecord {
+        let peer = request.extensions().get::<PeerInfo>();
+        let trace = self.layer.tracer.as_ref().map(|tracer| {
+            let path = (!method.is_unknown()).then(|| method.path());
+            tracer.start(request.headers(), path, peer, &request_id)
+        });
+        let tally = trace.as_ref().map(|trace| trace.received.clone());
+        let record = (count || log || trace.is_some()).then(|| CallRecord {
             method: Arc::clone(method),
             count,
             started: Instant::now(),
             code: None,
             ended: false,
+            trace,
             log: log.then(|| AccessLog {
                 quiet,
                 request_id: request_id.clone(),
-                peer: request.extensions().get::<PeerInfo>().cloned(),
+                peer: peer.cloned(),
                 unknown_path: method.is_unknown().then(|| shortened(path)),
                 caller: None,
             }),
@@ -154,7 +175,7 @@ where
             method.msg_received.clone()
         });
         request.extensions_mut().insert(Arc::clone(resolved));
-        let request = request.map(|body| CountedBody::new(body, Counting::new(received)));
+        let request = request.map(|body| CountedBody::new(body, Counting::new(received, tally)));
         ObserveFuture {
             inner: span.in_scope(|| self.inner.call(request)),
             span,
@@ -173,6 +194,8 @@ struct CallRecord {
     code: Option<u8>,
     /// The response body reached its end (with or without a status).
     ended: bool,
+    /// The call's span, with `tracing.enabled`.
+    trace: Option<CallSpan>,
     /// `None` when the access log is switched off.
     log: Option<AccessLog>,
 }
@@ -199,7 +222,11 @@ impl Drop for CallRecord {
         if self.count {
             self.method.handled(usize::from(code), took);
         }
+        let trace = self.trace.take();
         let Some(log) = &self.log else {
+            if let Some(trace) = trace {
+                trace.finish(code);
+            }
             return;
         };
         let (auth, identity) = identity(log.caller.as_ref(), log.peer.as_ref());
@@ -218,6 +245,7 @@ impl Drop for CallRecord {
                     code = CODE_NAMES[usize::from(code)],
                     duration_ms = took.as_micros() as f64 / 1000.0,
                     request_id = log.request_id.to_str().unwrap_or_default(),
+                    trace_id = trace.as_ref().map(CallSpan::trace_id),
                     "call finished"
                 )
             };
@@ -226,6 +254,9 @@ impl Drop for CallRecord {
             access!(Level::DEBUG);
         } else {
             access!(Level::INFO);
+        }
+        if let Some(trace) = trace {
+            trace.finish(code);
         }
     }
 }
@@ -358,6 +389,18 @@ where
         };
         if let Some(record) = &mut record {
             record.code = status_code(response.headers());
+            if let Some(trace) = &mut record.trace {
+                // A verified client certificate was seen at the start; the caller the auth
+                // layer admitted, if any, says more.
+                let (auth, _) = identity(response.extensions().get::<Caller>(), None);
+                if auth != "none" {
+                    trace.auth = auth;
+                }
+                trace.shed = response.extensions().get::<ShedBy>().copied();
+                if let Some(value) = trace.response_header() {
+                    response.headers_mut().insert(trace::TRACE_ID_HEADER, value);
+                }
+            }
             if let Some(log) = &mut record.log {
                 log.caller = response.extensions_mut().remove::<Caller>();
             }
@@ -414,7 +457,19 @@ where
                         record.code = status_code(trailers).or(record.code);
                         record.ended = true;
                     }
-                    None if record.count => this.messages.count(frame, &record.method.msg_sent),
+                    None if record.count || record.trace.is_some() => {
+                        let completed = frame
+                            .data_ref()
+                            .map_or(0, |data| this.messages.feed(data).completed);
+                        if completed > 0 {
+                            if record.count {
+                                record.method.msg_sent.inc_by(completed);
+                            }
+                            if let Some(trace) = &mut record.trace {
+                                trace.sent += completed;
+                            }
+                        }
+                    }
                     None => {}
                 },
                 Some(Err(_)) => record.code = Some(INTERNAL),

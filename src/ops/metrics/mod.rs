@@ -175,6 +175,8 @@ pub struct ServerCounters {
     /// By `listener`: `main`, `probe`.
     pub connections_refused_per_peer: CounterFnSet,
     pub log_lines_dropped: CounterFn,
+    /// By `reason`: `queue_full`, `export_failed`.
+    pub trace_spans_dropped: CounterFnSet,
 }
 
 impl ServerCounters {
@@ -224,6 +226,13 @@ impl ServerCounters {
             "Log lines dropped because the log writer's queue was full (stderr slower than the \
              lines arrive); calls never wait for the log",
             self.log_lines_dropped,
+        );
+        registry.register(
+            "greeter_trace_spans_dropped",
+            "Sampled spans never exported, by reason (queue_full: tracing.max_queue_size spans \
+             were already waiting; export_failed: the collector refused them, was unreachable or \
+             did not answer within tracing.export_timeout); calls never wait for their span",
+            self.trace_spans_dropped,
         );
     }
 }
