@@ -631,7 +631,10 @@ fn server_counters(
         ),
         log_lines_dropped: CounterFn::new(logging::dropped_lines),
         trace_spans_dropped: [
-            ("queue_full", SpanQueue::dropped_queue_full as fn(&SpanQueue) -> u64),
+            (
+                "queue_full",
+                SpanQueue::dropped_queue_full as fn(&SpanQueue) -> u64,
+            ),
             ("export_failed", SpanQueue::dropped_export_failed),
         ]
         .into_iter()

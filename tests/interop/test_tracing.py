@@ -63,6 +63,7 @@ class Receiver:
 class GrpcReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self, port=None, credentials=None):
         self.received = Receiver()
+        self.released = threading.Event()  # ends every delayed Export at once
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
         addr = f"127.0.0.1:{port or 0}"
@@ -73,11 +74,13 @@ class GrpcReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         self.server.start()
 
     def Export(self, request, context):
-        time.sleep(self.received.delay)
+        if self.received.delay:
+            self.released.wait(self.received.delay)
         self.received.take(request.SerializeToString(), dict(context.invocation_metadata()))
         return trace_service_pb2.ExportTraceServiceResponse()
 
     def stop(self):
+        self.released.set()
         self.server.stop(grace=None).wait(5)
 
 
@@ -430,6 +433,26 @@ def test_a_full_queue_drops_and_counts_spans_without_slowing_calls(tmp_path):
         receiver.stop()
 
 
+def test_a_collector_that_does_not_answer_cannot_hold_up_the_shutdown(tmp_path):
+    receiver = GrpcReceiver()
+    receiver.received.delay = 60.0
+    try:
+        config = tracing_config(tmp_path / "t.toml", f"http://127.0.0.1:{receiver.port}",
+                                export_timeout="1s", scheduled_delay="1h")
+        server = GreeterProcess(tmp_path, config=config)
+        with grpc.insecure_channel(server.addr) as channel:
+            helloworld_pb2_grpc.GreeterStub(channel).SayHello(
+                helloworld_pb2.HelloRequest(name="last"), timeout=RPC_TIMEOUT)
+        start = time.monotonic()
+        assert server.stop()
+        # The flush gives up after tracing.export_timeout (1 s); the drain itself is immediate.
+        assert time.monotonic() - start < 4.0
+        assert "took longer than tracing.export_timeout" in server.stderr_path.read_text() or \
+            "span export failed" in server.stderr_path.read_text()
+    finally:
+        receiver.stop()
+
+
 def test_http_protobuf_export_with_headers_from_a_file(tmp_path):
     receiver = HttpReceiver()
     try:
@@ -440,9 +463,11 @@ def test_http_protobuf_export_with_headers_from_a_file(tmp_path):
         server = GreeterProcess(tmp_path, config=config)
         try:
             with grpc.insecure_channel(server.addr) as channel:
-                helloworld_pb2_grpc.GreeterStub(channel).SayHello(
+                _, call = helloworld_pb2_grpc.GreeterStub(channel).SayHello.with_call(
                     helloworld_pb2.HelloRequest(name="http"), timeout=RPC_TIMEOUT,
                     metadata=[("traceparent", SAMPLED)])
+            # tracing.response_header is off by default.
+            assert "greeter-trace-id" not in dict(call.initial_metadata())
             [span] = receiver.received.wait_for(
                 lambda s: s.trace_id.hex() == TRACE_ID, "over OTLP/HTTP")
             assert span.parent_span_id.hex() == PARENT_SPAN_ID

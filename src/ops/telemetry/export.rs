@@ -196,7 +196,9 @@ fn headers(path: &Path) -> Result<Vec<(String, String)>, TelemetryError> {
         message,
     };
     let text = String::from_utf8(read(key, path)?).map_err(|e| file(e.to_string()))?;
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| file(e.to_string()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| file(e.to_string()))?;
     table
         .into_iter()
         .map(|(name, value)| {

@@ -7,8 +7,8 @@
 //! sized above the gate's bound, so it never drops anything itself and every loss is counted here.
 
 use std::{
-    sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     sync::Arc,
+    sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     time::Duration,
 };
 
@@ -59,25 +59,26 @@ impl SpanQueue {
             .is_ok()
     }
 
-    fn release(&self, spans: usize, exported: bool) {
+    /// Ends the hold on an export's spans; `failure` says why they were not exported.
+    fn release(&self, spans: usize, failure: Option<&str>) {
         self.held.fetch_sub(spans, Ordering::AcqRel);
-        if exported {
-            if self.failing.swap(false, Ordering::Relaxed) {
-                tracing::info!("span export works again");
+        match failure {
+            None => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("span export works again");
+                }
             }
-        } else {
-            self.dropped_failed
-                .fetch_add(spans as u64, Ordering::Relaxed);
-        }
-    }
-
-    fn failed(&self, error: &dyn std::fmt::Display) {
-        if !self.failing.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                %error,
-                "span export failed; spans are dropped (greeter_trace_spans_dropped_total) until \
-                 the collector answers"
-            );
+            Some(error) => {
+                self.dropped_failed
+                    .fetch_add(spans as u64, Ordering::Relaxed);
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        error,
+                        "span export failed; spans are dropped \
+                         (greeter_trace_spans_dropped_total) until the collector answers"
+                    );
+                }
+            }
         }
     }
 }
@@ -122,16 +123,18 @@ pub struct Counted<E> {
     pub queue: Arc<SpanQueue>,
 }
 
-/// Releases a batch when dropped: the batch processor drops an export that times out.
+/// Releases a batch when dropped: the batch processor drops an export that outlives
+/// `tracing.export_timeout`.
 struct Release<'a> {
     queue: &'a SpanQueue,
     spans: usize,
-    exported: bool,
+    /// `None` once exported.
+    failure: Option<String>,
 }
 
 impl Drop for Release<'_> {
     fn drop(&mut self) {
-        self.queue.release(self.spans, self.exported);
+        self.queue.release(self.spans, self.failure.as_deref());
     }
 }
 
@@ -140,13 +143,10 @@ impl<E: SpanExporter> SpanExporter for Counted<E> {
         let mut release = Release {
             queue: &self.queue,
             spans: batch.len(),
-            exported: false,
+            failure: Some("no answer within tracing.export_timeout".into()),
         };
         let result = self.inner.export(batch).await;
-        match &result {
-            Ok(()) => release.exported = true,
-            Err(error) => self.queue.failed(error),
-        }
+        release.failure = result.as_ref().err().map(ToString::to_string);
         result
     }
 
@@ -172,10 +172,10 @@ mod tests {
         let queue = SpanQueue::new(2);
         assert!(queue.try_hold() && queue.try_hold());
         assert!(!queue.try_hold());
-        queue.release(1, false);
+        queue.release(1, Some("refused"));
         assert_eq!(queue.dropped_export_failed(), 1);
         assert!(queue.try_hold());
-        queue.release(2, true);
+        queue.release(2, None);
         assert_eq!(queue.dropped_export_failed(), 1);
         assert!(queue.try_hold());
     }
