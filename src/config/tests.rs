@@ -292,3 +292,29 @@ fn web_is_on_for_the_quick_start_and_off_in_production() {
     .unwrap();
     assert!(!production.web.enabled);
 }
+
+#[test]
+fn tracing_is_off_by_default_and_checked_when_on() {
+    assert!(!Config::embedded().tracing.enabled);
+    // Off, nothing of it is used, so nothing of it is refused.
+    with_overrides(&[("tracing.sample_ratio", "2")]).expect("tracing is off");
+    let on = |key: &'static str, value: &'static str| {
+        with_overrides(&[("tracing.enabled", "true"), (key, value)])
+    };
+    on("tracing.protocol", "http/protobuf").expect("a valid protocol");
+    for (key, value) in [
+        ("tracing.sample_ratio", "2"),
+        ("tracing.sample_ratio", "-0.1"),
+        ("tracing.endpoint", "otel-collector:4317"),
+        ("tracing.endpoint", "ftp://collector"),
+        ("tracing.max_queue_size", "0"),
+        ("tracing.max_export_batch_size", "0"),
+        ("tracing.scheduled_delay", "0s"),
+        ("tracing.export_timeout", "0s"),
+        ("tracing.ca_file", "/ca.pem"),
+        ("tracing.cert_file", "/cert.pem"),
+    ] {
+        let error = on(key, value).unwrap_err();
+        assert_eq!(error.key.as_deref(), Some(key), "{key} = {value}: {error}");
+    }
+}

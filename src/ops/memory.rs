@@ -10,6 +10,7 @@
 //!   call's own state, its headers (up to `max_header_list_bytes`), and the reply bytes queued for
 //!   a client that does not read (up to the stream window);
 //! - request messages still arriving, server-wide (`max_buffered_request_bytes`);
+//! - with `[tracing]` on, ended spans waiting for export (`tracing.max_queue_size`);
 //! - the process itself.
 //!
 //! The per-unit figures are measured upper bounds with room to spare (BENCHMARKS.md): an idle TLS
@@ -25,6 +26,9 @@ const BASE_BYTES: u64 = 16 << 20;
 const CONNECTION_BYTES: u64 = 32 << 10;
 /// One call's state beyond its headers and queued replies: stream, task, codec buffers.
 const CALL_BYTES: u64 = 16 << 10;
+/// One ended span waiting for export: about a dozen attributes, a name, an event or two, about
+/// 1 KiB, and its share of the encoded export request.
+const SPAN_BYTES: u64 = 2 << 10;
 
 /// The worst case, by term, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +38,9 @@ pub struct WorstCase {
     pub calls: u64,
     pub bytes_per_call: u64,
     pub buffered_requests: u64,
+    /// Spans the trace exporter may hold (0 with tracing off).
+    pub queued_spans: u64,
+    pub bytes_per_span: u64,
     pub base: u64,
 }
 
@@ -64,6 +71,12 @@ impl WorstCase {
                 + u64::from(limits.max_header_list_bytes)
                 + u64::from(limits.initial_stream_window_bytes),
             buffered_requests: limits.max_buffered_request_bytes as u64,
+            queued_spans: if config.tracing.enabled {
+                config.tracing.max_queue_size as u64
+            } else {
+                0
+            },
+            bytes_per_span: SPAN_BYTES,
             base: BASE_BYTES,
         }
     }
@@ -73,6 +86,7 @@ impl WorstCase {
         self.connections * self.bytes_per_connection
             + self.calls * self.bytes_per_call
             + self.buffered_requests
+            + self.queued_spans * self.bytes_per_span
             + self.base
     }
 }
@@ -92,7 +106,16 @@ impl fmt::Display for WorstCase {
             kib(self.bytes_per_call),
             mib(self.buffered_requests),
             mib(self.base),
-        )
+        )?;
+        if self.queued_spans > 0 {
+            write!(
+                f,
+                " + {} queued spans x {} KiB",
+                self.queued_spans,
+                kib(self.bytes_per_span)
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -123,6 +146,7 @@ mod tests {
             ("limits.initial_stream_window_bytes", "1048576"),
             ("limits.max_header_list_bytes", "65536"),
             ("probe.listen", "127.0.0.1:0"),
+            ("tracing.enabled", "true"),
         ] {
             let more = WorstCase::of(&config(&[(key, value)])).total();
             assert!(more > base, "{key} = {value}: {more} <= {base}");
@@ -137,6 +161,8 @@ mod tests {
             calls: 20,
             bytes_per_call: 50 << 10,
             buffered_requests: 1 << 20,
+            queued_spans: 0,
+            bytes_per_span: 2 << 10,
             base: 1 << 20,
         };
         assert_eq!(worst.total(), (1000 << 10) + (1000 << 10) + (2 << 20));
