@@ -9,6 +9,7 @@ with this package's parent on PYTHONPATH. The parts:
   build   building the peers' binaries: greeter and bare tonic (cargo), Python, grpc-go
   load    the two load generators: `greeter bench` and h2load
   idle    the idle HTTP/2 connection holder (a child process) and the RSS it costs a server
+  sink    the OTLP trace sink the tracing peers export to (a child process)
   report  medians, the two tables, the targets of issues 8 and 4
 
 The paths below are shared by all of them.

@@ -73,7 +73,7 @@ def main():
                         help="h2load unary: concurrent streams per connection (default 128)")
     parser.add_argument("--idle-connections", type=int, help="idle connections held (default 10000; --quick 1000)")
     parser.add_argument("--skip", action="append", default=[],
-                        choices=["python", "go", "idle-connections", "half-load", "build"],
+                        choices=["python", "go", "tracing", "idle-connections", "half-load", "build"],
                         help="leave out a peer or a measurement (repeatable)")
     parser.add_argument("--only", action="append", default=[],
                         help="run only these peers (bare always runs: it is the baseline)")

@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import ROOT, VENV_PY, host
+from . import ROOT, VENV_PY, host, sink
 from .build import build_go_server, build_python_server, grpc_go_version
 from .host import free_port, log, pinned, run
 
@@ -220,6 +220,20 @@ def prepare_peers(args, work, greeter_bin, bare_bin):
                       [str(greeter_bin), "serve", "--config", str(production), "--config", str(tls)],
                       p, ready="health", tls_ca=ca, token=token, binary=greeter_bin,
                       bench_args=["--tls", "--ca", ca, "--server-name", "localhost", "--token", token]))
+
+    if "tracing" not in args.skip:
+        # The plaintext peer again, with [tracing] on, exporting over OTLP/gRPC to a local sink
+        # (sink.py): the cost of a span per call, sampled at 1% and at 100%.
+        endpoint = f"http://127.0.0.1:{sink.start()}"
+        for ratio, key in ((0.01, "greeter-trace-0.01"), (1.0, "greeter-trace-1")):
+            p, probe = free_port(), free_port()
+            traced = work / f"{key}.toml"
+            traced.write_text(PLAIN_OVERRIDES.format(port=p, probe=probe) + BENCH_OVERRIDES + extra()
+                              + f'[tracing]\nenabled = true\nendpoint = "{endpoint}"\n'
+                              f"sample_ratio = {ratio}\n")
+            peers.append(Peer(key, f"greeter (prod stack, plaintext), traces at {ratio:g}",
+                              [str(greeter_bin), "serve", "--config", str(production), "--config", str(traced)],
+                              p, ready="health", binary=greeter_bin))
 
     if "python" not in args.skip:
         server = build_python_server(work)
