@@ -129,12 +129,11 @@ impl ExportMaterial {
         let mut roots = rustls::RootCertStore::empty();
         match &self.ca {
             Some(ca) => {
+                // Parsed when the file was read; what webpki refuses is named here.
                 for cert in CertificateDer::pem_slice_iter(ca).flatten() {
-                    roots.add(cert).map_err(|e| TelemetryError::File {
-                        key: "tracing.ca_file",
-                        path: String::new(),
-                        message: e.to_string(),
-                    })?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| TelemetryError::Exporter(format!("tracing.ca_file: {e}")))?;
                 }
             }
             None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
