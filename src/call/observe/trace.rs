@@ -78,33 +78,17 @@ impl CallTracer {
         } else {
             format!("{service}/{method}")
         };
-        let mut attributes = Vec::with_capacity(7);
-        attributes.push(KeyValue::new("rpc.system", "grpc"));
-        if !service.is_empty() {
-            attributes.push(KeyValue::new("rpc.service", service.to_owned()));
-        }
-        attributes.push(KeyValue::new("rpc.method", method.to_owned()));
-        match peer.map(|p| p.remote_addr) {
-            Some(PeerAddr::Tcp(addr)) => {
-                attributes.push(KeyValue::new("network.transport", "tcp"));
-                attributes.push(KeyValue::new("network.peer.address", addr.ip().to_string()));
-                attributes.push(KeyValue::new("network.peer.port", i64::from(addr.port())));
-            }
-            Some(PeerAddr::Unix { .. }) => {
-                attributes.push(KeyValue::new("network.transport", "unix"));
-            }
-            None => {}
-        }
-        if let Ok(id) = request_id.to_str() {
-            attributes.push(KeyValue::new("greeter.request_id", id.to_owned()));
-        }
         let builder = self
             .inner
             .tracer
             .span_builder(name)
-            .with_kind(SpanKind::Server)
-            .with_attributes(attributes);
-        let span = self.inner.tracer.build_with_context(builder, &parent);
+            .with_kind(SpanKind::Server);
+        // The samplers decide on the trace id and the parent alone: the attributes are built only
+        // for a span that will be exported.
+        let mut span = self.inner.tracer.build_with_context(builder, &parent);
+        if span.is_recording() {
+            span.set_attributes(attributes(service, method, peer, request_id));
+        }
         let mut trace_id = [0; 32];
         hex::encode_to_slice(span.span_context().trace_id().to_bytes(), &mut trace_id)
             .expect("16 bytes make 32 hex digits");
@@ -122,6 +106,36 @@ impl CallTracer {
             shed: None,
         }
     }
+}
+
+/// The attributes known when a call starts.
+fn attributes(
+    service: &str,
+    method: &str,
+    peer: Option<&PeerInfo>,
+    request_id: &HeaderValue,
+) -> Vec<KeyValue> {
+    let mut attributes = Vec::with_capacity(7);
+    attributes.push(KeyValue::new("rpc.system", "grpc"));
+    if !service.is_empty() {
+        attributes.push(KeyValue::new("rpc.service", service.to_owned()));
+    }
+    attributes.push(KeyValue::new("rpc.method", method.to_owned()));
+    match peer.map(|p| p.remote_addr) {
+        Some(PeerAddr::Tcp(addr)) => {
+            attributes.push(KeyValue::new("network.transport", "tcp"));
+            attributes.push(KeyValue::new("network.peer.address", addr.ip().to_string()));
+            attributes.push(KeyValue::new("network.peer.port", i64::from(addr.port())));
+        }
+        Some(PeerAddr::Unix { .. }) => {
+            attributes.push(KeyValue::new("network.transport", "unix"));
+        }
+        None => {}
+    }
+    if let Ok(id) = request_id.to_str() {
+        attributes.push(KeyValue::new("greeter.request_id", id.to_owned()));
+    }
+    attributes
 }
 
 /// One call's span, ended with [`CallSpan::finish`] when the call's record is.
