@@ -213,6 +213,17 @@ def test_the_callers_trace_is_continued_with_the_rpc_conventions(traced, traced_
     assert lines and lines[0]["trace_id"] == TRACE_ID, lines
 
 
+def test_grpc_trace_bin_is_read_when_there_is_no_traceparent(traced_stub, receiver):
+    trace_id = "8af7651916cd43dd8448eb211c80319c"
+    span_id = "53995c3f42cd8ad8"
+    value = (b"\x00\x00" + bytes.fromhex(trace_id) + b"\x01" + bytes.fromhex(span_id)
+             + b"\x02\x01")
+    traced_stub.SayHello(helloworld_pb2.HelloRequest(name="census"), timeout=RPC_TIMEOUT,
+                         metadata=[("grpc-trace-bin", value)])
+    [span] = receiver.received.wait_for(lambda s: s.trace_id.hex() == trace_id, "from grpc-trace-bin")
+    assert span.parent_span_id.hex() == span_id
+
+
 def test_a_stream_counts_its_messages_and_a_client_error_leaves_the_status_unset(
         traced_stub, receiver):
     trace_id = "0af7651916cd43dd8448eb211c80319c"

@@ -1,5 +1,6 @@
 //! The call's OpenTelemetry server span, after the RPC semantic conventions: the child of the
-//! caller's span when the call carries a W3C `traceparent` (and `tracestate`); named
+//! caller's span when the call carries a W3C `traceparent` (and `tracestate`), or else gRPC's
+//! binary `grpc-trace-bin`; named
 //! `package.Service/Method`; `rpc.system`, `rpc.service`, `rpc.method`, the peer's address at
 //! start; `rpc.grpc.status_code`, how the caller authenticated, and the messages each way at the
 //! end; events for a deadline exceeded, a cancellation, a shed call. Exists only with
@@ -7,10 +8,17 @@
 
 use std::sync::Arc;
 
+use base64::{
+    Engine as _, alphabet,
+    engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig},
+};
 use opentelemetry::{
-    KeyValue,
+    Context, KeyValue,
     propagation::TextMapPropagator,
-    trace::{Span as _, SpanKind, Status, Tracer as _},
+    trace::{
+        Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceFlags,
+        TraceId, TraceState, Tracer as _,
+    },
 };
 use opentelemetry_http::HeaderExtractor;
 use opentelemetry_sdk::{
@@ -33,6 +41,15 @@ pub const TRACE_ID_HEADER: HeaderName = HeaderName::from_static("greeter-trace-i
 /// The `rpc.method` of a path no service has: the conventions' name for a method outside the
 /// known set, and no client-chosen text in the span.
 const OTHER_METHOD: &str = "_OTHER";
+
+/// OpenCensus' binary trace context, which gRPC's older tracing integrations send.
+const GRPC_TRACE_BIN: HeaderName = HeaderName::from_static("grpc-trace-bin");
+
+/// gRPC's `-bin` header values are base64, padded or not.
+const BIN_VALUE: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
 
 const CANCELLED: u8 = 1;
 const DEADLINE_EXCEEDED: u8 = 4;
@@ -69,7 +86,12 @@ impl CallTracer {
         peer: Option<&PeerInfo>,
         request_id: &HeaderValue,
     ) -> CallSpan {
-        let parent = self.inner.propagator.extract(&HeaderExtractor(headers));
+        let mut parent = self.inner.propagator.extract(&HeaderExtractor(headers));
+        if !parent.span().span_context().is_valid()
+            && let Some(remote) = headers.get(GRPC_TRACE_BIN).and_then(binary_parent)
+        {
+            parent = Context::new().with_remote_span_context(remote);
+        }
         let (service, method) = path
             .and_then(|path| path.trim_start_matches('/').split_once('/'))
             .unwrap_or(("", OTHER_METHOD));
@@ -106,6 +128,28 @@ impl CallTracer {
             shed: None,
         }
     }
+}
+
+/// The caller's span from a `grpc-trace-bin` value: version 0, then field 0 the trace id (16
+/// bytes), field 1 the span id (8), field 2 the trace options (1: bit 0 is "sampled"). Fields a
+/// later version appends are ignored, as the format asks; anything else is no parent.
+fn binary_parent(value: &HeaderValue) -> Option<SpanContext> {
+    let bytes = BIN_VALUE.decode(value.as_bytes()).ok()?;
+    let [0, 0, rest @ ..] = bytes.as_slice() else {
+        return None;
+    };
+    let (trace_id, rest) = rest.split_first_chunk::<16>()?;
+    let [1, rest @ ..] = rest else { return None };
+    let (span_id, rest) = rest.split_first_chunk::<8>()?;
+    let [2, options, ..] = rest else { return None };
+    let context = SpanContext::new(
+        TraceId::from_bytes(*trace_id),
+        SpanId::from_bytes(*span_id),
+        TraceFlags::new(options & 1),
+        true,
+        TraceState::default(),
+    );
+    context.is_valid().then_some(context)
 }
 
 /// The attributes known when a call starts.
@@ -195,5 +239,50 @@ impl CallSpan {
             span.set_status(Status::error(CODE_NAMES[usize::from(code)]));
         }
         span.end();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bin(bytes: &[u8]) -> HeaderValue {
+        HeaderValue::from_str(&base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes))
+            .unwrap()
+    }
+
+    #[test]
+    fn grpc_trace_bin_gives_the_callers_span() {
+        let mut bytes = vec![0, 0];
+        bytes.extend(1..=16);
+        bytes.push(1);
+        bytes.extend(17..=24);
+        bytes.extend([2, 1]);
+        let context = binary_parent(&bin(&bytes)).expect("a valid context");
+        assert_eq!(
+            context.trace_id(),
+            TraceId::from_hex("0102030405060708090a0b0c0d0e0f10").unwrap()
+        );
+        assert_eq!(
+            context.span_id(),
+            SpanId::from_hex("1112131415161718").unwrap()
+        );
+        assert!(context.is_sampled() && context.is_remote());
+        // A later version's extra fields are ignored; options 0 is not sampled.
+        let mut unsampled = bytes.clone();
+        *unsampled.last_mut().unwrap() = 0;
+        unsampled.extend([3, 9, 9]);
+        assert!(!binary_parent(&bin(&unsampled)).unwrap().is_sampled());
+        // Padded base64 is accepted too.
+        let padded = base64::engine::general_purpose::STANDARD.encode(&bytes);
+        assert!(binary_parent(&HeaderValue::from_str(&padded).unwrap()).is_some());
+        let mut version_1 = bytes.clone();
+        version_1[0] = 1;
+        let mut zero_trace = bytes.clone();
+        zero_trace[2..18].fill(0);
+        for bad in [&bytes[..28], &version_1, &zero_trace] {
+            assert_eq!(binary_parent(&bin(bad)), None, "{bad:?}");
+        }
+        assert_eq!(binary_parent(&HeaderValue::from_static("!!")), None);
     }
 }
