@@ -126,7 +126,8 @@ def tracing_config(path, endpoint, **keys):
     for section, values in sections.items():
         text += f"[{section}]\n"
         for name, value in values.items():
-            text += f"{name} = {json.dumps(value) if not isinstance(value, Path) else toml_str(value)}\n"
+            written = toml_str(value) if isinstance(value, Path) else json.dumps(value)
+            text += f"{name} = {written}\n"
     Path(path).write_text(text)
     return Path(path)
 
@@ -220,7 +221,8 @@ def test_grpc_trace_bin_is_read_when_there_is_no_traceparent(traced_stub, receiv
              + b"\x02\x01")
     traced_stub.SayHello(helloworld_pb2.HelloRequest(name="census"), timeout=RPC_TIMEOUT,
                          metadata=[("grpc-trace-bin", value)])
-    [span] = receiver.received.wait_for(lambda s: s.trace_id.hex() == trace_id, "from grpc-trace-bin")
+    [span] = receiver.received.wait_for(lambda s: s.trace_id.hex() == trace_id,
+                                        "from grpc-trace-bin")
     assert span.parent_span_id.hex() == span_id
 
 
