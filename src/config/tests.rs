@@ -247,6 +247,7 @@ fn unix_mode_is_octal_text_in_files_and_the_environment() {
     let err = Config::load(&sources).unwrap_err();
     assert_eq!(err.key.as_deref(), Some("server.unix_mode"));
     assert!(err.origin.ends_with("mode.toml"), "{err}");
+    assert!(err.message.contains("a quoted octal file mode"), "{err}");
 
     let err = Config::load(&with_env(&[("GREETER__SERVER__UNIX_MODE", "1777")])).unwrap_err();
     assert_eq!(err.key.as_deref(), Some("server.unix_mode"), "{err}");
