@@ -1,0 +1,247 @@
+//! JWT bearer tokens: Kubernetes projected service-account tokens and OIDC ID tokens, verified
+//! offline against each trusted issuer's JWKS.
+//!
+//! A token is accepted when its issuer is configured, its `kid` is in that issuer's key set, its
+//! `alg` is the key's (RS256, ES256 or EdDSA: see [`super::crypto`]), the signature verifies, one
+//! of its audiences is configured, and `exp`, `nbf` and `iat` hold within the leeway. Its identity
+//! is `sub` (with the issuer); its scopes come from `[[auth.jwt.rules]]` and the issuer's
+//! `scopes_claim`. Refusals say why, never echoing the token or its claims.
+
+use std::{
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use jsonwebtoken::{
+    Algorithm, Validation, dangerous::insecure_decode_claims, decode, decode_header,
+    errors::ErrorKind,
+};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::{
+    cache::{TokenCache, Verified},
+    crypto,
+    jwks::{JwksError, Keys},
+    rules,
+};
+use crate::config::{ClaimRule, JwtConfig, JwtIssuer};
+
+/// Why a JWT is refused; the message is what UNAUTHENTICATED says.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JwtError {
+    #[error("malformed JWT")]
+    Malformed,
+    #[error("JWT algorithm not accepted (RS256, ES256 or EdDSA)")]
+    Algorithm,
+    #[error("JWT issuer is not trusted")]
+    Issuer,
+    #[error("JWT has no kid")]
+    NoKid,
+    #[error("JWT kid is not in the issuer's key set")]
+    UnknownKid,
+    #[error("JWT algorithm does not match its key")]
+    KeyMismatch,
+    #[error("JWT signature does not verify")]
+    Signature,
+    #[error("JWT has expired")]
+    Expired,
+    #[error("JWT is not valid yet (nbf)")]
+    NotYetValid,
+    #[error("JWT was issued in the future (iat)")]
+    IssuedInFuture,
+    #[error("JWT audience is not accepted")]
+    Audience,
+    #[error("JWT lacks the {0} claim, or it has the wrong type")]
+    Claim(&'static str),
+}
+
+/// Whether a bearer is shaped like a JWT: three non-empty base64url parts. Static tokens never
+/// are (`grt_` and base64url, no dots).
+pub fn looks_like_jwt(token: &str) -> bool {
+    let mut parts = 0;
+    for part in token.split('.') {
+        parts += 1;
+        if part.is_empty()
+            || !part
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return false;
+        }
+    }
+    parts == 3
+}
+
+/// One trusted issuer with the keys of its JWKS file.
+#[derive(Debug)]
+struct Issuer {
+    config: JwtIssuer,
+    keys: Keys,
+}
+
+/// One generation of the trusted issuers' keys, with its cache of verified tokens. Replaced as a
+/// whole when a JWKS file changes.
+#[derive(Debug)]
+pub struct Jwt {
+    issuers: Vec<Issuer>,
+    rules: Vec<ClaimRule>,
+    leeway: u64,
+    cache: TokenCache,
+}
+
+/// The unverified claim that picks the issuer, hence the key set.
+#[derive(Deserialize)]
+struct Unverified {
+    iss: Option<String>,
+}
+
+impl Jwt {
+    /// Reads every issuer's JWKS file.
+    pub fn load(config: &JwtConfig) -> Result<Self, JwksError> {
+        let keys = config
+            .issuers
+            .iter()
+            .map(|issuer| Keys::load(&issuer.jwks_file))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self::new(config, keys))
+    }
+
+    /// The issuers of `config`, with `keys` in the same order.
+    pub fn new(config: &JwtConfig, keys: Vec<Keys>) -> Self {
+        crypto::install();
+        Self {
+            issuers: config
+                .issuers
+                .iter()
+                .cloned()
+                .zip(keys)
+                .map(|(config, keys)| Issuer { config, keys })
+                .collect(),
+            rules: config.rules.clone(),
+            leeway: config.leeway.as_secs(),
+            cache: TokenCache::new(config.cache_size),
+        }
+    }
+
+    /// Verifies `token`, or answers from the cache when it was verified before.
+    pub fn verify(&self, token: &str) -> Result<Arc<Verified>, JwtError> {
+        let now = now();
+        let hash: [u8; 32] = super::sha256(token);
+        if let Some(verified) = self.cache.get(&hash, now) {
+            return Ok(verified);
+        }
+        let verified = Arc::new(self.verify_uncached(token, now)?);
+        self.cache.insert(hash, Arc::clone(&verified), now);
+        Ok(verified)
+    }
+
+    fn verify_uncached(&self, token: &str, now: u64) -> Result<Verified, JwtError> {
+        // `alg: none` and unknown algorithms fail here: the header type has no such variant.
+        let header = decode_header(token).map_err(|_| JwtError::Algorithm)?;
+        if !crypto::ACCEPTED.contains(&header.alg) {
+            return Err(JwtError::Algorithm);
+        }
+        let iss = insecure_decode_claims::<Unverified>(token)
+            .map_err(|_| JwtError::Malformed)?
+            .iss
+            .ok_or(JwtError::Claim("iss"))?;
+        let issuer = self
+            .issuers
+            .iter()
+            .find(|i| i.config.issuer == iss)
+            .ok_or(JwtError::Issuer)?;
+        let kid = header.kid.ok_or(JwtError::NoKid)?;
+        let key = issuer.keys.get(&kid).ok_or(JwtError::UnknownKid)?;
+        if key.algorithm != header.alg {
+            return Err(JwtError::KeyMismatch);
+        }
+        let validation = self.validation(header.alg, issuer);
+        let claims = decode::<Map<String, Value>>(token, &key.key, &validation)
+            .map_err(|e| refusal(e.kind()))?
+            .claims;
+        let number = |name: &'static str| match claims.get(name) {
+            None => Ok(None),
+            Some(value) => value.as_u64().map(Some).ok_or(JwtError::Claim(name)),
+        };
+        if number("iat")?.is_some_and(|iat| iat > now + self.leeway) {
+            return Err(JwtError::IssuedInFuture);
+        }
+        let exp = number("exp")?.ok_or(JwtError::Claim("exp"))?;
+        let subject = match claims.get("sub") {
+            Some(Value::String(sub)) if !sub.is_empty() => sub.as_str(),
+            _ => return Err(JwtError::Claim("sub")),
+        };
+        let mut scopes = Vec::new();
+        rules::claim_scopes(&self.rules, &iss, &claims, &mut scopes);
+        if let Some(claim) = &issuer.config.scopes_claim {
+            rules::listed_scopes(claims.get(claim), &mut scopes);
+        }
+        Ok(Verified {
+            subject: subject.into(),
+            issuer: iss.into(),
+            scopes,
+            valid_until: exp.saturating_add(self.leeway),
+        })
+    }
+
+    /// The checks `jsonwebtoken` makes: this algorithm only, the issuer, one of its audiences,
+    /// `exp` required and `nbf` when present, with the leeway.
+    fn validation(&self, algorithm: Algorithm, issuer: &Issuer) -> Validation {
+        let mut validation = Validation::new(algorithm);
+        validation.set_issuer(&[&issuer.config.issuer]);
+        validation.set_audience(&issuer.config.audiences);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.validate_nbf = true;
+        validation.leeway = self.leeway;
+        validation
+    }
+}
+
+/// The refusal for what `jsonwebtoken` found.
+fn refusal(kind: &ErrorKind) -> JwtError {
+    match kind {
+        ErrorKind::ExpiredSignature => JwtError::Expired,
+        ErrorKind::ImmatureSignature => JwtError::NotYetValid,
+        ErrorKind::InvalidAudience => JwtError::Audience,
+        ErrorKind::InvalidIssuer => JwtError::Issuer,
+        ErrorKind::InvalidSignature => JwtError::Signature,
+        ErrorKind::InvalidAlgorithm
+        | ErrorKind::UnsupportedAlgorithm
+        | ErrorKind::InvalidKeyFormat => JwtError::KeyMismatch,
+        ErrorKind::MissingRequiredClaim(claim) | ErrorKind::InvalidClaimFormat(claim) => {
+            JwtError::Claim(match claim.as_str() {
+                "exp" => "exp",
+                "nbf" => "nbf",
+                "aud" => "aud",
+                "iss" => "iss",
+                "sub" => "sub",
+                _ => "a registered",
+            })
+        }
+        _ => JwtError::Malformed,
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jwt_shape() {
+        assert!(looks_like_jwt("eyJh.eyJz.c2ln"));
+        assert!(looks_like_jwt("a-_.b.c"));
+        assert!(!looks_like_jwt("grt_abcdef"));
+        assert!(!looks_like_jwt("a.b"));
+        assert!(!looks_like_jwt("a.b.c.d"));
+        assert!(!looks_like_jwt("a..c"));
+        assert!(!looks_like_jwt("a.b.c="));
+        assert!(!looks_like_jwt("a.b+.c"));
+    }
+}
