@@ -56,21 +56,25 @@ pub enum JwtError {
     Claim(&'static str),
 }
 
-/// Whether a bearer is shaped like a JWT: three non-empty base64url parts. Static tokens never
-/// are (`grt_` and base64url, no dots).
+/// Whether a bearer is shaped like a JWT: three base64url parts, the signature possibly empty (an
+/// unsigned `alg: none` token is then refused for its algorithm). Static tokens never are (`grt_`
+/// and base64url, no dots).
 pub fn looks_like_jwt(token: &str) -> bool {
-    let mut parts = 0;
-    for part in token.split('.') {
-        parts += 1;
-        if part.is_empty()
-            || !part
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return false;
+    let base64url = |part: &str| {
+        part.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    let mut parts = token.split('.');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(header), Some(payload), Some(signature), None) => {
+            !header.is_empty()
+                && !payload.is_empty()
+                && base64url(header)
+                && base64url(payload)
+                && base64url(signature)
         }
+        _ => false,
     }
-    parts == 3
 }
 
 /// One trusted issuer with the keys of its JWKS file.
@@ -240,7 +244,9 @@ mod tests {
         assert!(!looks_like_jwt("grt_abcdef"));
         assert!(!looks_like_jwt("a.b"));
         assert!(!looks_like_jwt("a.b.c.d"));
+        assert!(looks_like_jwt("a.b."));
         assert!(!looks_like_jwt("a..c"));
+        assert!(!looks_like_jwt(".b.c"));
         assert!(!looks_like_jwt("a.b.c="));
         assert!(!looks_like_jwt("a.b+.c"));
     }
