@@ -106,3 +106,92 @@ pub fn cert_rules(rules: &[CertRule]) -> Result<(), Problem> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ClaimRule, JwtIssuer};
+
+    fn issuer() -> JwtIssuer {
+        JwtIssuer {
+            issuer: "https://kubernetes.default.svc.cluster.local".into(),
+            jwks_file: "jwks.json".into(),
+            audiences: vec!["greeter".into()],
+            scopes_claim: None,
+        }
+    }
+
+    fn rule() -> ClaimRule {
+        ClaimRule {
+            claim: "sub".into(),
+            pattern: "system:serviceaccount:shop:*".into(),
+            scopes: vec!["greeter".into()],
+            issuer: None,
+        }
+    }
+
+    fn jwt_problem(change: impl FnOnce(&mut JwtConfig)) -> Option<Problem> {
+        let mut config = JwtConfig {
+            issuers: vec![issuer()],
+            rules: vec![rule()],
+            ..JwtConfig::default()
+        };
+        change(&mut config);
+        jwt(&config).err()
+    }
+
+    #[test]
+    fn jwt_mistakes_name_the_key() {
+        assert_eq!(jwt_problem(|_| {}), None);
+        type Change = fn(&mut JwtConfig);
+        let cases: [(Change, &str, &str); 7] = [
+            (
+                |c| c.issuers[0].audiences.clear(),
+                "auth.jwt.issuers",
+                "audiences",
+            ),
+            (
+                |c| c.issuers[0].issuer.clear(),
+                "auth.jwt.issuers",
+                "issuer",
+            ),
+            (|c| c.issuers.push(issuer()), "auth.jwt.issuers", "twice"),
+            (
+                |c| c.issuers[0].scopes_claim = Some(" ".into()),
+                "auth.jwt.issuers",
+                "scopes_claim",
+            ),
+            (|c| c.rules[0].scopes.clear(), "auth.jwt.rules", "scopes"),
+            (
+                |c| c.rules[0].issuer = Some("https://other".into()),
+                "auth.jwt.rules",
+                "not one of",
+            ),
+            (|c| c.issuers.clear(), "auth.jwt.rules", "add an issuer"),
+        ];
+        for (change, key, words) in cases {
+            let problem = jwt_problem(change).expect(words);
+            assert_eq!(problem.key, key);
+            assert!(problem.message.contains(words), "{}", problem.message);
+        }
+    }
+
+    #[test]
+    fn cert_rules_need_one_pattern_and_scopes() {
+        let rule = |uri: Option<&str>, dns: Option<&str>, scopes: &[&str]| CertRule {
+            uri: uri.map(Into::into),
+            dns: dns.map(Into::into),
+            subject: None,
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        };
+        assert!(cert_rules(&[rule(Some("spiffe://x/*"), None, &["greeter"])]).is_ok());
+        for bad in [
+            rule(Some("a"), Some("b"), &["greeter"]),
+            rule(None, None, &["greeter"]),
+            rule(Some(""), None, &["greeter"]),
+            rule(None, Some("*.svc"), &[]),
+        ] {
+            assert_eq!(cert_rules(&[bad]).unwrap_err().key, "auth.cert_rules");
+        }
+    }
+}

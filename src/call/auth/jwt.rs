@@ -235,7 +235,180 @@ fn now() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+    use ring::{
+        rand::SystemRandom,
+        signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _},
+    };
+    use serde_json::json;
+
     use super::*;
+
+    const ISS: &str = "https://kubernetes.default.svc.cluster.local";
+
+    /// An ES256 and an EdDSA key made by ring, their JWKS, and tokens they sign.
+    struct Signers {
+        ec: EcdsaKeyPair,
+        ed: Ed25519KeyPair,
+    }
+
+    impl Signers {
+        fn new() -> Self {
+            let rng = SystemRandom::new();
+            let alg = &ECDSA_P256_SHA256_FIXED_SIGNING;
+            let ec = EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
+            let ed = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+            Self {
+                ec: EcdsaKeyPair::from_pkcs8(alg, ec.as_ref(), &rng).unwrap(),
+                ed: Ed25519KeyPair::from_pkcs8(ed.as_ref()).unwrap(),
+            }
+        }
+
+        fn jwks(&self) -> String {
+            let point = self.ec.public_key().as_ref();
+            json!({"keys": [
+                {"kty": "EC", "crv": "P-256", "kid": "ec", "x": B64.encode(&point[1..33]),
+                 "y": B64.encode(&point[33..])},
+                {"kty": "OKP", "crv": "Ed25519", "kid": "ed", "alg": "EdDSA",
+                 "x": B64.encode(self.ed.public_key().as_ref())},
+            ]})
+            .to_string()
+        }
+
+        fn token(&self, alg: &str, kid: &str, claims: &Value) -> String {
+            let header = B64.encode(json!({"alg": alg, "kid": kid, "typ": "JWT"}).to_string());
+            let message = format!("{header}.{}", B64.encode(claims.to_string()));
+            let signature = match alg {
+                "ES256" => self
+                    .ec
+                    .sign(&SystemRandom::new(), message.as_bytes())
+                    .unwrap()
+                    .as_ref()
+                    .to_vec(),
+                _ => self.ed.sign(message.as_bytes()).as_ref().to_vec(),
+            };
+            format!("{message}.{}", B64.encode(signature))
+        }
+    }
+
+    fn claims(sub: &str, exp_in: i64) -> Value {
+        let now = now() as i64;
+        json!({"iss": ISS, "aud": ["greeter"], "sub": sub, "iat": now, "nbf": now,
+               "exp": now + exp_in, "kubernetes.io": {"namespace": "shop"},
+               "scope": "reflection extra"})
+    }
+
+    fn verifier(keys: &Signers, cache_size: usize) -> Jwt {
+        let config = JwtConfig {
+            issuers: vec![JwtIssuer {
+                issuer: ISS.into(),
+                jwks_file: "jwks.json".into(),
+                audiences: vec!["greeter".into()],
+                scopes_claim: Some("scope".into()),
+            }],
+            rules: vec![ClaimRule {
+                claim: "sub".into(),
+                pattern: "system:serviceaccount:shop:*".into(),
+                scopes: vec!["greeter".into()],
+                issuer: None,
+            }],
+            leeway: Duration::from_secs(5),
+            cache_size,
+        };
+        Jwt::new(
+            &config,
+            vec![Keys::parse(&keys.jwks(), "jwks.json").unwrap()],
+        )
+    }
+
+    #[test]
+    fn verifies_identity_and_scopes_then_answers_from_the_cache() {
+        let keys = Signers::new();
+        let jwt = verifier(&keys, 16);
+        for (alg, kid) in [("ES256", "ec"), ("EdDSA", "ed")] {
+            let token = keys.token(
+                alg,
+                kid,
+                &claims("system:serviceaccount:shop:checkout", 600),
+            );
+            let first = jwt.verify(&token).unwrap();
+            assert_eq!(&*first.subject, "system:serviceaccount:shop:checkout");
+            assert_eq!(&*first.issuer, ISS);
+            assert_eq!(first.scopes, ["greeter", "reflection", "extra"]);
+            assert!(Arc::ptr_eq(&first, &jwt.verify(&token).unwrap()));
+        }
+        // Without a cache, every call verifies anew.
+        let uncached = verifier(&keys, 0);
+        let token = keys.token("EdDSA", "ed", &claims("system:serviceaccount:x:y", 600));
+        let first = uncached.verify(&token).unwrap();
+        assert!(!Arc::ptr_eq(&first, &uncached.verify(&token).unwrap()));
+        assert_eq!(first.scopes, ["reflection", "extra"]);
+    }
+
+    #[test]
+    fn refusals() {
+        let keys = Signers::new();
+        let jwt = verifier(&keys, 16);
+        let sub = "system:serviceaccount:shop:checkout";
+        let good = claims(sub, 600);
+        let with = |key: &str, value: Value| {
+            let mut claims = good.clone();
+            claims[key] = value;
+            claims
+        };
+        let now = now() as i64;
+        let cases = [
+            (
+                keys.token("ES256", "ec", &claims(sub, -60)),
+                JwtError::Expired,
+            ),
+            (
+                keys.token("ES256", "ec", &with("nbf", json!(now + 60))),
+                JwtError::NotYetValid,
+            ),
+            (
+                keys.token("ES256", "ec", &with("nbf", json!("never"))),
+                JwtError::Claim("nbf"),
+            ),
+            (
+                keys.token("ES256", "ec", &with("exp", json!("never"))),
+                JwtError::Claim("exp"),
+            ),
+            (
+                keys.token("ES256", "ec", &with("iat", json!(now + 60))),
+                JwtError::IssuedInFuture,
+            ),
+            (
+                keys.token("ES256", "ec", &with("aud", json!("vault"))),
+                JwtError::Audience,
+            ),
+            (
+                keys.token("ES256", "ec", &with("iss", json!("https://x"))),
+                JwtError::Issuer,
+            ),
+            (
+                keys.token("ES256", "ec", &with("sub", json!(""))),
+                JwtError::Claim("sub"),
+            ),
+            (keys.token("ES256", "nope", &good), JwtError::UnknownKid),
+            (keys.token("EdDSA", "ec", &good), JwtError::KeyMismatch),
+            (keys.token("HS256", "ec", &good), JwtError::Algorithm),
+            (keys.token("none", "ec", &good), JwtError::Algorithm),
+        ];
+        for (token, expected) in cases {
+            assert_eq!(jwt.verify(&token).unwrap_err(), expected);
+        }
+        let token = keys.token("ES256", "ec", &good);
+        let (head, rest) = token.split_once('.').unwrap();
+        let sig = rest.split_once('.').unwrap().1;
+        let forged = format!(
+            "{head}.{}.{sig}",
+            B64.encode(with("sub", json!("x")).to_string())
+        );
+        assert_eq!(jwt.verify(&forged).unwrap_err(), JwtError::Signature);
+    }
 
     #[test]
     fn jwt_shape() {

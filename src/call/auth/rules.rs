@@ -219,7 +219,7 @@ mod tests {
             "greeter",
         );
         assert_eq!(
-            cert_scopes(&[spiffe.clone()], &cert, &fallback),
+            cert_scopes(std::slice::from_ref(&spiffe), &cert, &fallback),
             ["greeter"]
         );
         let dns = by(None, Some("*.shop.svc"), None, "dns");
