@@ -13,6 +13,7 @@ import hmac
 import json
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -254,6 +255,19 @@ def test_jwks_rotated_while_calls_run(jwt_greeter, signers):
     assert say_hello(jwt_greeter, new_token) == "Hello, you!"
     write_jwks(jwt_greeter.jwks, signers.values())
     wait_until(lambda: accepted(jwt_greeter, old_token), "the original set is back")
+    if jwt_greeter.metrics_addr:
+        metrics = scrape(jwt_greeter)
+        assert metrics['greeter_reloads_total{kind="jwks",outcome="failure"}'] >= 1
+        assert metrics['greeter_reloads_total{kind="jwks",outcome="success"}'] >= 3
+        assert metrics['greeter_auth_failures_total{reason="invalid_jwt"}'] >= 2
+
+
+def scrape(server):
+    """The server's /metrics, as {series: value}."""
+    with urllib.request.urlopen(f"http://{server.metrics_addr}/metrics", timeout=RPC_TIMEOUT) as r:
+        lines = r.read().decode().splitlines()
+    return {series: float(value) for series, value in
+            (line.rsplit(" ", 1) for line in lines if line and not line.startswith("#"))}
 
 
 def accepted(server, token):

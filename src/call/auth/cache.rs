@@ -2,7 +2,9 @@
 //! on every call for its lifetime (the kubelet rotates it after 80% of it), and a reused token then
 //! costs a hash and a lookup instead of a signature verification and a JSON parse.
 //!
-//! Bounded by count: when full, expired entries go first, then an arbitrary one. The cache lives
+//! Bounded by count, and each entry by [`JWT_CACHE_IDENTITY_BYTES`] (a larger identity is not
+//! cached), so `greeter config check` can count it ([`crate::ops::memory`]). When full, expired
+//! entries go first, then an arbitrary one. The cache lives
 //! inside one generation of the keys ([`super::jwt::Jwt`]): a JWKS reload starts an empty one, so
 //! a token whose key was removed is never answered from here.
 
@@ -10,6 +12,8 @@ use std::{
     collections::HashMap,
     sync::{Arc, Mutex, PoisonError},
 };
+
+use crate::ops::memory::JWT_CACHE_IDENTITY_BYTES;
 
 /// A verified token's identity and scopes, and until when (unix seconds, leeway included) it is
 /// valid.
@@ -21,9 +25,12 @@ pub struct Verified {
     pub valid_until: u64,
 }
 
-/// Bytes one entry holds beyond its strings' content, for the memory bound: key, `Arc`, the
-/// `Verified` and the map's slot.
-pub const ENTRY_BYTES: u64 = 256;
+impl Verified {
+    /// The bytes of the identity's strings.
+    fn identity_bytes(&self) -> usize {
+        self.subject.len() + self.issuer.len() + self.scopes.iter().map(String::len).sum::<usize>()
+    }
+}
 
 #[derive(Debug)]
 pub struct TokenCache {
@@ -51,7 +58,7 @@ impl TokenCache {
     }
 
     pub fn insert(&self, hash: [u8; 32], verified: Arc<Verified>, now: u64) {
-        if self.capacity == 0 {
+        if self.capacity == 0 || verified.identity_bytes() > JWT_CACHE_IDENTITY_BYTES {
             return;
         }
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
@@ -109,6 +116,13 @@ mod tests {
         cache.insert([5; 32], verified(500), 60);
         assert_eq!(cache.len(), 3);
         assert!(cache.get(&[5; 32], 60).is_some());
+
+        let huge = Arc::new(Verified {
+            subject: "x".repeat(JWT_CACHE_IDENTITY_BYTES).into(),
+            ..Arc::into_inner(verified(500)).unwrap()
+        });
+        cache.insert([6; 32], huge, 60);
+        assert!(cache.get(&[6; 32], 60).is_none(), "too large to cache");
 
         let off = TokenCache::new(0);
         off.insert([1; 32], verified(500), 10);

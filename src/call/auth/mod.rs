@@ -28,7 +28,6 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Status, codegen::http};
 use tower::{Layer, Service};
 
-pub use cache::ENTRY_BYTES as JWT_CACHE_ENTRY_BYTES;
 pub use jwks::JwksError;
 pub use jwt::Jwt;
 pub use tokens::{

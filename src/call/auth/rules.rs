@@ -1,6 +1,8 @@
 //! Identity -> scopes: rules over a JWT's claims (`[[auth.jwt.rules]]`) and over a client
 //! certificate's names (`[[auth.cert_rules]]`). Every matching rule adds its scopes.
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 use crate::{
@@ -74,7 +76,11 @@ pub fn listed_scopes(claim: Option<&Value>, scopes: &mut Vec<String>) {
 
 /// The scopes of a client certificate: those of every rule it matches, or `fallback`
 /// (`auth.client_cert_scopes`) when it matches none.
-pub fn cert_scopes(rules: &[CertRule], cert: &ClientIdentity, fallback: &[String]) -> Vec<String> {
+pub fn cert_scopes<'a>(
+    rules: &[CertRule],
+    cert: &ClientIdentity,
+    fallback: &'a [String],
+) -> Cow<'a, [String]> {
     let mut scopes = Vec::new();
     let mut matched = false;
     for rule in rules {
@@ -92,7 +98,11 @@ pub fn cert_scopes(rules: &[CertRule], cert: &ClientIdentity, fallback: &[String
             add(&mut scopes, &rule.scopes);
         }
     }
-    if matched { scopes } else { fallback.to_vec() }
+    if matched {
+        Cow::Owned(scopes)
+    } else {
+        Cow::Borrowed(fallback)
+    }
 }
 
 /// Who a certificate is, for logs: its first URI SAN (a SPIFFE ID, when a mesh issued it), else
@@ -219,19 +229,19 @@ mod tests {
             "greeter",
         );
         assert_eq!(
-            cert_scopes(std::slice::from_ref(&spiffe), &cert, &fallback),
+            *cert_scopes(std::slice::from_ref(&spiffe), &cert, &fallback),
             ["greeter"]
         );
         let dns = by(None, Some("*.shop.svc"), None, "dns");
         let subject = by(None, None, Some("CN=checkout"), "subject");
         assert_eq!(
-            cert_scopes(&[spiffe, dns, subject], &cert, &fallback),
+            *cert_scopes(&[spiffe, dns, subject], &cert, &fallback),
             ["greeter", "dns", "subject"]
         );
         // A URI pattern never matches a DNS name, nor the subject.
         let other = by(Some("checkout.shop.svc"), None, None, "no");
-        assert_eq!(cert_scopes(&[other], &cert, &fallback), ["fallback"]);
-        assert_eq!(cert_scopes(&[], &cert, &[]), Vec::<String>::new());
+        assert_eq!(*cert_scopes(&[other], &cert, &fallback), ["fallback"]);
+        assert!(cert_scopes(&[], &cert, &[]).is_empty());
 
         assert_eq!(
             cert_identity(&cert),
