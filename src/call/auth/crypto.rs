@@ -1,14 +1,16 @@
 //! The signature checks of `jsonwebtoken`, done by ring.
 //!
 //! Why this file: `jsonwebtoken` 12 takes its cryptography from a `CryptoProvider`, built in for
-//! aws-lc-rs (a C/CMake build in the musl image, and a second TLS-grade crypto library beside
-//! ring) or RustCrypto (the `rsa` crate, RUSTSEC-2023-0071, and five more crates). The process
-//! already links ring for rustls and rcgen, and verification needs only three of its functions, so
-//! the provider here is ring's, for exactly the algorithms greeter accepts: RS256, ES256 (P-256)
-//! and EdDSA (Ed25519). Every other algorithm, HMAC above all, has no verifier: a token that names
-//! one cannot verify (no algorithm confusion), and signing is never offered. Older
-//! `jsonwebtoken` (9.x, ring-based) was not an option: it lets a malformed `exp`/`nbf` skip
-//! validation (GHSA-h395-gr6q-cpjc, fixed in 10.3).
+//! aws-lc-rs (a C/CMake build for the musl image, and a second TLS-grade crypto library beside
+//! ring) or RustCrypto (six more crates and their dependencies, among them `rsa`, whose
+//! RUSTSEC-2023-0071 would need an ignore in deny.toml). The process already links ring for
+//! rustls and rcgen, and verification needs three of its functions, so the provider here is
+//! ring's, for exactly the algorithms greeter accepts: RS256, ES256 (P-256) and EdDSA (Ed25519).
+//! Every other algorithm, HMAC above all, has no verifier: a token that names one cannot verify
+//! (no algorithm confusion), and signing is never offered. With no backend feature, the crate adds
+//! only `signature`, `zeroize` and a second `base64` to the build. Older `jsonwebtoken` (9.x,
+//! ring-based) was not an option: a malformed `exp`/`nbf` skips validation there
+//! (GHSA-h395-gr6q-cpjc, fixed in 10.3).
 
 use std::sync::Once;
 
