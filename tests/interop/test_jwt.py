@@ -262,6 +262,21 @@ def test_jwks_rotated_while_calls_run(jwt_greeter, signers):
         assert metrics['greeter_auth_failures_total{reason="invalid_jwt"}'] >= 2
 
 
+def test_deleted_jwks_revokes_its_keys(jwt_greeter, signers):
+    """Deleting the file is how to revoke an issuer at once; the file back, its tokens work again."""
+    token = signers["EdDSA"].token()
+    assert say_hello(jwt_greeter, token) == "Hello, you!"
+    jwt_greeter.jwks.unlink()
+    try:
+        wait_until(lambda: not accepted(jwt_greeter, token), "the deleted set is revoked")
+        assert "kid" in refused(jwt_greeter, token).details()
+    finally:
+        write_jwks(jwt_greeter.jwks, signers.values())
+    wait_until(lambda: accepted(jwt_greeter, token), "the set is back")
+    if jwt_greeter.metrics_addr:
+        assert scrape(jwt_greeter)['greeter_reloads_total{kind="jwks",outcome="revoked"}'] >= 1
+
+
 def scrape(server):
     """The server's /metrics, as {series: value}."""
     with urllib.request.urlopen(f"http://{server.metrics_addr}/metrics", timeout=RPC_TIMEOUT) as r:
