@@ -26,7 +26,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 import helloworld_pb2 as pb
 import helloworld_pb2_grpc
-from conftest import RPC_TIMEOUT, GreeterProcess, toml_str
+from conftest import RPC_TIMEOUT, GreeterProcess, greeter_cli, toml_str
 
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 SUBJECT = "system:serviceaccount:shop:checkout"
@@ -275,6 +275,27 @@ def test_deleted_jwks_revokes_its_keys(jwt_greeter, signers):
     wait_until(lambda: accepted(jwt_greeter, token), "the set is back")
     if jwt_greeter.metrics_addr:
         assert scrape(jwt_greeter)['greeter_reloads_total{kind="jwks",outcome="revoked"}'] >= 1
+
+
+@pytest.mark.parametrize("jwks, audiences, expected", [
+    ('{"keys": [{"kty": "oct", "kid": "h", "k": "c2VjcmV0"}]}', '["greeter"]',
+     'key "h": symmetric ("kty": "oct") keys are refused'),
+    ('{"keys": [', '["greeter"]', "not a JWKS"),
+    ('{"keys": []}', "[]", "auth.jwt.issuers[0].audiences must list at least one"),
+])
+def test_config_check_names_the_key_and_the_file(tmp_path, jwks, audiences, expected):
+    (tmp_path / "jwks.json").write_text(jwks)
+    (tmp_path / "tokens.toml").write_text("")
+    config = tmp_path / "greeter.toml"
+    config.write_text(
+        '[auth]\nenabled = true\ntokens_file = "tokens.toml"\n'
+        f'[[auth.jwt.issuers]]\nissuer = {toml_str(ISSUER)}\njwks_file = "jwks.json"\n'
+        f"audiences = {audiences}\n")
+    res = greeter_cli("config", "check", "--config", config, cwd=tmp_path, check=False)
+    assert res.returncode != 0, res.stdout
+    assert expected in res.stderr, res.stderr
+    named = "jwks.json" if audiences != "[]" else str(config.name)
+    assert named in res.stderr, res.stderr
 
 
 def scrape(server):
