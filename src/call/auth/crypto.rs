@@ -8,7 +8,7 @@
 //! ring's, for exactly the algorithms greeter accepts: RS256, ES256 (P-256) and EdDSA (Ed25519).
 //! Every other algorithm, HMAC above all, has no verifier: a token that names one cannot verify
 //! (no algorithm confusion), and signing is never offered. With no backend feature, the crate adds
-//! only `signature`, `zeroize` and a second `base64` to the build. Older `jsonwebtoken` (9.x,
+//! only `signature` (and `zeroize_derive`) to a Linux build. Older `jsonwebtoken` (9.x,
 //! ring-based) was not an option: a malformed `exp`/`nbf` skips validation there
 //! (GHSA-h395-gr6q-cpjc, fixed in 10.3).
 
