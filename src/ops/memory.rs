@@ -10,7 +10,8 @@
 //!   call's own state, its headers (up to `max_header_list_bytes`), and the reply bytes queued for
 //!   a client that does not read (up to the stream window);
 //! - request messages still arriving, server-wide (`max_buffered_request_bytes`);
-//! - the process itself.
+//! - the process itself, with the cache of verified JWTs when `[auth.jwt]` has issuers
+//!   (`auth.jwt.cache_size` entries of at most [`JWT_CACHE_ENTRY_BYTES`]).
 //!
 //! The per-unit figures are measured upper bounds with room to spare (BENCHMARKS.md): an idle TLS
 //! connection measured ~28 KiB, the process at rest ~8 MiB.
@@ -25,6 +26,11 @@ const BASE_BYTES: u64 = 16 << 20;
 const CONNECTION_BYTES: u64 = 32 << 10;
 /// One call's state beyond its headers and queued replies: stream, task, codec buffers.
 const CALL_BYTES: u64 = 16 << 10;
+/// The identity one cached JWT may hold (subject, issuer, scopes); a token with more is verified
+/// on every call instead of cached, so the cache's bound does not depend on what issuers sign.
+pub const JWT_CACHE_IDENTITY_BYTES: usize = 1 << 10;
+/// One cached JWT: its hash, the map's slot, the entry and the identity's allocations.
+pub const JWT_CACHE_ENTRY_BYTES: u64 = JWT_CACHE_IDENTITY_BYTES as u64 + 512;
 
 /// The worst case, by term, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +70,7 @@ impl WorstCase {
                 + u64::from(limits.max_header_list_bytes)
                 + u64::from(limits.initial_stream_window_bytes),
             buffered_requests: limits.max_buffered_request_bytes as u64,
-            base: BASE_BYTES,
+            base: BASE_BYTES + jwt_cache_bytes(config),
         }
     }
 
@@ -74,6 +80,16 @@ impl WorstCase {
             + self.calls * self.bytes_per_call
             + self.buffered_requests
             + self.base
+    }
+}
+
+/// The bound of the verified-JWT cache, when JWTs are accepted at all.
+fn jwt_cache_bytes(config: &Config) -> u64 {
+    let auth = &config.auth;
+    if auth.enabled && !auth.jwt.issuers.is_empty() {
+        auth.jwt.cache_size as u64 * JWT_CACHE_ENTRY_BYTES
+    } else {
+        0
     }
 }
 
@@ -127,6 +143,22 @@ mod tests {
             let more = WorstCase::of(&config(&[(key, value)])).total();
             assert!(more > base, "{key} = {value}: {more} <= {base}");
         }
+    }
+
+    #[test]
+    fn the_jwt_cache_counts_when_jwts_are_accepted() {
+        let mut config = config(&[("auth.enabled", "true")]);
+        let without = WorstCase::of(&config).total();
+        config.auth.jwt.issuers.push(crate::config::JwtIssuer {
+            issuer: "https://k8s".into(),
+            jwks_file: "jwks.json".into(),
+            audiences: vec!["greeter".into()],
+            scopes_claim: None,
+        });
+        let with = WorstCase::of(&config).total();
+        assert_eq!(with - without, 4096 * JWT_CACHE_ENTRY_BYTES);
+        config.auth.jwt.cache_size = 0;
+        assert_eq!(WorstCase::of(&config).total(), without);
     }
 
     #[test]
