@@ -11,7 +11,7 @@ use std::{
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
 
 /// Why certificates could not be made or written.
@@ -74,6 +74,15 @@ pub const FILES: [&str; 5] = [
 
 impl DevPki {
     pub fn generate(options: &PkiOptions) -> Result<Self, CertsError> {
+        Self::generate_with_client_uris(options, &[])
+    }
+
+    /// As [`DevPki::generate`], with `client_uris` as URI SANs of the client certificate: SPIFFE
+    /// IDs (`spiffe://cluster.local/ns/shop/sa/checkout`) for trying `[[auth.cert_rules]]`.
+    pub fn generate_with_client_uris(
+        options: &PkiOptions,
+        client_uris: &[String],
+    ) -> Result<Self, CertsError> {
         let ca_key = KeyPair::generate()?;
         let mut ca = CertificateParams::default();
         ca.distinguished_name = name("greeter development CA");
@@ -83,9 +92,14 @@ impl DevPki {
         ca.not_after = (options.not_after + Duration::from_secs(86_400)).into();
         let ca = CertifiedIssuer::self_signed(ca, ca_key)?;
 
-        let leaf = |sans: Vec<String>, cn: &str, usage: ExtendedKeyUsagePurpose| {
+        let leaf = |sans: Vec<String>, uris: &[String], cn: &str, usage| {
             let key = KeyPair::generate()?;
             let mut params = CertificateParams::new(sans)?;
+            for uri in uris {
+                params
+                    .subject_alt_names
+                    .push(SanType::URI(uri.as_str().try_into()?));
+            }
             params.distinguished_name = name(cn);
             params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
             params.extended_key_usages = vec![usage];
@@ -98,11 +112,13 @@ impl DevPki {
         let server_cn = options.hosts.first().map_or("greeter", String::as_str);
         let (server_cert, server_key) = leaf(
             options.hosts.clone(),
+            &[],
             server_cn,
             ExtendedKeyUsagePurpose::ServerAuth,
         )?;
         let (client_cert, client_key) = leaf(
             vec![options.client_name.clone()],
+            client_uris,
             &options.client_name,
             ExtendedKeyUsagePurpose::ClientAuth,
         )?;

@@ -117,6 +117,10 @@ pub struct CertsArgs {
     /// Common name of the client certificate: the identity mTLS callers show in logs
     #[arg(long, default_value = "greeter-client")]
     pub client_name: String,
+    /// A URI SAN for the client certificate, e.g. a SPIFFE ID
+    /// (spiffe://cluster.local/ns/shop/sa/checkout) for auth.cert_rules; repeat for several
+    #[arg(long = "client-uri-san", value_name = "URI")]
+    pub client_uri_sans: Vec<String>,
     /// Validity of the server and client certificates, in days
     #[arg(long, default_value_t = 90)]
     pub days: u64,

@@ -205,7 +205,8 @@ fn generate_certs(args: CertsArgs) -> Result<(), Failure> {
         args.hosts
     };
     let options = PkiOptions::valid_for_days(hosts, args.client_name, args.days);
-    for path in DevPki::generate(&options)?.write(&args.out, args.force)? {
+    let pki = DevPki::generate_with_client_uris(&options, &args.client_uri_sans)?;
+    for path in pki.write(&args.out, args.force)? {
         println!("wrote {}", path.display());
     }
     Ok(())

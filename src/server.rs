@@ -28,7 +28,7 @@ use tower_http::add_extension::AddExtensionLayer;
 use tracing::{info, warn};
 
 use crate::{
-    call::auth::{self, AuthLayer, Authenticator, TokenStore, TokensError},
+    call::auth::{self, AuthLayer, Authenticator, JwksError, Jwt, TokenStore, TokensError},
     call::deadline::DeadlinePolicy,
     call::intake::{BufferBudget, IntakeLayer},
     call::lifetime::{CallLayer, CallStats},
@@ -77,6 +77,8 @@ pub enum ServerError {
     Tls(#[from] TlsError),
     #[error("tokens (auth.tokens_file): {0}")]
     Tokens(#[from] TokensError),
+    #[error("JWT keys (auth.jwt.issuers jwks_file): {0}")]
+    Jwks(#[from] JwksError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("cannot serve the Unix socket (server.unix): {0}")]
@@ -110,7 +112,12 @@ impl Credentials {
             } else {
                 TokenStore::default()
             };
-            Some(Authenticator::new(&config.auth, tokens))
+            let auth = Authenticator::new(&config.auth, tokens);
+            Some(if config.auth.jwt.issuers.is_empty() {
+                auth
+            } else {
+                auth.with_jwt(Jwt::load(&config.auth.jwt)?)
+            })
         } else {
             None
         };
@@ -702,9 +709,18 @@ fn spawn_reloaders(
         auth::spawn_token_reloader(
             auth.clone(),
             &config.auth,
-            hangups,
+            hangups.clone(),
             stop.clone(),
             reloads.kind("tokens"),
+        );
+    }
+    if let Some(auth) = &credentials.auth {
+        auth::spawn_jwks_reloader(
+            auth.clone(),
+            &config.auth,
+            hangups,
+            stop.clone(),
+            reloads.kind("jwks"),
         );
     }
 }

@@ -32,6 +32,7 @@ tonic, plaintext):
   bare         examples/bare_tonic.rs: tonic::transport::Server + GreeterServer, nothing else
   greeter      greeter, config/production.toml with TLS and auth off and loopback addresses
   greeter-tls  greeter, config/production.toml with dev certs and a bearer token (TLS + auth)
+  greeter-jwt  greeter-tls with a JWT bearer (RS256 service-account token from PyJWT, reused)
   python       gRPC's Python quick start greeter_server.py (grpcio), generated here
   go           grpc-go's helloworld greeter_server, built offline from Debian packages
 

@@ -62,6 +62,39 @@ tokens_file = "{tokens}"
 listen = "127.0.0.1:{probe}"
 """
 
+JWT_OVERRIDES = """\
+# The greeter-jwt peer: as greeter-tls, the bearer a Kubernetes projected service-account token
+# (RS256, as the API server signs by default) verified against a JWKS; every call reuses it, as a
+# workload does, so the verified-token cache answers after the first call.
+[[auth.jwt.issuers]]
+issuer = "https://kubernetes.default.svc.cluster.local"
+jwks_file = "{jwks}"
+audiences = ["greeter"]
+[[auth.jwt.rules]]
+claim = "sub"
+pattern = "system:serviceaccount:bench:*"
+scopes = ["greeter"]
+"""
+
+
+def mint_service_account_token(work):
+    """An RS256 token shaped like a projected service-account token, minted by PyJWT, valid for a
+    day, and the JWKS that verifies it (written into `work`). Returns (token, jwks path)."""
+    import json
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from jwt.algorithms import RSAAlgorithm
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = {**RSAAlgorithm.to_jwk(key.public_key(), as_dict=True), "kid": "bench", "alg": "RS256", "use": "sig"}
+    jwks = work / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [public]}))
+    now = int(time.time())
+    claims = {"iss": "https://kubernetes.default.svc.cluster.local", "aud": ["greeter"],
+              "sub": "system:serviceaccount:bench:client", "iat": now, "nbf": now, "exp": now + 86400,
+              "kubernetes.io": {"namespace": "bench", "serviceaccount": {"name": "client"}}}
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "bench"}), jwks
+
 
 # ---------------------------------------------------------------------------------------------
 # A peer and its lifecycle
@@ -218,6 +251,18 @@ def prepare_peers(args, work, greeter_bin, bare_bin):
     ca = str(certs / "ca.pem")
     peers.append(Peer("greeter-tls", "greeter (prod stack, TLS + token)",
                       [str(greeter_bin), "serve", "--config", str(production), "--config", str(tls)],
+                      p, ready="health", tls_ca=ca, token=token, binary=greeter_bin,
+                      bench_args=["--tls", "--ca", ca, "--server-name", "localhost", "--token", token]))
+
+    token, jwks = mint_service_account_token(work)
+    p, probe = free_port(), free_port()
+    jwt_layer = work / "jwt.toml"
+    jwt_layer.write_text(
+        TLS_OVERRIDES.format(port=p, probe=probe, certs=certs, tokens=tokens) + BENCH_OVERRIDES + extra()
+        + JWT_OVERRIDES.format(jwks=jwks)
+    )
+    peers.append(Peer("greeter-jwt", "greeter (prod stack, TLS + JWT)",
+                      [str(greeter_bin), "serve", "--config", str(production), "--config", str(jwt_layer)],
                       p, ready="health", tls_ca=ca, token=token, binary=greeter_bin,
                       bench_args=["--tls", "--ca", ca, "--server-name", "localhost", "--token", token]))
 

@@ -2,7 +2,12 @@
 
 pub mod bench;
 
-use std::{future::Future, net::IpAddr, path::PathBuf, time::Duration};
+use std::{
+    future::Future,
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use clap::Args;
 use hyper_util::rt::TokioIo;
@@ -378,6 +383,7 @@ async fn with_deadline<T, F>(
 where
     F: Future<Output = Result<T, Status>>,
 {
+    let started = Instant::now();
     let result = match timeout {
         Some(limit) => tokio::time::timeout(limit, call(Some(limit)))
             .await
@@ -392,6 +398,14 @@ where
             rpc,
             timeout: timeout.unwrap_or_default(),
         },
+        // tonic's channel enforces the `grpc-timeout` it sends too, and reports its own expiry as
+        // CANCELLED ("Timeout expired"); at or past the deadline that is the deadline.
+        Code::Cancelled if timeout.is_some_and(|limit| started.elapsed() >= limit) => {
+            ClientError::Deadline {
+                rpc,
+                timeout: timeout.unwrap_or_default(),
+            }
+        }
         _ => ClientError::Rpc { rpc, status },
     })
 }

@@ -125,6 +125,97 @@ pub struct AuthConfig {
     /// an entry by setting it to `""`.
     #[serde(deserialize_with = "values::removable::map")]
     pub policy: BTreeMap<String, String>,
+    /// JWT bearer tokens (Kubernetes service-account tokens, OIDC ID tokens) beside the static
+    /// tokens: a bearer with three dot-separated parts goes to these issuers when any is set.
+    #[serde(default)]
+    pub jwt: JwtConfig,
+    /// Client certificate identity -> scopes; a certificate no rule matches gets
+    /// `client_cert_scopes`.
+    #[serde(default)]
+    pub cert_rules: Vec<CertRule>,
+}
+
+/// `[auth.jwt]`: who may issue tokens, and how their claims become scopes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Trusted issuers; none: JWTs are not accepted (a bearer is looked up in `tokens_file`).
+    #[serde(default)]
+    pub issuers: Vec<JwtIssuer>,
+    /// Claim patterns -> scopes; every matching rule adds its scopes.
+    #[serde(default)]
+    pub rules: Vec<ClaimRule>,
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`.
+    #[serde(with = "humantime_serde", default = "JwtConfig::default_leeway")]
+    pub leeway: Duration,
+    /// Verified tokens remembered (by SHA-256) until they expire, so a reused token is not
+    /// verified again; 0 turns the cache off.
+    #[serde(default = "JwtConfig::default_cache_size")]
+    pub cache_size: usize,
+}
+
+impl JwtConfig {
+    fn default_leeway() -> Duration {
+        Duration::from_secs(30)
+    }
+
+    fn default_cache_size() -> usize {
+        4096
+    }
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        Self {
+            issuers: Vec::new(),
+            rules: Vec::new(),
+            leeway: Self::default_leeway(),
+            cache_size: Self::default_cache_size(),
+        }
+    }
+}
+
+/// `[[auth.jwt.issuers]]`: one issuer (`iss`) and the keys it signs with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtIssuer {
+    /// The exact `iss` of its tokens.
+    pub issuer: String,
+    /// A JWKS (`{"keys": [...]}`), re-read like `tokens_file`.
+    pub jwks_file: PathBuf,
+    /// Accepted `aud` values; a token must name at least one.
+    pub audiences: Vec<String>,
+    /// A claim holding scopes: a space-separated string (`scope`) or an array (`scp`).
+    #[serde(default)]
+    pub scopes_claim: Option<String>,
+}
+
+/// `[[auth.jwt.rules]]`: a claim whose value matches `pattern` grants `scopes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimRule {
+    /// A top-level claim (`sub`, `email`, `groups`, ...); for an array claim, any element.
+    pub claim: String,
+    /// A glob: `*` matches any run of characters.
+    pub pattern: String,
+    pub scopes: Vec<String>,
+    /// Only for tokens of this issuer; unset: any configured issuer.
+    #[serde(default)]
+    pub issuer: Option<String>,
+}
+
+/// `[[auth.cert_rules]]`: a client certificate whose URI SAN (SPIFFE ID), DNS SAN or subject
+/// matches grants `scopes`. Exactly one of `uri`, `dns`, `subject`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertRule {
+    #[serde(default)]
+    pub uri: Option<String>,
+    #[serde(default)]
+    pub dns: Option<String>,
+    #[serde(default)]
+    pub subject: Option<String>,
+    pub scopes: Vec<String>,
 }
 
 /// Which credentials a call must carry when `auth.enabled`.

@@ -247,6 +247,7 @@ fn unix_mode_is_octal_text_in_files_and_the_environment() {
     let err = Config::load(&sources).unwrap_err();
     assert_eq!(err.key.as_deref(), Some("server.unix_mode"));
     assert!(err.origin.ends_with("mode.toml"), "{err}");
+    assert!(err.message.contains("a quoted octal file mode"), "{err}");
 
     let err = Config::load(&with_env(&[("GREETER__SERVER__UNIX_MODE", "1777")])).unwrap_err();
     assert_eq!(err.key.as_deref(), Some("server.unix_mode"), "{err}");
@@ -317,4 +318,51 @@ fn tracing_is_off_by_default_and_checked_when_on() {
         let error = on(key, value).unwrap_err();
         assert_eq!(error.key.as_deref(), Some(key), "{key} = {value}: {error}");
     }
+}
+
+#[test]
+fn keepalive_needs_a_timeout_only_when_it_pings() {
+    let error = with_overrides(&[("connection.keepalive_timeout", "0s")]).unwrap_err();
+    assert_eq!(
+        error.key.as_deref(),
+        Some("connection.keepalive_timeout"),
+        "{error}"
+    );
+    with_overrides(&[
+        ("connection.keepalive_interval", "0s"),
+        ("connection.keepalive_timeout", "0s"),
+    ])
+    .expect("no pings, no timeout needed");
+}
+
+#[test]
+fn certificate_auth_needs_tls_that_asks_for_client_certificates() {
+    let tls_without_client_certs = [
+        ("tls.enabled", "true"),
+        ("tls.cert", "server.pem"),
+        ("tls.key", "server.key"),
+        ("auth.enabled", "true"),
+        ("auth.mode", "client_cert"),
+    ];
+    let error = with_overrides(&tls_without_client_certs).unwrap_err();
+    assert_eq!(error.key.as_deref(), Some("auth.mode"), "{error}");
+    assert!(error.message.contains("tls.client_auth"), "{error}");
+}
+
+#[test]
+fn a_map_entry_of_the_wrong_type_says_what_is_expected() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    std::fs::write(&file, "[auth.policy]\n\"/helloworld.Greeter/*\" = 5\n").unwrap();
+    let error = Config::load(&Sources {
+        files: vec![file],
+        ..Sources::default()
+    })
+    .unwrap_err();
+    assert!(
+        error
+            .message
+            .contains("a value, or \"\" to remove the entry"),
+        "{error}"
+    );
 }

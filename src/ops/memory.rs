@@ -11,7 +11,8 @@
 //!   a client that does not read (up to the stream window);
 //! - request messages still arriving, server-wide (`max_buffered_request_bytes`);
 //! - with `[tracing]` on, ended spans waiting for export (`tracing.max_queue_size`);
-//! - the process itself.
+//! - the process itself, with the cache of verified JWTs when `[auth.jwt]` has issuers
+//!   (`auth.jwt.cache_size` entries of at most [`JWT_CACHE_ENTRY_BYTES`]).
 //!
 //! The per-unit figures are measured upper bounds with room to spare (BENCHMARKS.md): an idle TLS
 //! connection measured ~28 KiB, the process at rest ~8 MiB.
@@ -29,6 +30,11 @@ const CALL_BYTES: u64 = 16 << 10;
 /// One ended span waiting for export: about a dozen attributes, a name, an event or two, about
 /// 1 KiB, and its share of the encoded export request.
 const SPAN_BYTES: u64 = 2 << 10;
+/// The identity one cached JWT may hold (subject, issuer, scopes); a token with more is verified
+/// on every call instead of cached, so the cache's bound does not depend on what issuers sign.
+pub const JWT_CACHE_IDENTITY_BYTES: usize = 1 << 10;
+/// One cached JWT: its hash, the map's slot, the entry and the identity's allocations.
+pub const JWT_CACHE_ENTRY_BYTES: u64 = JWT_CACHE_IDENTITY_BYTES as u64 + 512;
 
 /// The worst case, by term, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +83,7 @@ impl WorstCase {
                 0
             },
             bytes_per_span: SPAN_BYTES,
-            base: BASE_BYTES,
+            base: BASE_BYTES + jwt_cache_bytes(config),
         }
     }
 
@@ -88,6 +94,16 @@ impl WorstCase {
             + self.buffered_requests
             + self.queued_spans * self.bytes_per_span
             + self.base
+    }
+}
+
+/// The bound of the verified-JWT cache, when JWTs are accepted at all.
+fn jwt_cache_bytes(config: &Config) -> u64 {
+    let auth = &config.auth;
+    if auth.enabled && !auth.jwt.issuers.is_empty() {
+        auth.jwt.cache_size as u64 * JWT_CACHE_ENTRY_BYTES
+    } else {
+        0
     }
 }
 
@@ -151,6 +167,22 @@ mod tests {
             let more = WorstCase::of(&config(&[(key, value)])).total();
             assert!(more > base, "{key} = {value}: {more} <= {base}");
         }
+    }
+
+    #[test]
+    fn the_jwt_cache_counts_when_jwts_are_accepted() {
+        let mut config = config(&[("auth.enabled", "true")]);
+        let without = WorstCase::of(&config).total();
+        config.auth.jwt.issuers.push(crate::config::JwtIssuer {
+            issuer: "https://k8s".into(),
+            jwks_file: "jwks.json".into(),
+            audiences: vec!["greeter".into()],
+            scopes_claim: None,
+        });
+        let with = WorstCase::of(&config).total();
+        assert_eq!(with - without, 4096 * JWT_CACHE_ENTRY_BYTES);
+        config.auth.jwt.cache_size = 0;
+        assert_eq!(WorstCase::of(&config).total(), without);
     }
 
     #[test]

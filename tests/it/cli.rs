@@ -445,6 +445,11 @@ async fn client_timeout_is_sent_to_the_server_as_the_call_deadline() {
     .await
     .unwrap();
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("DEADLINE_EXCEEDED"),
+        "a server that never answers is the deadline, not a cancellation: {}",
+        stderr(&output)
+    );
     let headers = seen_rx.await.unwrap();
     let timeout = grpc_timeout(headers["grpc-timeout"].to_str().unwrap());
     assert!(

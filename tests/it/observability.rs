@@ -850,6 +850,59 @@ fn log_format_auto_is_json_when_stderr_is_not_a_terminal() {
     );
 }
 
+/// `log.format = "auto"` on a real terminal: util-linux's `script` runs the server on a
+/// pseudo-terminal, so stderr is a tty as in an operator's shell. Text with colours, not JSON.
+#[test]
+fn log_format_auto_is_coloured_text_on_a_terminal() {
+    use std::io::BufRead as _;
+
+    // The shell prints its pid, then becomes the server: that pid is the server's.
+    let command = format!(
+        "echo pid=$$; exec {} serve --listen 127.0.0.1:0",
+        common::greeter_bin().get_program().to_str().unwrap()
+    );
+    let mut script = std::process::Command::new("script")
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .env_remove("RUST_LOG")
+        .env("GREETER__METRICS__LISTEN", "")
+        .env("GREETER__LOG__FORMAT", "auto")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("util-linux `script` runs the server on a pseudo-terminal");
+    let stdout = script.stdout.take().unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.starts_with("pid=") || line.contains("greeter serving") {
+                let _ = line_tx.send(line);
+            }
+        }
+    });
+    let pid = line_rx
+        .recv_timeout(Duration::from_secs(15))
+        .expect("the shell's pid");
+    let serving = line_rx.recv_timeout(Duration::from_secs(15));
+    // SIGHUP reloads, so the terminal closing would not stop the server: SIGTERM does.
+    let stopped = std::process::Command::new("kill")
+        .args(["-TERM", pid.trim().trim_start_matches("pid=")])
+        .status()
+        .unwrap();
+    assert!(stopped.success(), "{pid:?}");
+    assert_eq!(script.wait().unwrap().code(), Some(0));
+    let line = serving.expect("the server's start line on the terminal");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(line.trim()).is_err(),
+        "{line:?}"
+    );
+    assert!(line.contains("\u{1b}["), "coloured on a terminal: {line:?}");
+    assert!(line.contains("INFO"), "{line:?}");
+}
+
 // Multi-threaded: the client's connection answers the GOAWAY while `terminate` blocks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_off_in_the_filter_and_rust_log_taking_precedence() {

@@ -4,6 +4,12 @@
 //! path (`/package.Service/Method`), the headers and the connection's TLS identity, and answers
 //! with a gRPC status before any handler or decoder runs.
 
+mod cache;
+mod check;
+mod crypto;
+mod jwks;
+mod jwt;
+mod rules;
 mod tokens;
 
 use std::{
@@ -22,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Status, codegen::http};
 use tower::{Layer, Service};
 
+pub use jwks::JwksError;
+pub use jwt::Jwt;
 pub use tokens::{
     Holder, TOKEN_PREFIX, TokenEntry, TokenStore, TokensError, entry_for, entry_toml, generate,
     sha256,
@@ -29,7 +37,7 @@ pub use tokens::{
 
 use crate::{
     call::resolve::Resolved,
-    config::{AuthConfig, AuthMode, Problem, Section},
+    config::{AuthConfig, AuthMode, CertRule, Problem, Section},
     methods::{self, MethodTable, Rule},
     ops::{
         metrics::{CounterSet, ReloadOutcomes},
@@ -44,6 +52,7 @@ pub const REFUSAL_REASONS: &[&str] = &[
     MISSING_CREDENTIALS,
     MALFORMED_HEADER,
     INVALID_TOKEN,
+    INVALID_JWT,
     MISSING_SCOPE,
 ];
 /// No `auth.policy` pattern covers the method (PERMISSION_DENIED).
@@ -54,6 +63,8 @@ const MISSING_CREDENTIALS: &str = "missing_credentials";
 const MALFORMED_HEADER: &str = "malformed_header";
 /// A bearer token no entry of the tokens file matches (UNAUTHENTICATED).
 const INVALID_TOKEN: &str = "invalid_token";
+/// A bearer shaped like a JWT that `[auth.jwt]` does not accept (UNAUTHENTICATED).
+const INVALID_JWT: &str = "invalid_jwt";
 /// Authenticated, but without the scope the method requires (PERMISSION_DENIED).
 const MISSING_SCOPE: &str = "missing_scope";
 
@@ -84,8 +95,34 @@ pub enum Caller {
     Anonymous,
     /// A bearer token, by its holder's name.
     Token(Arc<str>),
-    /// A verified client certificate, by its subject.
+    /// A verified JWT, by its subject and issuer.
+    Jwt { subject: Arc<str>, issuer: Arc<str> },
+    /// A verified client certificate, by its first URI SAN (a SPIFFE ID) or else its subject.
     ClientCert(String),
+}
+
+impl Caller {
+    /// How the caller authenticated, a bounded label for metrics and logs: `none`, `token`,
+    /// `jwt` or `client_cert`.
+    pub fn class(&self) -> &'static str {
+        match self {
+            Self::Anonymous => "none",
+            Self::Token(_) => "token",
+            Self::Jwt { .. } => "jwt",
+            Self::ClientCert(_) => "client_cert",
+        }
+    }
+
+    /// As whom, for the access line: the token's holder, the JWT's subject, the certificate's
+    /// identity; `None` when anonymous. Unbounded: never a metric label.
+    pub fn identity(&self) -> Option<&str> {
+        match self {
+            Self::Anonymous => None,
+            Self::Token(name) => Some(name),
+            Self::Jwt { subject, .. } => Some(subject),
+            Self::ClientCert(identity) => Some(identity),
+        }
+    }
 }
 
 /// Method pattern -> rule, from `auth.policy`; a path no pattern covers is refused.
@@ -100,7 +137,8 @@ fn policy(config: &BTreeMap<String, String>) -> MethodTable<Rule> {
 }
 
 impl Section for AuthConfig {
-    /// Every `auth.policy` entry: a pattern `MethodTable` understands, and a rule.
+    /// Every `auth.policy` entry: a pattern `MethodTable` understands, and a rule; then the JWT
+    /// issuers and rules, and the certificate rules.
     fn check(&self) -> Result<(), Problem> {
         for (pattern, rule) in &self.policy {
             let key = format!("auth.policy.\"{pattern}\"");
@@ -117,7 +155,8 @@ impl Section for AuthConfig {
                 });
             }
         }
-        Ok(())
+        check::jwt(&self.jwt)?;
+        check::cert_rules(&self.cert_rules)
     }
 }
 
@@ -126,7 +165,10 @@ impl Section for AuthConfig {
 pub struct Authenticator {
     mode: AuthMode,
     tokens: Arc<ArcSwap<TokenStore>>,
+    /// The JWT issuers' keys, when `[auth.jwt]` names any; swapped on a JWKS reload.
+    jwt: Option<Arc<ArcSwap<Jwt>>>,
     cert_scopes: Arc<[String]>,
+    cert_rules: Arc<[CertRule]>,
     policy: Arc<MethodTable<Rule>>,
 }
 
@@ -135,8 +177,23 @@ impl Authenticator {
         Self {
             mode: config.mode,
             tokens: Arc::new(ArcSwap::from_pointee(tokens)),
+            jwt: None,
             cert_scopes: config.client_cert_scopes.clone().into(),
+            cert_rules: config.cert_rules.clone().into(),
             policy: Arc::new(policy(&config.policy)),
+        }
+    }
+
+    /// Accepts JWTs from `jwt`'s issuers beside the static tokens.
+    pub fn with_jwt(mut self, jwt: Jwt) -> Self {
+        self.jwt = Some(Arc::new(ArcSwap::from_pointee(jwt)));
+        self
+    }
+
+    /// Installs a new generation of JWT keys (after a JWKS reload), with an empty cache.
+    fn replace_jwt(&self, jwt: Jwt) {
+        if let Some(current) = &self.jwt {
+            current.store(Arc::new(jwt));
         }
     }
 
@@ -173,19 +230,38 @@ impl Authenticator {
         let cert = peer.and_then(|p| p.client_cert.as_deref());
         let token = bearer_token(headers).map_err(|s| Refusal::new(MALFORMED_HEADER, s))?;
         let tokens = self.tokens.load();
+        let jwt = self.jwt.as_ref().map(|jwt| jwt.load());
+        let verified;
+        let cert_scopes;
         let (caller, scopes): (Caller, &[String]) = match (self.mode, token, cert) {
             (AuthMode::Token | AuthMode::Either, Some(token), _)
-            | (AuthMode::Both, Some(token), Some(_)) => {
-                let holder = tokens.authenticate(token).ok_or_else(|| {
-                    Refusal::new(
-                        INVALID_TOKEN,
-                        Status::unauthenticated("invalid bearer token"),
-                    )
-                })?;
-                (Caller::Token(Arc::clone(&holder.name)), &holder.scopes)
-            }
+            | (AuthMode::Both, Some(token), Some(_)) => match &jwt {
+                Some(jwt) if jwt::looks_like_jwt(token) => {
+                    verified = jwt.verify(token).map_err(|e| {
+                        Refusal::new(INVALID_JWT, Status::unauthenticated(e.to_string()))
+                    })?;
+                    let caller = Caller::Jwt {
+                        subject: Arc::clone(&verified.subject),
+                        issuer: Arc::clone(&verified.issuer),
+                    };
+                    (caller, &verified.scopes)
+                }
+                _ => {
+                    let holder = tokens.authenticate(token).ok_or_else(|| {
+                        Refusal::new(
+                            INVALID_TOKEN,
+                            Status::unauthenticated("invalid bearer token"),
+                        )
+                    })?;
+                    (Caller::Token(Arc::clone(&holder.name)), &holder.scopes)
+                }
+            },
             (AuthMode::ClientCert | AuthMode::Either, _, Some(cert)) => {
-                (Caller::ClientCert(cert.subject.clone()), &self.cert_scopes)
+                cert_scopes = rules::cert_scopes(&self.cert_rules, cert, &self.cert_scopes);
+                (
+                    Caller::ClientCert(rules::cert_identity(cert)),
+                    &cert_scopes[..],
+                )
             }
             (AuthMode::Token, None, _) => return Err(missing("authorization: Bearer <token>")),
             (AuthMode::ClientCert, _, None) => return Err(missing("a client certificate")),
@@ -206,6 +282,7 @@ impl Authenticator {
         } else {
             let who = match &caller {
                 Caller::Token(name) => format!("token {name:?}"),
+                Caller::Jwt { subject, .. } => format!("JWT subject {subject:?}"),
                 Caller::ClientCert(subject) => format!("client certificate {subject:?}"),
                 Caller::Anonymous => "caller".to_owned(),
             };
@@ -254,6 +331,57 @@ pub fn spawn_token_reloader(
                 )))
             }
             Err(e) => Err(e),
+        },
+    );
+}
+
+/// Re-reads every `[[auth.jwt.issuers]]` JWKS file when one changes or SIGHUP arrives. A file
+/// that does not load keeps the previous keys of every issuer; a deleted file revokes its issuer's
+/// keys (the others keep theirs). Each reload starts an empty cache of verified tokens, so a key
+/// removed from a set stops verifying at once; calls signed by keys still in the set go on.
+pub fn spawn_jwks_reloader(
+    auth: Authenticator,
+    config: &AuthConfig,
+    hangups: watch::Receiver<()>,
+    stop: CancellationToken,
+    outcomes: ReloadOutcomes,
+) {
+    if auth.jwt.is_none() {
+        return;
+    }
+    let jwt = config.jwt.clone();
+    let paths = jwt.issuers.iter().map(|i| i.jwks_file.clone()).collect();
+    reload::spawn(
+        "jwks",
+        paths,
+        config.reload_interval,
+        hangups,
+        stop,
+        outcomes,
+        move || {
+            let mut keys = Vec::new();
+            let mut revoked = Vec::new();
+            for issuer in &jwt.issuers {
+                match jwks::Keys::load(&issuer.jwks_file) {
+                    Ok(new) => keys.push(new),
+                    Err(e) if e.is_missing() => {
+                        revoked.push(issuer.jwks_file.display().to_string());
+                        keys.push(jwks::Keys::default());
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let count: usize = keys.iter().map(jwks::Keys::len).sum();
+            auth.replace_jwt(Jwt::new(&jwt, keys));
+            Ok(if revoked.is_empty() {
+                Reloaded::Loaded(format!("{count} JWT keys"))
+            } else {
+                Reloaded::Revoked(format!(
+                    "auth.jwt jwks_file {} is missing: its issuer's tokens are refused until it \
+                     is back",
+                    revoked.join(", ")
+                ))
+            })
         },
     );
 }

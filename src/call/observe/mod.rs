@@ -261,17 +261,16 @@ impl Drop for CallRecord {
     }
 }
 
-/// Who made the call, for the log: how they authenticated (`token`, `client_cert` or `none`) and
-/// as whom (the token's holder, the certificate's subject; `None` for `none`). A verified client
+/// Who made the call, for the log: how they authenticated ([`Caller::class`]: `token`, `jwt`,
+/// `client_cert` or `none`) and as whom ([`Caller::identity`]; `None` for `none`). A verified client
 /// certificate names the caller even when auth is off or refused the call.
 fn identity<'a>(
     caller: Option<&'a Caller>,
     peer: Option<&'a PeerInfo>,
 ) -> (&'static str, Option<&'a str>) {
     match caller {
-        Some(Caller::Token(name)) => ("token", Some(name)),
-        Some(Caller::ClientCert(subject)) => ("client_cert", Some(subject)),
-        Some(Caller::Anonymous) | None => match peer.and_then(|p| p.client_cert.as_deref()) {
+        Some(caller) if *caller != Caller::Anonymous => (caller.class(), caller.identity()),
+        _ => match peer.and_then(|p| p.client_cert.as_deref()) {
             Some(cert) => ("client_cert", Some(&cert.subject)),
             None => ("none", None),
         },
@@ -392,9 +391,12 @@ where
             if let Some(trace) = &mut record.trace {
                 // A verified client certificate was seen at the start; the caller the auth
                 // layer admitted, if any, says more.
-                let (auth, _) = identity(response.extensions().get::<Caller>(), None);
-                if auth != "none" {
-                    trace.auth = auth;
+                if let Some(caller) = response
+                    .extensions()
+                    .get::<Caller>()
+                    .filter(|caller| **caller != Caller::Anonymous)
+                {
+                    trace.auth = caller.class();
                 }
                 trace.shed = response.extensions().get::<ShedBy>().copied();
                 if let Some(value) = trace.response_header() {

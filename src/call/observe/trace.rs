@@ -192,7 +192,7 @@ pub struct CallSpan {
     pub received: Counter,
     /// Response messages sent.
     pub sent: u64,
-    /// How the caller authenticated: `token`, `client_cert` or `none`.
+    /// How the caller authenticated: `token`, `jwt`, `client_cert` or `none`.
     pub auth: &'static str,
     /// The limit that shed the call, if one did.
     pub shed: Option<ShedBy>,

@@ -74,7 +74,7 @@ impl Reloads {
         let family = Family::default();
         registry.register(
             "greeter_reloads",
-            "Reloads of rotated files by kind (tls, tokens) and outcome: success; failure (the \
+            "Reloads of rotated files by kind (tls, tokens, jwks) and outcome: success; failure (the \
              file did not load, the previous version stays in force); revoked (the file is gone: \
              every token, or every client certificate, is refused until it is back)",
             family.clone(),

@@ -1,0 +1,131 @@
+//! Verified JWTs by the SHA-256 of the token, until they expire: a workload sends the same token
+//! on every call for its lifetime (the kubelet rotates it after 80% of it), and a reused token then
+//! costs a hash and a lookup instead of a signature verification and a JSON parse.
+//!
+//! Bounded by count, and each entry by [`JWT_CACHE_IDENTITY_BYTES`] (a larger identity is not
+//! cached), so `greeter config check` can count it ([`crate::ops::memory`]). When full, expired
+//! entries go first, then an arbitrary one. The cache lives
+//! inside one generation of the keys ([`super::jwt::Jwt`]): a JWKS reload starts an empty one, so
+//! a token whose key was removed is never answered from here.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use crate::ops::memory::JWT_CACHE_IDENTITY_BYTES;
+
+/// A verified token's identity and scopes, and until when (unix seconds, leeway included) it is
+/// valid.
+#[derive(Debug)]
+pub struct Verified {
+    pub subject: Arc<str>,
+    pub issuer: Arc<str>,
+    pub scopes: Vec<String>,
+    pub valid_until: u64,
+}
+
+impl Verified {
+    /// The bytes of the identity's strings.
+    fn identity_bytes(&self) -> usize {
+        self.subject.len() + self.issuer.len() + self.scopes.iter().map(String::len).sum::<usize>()
+    }
+}
+
+#[derive(Debug)]
+pub struct TokenCache {
+    capacity: usize,
+    entries: Mutex<HashMap<[u8; 32], Arc<Verified>>>,
+}
+
+impl TokenCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            entries: Mutex::new(HashMap::with_capacity(capacity.min(1024))),
+        }
+    }
+
+    /// The token hashed to `hash`, if verified before and still valid at `now`.
+    pub fn get(&self, hash: &[u8; 32], now: u64) -> Option<Arc<Verified>> {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = entries.get(hash)?;
+        if entry.valid_until >= now {
+            return Some(Arc::clone(entry));
+        }
+        entries.remove(hash);
+        None
+    }
+
+    pub fn insert(&self, hash: [u8; 32], verified: Arc<Verified>, now: u64) {
+        if self.capacity == 0 || verified.identity_bytes() > JWT_CACHE_IDENTITY_BYTES {
+            return;
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if entries.len() >= self.capacity && !entries.contains_key(&hash) {
+            entries.retain(|_, v| v.valid_until >= now);
+            if entries.len() >= self.capacity
+                && let Some(victim) = entries.keys().next().copied()
+            {
+                entries.remove(&victim);
+            }
+        }
+        entries.insert(hash, verified);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.lock().unwrap().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verified(valid_until: u64) -> Arc<Verified> {
+        Arc::new(Verified {
+            subject: "system:serviceaccount:shop:checkout".into(),
+            issuer: "https://k8s".into(),
+            scopes: vec!["greeter".into()],
+            valid_until,
+        })
+    }
+
+    #[test]
+    fn entries_live_until_they_expire() {
+        let cache = TokenCache::new(8);
+        cache.insert([1; 32], verified(100), 10);
+        assert!(cache.get(&[1; 32], 100).is_some());
+        assert!(cache.get(&[2; 32], 100).is_none());
+        assert!(cache.get(&[1; 32], 101).is_none());
+        assert_eq!(cache.len(), 0, "an expired entry is dropped when met");
+    }
+
+    #[test]
+    fn bounded_expired_first() {
+        let cache = TokenCache::new(3);
+        cache.insert([1; 32], verified(50), 10);
+        cache.insert([2; 32], verified(500), 10);
+        cache.insert([3; 32], verified(500), 10);
+        cache.insert([4; 32], verified(500), 60);
+        assert_eq!(cache.len(), 3);
+        assert!(cache.get(&[4; 32], 60).is_some());
+        assert!(cache.get(&[2; 32], 60).is_some());
+        // Full of valid entries: one of them makes room.
+        cache.insert([5; 32], verified(500), 60);
+        assert_eq!(cache.len(), 3);
+        assert!(cache.get(&[5; 32], 60).is_some());
+
+        let huge = Arc::new(Verified {
+            subject: "x".repeat(JWT_CACHE_IDENTITY_BYTES).into(),
+            ..Arc::into_inner(verified(500)).unwrap()
+        });
+        cache.insert([6; 32], huge, 60);
+        assert!(cache.get(&[6; 32], 60).is_none(), "too large to cache");
+
+        let off = TokenCache::new(0);
+        off.insert([1; 32], verified(500), 10);
+        assert!(off.get(&[1; 32], 10).is_none());
+    }
+}

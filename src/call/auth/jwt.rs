@@ -1,0 +1,426 @@
+//! JWT bearer tokens: Kubernetes projected service-account tokens and OIDC ID tokens, verified
+//! offline against each trusted issuer's JWKS.
+//!
+//! A token is accepted when its issuer is configured, its `kid` is in that issuer's key set, its
+//! `alg` is the key's (RS256, ES256 or EdDSA: see [`super::crypto`]), the signature verifies, one
+//! of its audiences is configured, and `exp`, `nbf` and `iat` hold within the leeway. Its identity
+//! is `sub` (with the issuer); its scopes come from `[[auth.jwt.rules]]` and the issuer's
+//! `scopes_claim`. Refusals say why, never echoing the token or its claims.
+
+use std::{
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use jsonwebtoken::{
+    Algorithm, Validation, dangerous::insecure_decode_claims, decode, decode_header,
+    errors::ErrorKind,
+};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::{
+    cache::{TokenCache, Verified},
+    crypto,
+    jwks::{JwksError, Keys},
+    rules,
+};
+use crate::config::{ClaimRule, JwtConfig, JwtIssuer};
+
+/// Why a JWT is refused; the message is what UNAUTHENTICATED says.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JwtError {
+    #[error("malformed JWT")]
+    Malformed,
+    #[error("JWT algorithm not accepted (RS256, ES256 or EdDSA)")]
+    Algorithm,
+    #[error("JWT issuer is not trusted")]
+    Issuer,
+    #[error("JWT has no kid")]
+    NoKid,
+    #[error("JWT kid is not in the issuer's key set")]
+    UnknownKid,
+    #[error("JWT algorithm does not match its key")]
+    KeyMismatch,
+    #[error("JWT signature does not verify")]
+    Signature,
+    #[error("JWT has expired")]
+    Expired,
+    #[error("JWT is not valid yet (nbf)")]
+    NotYetValid,
+    #[error("JWT was issued in the future (iat)")]
+    IssuedInFuture,
+    #[error("JWT audience is not accepted")]
+    Audience,
+    #[error("JWT lacks the {0} claim, or it has the wrong type")]
+    Claim(&'static str),
+}
+
+/// Whether a bearer is shaped like a JWT: three base64url parts, the signature possibly empty (an
+/// unsigned `alg: none` token is then refused for its algorithm). Static tokens never are (`grt_`
+/// and base64url, no dots).
+pub fn looks_like_jwt(token: &str) -> bool {
+    let base64url = |part: &str| {
+        part.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    let mut parts = token.split('.');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(header), Some(payload), Some(signature), None) => {
+            !header.is_empty()
+                && !payload.is_empty()
+                && base64url(header)
+                && base64url(payload)
+                && base64url(signature)
+        }
+        _ => false,
+    }
+}
+
+/// One trusted issuer with the keys of its JWKS file.
+#[derive(Debug)]
+struct Issuer {
+    config: JwtIssuer,
+    keys: Keys,
+}
+
+/// One generation of the trusted issuers' keys, with its cache of verified tokens. Replaced as a
+/// whole when a JWKS file changes.
+#[derive(Debug)]
+pub struct Jwt {
+    issuers: Vec<Issuer>,
+    rules: Vec<ClaimRule>,
+    leeway: u64,
+    cache: TokenCache,
+}
+
+/// The unverified claim that picks the issuer, hence the key set.
+#[derive(Deserialize)]
+struct Unverified {
+    iss: Option<String>,
+}
+
+impl Jwt {
+    /// Reads every issuer's JWKS file.
+    pub fn load(config: &JwtConfig) -> Result<Self, JwksError> {
+        let keys = config
+            .issuers
+            .iter()
+            .map(|issuer| Keys::load(&issuer.jwks_file))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self::new(config, keys))
+    }
+
+    /// The issuers of `config`, with `keys` in the same order.
+    pub fn new(config: &JwtConfig, keys: Vec<Keys>) -> Self {
+        crypto::install();
+        Self {
+            issuers: config
+                .issuers
+                .iter()
+                .cloned()
+                .zip(keys)
+                .map(|(config, keys)| Issuer { config, keys })
+                .collect(),
+            rules: config.rules.clone(),
+            leeway: config.leeway.as_secs(),
+            cache: TokenCache::new(config.cache_size),
+        }
+    }
+
+    /// Verifies `token`, or answers from the cache when it was verified before.
+    pub fn verify(&self, token: &str) -> Result<Arc<Verified>, JwtError> {
+        let now = now();
+        let hash: [u8; 32] = super::sha256(token);
+        if let Some(verified) = self.cache.get(&hash, now) {
+            return Ok(verified);
+        }
+        let verified = Arc::new(self.verify_uncached(token, now)?);
+        self.cache.insert(hash, Arc::clone(&verified), now);
+        Ok(verified)
+    }
+
+    fn verify_uncached(&self, token: &str, now: u64) -> Result<Verified, JwtError> {
+        // `alg: none` and unknown algorithms fail here: the header type has no such variant.
+        let header = decode_header(token).map_err(|_| JwtError::Algorithm)?;
+        if !crypto::ACCEPTED.contains(&header.alg) {
+            return Err(JwtError::Algorithm);
+        }
+        let iss = insecure_decode_claims::<Unverified>(token)
+            .map_err(|_| JwtError::Malformed)?
+            .iss
+            .ok_or(JwtError::Claim("iss"))?;
+        let issuer = self
+            .issuers
+            .iter()
+            .find(|i| i.config.issuer == iss)
+            .ok_or(JwtError::Issuer)?;
+        let kid = header.kid.ok_or(JwtError::NoKid)?;
+        let key = issuer.keys.get(&kid).ok_or(JwtError::UnknownKid)?;
+        if key.algorithm != header.alg {
+            return Err(JwtError::KeyMismatch);
+        }
+        let validation = self.validation(header.alg, issuer);
+        let claims = decode::<Map<String, Value>>(token, &key.key, &validation)
+            .map_err(|e| refusal(e.kind()))?
+            .claims;
+        let number = |name: &'static str| match claims.get(name) {
+            None => Ok(None),
+            Some(value) => value.as_u64().map(Some).ok_or(JwtError::Claim(name)),
+        };
+        if number("iat")?.is_some_and(|iat| iat > now + self.leeway) {
+            return Err(JwtError::IssuedInFuture);
+        }
+        let exp = number("exp")?.ok_or(JwtError::Claim("exp"))?;
+        let subject = match claims.get("sub") {
+            Some(Value::String(sub)) if !sub.is_empty() => sub.as_str(),
+            _ => return Err(JwtError::Claim("sub")),
+        };
+        let mut scopes = Vec::new();
+        rules::claim_scopes(&self.rules, &iss, &claims, &mut scopes);
+        if let Some(claim) = &issuer.config.scopes_claim {
+            rules::listed_scopes(claims.get(claim), &mut scopes);
+        }
+        Ok(Verified {
+            subject: subject.into(),
+            issuer: iss.into(),
+            scopes,
+            valid_until: exp.saturating_add(self.leeway),
+        })
+    }
+
+    /// The checks `jsonwebtoken` makes: this algorithm only, the issuer, one of its audiences,
+    /// `exp` required and `nbf` when present, with the leeway.
+    fn validation(&self, algorithm: Algorithm, issuer: &Issuer) -> Validation {
+        let mut validation = Validation::new(algorithm);
+        validation.set_issuer(&[&issuer.config.issuer]);
+        validation.set_audience(&issuer.config.audiences);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.validate_nbf = true;
+        validation.leeway = self.leeway;
+        validation
+    }
+}
+
+/// The refusal for what `jsonwebtoken` found.
+fn refusal(kind: &ErrorKind) -> JwtError {
+    match kind {
+        ErrorKind::ExpiredSignature => JwtError::Expired,
+        ErrorKind::ImmatureSignature => JwtError::NotYetValid,
+        ErrorKind::InvalidAudience => JwtError::Audience,
+        ErrorKind::InvalidIssuer => JwtError::Issuer,
+        ErrorKind::InvalidSignature => JwtError::Signature,
+        ErrorKind::InvalidAlgorithm
+        | ErrorKind::UnsupportedAlgorithm
+        | ErrorKind::InvalidKeyFormat => JwtError::KeyMismatch,
+        ErrorKind::MissingRequiredClaim(claim) | ErrorKind::InvalidClaimFormat(claim) => {
+            JwtError::Claim(match claim.as_str() {
+                "exp" => "exp",
+                "nbf" => "nbf",
+                "aud" => "aud",
+                "iss" => "iss",
+                "sub" => "sub",
+                _ => "a registered",
+            })
+        }
+        _ => JwtError::Malformed,
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+    use ring::{
+        rand::SystemRandom,
+        signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _},
+    };
+    use serde_json::json;
+
+    use super::*;
+
+    const ISS: &str = "https://kubernetes.default.svc.cluster.local";
+
+    /// An ES256 and an EdDSA key made by ring, their JWKS, and tokens they sign.
+    struct Signers {
+        ec: EcdsaKeyPair,
+        ed: Ed25519KeyPair,
+    }
+
+    impl Signers {
+        fn new() -> Self {
+            let rng = SystemRandom::new();
+            let alg = &ECDSA_P256_SHA256_FIXED_SIGNING;
+            let ec = EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
+            let ed = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+            Self {
+                ec: EcdsaKeyPair::from_pkcs8(alg, ec.as_ref(), &rng).unwrap(),
+                ed: Ed25519KeyPair::from_pkcs8(ed.as_ref()).unwrap(),
+            }
+        }
+
+        fn jwks(&self) -> String {
+            let point = self.ec.public_key().as_ref();
+            json!({"keys": [
+                {"kty": "EC", "crv": "P-256", "kid": "ec", "x": B64.encode(&point[1..33]),
+                 "y": B64.encode(&point[33..])},
+                {"kty": "OKP", "crv": "Ed25519", "kid": "ed", "alg": "EdDSA",
+                 "x": B64.encode(self.ed.public_key().as_ref())},
+            ]})
+            .to_string()
+        }
+
+        fn token(&self, alg: &str, kid: &str, claims: &Value) -> String {
+            let header = B64.encode(json!({"alg": alg, "kid": kid, "typ": "JWT"}).to_string());
+            let message = format!("{header}.{}", B64.encode(claims.to_string()));
+            let signature = match alg {
+                "ES256" => self
+                    .ec
+                    .sign(&SystemRandom::new(), message.as_bytes())
+                    .unwrap()
+                    .as_ref()
+                    .to_vec(),
+                _ => self.ed.sign(message.as_bytes()).as_ref().to_vec(),
+            };
+            format!("{message}.{}", B64.encode(signature))
+        }
+    }
+
+    fn claims(sub: &str, exp_in: i64) -> Value {
+        let now = now() as i64;
+        json!({"iss": ISS, "aud": ["greeter"], "sub": sub, "iat": now, "nbf": now,
+               "exp": now + exp_in, "kubernetes.io": {"namespace": "shop"},
+               "scope": "reflection extra"})
+    }
+
+    fn verifier(keys: &Signers, cache_size: usize) -> Jwt {
+        let config = JwtConfig {
+            issuers: vec![JwtIssuer {
+                issuer: ISS.into(),
+                jwks_file: "jwks.json".into(),
+                audiences: vec!["greeter".into()],
+                scopes_claim: Some("scope".into()),
+            }],
+            rules: vec![ClaimRule {
+                claim: "sub".into(),
+                pattern: "system:serviceaccount:shop:*".into(),
+                scopes: vec!["greeter".into()],
+                issuer: None,
+            }],
+            leeway: Duration::from_secs(5),
+            cache_size,
+        };
+        Jwt::new(
+            &config,
+            vec![Keys::parse(&keys.jwks(), "jwks.json").unwrap()],
+        )
+    }
+
+    #[test]
+    fn verifies_identity_and_scopes_then_answers_from_the_cache() {
+        let keys = Signers::new();
+        let jwt = verifier(&keys, 16);
+        for (alg, kid) in [("ES256", "ec"), ("EdDSA", "ed")] {
+            let token = keys.token(
+                alg,
+                kid,
+                &claims("system:serviceaccount:shop:checkout", 600),
+            );
+            let first = jwt.verify(&token).unwrap();
+            assert_eq!(&*first.subject, "system:serviceaccount:shop:checkout");
+            assert_eq!(&*first.issuer, ISS);
+            assert_eq!(first.scopes, ["greeter", "reflection", "extra"]);
+            assert!(Arc::ptr_eq(&first, &jwt.verify(&token).unwrap()));
+        }
+        // Without a cache, every call verifies anew.
+        let uncached = verifier(&keys, 0);
+        let token = keys.token("EdDSA", "ed", &claims("system:serviceaccount:x:y", 600));
+        let first = uncached.verify(&token).unwrap();
+        assert!(!Arc::ptr_eq(&first, &uncached.verify(&token).unwrap()));
+        assert_eq!(first.scopes, ["reflection", "extra"]);
+    }
+
+    #[test]
+    fn refusals() {
+        let keys = Signers::new();
+        let jwt = verifier(&keys, 16);
+        let sub = "system:serviceaccount:shop:checkout";
+        let good = claims(sub, 600);
+        let with = |key: &str, value: Value| {
+            let mut claims = good.clone();
+            claims[key] = value;
+            claims
+        };
+        let now = now() as i64;
+        let cases = [
+            (
+                keys.token("ES256", "ec", &claims(sub, -60)),
+                JwtError::Expired,
+            ),
+            (
+                keys.token("ES256", "ec", &with("nbf", json!(now + 60))),
+                JwtError::NotYetValid,
+            ),
+            (
+                keys.token("ES256", "ec", &with("nbf", json!("never"))),
+                JwtError::Claim("nbf"),
+            ),
+            (
+                keys.token("ES256", "ec", &with("exp", json!("never"))),
+                JwtError::Claim("exp"),
+            ),
+            (
+                keys.token("ES256", "ec", &with("iat", json!(now + 60))),
+                JwtError::IssuedInFuture,
+            ),
+            (
+                keys.token("ES256", "ec", &with("aud", json!("vault"))),
+                JwtError::Audience,
+            ),
+            (
+                keys.token("ES256", "ec", &with("iss", json!("https://x"))),
+                JwtError::Issuer,
+            ),
+            (
+                keys.token("ES256", "ec", &with("sub", json!(""))),
+                JwtError::Claim("sub"),
+            ),
+            (keys.token("ES256", "nope", &good), JwtError::UnknownKid),
+            (keys.token("EdDSA", "ec", &good), JwtError::KeyMismatch),
+            (keys.token("HS256", "ec", &good), JwtError::Algorithm),
+            (keys.token("none", "ec", &good), JwtError::Algorithm),
+        ];
+        for (token, expected) in cases {
+            assert_eq!(jwt.verify(&token).unwrap_err(), expected);
+        }
+        let token = keys.token("ES256", "ec", &good);
+        let (head, rest) = token.split_once('.').unwrap();
+        let sig = rest.split_once('.').unwrap().1;
+        let forged = format!(
+            "{head}.{}.{sig}",
+            B64.encode(with("sub", json!("x")).to_string())
+        );
+        assert_eq!(jwt.verify(&forged).unwrap_err(), JwtError::Signature);
+    }
+
+    #[test]
+    fn jwt_shape() {
+        assert!(looks_like_jwt("eyJh.eyJz.c2ln"));
+        assert!(looks_like_jwt("a-_.b.c"));
+        assert!(!looks_like_jwt("grt_abcdef"));
+        assert!(!looks_like_jwt("a.b"));
+        assert!(!looks_like_jwt("a.b.c.d"));
+        assert!(looks_like_jwt("a.b."));
+        assert!(!looks_like_jwt("a..c"));
+        assert!(!looks_like_jwt(".b.c"));
+        assert!(!looks_like_jwt("a.b.c="));
+        assert!(!looks_like_jwt("a.b+.c"));
+    }
+}
