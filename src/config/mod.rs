@@ -46,6 +46,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub web: WebConfig,
     pub health: HealthConfig,
+    pub quota: QuotaConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -325,6 +326,49 @@ pub struct HealthConfig {
     /// A `Watch` stream older than this ends with UNAVAILABLE (clients re-open it).
     #[serde(with = "humantime_serde")]
     pub watch_max_age: Duration,
+}
+
+/// Per-caller rate quotas: token buckets (GCRA) per identity, and per identity and method.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    pub enabled: bool,
+    /// Every caller's bucket, unless `identities` names it: calls per second, and how many may
+    /// come at once after a quiet spell.
+    pub rate: f64,
+    pub burst: u32,
+    /// Calls without credentials (auth off, or methods the policy marks "open"): counted per
+    /// peer address, or not at all.
+    pub anonymous: AnonymousQuota,
+    /// Callers (and peer addresses) tracked at once per bucket table; newcomers beyond it share
+    /// one bucket until idle callers are forgotten. Bounds the tables' memory.
+    pub max_callers: usize,
+    /// Identity (token holder name, certificate subject) -> its own rate and burst instead of
+    /// the default. A later layer removes an entry by setting it to `""`.
+    #[serde(deserialize_with = "values::removable::map")]
+    pub identities: BTreeMap<String, QuotaLimits>,
+    /// Method pattern -> a bucket per caller for the matching methods, drawn from besides the
+    /// caller's own. A later layer removes an entry by setting it to `""`.
+    #[serde(deserialize_with = "values::removable::map")]
+    pub methods: BTreeMap<String, QuotaLimits>,
+}
+
+/// One token bucket: `rate` calls per second on average, `burst` at once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaLimits {
+    pub rate: f64,
+    pub burst: u32,
+}
+
+/// How calls without credentials are counted (`quota.anonymous`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnonymousQuota {
+    /// A bucket per peer IP address (per /64 for IPv6; per user on the Unix socket).
+    Peer,
+    /// Not counted.
+    Exempt,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,688 @@
+//! Per-caller quotas: token buckets (governor's GCRA) per identity, and per identity and method,
+//! so one caller with valid credentials cannot take every slot. A call over its quota is answered
+//! RESOURCE_EXHAUSTED at once, with `google.rpc.RetryInfo` (when a token is back) and
+//! `google.rpc.QuotaFailure` (which quota) in the status details, as Google APIs do.
+//!
+//! The layer runs right after auth, which has put the call's [`Caller`] in the request: refused
+//! calls never take a concurrency slot. Each caller's bucket is keyed by its identity class and a
+//! hash of its identity (fixed-size keys: no allocation per call, and a caller's name never
+//! grows the tables); callers without credentials by their peer address. The tables are bounded
+//! (`quota.max_callers`): beyond it, callers not yet tracked share one overflow bucket, and a
+//! timer forgets callers whose bucket is full again.
+
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, Hash, RandomState},
+    net::IpAddr,
+    num::NonZeroU32,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use futures_util::future::{Either, Ready, ready};
+use governor::{
+    Quota, RateLimiter,
+    clock::{Clock as _, DefaultClock},
+    nanos::Nanos,
+    state::{
+        InMemoryState, NotKeyed, StateStore,
+        keyed::{DashMapStateStore, ShrinkableKeyedStateStore},
+    },
+};
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Status, codegen::http};
+use tonic_types::{ErrorDetails, StatusExt as _};
+use tower::{Layer, Service};
+
+use crate::{
+    call::auth::Caller,
+    config::{AnonymousQuota, Problem, QuotaConfig, QuotaLimits, Section},
+    methods::{self, MethodTable},
+    ops::metrics::QuotaRefusals,
+    transport::listener::{PeerAddr, PeerInfo},
+};
+
+/// The identity classes refusals are counted by (`greeter_quota_refused_total{class}`), indexed
+/// by [`Class`]: a bounded label set, whatever the callers are called.
+pub const CLASSES: &[&str] = &["anonymous", "token", "cert"];
+
+/// How often callers whose bucket is full again are forgotten.
+const FORGET_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Bounds of `rate`: below, a bucket times a large burst overflows governor's nanosecond
+/// arithmetic; above, a token would take less than a nanosecond.
+const MIN_RATE: f64 = 0.001;
+const MAX_RATE: f64 = 1e9;
+const MAX_BURST: u32 = 1_000_000;
+
+/// What kind of credentials a caller showed, as quotas and their metrics name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Class {
+    Anonymous,
+    Token,
+    Cert,
+}
+
+impl Class {
+    fn as_str(self) -> &'static str {
+        CLASSES[self as usize]
+    }
+}
+
+/// Whose bucket a call draws from. Fixed-size: the identity is hashed (identities come from
+/// credentials the server trusts, so nobody can choose colliding names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Key {
+    Named(Class, u64),
+    V4(u32),
+    /// The first 64 bits of an IPv6 address.
+    V6(u64),
+    /// A Unix socket client's user.
+    Uid(u32),
+}
+
+/// The caller of one call, as quotas see it.
+struct Identity<'a> {
+    class: Class,
+    /// The name overrides are looked up by; `None` for callers without credentials.
+    name: Option<&'a str>,
+    key: Key,
+}
+
+/// The one mapping from a [`Caller`] to its quota class and key: a new kind of caller gets its
+/// arm here (and its class in [`CLASSES`]).
+fn identify<'a>(
+    caller: Option<&'a Caller>,
+    peer: Option<&PeerInfo>,
+    hasher: &RandomState,
+) -> Identity<'a> {
+    let named = |class, name: &'a str| Identity {
+        class,
+        name: Some(name),
+        key: Key::Named(class, hasher.hash_one((class, name))),
+    };
+    match caller {
+        Some(Caller::Token(name)) => named(Class::Token, name),
+        Some(Caller::ClientCert(subject)) => named(Class::Cert, subject),
+        Some(Caller::Anonymous) | None => Identity {
+            class: Class::Anonymous,
+            name: None,
+            key: peer.map_or(Key::Uid(u32::MAX), |peer| peer_key(&peer.remote_addr)),
+        },
+    }
+}
+
+/// A peer's bucket: its IPv4 address, its IPv6 /64 (what one host is usually given), or its
+/// user on the Unix socket.
+fn peer_key(addr: &PeerAddr) -> Key {
+    match addr {
+        PeerAddr::Tcp(addr) => match addr.ip().to_canonical() {
+            IpAddr::V4(v4) => Key::V4(u32::from(v4)),
+            IpAddr::V6(v6) => Key::V6((u128::from(v6) >> 64) as u64),
+        },
+        PeerAddr::Unix { uid, .. } => Key::Uid(*uid),
+    }
+}
+
+/// A keyed state store with at most `max` keys: governor's dashmap store, plus one bucket that
+/// every key not yet tracked shares while the map is full. Memory stays bounded under any number
+/// of distinct callers; the callers already tracked keep their own buckets.
+#[derive(Debug)]
+struct Bounded<K: Hash + Eq + Clone> {
+    map: DashMapStateStore<K>,
+    overflow: InMemoryState,
+    max: usize,
+}
+
+impl<K: Hash + Eq + Clone> Bounded<K> {
+    fn new(max: usize) -> Self {
+        Self {
+            map: DashMapStateStore::default(),
+            overflow: InMemoryState::default(),
+            max,
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone> StateStore for Bounded<K> {
+    type Key = K;
+
+    fn measure_and_replace<T, F, E>(&self, key: &K, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        if let Some(state) = self.map.get(key) {
+            return state.measure_and_replace(&NotKeyed::NonKey, f);
+        }
+        // Concurrent newcomers may each pass this check: the map can exceed `max` by the number
+        // of calls admitted at that instant, itself bounded.
+        if self.map.len() >= self.max {
+            return self.overflow.measure_and_replace(&NotKeyed::NonKey, f);
+        }
+        self.map
+            .entry(key.clone())
+            .or_default()
+            .measure_and_replace(&NotKeyed::NonKey, f)
+    }
+}
+
+impl<K: Hash + Eq + Clone> ShrinkableKeyedStateStore<K> for Bounded<K> {
+    fn retain_recent(&self, drop_below: Nanos) {
+        ShrinkableKeyedStateStore::retain_recent(&self.map, drop_below);
+    }
+
+    fn shrink_to_fit(&self) {
+        self.map.shrink_to_fit();
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+type Limiter<K> = RateLimiter<K, Bounded<K>, DefaultClock>;
+
+/// One bucket table and the quota it enforces, as the refusal describes it.
+#[derive(Debug)]
+struct Table<K: Hash + Eq + Clone> {
+    limiter: Limiter<K>,
+    limits: QuotaLimits,
+}
+
+impl<K: Hash + Eq + Clone> Table<K> {
+    fn new(limits: &QuotaLimits, max: usize, clock: &DefaultClock) -> Self {
+        Self {
+            limiter: RateLimiter::new(quota(limits), Bounded::new(max), clock.clone()),
+            limits: limits.clone(),
+        }
+    }
+
+    /// `Ok`, or how long until the key's bucket has a token again.
+    fn check(&self, key: &K, clock: &DefaultClock) -> Result<(), Duration> {
+        self.limiter
+            .check_key(key)
+            .map_err(|not_until| not_until.wait_time_from(clock.now()))
+    }
+}
+
+/// governor's quota for `limits`, which [`QuotaConfig::check`] has bounded.
+fn quota(limits: &QuotaLimits) -> Quota {
+    let period = Duration::from_secs_f64(1.0 / limits.rate);
+    let burst = NonZeroU32::new(limits.burst).expect("quota.burst is checked to be at least 1");
+    Quota::with_period(period)
+        .expect("quota.rate is checked to give a period of at least a nanosecond")
+        .allow_burst(burst)
+}
+
+/// Every bucket table of a server, built once from `[quota]`.
+#[derive(Debug)]
+pub struct Quotas {
+    clock: DefaultClock,
+    hasher: RandomState,
+    anonymous: AnonymousQuota,
+    default: Table<Key>,
+    /// Identities with buckets of their own size, keyed by class within (a token holder and a
+    /// certificate subject of the same name are two callers).
+    identities: HashMap<Box<str>, Table<Class>>,
+    /// `None` when no pattern is configured: calls skip the lookup.
+    methods: Option<MethodTable<Arc<MethodQuota>>>,
+    /// The same tables, for forgetting idle callers.
+    method_tables: Vec<Arc<MethodQuota>>,
+    refusals: QuotaRefusals,
+}
+
+/// The buckets of one `quota.methods` pattern, one per caller.
+#[derive(Debug)]
+struct MethodQuota {
+    pattern: String,
+    table: Table<Key>,
+}
+
+/// Which bucket refused a call, and when it has a token again.
+#[derive(Debug, PartialEq)]
+struct Refused {
+    /// `Some(pattern)`: the caller's bucket for the methods of a `quota.methods` pattern.
+    pattern: Option<String>,
+    limits: QuotaLimits,
+    retry_after: Duration,
+}
+
+impl Quotas {
+    /// The tables of an enabled `[quota]`; `refusals` counts by [`CLASSES`].
+    pub fn new(config: &QuotaConfig, refusals: QuotaRefusals) -> Self {
+        let clock = DefaultClock::default();
+        let default = QuotaLimits {
+            rate: config.rate,
+            burst: config.burst,
+        };
+        let identities = config
+            .identities
+            .iter()
+            .map(|(name, limits)| {
+                let table = Table::new(limits, CLASSES.len(), &clock);
+                (name.as_str().into(), table)
+            })
+            .collect();
+        let method_tables: Vec<_> = config
+            .methods
+            .iter()
+            .map(|(pattern, limits)| {
+                Arc::new(MethodQuota {
+                    pattern: pattern.clone(),
+                    table: Table::new(limits, config.max_callers, &clock),
+                })
+            })
+            .collect();
+        let methods = (!method_tables.is_empty()).then(|| {
+            MethodTable::new(
+                method_tables
+                    .iter()
+                    .map(|method| (method.pattern.clone(), Arc::clone(method))),
+            )
+        });
+        Self {
+            default: Table::new(&default, config.max_callers, &clock),
+            clock,
+            hasher: RandomState::new(),
+            anonymous: config.anonymous,
+            identities,
+            methods,
+            method_tables,
+            refusals,
+        }
+    }
+
+    /// Takes a token from each bucket the call draws from: its method's (when a pattern names
+    /// it), then its caller's. A call refused by the caller's bucket has spent its method token.
+    fn admit(&self, identity: &Identity<'_>, path: &str) -> Result<(), Refused> {
+        if let Some(method) = self.methods.as_ref().and_then(|m| m.lookup(path)) {
+            let table = &method.table;
+            table
+                .check(&identity.key, &self.clock)
+                .map_err(|retry_after| Refused {
+                    pattern: Some(method.pattern.clone()),
+                    limits: table.limits.clone(),
+                    retry_after,
+                })?;
+        }
+        let own = identity.name.and_then(|name| self.identities.get(name));
+        let result = match own {
+            Some(table) => table
+                .check(&identity.class, &self.clock)
+                .map_err(|d| (d, &table.limits)),
+            None => self
+                .default
+                .check(&identity.key, &self.clock)
+                .map_err(|d| (d, &self.default.limits)),
+        };
+        result.map_err(|(retry_after, limits)| Refused {
+            pattern: None,
+            limits: limits.clone(),
+            retry_after,
+        })
+    }
+
+    /// Forgets callers whose buckets are full again (indistinguishable from new ones), every
+    /// [`FORGET_INTERVAL`] until `stop`.
+    pub fn spawn_forgetting(self: &Arc<Self>, stop: CancellationToken) {
+        let quotas = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(FORGET_INTERVAL);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => quotas.forget_idle(),
+                }
+            }
+        });
+    }
+
+    fn forget_idle(&self) {
+        self.default.limiter.retain_recent();
+        for method in &self.method_tables {
+            method.table.limiter.retain_recent();
+        }
+    }
+}
+
+/// RESOURCE_EXHAUSTED with RetryInfo and QuotaFailure: clients that read rich errors (grpcio's
+/// `grpc_status`, tonic-types, grpcurl) learn when to retry and which quota they hit.
+fn refusal(refused: &Refused, class: Class) -> Status {
+    let QuotaLimits { rate, burst } = refused.limits;
+    let wait = refused.retry_after.as_secs_f64();
+    let (subject, quota) = match &refused.pattern {
+        None => (format!("caller:{}", class.as_str()), "this caller".to_owned()),
+        Some(pattern) => (format!("method:{pattern}"), format!("this caller on {pattern}")),
+    };
+    let description =
+        format!("quota of {quota}: {rate} calls per second, burst {burst}; retry in {wait:.3}s");
+    let mut details = ErrorDetails::with_retry_info(Some(refused.retry_after));
+    details.add_quota_failure_violation(subject, description.clone());
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        format!("over quota: {description}"),
+        details,
+    )
+}
+
+impl Section for QuotaConfig {
+    /// Rates and bursts a bucket can have, identities named, method patterns `MethodTable`
+    /// understands, a bounded table.
+    fn check(&self) -> Result<(), Problem> {
+        let default = QuotaLimits {
+            rate: self.rate,
+            burst: self.burst,
+        };
+        check_limits(&default, ["quota.rate", "quota.burst"], "quota")?;
+        if self.max_callers == 0 {
+            return Err(Problem {
+                key: "quota.max_callers",
+                message: "must be at least 1".into(),
+            });
+        }
+        for (name, limits) in &self.identities {
+            if name.trim().is_empty() {
+                return Err(Problem {
+                    key: "quota.identities",
+                    message: "an identity name is empty".into(),
+                });
+            }
+            let entry = format!("quota.identities.\"{name}\"");
+            check_limits(limits, ["quota.identities"; 2], &entry)?;
+        }
+        for (pattern, limits) in &self.methods {
+            let entry = format!("quota.methods.\"{pattern}\"");
+            if let Err(problem) = methods::check_pattern(pattern) {
+                return Err(Problem {
+                    key: "quota.methods",
+                    message: format!("{entry}: {problem}"),
+                });
+            }
+            check_limits(limits, ["quota.methods"; 2], &entry)?;
+        }
+        Ok(())
+    }
+}
+
+/// `keys`: the keys to name for a bad rate and a bad burst.
+fn check_limits(
+    limits: &QuotaLimits,
+    [rate_key, burst_key]: [&'static str; 2],
+    entry: &str,
+) -> Result<(), Problem> {
+    let problem = |key, message| Err(Problem { key, message });
+    if !(MIN_RATE..=MAX_RATE).contains(&limits.rate) {
+        return problem(rate_key, format!(
+            "{entry}.rate = {}: give calls per second between {MIN_RATE} and {MAX_RATE:e} (a \
+             quota of 0 calls would refuse every call; to count nothing, set quota.enabled = false)",
+            limits.rate
+        ));
+    }
+    if !(1..=MAX_BURST).contains(&limits.burst) {
+        return problem(burst_key, format!(
+            "{entry}.burst = {}: give the calls allowed at once, between 1 and {MAX_BURST}",
+            limits.burst
+        ));
+    }
+    Ok(())
+}
+
+/// The tower layer; `None`: quotas off (or a listener that never counts, the probe port).
+#[derive(Debug, Clone)]
+pub struct QuotaLayer {
+    quotas: Option<Arc<Quotas>>,
+}
+
+impl QuotaLayer {
+    pub fn new(quotas: Option<Arc<Quotas>>) -> Self {
+        Self { quotas }
+    }
+}
+
+impl<S> Layer<S> for QuotaLayer {
+    type Service = QuotaService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        QuotaService {
+            inner,
+            quotas: self.quotas.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct QuotaService<S> {
+    inner: S,
+    quotas: Option<Arc<Quotas>>,
+}
+
+impl<S, B, ResBody> Service<http::Request<B>> for QuotaService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<ResBody>>,
+    ResBody: Default,
+{
+    type Response = http::Response<ResBody>;
+    type Error = S::Error;
+    type Future = Either<Ready<Result<Self::Response, Self::Error>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if let Some(quotas) = &self.quotas {
+            let extensions = request.extensions();
+            let identity = identify(
+                extensions.get::<Caller>(),
+                extensions.get::<PeerInfo>(),
+                &quotas.hasher,
+            );
+            let exempt =
+                identity.class == Class::Anonymous && quotas.anonymous == AnonymousQuota::Exempt;
+            if !exempt {
+                let path = request.uri().path();
+                if let Err(refused) = quotas.admit(&identity, path) {
+                    quotas.refusals.inc(path, identity.class as usize);
+                    tracing::debug!(
+                        path,
+                        class = identity.class.as_str(),
+                        retry_after = ?refused.retry_after,
+                        "call refused: over quota"
+                    );
+                    return Either::Left(ready(Ok(refusal(&refused, identity.class).into_http())));
+                }
+            }
+        }
+        Either::Right(self.inner.call(request))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::config::Config;
+
+    fn config(rate: f64, burst: u32) -> QuotaConfig {
+        QuotaConfig {
+            enabled: true,
+            rate,
+            burst,
+            max_callers: 2,
+            ..Config::embedded().quota
+        }
+    }
+
+    fn quotas(config: &QuotaConfig) -> Quotas {
+        let refusals = QuotaRefusals::register(&mut Default::default(), CLASSES, &[]);
+        Quotas::new(config, refusals)
+    }
+
+    fn peer(addr: &str) -> PeerInfo {
+        PeerInfo {
+            remote_addr: PeerAddr::Tcp(addr.parse::<SocketAddr>().unwrap()),
+            client_cert: None,
+        }
+    }
+
+    #[test]
+    fn keys_are_small() {
+        // What ops::memory counts per tracked caller assumes a 16-byte key.
+        assert_eq!(std::mem::size_of::<Key>(), 16);
+    }
+
+    #[test]
+    fn a_burst_then_a_refusal_that_says_when_to_retry() {
+        let quotas = quotas(&config(0.01, 2));
+        let caller = Caller::Token("ci".into());
+        let identity = identify(Some(&caller), None, &quotas.hasher);
+        assert_eq!(quotas.admit(&identity, "/a.S/M"), Ok(()));
+        assert_eq!(quotas.admit(&identity, "/a.S/M"), Ok(()));
+        let refused = quotas.admit(&identity, "/a.S/M").unwrap_err();
+        assert_eq!(refused.pattern, None);
+        // One token every 100s; the bucket has just been emptied.
+        assert!(refused.retry_after > Duration::from_secs(99), "{refused:?}");
+        assert!(refused.retry_after <= Duration::from_secs(100), "{refused:?}");
+
+        // Another holder, and a certificate of the same name, have buckets of their own.
+        let other = Caller::Token("other".into());
+        let cert = Caller::ClientCert("ci".into());
+        for caller in [&other, &cert] {
+            let identity = identify(Some(caller), None, &quotas.hasher);
+            assert_eq!(quotas.admit(&identity, "/a.S/M"), Ok(()));
+        }
+    }
+
+    #[test]
+    fn anonymous_callers_are_counted_by_address_and_ipv6_by_64() {
+        let quotas = quotas(&config(0.01, 1));
+        let admit = |addr: &str| {
+            let peer = peer(addr);
+            let identity = identify(Some(&Caller::Anonymous), Some(&peer), &quotas.hasher);
+            quotas.admit(&identity, "/a.S/M").is_ok()
+        };
+        assert!(admit("10.0.0.1:1000"));
+        assert!(!admit("10.0.0.1:2000"), "same address, another port");
+        assert!(admit("[2001:db8::1]:1"));
+        assert!(!admit("[2001:db8::2]:1"), "same /64");
+    }
+
+    #[test]
+    fn a_full_table_puts_newcomers_in_one_shared_bucket() {
+        let quotas = quotas(&config(0.01, 1));
+        let admit = |name: &str| {
+            let caller = Caller::Token(name.into());
+            let identity = identify(Some(&caller), None, &quotas.hasher);
+            quotas.admit(&identity, "/a.S/M").is_ok()
+        };
+        assert!(admit("a"));
+        assert!(admit("b"));
+        assert_eq!(quotas.default.limiter.len(), 2);
+        // max_callers = 2: c takes the overflow bucket's one token, d finds it empty.
+        assert!(admit("c"));
+        assert!(!admit("d"));
+        assert_eq!(quotas.default.limiter.len(), 2);
+    }
+
+    #[test]
+    fn method_and_identity_overrides_have_their_own_buckets() {
+        let mut config = config(0.01, 1);
+        config.identities.insert(
+            "ci".into(),
+            QuotaLimits {
+                rate: 0.01,
+                burst: 3,
+            },
+        );
+        config.methods.insert(
+            "/a.S/Slow".into(),
+            QuotaLimits {
+                rate: 0.01,
+                burst: 1,
+            },
+        );
+        let quotas = quotas(&config);
+        let caller = Caller::Token("ci".into());
+        let ci = identify(Some(&caller), None, &quotas.hasher);
+        assert_eq!(quotas.admit(&ci, "/a.S/Slow"), Ok(()));
+        let refused = quotas.admit(&ci, "/a.S/Slow").unwrap_err();
+        assert_eq!(refused.pattern.as_deref(), Some("/a.S/Slow"));
+        // ci's own bucket (burst 3) gave one token to the first call: two are left.
+        assert_eq!(quotas.admit(&ci, "/a.S/Fast"), Ok(()));
+        assert_eq!(quotas.admit(&ci, "/a.S/Fast"), Ok(()));
+        let refused = quotas.admit(&ci, "/a.S/Fast").unwrap_err();
+        assert_eq!((refused.pattern, refused.limits.burst), (None, 3));
+    }
+
+    #[test]
+    fn the_refusal_carries_retry_info_and_quota_failure() {
+        let refused = Refused {
+            pattern: None,
+            limits: QuotaLimits {
+                rate: 2.0,
+                burst: 4,
+            },
+            retry_after: Duration::from_millis(250),
+        };
+        let status = refusal(&refused, Class::Token);
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(
+            status.message(),
+            "over quota: quota of this caller: 2 calls per second, burst 4; retry in 0.250s"
+        );
+        let details = status.get_error_details();
+        assert_eq!(
+            details.retry_info().unwrap().retry_delay,
+            Some(Duration::from_millis(250))
+        );
+        let violation = &details.quota_failure().unwrap().violations[0];
+        assert_eq!(violation.subject, "caller:token");
+    }
+
+    #[test]
+    fn bad_quotas_name_their_key() {
+        let problem = |edit: fn(&mut QuotaConfig)| {
+            let mut config = config(1.0, 1);
+            edit(&mut config);
+            config.check().unwrap_err()
+        };
+        let p = problem(|c| c.rate = 0.0);
+        assert_eq!(p.key, "quota.rate");
+        assert!(p.message.starts_with("quota.rate = 0:"), "{}", p.message);
+        let p = problem(|c| c.burst = 0);
+        assert_eq!(p.key, "quota.burst");
+        assert!(p.message.starts_with("quota.burst = 0:"), "{}", p.message);
+        assert_eq!(problem(|c| c.max_callers = 0).key, "quota.max_callers");
+        let p = problem(|c| {
+            c.methods.insert(
+                "/a.S".into(),
+                QuotaLimits {
+                    rate: 1.0,
+                    burst: 1,
+                },
+            );
+        });
+        assert_eq!(p.key, "quota.methods");
+        let p = problem(|c| {
+            c.identities.insert(
+                "ci".into(),
+                QuotaLimits {
+                    rate: f64::NAN,
+                    burst: 1,
+                },
+            );
+        });
+        assert!(
+            p.message.starts_with("quota.identities.\"ci\".rate = NaN"),
+            "{}",
+            p.message
+        );
+        assert_eq!(config(0.001, 1_000_000).check(), Ok(()));
+    }
+}
