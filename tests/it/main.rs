@@ -11,6 +11,7 @@ mod health_reflection;
 mod hostile;
 mod limits;
 mod observability;
+mod quota;
 mod shutdown;
 mod tls;
 mod unix;
