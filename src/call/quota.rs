@@ -356,8 +356,14 @@ fn refusal(refused: &Refused, class: Class) -> Status {
     let QuotaLimits { rate, burst } = refused.limits;
     let wait = refused.retry_after.as_secs_f64();
     let (subject, quota) = match &refused.pattern {
-        None => (format!("caller:{}", class.as_str()), "this caller".to_owned()),
-        Some(pattern) => (format!("method:{pattern}"), format!("this caller on {pattern}")),
+        None => (
+            format!("caller:{}", class.as_str()),
+            "this caller".to_owned(),
+        ),
+        Some(pattern) => (
+            format!("method:{pattern}"),
+            format!("this caller on {pattern}"),
+        ),
     };
     let description =
         format!("quota of {quota}: {rate} calls per second, burst {burst}; retry in {wait:.3}s");
@@ -417,17 +423,23 @@ fn check_limits(
 ) -> Result<(), Problem> {
     let problem = |key, message| Err(Problem { key, message });
     if !(MIN_RATE..=MAX_RATE).contains(&limits.rate) {
-        return problem(rate_key, format!(
-            "{entry}.rate = {}: give calls per second between {MIN_RATE} and {MAX_RATE:e} (a \
+        return problem(
+            rate_key,
+            format!(
+                "{entry}.rate = {}: give calls per second between {MIN_RATE} and {MAX_RATE:e} (a \
              quota of 0 calls would refuse every call; to count nothing, set quota.enabled = false)",
-            limits.rate
-        ));
+                limits.rate
+            ),
+        );
     }
     if !(1..=MAX_BURST).contains(&limits.burst) {
-        return problem(burst_key, format!(
-            "{entry}.burst = {}: give the calls allowed at once, between 1 and {MAX_BURST}",
-            limits.burst
-        ));
+        return problem(
+            burst_key,
+            format!(
+                "{entry}.burst = {}: give the calls allowed at once, between 1 and {MAX_BURST}",
+                limits.burst
+            ),
+        );
     }
     Ok(())
 }
@@ -548,7 +560,10 @@ mod tests {
         assert_eq!(refused.pattern, None);
         // One token every 100s; the bucket has just been emptied.
         assert!(refused.retry_after > Duration::from_secs(99), "{refused:?}");
-        assert!(refused.retry_after <= Duration::from_secs(100), "{refused:?}");
+        assert!(
+            refused.retry_after <= Duration::from_secs(100),
+            "{refused:?}"
+        );
 
         // Another holder, and a certificate of the same name, have buckets of their own.
         let other = Caller::Token("other".into());

@@ -74,6 +74,9 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// PEM CA bundle that client certificates must chain to; empty: no client certificates.
     pub client_ca: PathBuf,
+    /// PEM certificate revocation lists of the client CA (and its intermediates): a client
+    /// certificate they revoke is refused at the handshake. Re-read with the CA.
+    pub client_crl_files: Vec<PathBuf>,
     pub client_auth: ClientAuth,
     /// A TLS handshake not finished within this is dropped, so idle sockets cannot pile up.
     #[serde(with = "humantime_serde")]

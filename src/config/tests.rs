@@ -302,7 +302,10 @@ fn quota_is_off_for_the_quick_start_and_on_in_production() {
     })
     .unwrap();
     assert!(production.quota.enabled);
-    assert_eq!((production.quota.rate, production.quota.burst), (100.0, 200));
+    assert_eq!(
+        (production.quota.rate, production.quota.burst),
+        (100.0, 200)
+    );
 }
 
 #[test]
@@ -329,7 +332,11 @@ fn quota_entries_take_integer_rates_and_bad_ones_name_key_and_file() {
 
     let bad = dir.path().join("bad.toml");
     for (text, key, message) in [
-        ("[quota]\nrate = 0\nburst = 10\n", "quota.rate", "quota.rate = 0:"),
+        (
+            "[quota]\nrate = 0\nburst = 10\n",
+            "quota.rate",
+            "quota.rate = 0:",
+        ),
         ("[quota]\nburst = 0\n", "quota.burst", "quota.burst = 0:"),
         (
             "[quota.identities.\"ci-bot\"]\nrate = 10\nburst = 0\n",
@@ -348,4 +355,23 @@ fn quota_entries_take_integer_rates_and_bad_ones_name_key_and_file() {
         assert!(error.message.contains(message), "{error}");
         assert!(error.origin.contains("bad.toml"), "{error}");
     }
+}
+
+#[test]
+fn client_crl_files_need_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("crl.toml");
+    std::fs::write(&file, "[tls]\nclient_crl_files = [\"ca.crl\"]\n").unwrap();
+    let error = Config::load(&Sources {
+        files: vec![file],
+        ..Sources::default()
+    })
+    .unwrap_err();
+    assert_eq!(
+        error.key.as_deref(),
+        Some("tls.client_crl_files"),
+        "{error}"
+    );
+    assert!(error.message.contains("set tls.client_auth"), "{error}");
+    assert!(error.origin.contains("crl.toml"), "{error}");
 }

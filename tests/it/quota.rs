@@ -31,10 +31,9 @@ fn tokens(dir: &std::path::Path) -> String {
 
 async fn hello(channel: &Channel, token: &str, again: bool) -> Result<(), Status> {
     let mut request = Request::new(HelloRequest { name: "q".into() });
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().unwrap(),
-    );
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
     let mut client = GreeterClient::new(channel.clone());
     if again {
         client.say_hello_again(request).await.map(drop)
@@ -83,9 +82,9 @@ async fn callers_get_their_burst_then_resource_exhausted_with_retry_info() {
     let refused = burst_then_refused(&channel, "alice-token", false, 3).await;
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(
-        refused
-            .message()
-            .starts_with("over quota: quota of this caller: 0.01 calls per second, burst 3; retry in "),
+        refused.message().starts_with(
+            "over quota: quota of this caller: 0.01 calls per second, burst 3; retry in "
+        ),
         "{refused:?}"
     );
     let details = refused.get_error_details();
@@ -98,7 +97,10 @@ async fn callers_get_their_burst_then_resource_exhausted_with_retry_info() {
     let violations = &details.quota_failure().unwrap().violations;
     assert_eq!(violations.len(), 1);
     assert_eq!(violations[0].subject, "caller:token");
-    assert!(violations[0].description.contains("burst 3"), "{violations:?}");
+    assert!(
+        violations[0].description.contains("burst 3"),
+        "{violations:?}"
+    );
 
     // ci-bot has a bucket of its own, of its own size; alice's stays empty.
     let refused = burst_then_refused(&channel, "ci-bot-token", false, 5).await;
@@ -117,7 +119,12 @@ async fn callers_get_their_burst_then_resource_exhausted_with_retry_info() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted);
     assert_eq!(
-        refused.get_error_details().quota_failure().unwrap().violations[0].subject,
+        refused
+            .get_error_details()
+            .quota_failure()
+            .unwrap()
+            .violations[0]
+            .subject,
         "caller:anonymous"
     );
     // ... but never on the probe port.
