@@ -23,7 +23,7 @@ use std::{
 use futures_util::future::{Either, Ready, ready};
 use governor::{
     Quota, RateLimiter,
-    clock::{Clock as _, DefaultClock},
+    clock::{Clock as _, MonotonicClock},
     nanos::Nanos,
     state::{
         InMemoryState, NotKeyed, StateStore,
@@ -185,7 +185,11 @@ impl<K: Hash + Eq + Clone> ShrinkableKeyedStateStore<K> for Bounded<K> {
     }
 }
 
-type Limiter<K> = RateLimiter<K, Bounded<K>, DefaultClock>;
+/// `std::time::Instant`, not governor's default (quanta's TSC clock): on a shared or virtual
+/// machine TSC readings can disagree between cores by more than a bucket's span, and a call on
+/// a core whose clock is behind is then refused although its bucket is full (seen in a benchmark
+/// here with a 1 ms span).
+type Limiter<K> = RateLimiter<K, Bounded<K>, MonotonicClock>;
 
 /// One bucket table and the quota it enforces, as the refusal describes it.
 #[derive(Debug)]
@@ -195,7 +199,7 @@ struct Table<K: Hash + Eq + Clone> {
 }
 
 impl<K: Hash + Eq + Clone> Table<K> {
-    fn new(limits: &QuotaLimits, max: usize, clock: &DefaultClock) -> Self {
+    fn new(limits: &QuotaLimits, max: usize, clock: &MonotonicClock) -> Self {
         Self {
             limiter: RateLimiter::new(quota(limits), Bounded::new(max), clock.clone()),
             limits: limits.clone(),
@@ -203,7 +207,7 @@ impl<K: Hash + Eq + Clone> Table<K> {
     }
 
     /// `Ok`, or how long until the key's bucket has a token again.
-    fn check(&self, key: &K, clock: &DefaultClock) -> Result<(), Duration> {
+    fn check(&self, key: &K, clock: &MonotonicClock) -> Result<(), Duration> {
         self.limiter
             .check_key(key)
             .map_err(|not_until| not_until.wait_time_from(clock.now()))
@@ -222,7 +226,7 @@ fn quota(limits: &QuotaLimits) -> Quota {
 /// Every bucket table of a server, built once from `[quota]`.
 #[derive(Debug)]
 pub struct Quotas {
-    clock: DefaultClock,
+    clock: MonotonicClock,
     hasher: RandomState,
     anonymous: AnonymousQuota,
     default: Table<Key>,
@@ -255,7 +259,7 @@ struct Refused {
 impl Quotas {
     /// The tables of an enabled `[quota]`; `refusals` counts by [`CLASSES`].
     pub fn new(config: &QuotaConfig, refusals: QuotaRefusals) -> Self {
-        let clock = DefaultClock::default();
+        let clock = MonotonicClock;
         let default = QuotaLimits {
             rate: config.rate,
             burst: config.burst,
