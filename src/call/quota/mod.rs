@@ -24,21 +24,21 @@ use futures_util::future::{Either, Ready, ready};
 use governor::{
     Quota, RateLimiter,
     clock::{Clock as _, MonotonicClock},
-    nanos::Nanos,
-    state::{
-        InMemoryState, NotKeyed, StateStore,
-        keyed::{DashMapStateStore, ShrinkableKeyedStateStore},
-    },
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status, codegen::http};
 use tonic_types::{ErrorDetails, StatusExt as _};
 use tower::{Layer, Service};
 
+mod check;
+mod store;
+
+use store::Bounded;
+
 use crate::{
     call::auth::Caller,
-    config::{AnonymousQuota, Problem, QuotaConfig, QuotaLimits, Section},
-    methods::{self, MethodTable},
+    config::{AnonymousQuota, QuotaConfig, QuotaLimits},
+    methods::MethodTable,
     ops::metrics::QuotaRefusals,
     transport::listener::{PeerAddr, PeerInfo},
 };
@@ -49,12 +49,6 @@ pub const CLASSES: &[&str] = &["anonymous", "token", "cert"];
 
 /// How often callers whose bucket is full again are forgotten.
 const FORGET_INTERVAL: Duration = Duration::from_secs(10);
-
-/// Bounds of `rate`: below, a bucket times a large burst overflows governor's nanosecond
-/// arithmetic; above, a token would take less than a nanosecond.
-const MIN_RATE: f64 = 0.001;
-const MAX_RATE: f64 = 1e9;
-const MAX_BURST: u32 = 1_000_000;
 
 /// What kind of credentials a caller showed, as quotas and their metrics name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -124,67 +118,6 @@ fn peer_key(addr: &PeerAddr) -> Key {
         PeerAddr::Unix { uid, .. } => Key::Uid(*uid),
     }
 }
-
-/// A keyed state store with at most `max` keys: governor's dashmap store, plus one bucket that
-/// every key not yet tracked shares while the map is full. Memory stays bounded under any number
-/// of distinct callers; the callers already tracked keep their own buckets.
-#[derive(Debug)]
-struct Bounded<K: Hash + Eq + Clone> {
-    map: DashMapStateStore<K>,
-    overflow: InMemoryState,
-    max: usize,
-}
-
-impl<K: Hash + Eq + Clone> Bounded<K> {
-    fn new(max: usize) -> Self {
-        Self {
-            map: DashMapStateStore::default(),
-            overflow: InMemoryState::default(),
-            max,
-        }
-    }
-}
-
-impl<K: Hash + Eq + Clone> StateStore for Bounded<K> {
-    type Key = K;
-
-    fn measure_and_replace<T, F, E>(&self, key: &K, f: F) -> Result<T, E>
-    where
-        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
-    {
-        if let Some(state) = self.map.get(key) {
-            return state.measure_and_replace(&NotKeyed::NonKey, f);
-        }
-        // Concurrent newcomers may each pass this check: the map can exceed `max` by the number
-        // of calls admitted at that instant, itself bounded.
-        if self.map.len() >= self.max {
-            return self.overflow.measure_and_replace(&NotKeyed::NonKey, f);
-        }
-        self.map
-            .entry(key.clone())
-            .or_default()
-            .measure_and_replace(&NotKeyed::NonKey, f)
-    }
-}
-
-impl<K: Hash + Eq + Clone> ShrinkableKeyedStateStore<K> for Bounded<K> {
-    fn retain_recent(&self, drop_below: Nanos) {
-        ShrinkableKeyedStateStore::retain_recent(&self.map, drop_below);
-    }
-
-    fn shrink_to_fit(&self) {
-        self.map.shrink_to_fit();
-    }
-
-    fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-}
-
 /// `std::time::Instant`, not governor's default (quanta's TSC clock): on a shared or virtual
 /// machine TSC readings can disagree between cores by more than a bucket's span, and a call on
 /// a core whose clock is behind is then refused although its bucket is full (seen in a benchmark
@@ -379,75 +312,6 @@ fn refusal(refused: &Refused, class: Class) -> Status {
         details,
     )
 }
-
-impl Section for QuotaConfig {
-    /// Rates and bursts a bucket can have, identities named, method patterns `MethodTable`
-    /// understands, a bounded table.
-    fn check(&self) -> Result<(), Problem> {
-        let default = QuotaLimits {
-            rate: self.rate,
-            burst: self.burst,
-        };
-        check_limits(&default, ["quota.rate", "quota.burst"], "quota")?;
-        if self.max_callers == 0 {
-            return Err(Problem {
-                key: "quota.max_callers",
-                message: "must be at least 1".into(),
-            });
-        }
-        for (name, limits) in &self.identities {
-            if name.trim().is_empty() {
-                return Err(Problem {
-                    key: "quota.identities",
-                    message: "an identity name is empty".into(),
-                });
-            }
-            let entry = format!("quota.identities.\"{name}\"");
-            check_limits(limits, ["quota.identities"; 2], &entry)?;
-        }
-        for (pattern, limits) in &self.methods {
-            let entry = format!("quota.methods.\"{pattern}\"");
-            if let Err(problem) = methods::check_pattern(pattern) {
-                return Err(Problem {
-                    key: "quota.methods",
-                    message: format!("{entry}: {problem}"),
-                });
-            }
-            check_limits(limits, ["quota.methods"; 2], &entry)?;
-        }
-        Ok(())
-    }
-}
-
-/// `keys`: the keys to name for a bad rate and a bad burst.
-fn check_limits(
-    limits: &QuotaLimits,
-    [rate_key, burst_key]: [&'static str; 2],
-    entry: &str,
-) -> Result<(), Problem> {
-    let problem = |key, message| Err(Problem { key, message });
-    if !(MIN_RATE..=MAX_RATE).contains(&limits.rate) {
-        return problem(
-            rate_key,
-            format!(
-                "{entry}.rate = {}: give calls per second between {MIN_RATE} and {MAX_RATE:e} (a \
-             quota of 0 calls would refuse every call; to count nothing, set quota.enabled = false)",
-                limits.rate
-            ),
-        );
-    }
-    if !(1..=MAX_BURST).contains(&limits.burst) {
-        return problem(
-            burst_key,
-            format!(
-                "{entry}.burst = {}: give the calls allowed at once, between 1 and {MAX_BURST}",
-                limits.burst
-            ),
-        );
-    }
-    Ok(())
-}
-
 /// The tower layer; `None`: quotas off (or a listener that never counts, the probe port).
 #[derive(Debug, Clone)]
 pub struct QuotaLayer {
@@ -517,7 +381,6 @@ where
         Either::Right(self.inner.call(request))
     }
 }
-
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
@@ -662,46 +525,5 @@ mod tests {
         );
         let violation = &details.quota_failure().unwrap().violations[0];
         assert_eq!(violation.subject, "caller:token");
-    }
-
-    #[test]
-    fn bad_quotas_name_their_key() {
-        let problem = |edit: fn(&mut QuotaConfig)| {
-            let mut config = config(1.0, 1);
-            edit(&mut config);
-            config.check().unwrap_err()
-        };
-        let p = problem(|c| c.rate = 0.0);
-        assert_eq!(p.key, "quota.rate");
-        assert!(p.message.starts_with("quota.rate = 0:"), "{}", p.message);
-        let p = problem(|c| c.burst = 0);
-        assert_eq!(p.key, "quota.burst");
-        assert!(p.message.starts_with("quota.burst = 0:"), "{}", p.message);
-        assert_eq!(problem(|c| c.max_callers = 0).key, "quota.max_callers");
-        let p = problem(|c| {
-            c.methods.insert(
-                "/a.S".into(),
-                QuotaLimits {
-                    rate: 1.0,
-                    burst: 1,
-                },
-            );
-        });
-        assert_eq!(p.key, "quota.methods");
-        let p = problem(|c| {
-            c.identities.insert(
-                "ci".into(),
-                QuotaLimits {
-                    rate: f64::NAN,
-                    burst: 1,
-                },
-            );
-        });
-        assert!(
-            p.message.starts_with("quota.identities.\"ci\".rate = NaN"),
-            "{}",
-            p.message
-        );
-        assert_eq!(config(0.001, 1_000_000).check(), Ok(()));
     }
 }
