@@ -476,6 +476,24 @@ mod tests {
     }
 
     #[test]
+    fn callers_whose_bucket_is_full_again_are_forgotten() {
+        let caller = Caller::Token("ci".into());
+        // One token every 100s: the bucket stays short of full, the caller is kept.
+        let slow = quotas(&config(0.01, 1));
+        let identity = identify(Some(&caller), None, &slow.hasher);
+        assert_eq!(slow.admit(&identity, "/a.S/M"), Ok(()));
+        slow.forget_idle();
+        assert_eq!(slow.default.limiter.len(), 1);
+        // One token every 10ms: full again 10ms after the call, and forgotten.
+        let fast = quotas(&config(100.0, 1));
+        let identity = identify(Some(&caller), None, &fast.hasher);
+        assert_eq!(fast.admit(&identity, "/a.S/M"), Ok(()));
+        std::thread::sleep(Duration::from_millis(30));
+        fast.forget_idle();
+        assert_eq!(fast.default.limiter.len(), 0);
+    }
+
+    #[test]
     fn method_and_identity_overrides_have_their_own_buckets() {
         let mut config = config(0.01, 1);
         config.identities.insert(
