@@ -44,7 +44,7 @@ use crate::{
 };
 
 /// The identity classes refusals are counted by (`greeter_quota_refused_total{class}`), indexed
-/// by [`Class`]: a bounded label set, whatever the callers are called.
+/// by `Class`: a bounded label set, whatever the callers are called.
 pub const CLASSES: &[&str] = &["anonymous", "token", "cert"];
 
 /// How often callers whose bucket is full again are forgotten.
@@ -102,6 +102,8 @@ fn identify<'a>(
         Some(Caller::Anonymous) | None => Identity {
             class: Class::Anonymous,
             name: None,
+            // Every listener puts the peer in the request; without one, all such calls share a
+            // bucket (a uid no user has) rather than go uncounted.
             key: peer.map_or(Key::Uid(u32::MAX), |peer| peer_key(&peer.remote_addr)),
         },
     }
@@ -118,6 +120,7 @@ fn peer_key(addr: &PeerAddr) -> Key {
         PeerAddr::Unix { uid, .. } => Key::Uid(*uid),
     }
 }
+
 /// `std::time::Instant` (governor's `MonotonicClock`), not governor's default TSC clock
 /// (quanta): consistent across cores with no calibration, and two crates fewer.
 ///
@@ -150,7 +153,7 @@ impl<K: Hash + Eq + Clone> Table<K> {
     }
 }
 
-/// governor's quota for `limits`, which [`QuotaConfig::check`] has bounded.
+/// governor's quota for `limits`, which `check.rs` has bounded (`[quota]` is checked at load).
 fn quota(limits: &QuotaLimits) -> Quota {
     let period = Duration::from_secs_f64(1.0 / limits.rate);
     let burst = NonZeroU32::new(limits.burst).expect("quota.burst is checked to be at least 1");
@@ -268,7 +271,7 @@ impl Quotas {
     }
 
     /// Forgets callers whose buckets are full again (indistinguishable from new ones), every
-    /// [`FORGET_INTERVAL`] until `stop`.
+    /// `FORGET_INTERVAL` until `stop`.
     pub fn spawn_forgetting(self: &Arc<Self>, stop: CancellationToken) {
         let quotas = Arc::clone(self);
         tokio::spawn(async move {
@@ -315,6 +318,7 @@ fn refusal(refused: &Refused, class: Class) -> Status {
         details,
     )
 }
+
 /// The tower layer; `None`: quotas off (or a listener that never counts, the probe port).
 #[derive(Debug, Clone)]
 pub struct QuotaLayer {
