@@ -34,14 +34,15 @@ use crate::{
     call::lifetime::{CallLayer, CallStats},
     call::limit::{Budget, Budgets, LimitLayer, ShedBy, ShedCount},
     call::observe::ObserveLayer,
+    call::quota::{self, QuotaLayer, Quotas},
     call::resolve::{Resolver, Tables},
     call::web::WebLayer,
     config::{AuthMode, Config, LimitsConfig, ProbeConfig},
     methods::{Method, MethodTable, served_methods},
     ops::logging,
     ops::metrics::{
-        self, CounterFn, CounterFnSet, GrpcMetrics, Reloads, ServerCounters, ServerMetrics,
-        exporter,
+        self, CounterFn, CounterFnSet, GrpcMetrics, QuotaRefusals, Reloads, ServerCounters,
+        ServerMetrics, exporter,
     },
     ops::reload,
     ops::shutdown,
@@ -263,6 +264,16 @@ impl Server {
         };
         server_counters(&stats, &main_connections, &probe_connections).register(&mut registry);
         metrics::process::register(&mut registry);
+        let quotas = config.quota.enabled.then(|| {
+            let refusals = QuotaRefusals::register(
+                &mut registry,
+                quota::CLASSES,
+                &served_methods(&descriptor_sets),
+            );
+            let quotas = Arc::new(Quotas::new(&config.quota, refusals));
+            quotas.spawn_forgetting(background.clone());
+            quotas
+        });
         spawn_reloaders(&config, &credentials, &background, &mut registry);
         let exporter = metrics_listener.map(|metrics_listener| {
             tokio::spawn(listener::serve_http1(
@@ -319,7 +330,7 @@ impl Server {
         // The path of a call, outermost first. Per connection: TCP -> TLS -> HTTP/2, or HTTP/1.1
         // with [web] (limits, keepalive, idle, first call, age). Per call: peer info -> with
         // [web]: CORS, the page, grpc-web to gRPC -> request id, log span, metrics and access log
-        // -> auth (who is calling) -> call budgets by trust (sheds) -> request bytes held
+        // -> auth (who is calling) -> quotas per caller -> call budgets by trust (sheds) -> request bytes held
         // (per-method message limits, server-wide budget) -> deadline, drain and cancellation ->
         // route -> handler.
         let shared = Shared {
@@ -359,6 +370,7 @@ impl Server {
                     }),
                     shed: Arc::clone(&stats.shed),
                 },
+                quota: QuotaLayer::new(quotas),
             },
             routes,
             AuthLayer::new(credentials.auth.clone(), auth_failures.clone()),
@@ -401,6 +413,8 @@ impl Server {
                             anonymous: None,
                             shed: Arc::clone(&stats.shed),
                         },
+                        // Probes are never counted against a quota.
+                        quota: QuotaLayer::new(None),
                     },
                     probe_routes,
                     AuthLayer::new(None, auth_failures),
@@ -474,6 +488,7 @@ impl Shared {
             let calls = ServiceBuilder::new()
                 .layer(shared.observe.clone())
                 .layer(auth.clone())
+                .layer(listener.quota.clone())
                 .layer(LimitLayer::new(
                     listener.budgets.clone(),
                     Arc::clone(&activity),
@@ -511,11 +526,12 @@ impl Shared {
 }
 
 /// What differs between listeners (main and Unix socket, probe): the HTTP protocol settings,
-/// grpc-web or not, and the call budgets their calls draw from.
+/// grpc-web or not, the call budgets their calls draw from, and the quotas they count against.
 struct PerListener {
     settings: Arc<connection::Settings>,
     web: Option<WebLayer>,
     budgets: Budgets,
+    quota: QuotaLayer,
 }
 
 /// One count in `greeter_connections_open` while the connection is served.

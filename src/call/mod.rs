@@ -3,6 +3,7 @@
 //! - [`web`]: edge translation, grpc-web and CORS to plain gRPC (only with `[web]`);
 //! - [`observe`]: request id, log span, go-grpc-prometheus metrics, one access line;
 //! - [`auth`]: who is calling, and whether the method allows it;
+//! - [`quota`]: per-caller rate quotas (token buckets), refusing with RetryInfo and QuotaFailure;
 //! - [`limit`]: call budgets by trust class, shedding instead of queueing;
 //! - [`intake`]: request bytes held (per-method message limits, server-wide budget);
 //! - [`lifetime`]: the deadline ([`deadline`] is its policy), the end at shutdown, a client gone.
@@ -18,5 +19,6 @@ pub mod intake;
 pub mod lifetime;
 pub mod limit;
 pub mod observe;
+pub mod quota;
 pub mod resolve;
 pub mod web;

@@ -37,6 +37,7 @@ impl Config {
         check(&self.server, origins)?;
         check(&self.log, origins)?;
         check(&self.tls, origins)?;
+        check(&self.quota, origins)?;
         if self.auth.enabled {
             self.validate_auth(origins)?;
         }

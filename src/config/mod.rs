@@ -46,6 +46,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub web: WebConfig,
     pub health: HealthConfig,
+    pub quota: QuotaConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,6 +74,9 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// PEM CA bundle that client certificates must chain to; empty: no client certificates.
     pub client_ca: PathBuf,
+    /// PEM certificate revocation lists of the client CA (and its intermediates): a client
+    /// certificate they revoke is refused at the handshake. Re-read with the CA.
+    pub client_crl_files: Vec<PathBuf>,
     pub client_auth: ClientAuth,
     /// A TLS handshake not finished within this is dropped, so idle sockets cannot pile up.
     #[serde(with = "humantime_serde")]
@@ -416,6 +420,49 @@ pub struct HealthConfig {
     /// A `Watch` stream older than this ends with UNAVAILABLE (clients re-open it).
     #[serde(with = "humantime_serde")]
     pub watch_max_age: Duration,
+}
+
+/// Per-caller rate quotas: token buckets (GCRA) per identity, and per identity and method.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    pub enabled: bool,
+    /// Every caller's bucket, unless `identities` names it: calls per second, and how many may
+    /// come at once after a quiet spell.
+    pub rate: f64,
+    pub burst: u32,
+    /// Calls without credentials (auth off, or methods the policy marks "open"): counted per
+    /// peer address, or not at all.
+    pub anonymous: AnonymousQuota,
+    /// Callers (and peer addresses) tracked at once per bucket table; newcomers beyond it share
+    /// one bucket until idle callers are forgotten. Bounds the tables' memory.
+    pub max_callers: usize,
+    /// Identity (token holder name, certificate subject) -> its own rate and burst instead of
+    /// the default. A later layer removes an entry by setting it to `""`.
+    #[serde(deserialize_with = "values::removable::map")]
+    pub identities: BTreeMap<String, QuotaLimits>,
+    /// Method pattern -> a bucket per caller for the matching methods, drawn from besides the
+    /// caller's own. A later layer removes an entry by setting it to `""`.
+    #[serde(deserialize_with = "values::removable::map")]
+    pub methods: BTreeMap<String, QuotaLimits>,
+}
+
+/// One token bucket: `rate` calls per second on average, `burst` at once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaLimits {
+    pub rate: f64,
+    pub burst: u32,
+}
+
+/// How calls without credentials are counted (`quota.anonymous`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnonymousQuota {
+    /// A bucket per peer IP address (per /64 for IPv6; per user on the Unix socket).
+    Peer,
+    /// Not counted.
+    Exempt,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
