@@ -3,7 +3,8 @@
 //! 5-byte framed protobuf, converted from JSON and inflated from gzip on the way.
 //!
 //! The body is converted lazily, as the handler reads it: by then auth, the call budgets and the
-//! deadline apply, so an unauthenticated or shed caller makes the server read and hold nothing.
+//! deadline apply, so an unauthenticated or shed caller makes the server hold nothing over HTTP/2
+//! (over HTTP/1.1 a unary or server-streaming request is read first, see `read_whole_on_http1`).
 
 use std::sync::Arc;
 
@@ -35,6 +36,23 @@ pub struct Refusal {
     pub http: http::StatusCode,
     /// `accept-encoding` / `accept-post` and the like, telling the client what would work.
     pub headers: HeaderMap,
+}
+
+impl From<Status> for Refusal {
+    fn from(status: Status) -> Self {
+        Self::new(status)
+    }
+}
+
+/// The status of a request body that could not be read whole: over `max` bytes, or broken off.
+pub fn body_error(err: BoxError, max: usize) -> Status {
+    if err.is::<http_body_util::LengthLimitError>() {
+        Status::resource_exhausted(format!(
+            "the request is over this method's limit of {max} bytes"
+        ))
+    } else {
+        Status::cancelled(format!("the request body failed: {err}"))
+    }
 }
 
 impl Refusal {
@@ -183,15 +201,7 @@ where
         let bytes = Limited::new(body, max)
             .collect()
             .await
-            .map_err(|err| {
-                if err.is::<http_body_util::LengthLimitError>() {
-                    Status::resource_exhausted(format!(
-                        "the request is over this method's limit of {max} bytes"
-                    ))
-                } else {
-                    Status::cancelled(format!("the request body failed: {err}"))
-                }
-            })?
+            .map_err(|err| body_error(err, max))?
             .to_bytes();
         let bytes = if gzipped { gunzip(&bytes, max)? } else { bytes };
         let message = codec.to_proto(&rpc.input, bytes)?;
