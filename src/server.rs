@@ -328,11 +328,11 @@ impl Server {
         let probe_routes = Routes::new(health.probe_service()).prepare();
 
         // The path of a call, outermost first. Per connection: TCP -> TLS -> HTTP/2, or HTTP/1.1
-        // with [web] (limits, keepalive, idle, first call, age). Per call: peer info -> with
-        // [web]: CORS, the page, grpc-web to gRPC; with [connect]: Connect to gRPC -> request id, log span, metrics and access log
-        // -> auth (who is calling) -> call budgets by trust (sheds) -> request bytes held
-        // (per-method message limits, server-wide budget) -> deadline, drain and cancellation ->
-        // route -> handler.
+        // with [web] or [connect] (limits, keepalive, idle, first call, age). Per call: peer info
+        // -> with [web]: CORS, the page, grpc-web to gRPC; with [connect]: Connect to gRPC ->
+        // request id, log span, metrics and access log -> auth (who is calling) -> call budgets by
+        // trust (sheds) -> request bytes held (per-method message limits, server-wide budget) ->
+        // deadline, drain and cancellation -> route -> handler.
         let shared = Shared {
             observe: ObserveLayer::new(Arc::new(resolver), metrics_addr.is_some()),
             intake: IntakeLayer::new(Arc::clone(&stats.buffered)),

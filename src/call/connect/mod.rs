@@ -15,9 +15,9 @@
 //! What is answered here, before the stack (so without an access line): paths no service has
 //! (`404`, `unimplemented`), a content type that does not fit the method's kind (`415`), an invalid
 //! `connect-timeout-ms` or `connect-protocol-version` (`400`), an encoding other than gzip or
-//! identity (`501`). Streams of all kinds are served, bidi as full duplex over HTTP/2 (over
-//! HTTP/1.1 the request is read to its end before replies can flow). `GET` for idempotent methods
-//! is not served.
+//! identity (`501`). Streams of all kinds are served, bidi as full duplex over HTTP/2 (HTTP/1.1
+//! clients send every message before they read replies). `GET` for idempotent methods is not
+//! served.
 
 mod codec;
 mod protocol;
@@ -38,7 +38,6 @@ use futures_util::{
     TryFutureExt as _,
     future::{Either, MapOk},
 };
-use http_body_util::{BodyExt as _, Full, Limited};
 use prost_reflect::{DescriptorPool, MessageDescriptor};
 use tonic::body::Body;
 use tower::{Layer, Service, ServiceExt as _};
@@ -225,52 +224,19 @@ where
     ReqBody: http_body::Body<Data = Bytes> + Send + 'static,
     ReqBody::Error: Into<BoxError>,
 {
-    let request = match read_whole_on_http1(translator, request).await {
-        Ok(request) => request,
-        Err(refusal) => return response::refusal(refusal),
-    };
-    let (grpc, plan) = match request::translate(translator, request, framing, codec) {
+    let http1 = request.version() < http::Version::HTTP_2;
+    let (grpc, plan, unread) = match request::translate(translator, request, framing, codec) {
         Ok(translated) => translated,
         Err(refusal) => return response::refusal(refusal),
     };
     let Ok(answer) = calls.oneshot(grpc).await;
+    if http1 && answer.headers().contains_key("grpc-status") {
+        unread.drain(plan.rpc.max_request_bytes).await;
+    }
     match framing {
         Framing::Unary => response::unary(plan, answer).await,
         Framing::Stream => response::stream(plan, answer),
     }
-}
-
-/// Over HTTP/1.1, a unary or server-streaming call's request is read whole (at most its message
-/// limit) before the call starts. An HTTP/1.1 server that answers a request it has not read closes
-/// the connection, and a client still writing the body then fails with a broken pipe instead of
-/// reading the answer: a call refused by auth would show as a network error. HTTP/2 streams need
-/// no such thing, nor do client streams (which carry no limit on their message count).
-async fn read_whole_on_http1<B>(
-    translator: &Translator,
-    request: http::Request<B>,
-) -> Result<http::Request<http_body_util::Either<B, Full<Bytes>>>, request::Refusal>
-where
-    B: http_body::Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    let rpc = translator.methods.get(request.uri().path());
-    let Some(rpc) =
-        rpc.filter(|rpc| request.version() < http::Version::HTTP_2 && !rpc.kind.client_streams())
-    else {
-        return Ok(request.map(http_body_util::Either::Left));
-    };
-    // A streamed request's one message comes in an envelope.
-    let max = rpc.max_request_bytes.saturating_add(5);
-    let (parts, body) = request.into_parts();
-    let bytes = Limited::new(body, max)
-        .collect()
-        .await
-        .map_err(|err| request::Refusal::from(request::body_error(err, max)))?
-        .to_bytes();
-    Ok(http::Request::from_parts(
-        parts,
-        http_body_util::Either::Right(Full::new(bytes)),
-    ))
 }
 
 #[cfg(test)]

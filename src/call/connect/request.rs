@@ -3,10 +3,13 @@
 //! 5-byte framed protobuf, converted from JSON and inflated from gzip on the way.
 //!
 //! The body is converted lazily, as the handler reads it: by then auth, the call budgets and the
-//! deadline apply, so an unauthenticated or shed caller makes the server hold nothing over HTTP/2
-//! (over HTTP/1.1 a unary or server-streaming request is read first, see `read_whole_on_http1`).
+//! deadline apply, so an unauthenticated or shed caller makes the server read and hold nothing.
 
-use std::sync::Arc;
+use std::{
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::stream;
@@ -38,14 +41,8 @@ pub struct Refusal {
     pub headers: HeaderMap,
 }
 
-impl From<Status> for Refusal {
-    fn from(status: Status) -> Self {
-        Self::new(status)
-    }
-}
-
 /// The status of a request body that could not be read whole: over `max` bytes, or broken off.
-pub fn body_error(err: BoxError, max: usize) -> Status {
+fn body_error(err: BoxError, max: usize) -> Status {
     if err.is::<http_body_util::LengthLimitError>() {
         Status::resource_exhausted(format!(
             "the request is over this method's limit of {max} bytes"
@@ -65,13 +62,59 @@ impl Refusal {
     }
 }
 
-/// The gRPC request for `request`, or why there is none.
+/// How long an unread HTTP/1.1 request body may take to arrive, to be thrown away.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The Connect request's body until the translated body first reads it: the call stack may
+/// answer without reading it at all (auth refused, budget full, deadline gone).
+pub struct Unread<B>(Arc<Mutex<Option<B>>>);
+
+impl<B> Unread<B>
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    fn new(body: B) -> Self {
+        Self(Arc::new(Mutex::new(Some(body))))
+    }
+
+    fn share(&self) -> Self {
+        Self(Arc::clone(&self.0))
+    }
+
+    fn take(&self) -> Option<B> {
+        self.0.lock().expect("no panic while held").take()
+    }
+
+    /// Reads and discards the body if no one read it, at most `max` bytes and for at most
+    /// [`DRAIN_TIMEOUT`]. Over HTTP/1.1, a server that answers a request it has not read closes
+    /// the connection, and a client still writing the body fails with a broken pipe instead of
+    /// reading the answer: a call refused by auth would look like a network error. Nothing is
+    /// kept, so draining holds no memory; HTTP/2 streams need none of it.
+    pub async fn drain(self, max: usize) {
+        let Some(body) = self.take() else {
+            return;
+        };
+        let mut body = std::pin::pin!(body);
+        let mut seen = 0usize;
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            while let Some(Ok(frame)) = body.frame().await {
+                seen = seen.saturating_add(frame.data_ref().map_or(0, Bytes::len));
+                if seen > max {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// The gRPC request for `request` and its body until read, or why there is none.
 pub fn translate<B>(
     translator: &Arc<Translator>,
     request: http::Request<B>,
     framing: Framing,
     codec: Codec,
-) -> Result<(http::Request<Body>, Plan), Refusal>
+) -> Result<(http::Request<Body>, Plan, Unread<B>), Refusal>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -154,9 +197,10 @@ where
     if let Some(timeout) = timeout {
         headers.insert("grpc-timeout", timeout);
     }
+    let unread = Unread::new(body);
     let body = match framing {
-        Framing::Unary => unary_body(body, Arc::clone(&rpc), codec, gzipped),
-        Framing::Stream => stream_body(body, Arc::clone(&rpc), codec, gzipped),
+        Framing::Unary => unary_body(unread.share(), Arc::clone(&rpc), codec, gzipped),
+        Framing::Stream => stream_body(unread.share(), Arc::clone(&rpc), codec, gzipped),
     };
     let plan = Plan {
         translator: Arc::clone(translator),
@@ -164,7 +208,7 @@ where
         codec,
         gzip_replies,
     };
-    Ok((http::Request::from_parts(parts, body), plan))
+    Ok((http::Request::from_parts(parts, body), plan, unread))
 }
 
 /// Headers that describe the Connect request itself, or would make the stack read the translated
@@ -191,13 +235,16 @@ impl RetainMetadata for HeaderMap {
 }
 
 /// A unary request: the whole body (at most the method's limit), one gRPC frame.
-fn unary_body<B>(body: B, rpc: Arc<Rpc>, codec: Codec, gzipped: bool) -> Body
+fn unary_body<B>(body: Unread<B>, rpc: Arc<Rpc>, codec: Codec, gzipped: bool) -> Body
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     let frame = async move {
         let max = rpc.max_request_bytes;
+        let body = body
+            .take()
+            .ok_or_else(|| Status::internal("the request was read twice"))?;
         let bytes = Limited::new(body, max)
             .collect()
             .await
@@ -212,25 +259,32 @@ where
 
 /// A streaming request: each envelope (at most the method's limit) becomes one gRPC frame as it
 /// arrives, so client and bidi streams flow.
-fn stream_body<B>(body: B, rpc: Arc<Rpc>, codec: Codec, gzipped: bool) -> Body
+fn stream_body<B>(body: Unread<B>, rpc: Arc<Rpc>, codec: Codec, gzipped: bool) -> Body
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    enum State<B> {
+        Unread(Unread<B>),
+        Reading(Reading<B>),
+    }
     struct Reading<B> {
-        body: std::pin::Pin<Box<B>>,
+        body: Pin<Box<B>>,
         buf: BytesMut,
         ended: bool,
     }
-    let start = Some(Reading {
-        body: Box::pin(body),
-        buf: BytesMut::new(),
-        ended: false,
-    });
+    let start = Some(State::Unread(body));
     let frames = stream::unfold(start, move |state| {
         let rpc = Arc::clone(&rpc);
         async move {
-            let mut reading = state?;
+            let mut reading = match state? {
+                State::Reading(reading) => reading,
+                State::Unread(body) => Reading {
+                    body: Box::pin(body.take()?),
+                    buf: BytesMut::new(),
+                    ended: false,
+                },
+            };
             let max = rpc.max_request_bytes;
             loop {
                 match split_envelope(&mut reading.buf, max) {
@@ -252,7 +306,7 @@ where
                         let frame = message
                             .and_then(|m| codec.to_proto(&rpc.input, m))
                             .map(|m| Frame::data(protocol::envelope(0, &m)));
-                        let next = frame.is_ok().then_some(reading);
+                        let next = frame.is_ok().then_some(State::Reading(reading));
                         return Some((frame, next));
                     }
                     Ok(None) if reading.ended => {
