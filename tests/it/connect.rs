@@ -14,7 +14,8 @@ use prost::Message as _;
 use serde_json::{Value, json};
 
 use crate::common::{
-    Pki, TestServer, config_with, greeter_token_auth, scrape, test_config, wait_for_calls_in_flight,
+    Pki, TestServer, config_with, greeter_token_auth, http_request, scrape, test_config,
+    wait_for_calls_in_flight,
 };
 use greeter::pb::{HelloReply, HelloRequest};
 
@@ -488,6 +489,28 @@ async fn without_connect_json_posts_are_not_served() {
     .await;
     assert_eq!(answer.json(), json!({"message": "Hello, x!"}));
     assert_eq!(answer.header("access-control-expose-headers"), None);
+    // Other HTTP/1.1 requests are refused before the gRPC stack, which speaks HTTP/2 only.
+    let answer = post(
+        &connect_only,
+        false,
+        "/helloworld.Greeter/SayHello",
+        &[("content-type", "text/plain")],
+        "x",
+    )
+    .await;
+    assert_eq!(answer.status, 415);
+    assert!(
+        answer
+            .header("accept-post")
+            .unwrap()
+            .contains("application/json")
+    );
+    assert_eq!(
+        http_request(connect_only.addr, "GET", "/", None)
+            .await
+            .status,
+        404
+    );
 }
 
 #[tokio::test]

@@ -138,8 +138,9 @@ impl ConnectLayer {
     pub fn with_other<T, O>(translator: Option<&Self>, calls: T, other: O) -> Connect<T, O> {
         Connect {
             translator: translator.map(|layer| Arc::clone(&layer.translator)),
-            calls,
+            calls: Arc::new(calls),
             other,
+            refuse_http1: false,
         }
     }
 }
@@ -147,18 +148,27 @@ impl ConnectLayer {
 impl<S: Clone> Layer<S> for ConnectLayer {
     type Service = Connect<S, S>;
 
+    /// Alone (without `[web]`), Connect is what HTTP/1.1 is on for: other HTTP/1.1 requests are
+    /// refused here rather than reach the gRPC stack, which answers only over HTTP/2.
     fn layer(&self, inner: S) -> Self::Service {
-        Self::with_other(Some(self), inner.clone(), inner)
+        Connect {
+            refuse_http1: true,
+            ..Self::with_other(Some(self), inner.clone(), inner)
+        }
     }
 }
 
 /// Connect calls are translated and served by `calls`; every other request goes to `other`
 /// untouched (and, without a translator, every request does).
+///
+/// hyper clones the service for every request: `calls` sits behind an `Arc` and is cloned only for
+/// the requests that take it, so gRPC calls pay one reference count for Connect.
 #[derive(Debug, Clone)]
 pub struct Connect<T, O> {
     translator: Option<Arc<Translator>>,
-    calls: T,
+    calls: Arc<T>,
     other: O,
+    refuse_http1: bool,
 }
 
 type Answer<B> = http::Response<http_body_util::Either<Body, B>>;
@@ -176,7 +186,7 @@ where
     O: Service<http::Request<ReqBody>, Response = http::Response<OtherBody>, Error = Infallible>,
     ReqBody: http_body::Body<Data = Bytes> + Send + 'static,
     ReqBody::Error: Into<BoxError>,
-    OtherBody: 'static,
+    OtherBody: Send + 'static,
 {
     type Response = Answer<OtherBody>;
     type Error = Infallible;
@@ -194,11 +204,16 @@ where
             && let Some((framing, codec)) = protocol::classify(&request)
         {
             let translator = Arc::clone(translator);
-            let calls = self.calls.clone();
+            let calls = T::clone(&self.calls);
             Either::Left(Box::pin(async move {
                 let answer = serve(&translator, calls, request, framing, codec).await;
                 Ok(answer.map(http_body_util::Either::Left))
             }))
+        } else if self.refuse_http1 && request.version() < http::Version::HTTP_2 {
+            let answer = response::not_connect(request.method());
+            Either::Left(Box::pin(std::future::ready(Ok(
+                answer.map(http_body_util::Either::Left)
+            ))))
         } else {
             Either::Right(self.other.call(request).map_ok(other_answer as fn(_) -> _))
         }

@@ -32,6 +32,37 @@ pub fn refusal(refusal: Refusal) -> http::Response<Body> {
     response
 }
 
+/// An HTTP/1.1 request that is not a Connect call, on a listener without `[web]`: `415` for a
+/// `POST` (naming the content types that would do), `404` for anything else.
+pub fn not_connect(method: &http::Method) -> http::Response<Body> {
+    let (status, text) = if method == http::Method::POST {
+        (
+            http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "over HTTP/1.1 this server speaks Connect: application/json, application/proto, \
+             application/connect+json or application/connect+proto\n",
+        )
+    } else {
+        (http::StatusCode::NOT_FOUND, "not found\n")
+    };
+    let mut response =
+        http::Response::new(Body::new(Full::new(Bytes::from_static(text.as_bytes()))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if status == http::StatusCode::UNSUPPORTED_MEDIA_TYPE {
+        response.headers_mut().insert(
+            "accept-post",
+            HeaderValue::from_static(
+                "application/json, application/proto, application/connect+json, \
+                 application/connect+proto",
+            ),
+        );
+    }
+    response
+}
+
 /// A unary call's answer, once the gRPC reply and its status are in.
 pub async fn unary<B>(plan: Plan, response: http::Response<B>) -> http::Response<Body>
 where
