@@ -14,8 +14,8 @@ use prost::Message as _;
 use serde_json::{Value, json};
 
 use crate::common::{
-    Pki, TestServer, config_with, greeter_token_auth, http_request, scrape, test_config,
-    wait_for_calls_in_flight,
+    Pki, TestServer, config_with, greeter_token_auth, http_request, http_request_with, scrape,
+    test_config, wait_for_calls_in_flight,
 };
 use greeter::pb::{HelloReply, HelloRequest};
 
@@ -531,4 +531,53 @@ async fn tls_offers_http1_when_connect_is_on() {
         .await
         .unwrap_err();
     assert!(refused.contains("NoApplicationProtocol"), "{refused}");
+}
+
+#[tokio::test]
+async fn web_cors_applies_to_connect_calls() {
+    let mut config = config_with(vec![]);
+    config.web.allowed_origins = vec!["https://app.example".into()];
+    let server = TestServer::start_with(config).await;
+    let preflight = http_request_with(
+        server.addr,
+        "OPTIONS",
+        "/helloworld.Greeter/SayHello",
+        &[
+            ("Origin", "https://app.example"),
+            ("Access-Control-Request-Method", "POST"),
+            (
+                "Access-Control-Request-Headers",
+                "content-type,connect-protocol-version,connect-timeout-ms",
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(
+        preflight.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    let allowed = preflight.header("access-control-allow-headers").unwrap();
+    let names: Vec<&str> = allowed.split(',').map(str::trim).collect();
+    for needed in ["connect-protocol-version", "connect-timeout-ms"] {
+        assert!(names.contains(&needed), "{needed} in {allowed}");
+    }
+
+    for (origin, allowed) in [
+        ("https://app.example", Some("https://app.example")),
+        ("https://evil.example", None),
+    ] {
+        let answer = post(
+            &server,
+            false,
+            "/helloworld.Greeter/SayHello",
+            &[JSON, ("origin", origin)],
+            r#"{"name":"cors"}"#,
+        )
+        .await;
+        assert_eq!(
+            answer.header("access-control-allow-origin"),
+            allowed,
+            "{origin}"
+        );
+    }
 }
