@@ -581,3 +581,44 @@ async fn web_cors_applies_to_connect_calls() {
         );
     }
 }
+
+/// Over HTTP/1.1, a call refused before its body was read still gets its answer: the server reads
+/// and drops the body first. Otherwise it closes the connection while the client is still
+/// writing, and the client sees a reset instead of the answer.
+#[tokio::test]
+async fn http1_refusals_arrive_while_the_client_is_still_sending() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(config_with(greeter_token_auth(
+        dir.path(),
+        "grt_connect-token",
+        "connect",
+    )))
+    .await;
+    // Refused by auth (in the call stack), and by a bad header (before it).
+    for extra in ["", "connect-timeout-ms: soon\r\n"] {
+        let body = json!({"name": "x".repeat(3000)}).to_string();
+        let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let head = format!(
+            "POST /helloworld.Greeter/SayHello HTTP/1.1\r\nHost: {}\r\n\
+             connection: close\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\n\r\n",
+            server.addr,
+            body.len()
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for chunk in body.as_bytes().chunks(512) {
+            tcp.write_all(chunk).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut raw))
+            .await
+            .expect("answered within 10s")
+            .expect("the answer, not a reset");
+        let raw = String::from_utf8(raw).unwrap();
+        let wanted = if extra.is_empty() { "401" } else { "400" };
+        assert!(raw.starts_with(&format!("HTTP/1.1 {wanted}")), "{raw}");
+    }
+}

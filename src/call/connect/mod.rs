@@ -240,9 +240,16 @@ where
     ReqBody::Error: Into<BoxError>,
 {
     let http1 = request.version() < http::Version::HTTP_2;
-    let (grpc, plan, unread) = match request::translate(translator, request, framing, codec) {
+    let (parts, body) = request.into_parts();
+    let unread = request::Unread::new(body);
+    let (grpc, plan) = match request::translate(translator, parts, &unread, framing, codec) {
         Ok(translated) => translated,
-        Err(refusal) => return response::refusal(refusal),
+        Err(refusal) => {
+            if http1 {
+                unread.drain(request::REFUSED_DRAIN_BYTES).await;
+            }
+            return response::refusal(refusal);
+        }
     };
     let Ok(answer) = calls.oneshot(grpc).await;
     if http1 && answer.headers().contains_key("grpc-status") {

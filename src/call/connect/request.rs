@@ -65,6 +65,10 @@ impl Refusal {
 /// How long an unread HTTP/1.1 request body may take to arrive, to be thrown away.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The most bytes thrown away of a request refused before translation (a bad header, a path no
+/// service has): enough for any served method's message, which such a request was meant to be.
+pub const REFUSED_DRAIN_BYTES: usize = 64 << 10;
+
 /// The Connect request's body until the translated body first reads it: the call stack may
 /// answer without reading it at all (auth refused, budget full, deadline gone).
 pub struct Unread<B>(Arc<Mutex<Option<B>>>);
@@ -73,7 +77,7 @@ impl<B> Unread<B>
 where
     B: http_body::Body<Data = Bytes>,
 {
-    fn new(body: B) -> Self {
+    pub fn new(body: B) -> Self {
         Self(Arc::new(Mutex::new(Some(body))))
     }
 
@@ -108,18 +112,19 @@ where
     }
 }
 
-/// The gRPC request for `request` and its body until read, or why there is none.
+/// The gRPC request for a Connect request's `parts` and its body (`unread`), or why there is none.
 pub fn translate<B>(
     translator: &Arc<Translator>,
-    request: http::Request<B>,
+    mut parts: http::request::Parts,
+    unread: &Unread<B>,
     framing: Framing,
     codec: Codec,
-) -> Result<(http::Request<Body>, Plan, Unread<B>), Refusal>
+) -> Result<(http::Request<Body>, Plan), Refusal>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let path = request.uri().path();
+    let path = parts.uri.path();
     let Some(rpc) = translator.methods.get(path).cloned() else {
         let mut refusal = Refusal::new(Status::unimplemented(format!("no method {path}")));
         refusal.http = http::StatusCode::NOT_FOUND;
@@ -147,7 +152,6 @@ where
         );
         return Err(refusal);
     }
-    let (mut parts, body) = request.into_parts();
     let headers = &mut parts.headers;
     if let Some(version) = headers.remove(protocol::PROTOCOL_VERSION)
         && version != "1"
@@ -197,7 +201,6 @@ where
     if let Some(timeout) = timeout {
         headers.insert("grpc-timeout", timeout);
     }
-    let unread = Unread::new(body);
     let body = match framing {
         Framing::Unary => unary_body(unread.share(), Arc::clone(&rpc), codec, gzipped),
         Framing::Stream => stream_body(unread.share(), Arc::clone(&rpc), codec, gzipped),
@@ -208,7 +211,7 @@ where
         codec,
         gzip_replies,
     };
-    Ok((http::Request::from_parts(parts, body), plan, unread))
+    Ok((http::Request::from_parts(parts, body), plan))
 }
 
 /// Headers that describe the Connect request itself, or would make the stack read the translated
