@@ -1,6 +1,8 @@
 //! The per-call layers, in the order the server stacks them, outermost first:
 //!
 //! - [`web`]: edge translation, grpc-web and CORS to plain gRPC (only with `[web]`);
+//! - [`connect`]: edge translation, the Connect protocol to plain gRPC (only with `[connect]`;
+//!   behind [`web`]'s CORS when both are on);
 //! - [`observe`]: request id, log span, go-grpc-prometheus metrics, one access line;
 //! - [`auth`]: who is calling, and whether the method allows it;
 //! - [`quota`]: per-caller rate quotas (token buckets), refusing with RetryInfo and QuotaFailure;
@@ -14,6 +16,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod connect;
 pub mod deadline;
 pub mod intake;
 pub mod lifetime;

@@ -47,6 +47,7 @@ pub struct Config {
     pub web: WebConfig,
     pub health: HealthConfig,
     pub quota: QuotaConfig,
+    pub connect: ConnectConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -411,6 +412,15 @@ pub struct WebConfig {
     pub cors_max_age: Duration,
 }
 
+/// The Connect protocol (connectrpc.com/docs/protocol) on the main listener: JSON or protobuf over
+/// plain HTTP POSTs, for curl, `fetch` and every Connect client, beside gRPC and grpc-web.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectConfig {
+    /// Serve Connect calls (over HTTP/1.1 and HTTP/2) for every method the server serves.
+    pub enabled: bool,
+}
+
 /// `grpc.health.v1.Health`: what its `Watch` streams, open to anyone, may hold.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -484,6 +494,12 @@ impl Config {
     /// worth a warning at every start.
     pub fn is_insecure_exposed(&self) -> bool {
         !self.server.listen.ip().is_loopback() && (!self.tls.enabled || !self.auth.enabled)
+    }
+
+    /// Whether the main listener accepts HTTP/1.1 (and offers it in TLS ALPN): grpc-web and
+    /// Connect clients may use it; gRPC needs HTTP/2.
+    pub fn serves_http1(&self) -> bool {
+        self.web.enabled || self.connect.enabled
     }
 
     /// The effective configuration as TOML, for `greeter config show`.

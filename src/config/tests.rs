@@ -423,3 +423,16 @@ fn client_crl_files_need_client_certificates() {
     assert!(error.message.contains("set tls.client_auth"), "{error}");
     assert!(error.origin.contains("crl.toml"), "{error}");
 }
+
+#[test]
+fn connect_is_on_for_the_quick_start_and_off_in_production() {
+    assert!(Config::embedded().connect.enabled);
+    assert!(Config::embedded().serves_http1());
+    let production = Config::load(&Sources {
+        files: vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/production.toml")],
+        ..Sources::default()
+    })
+    .unwrap();
+    assert!(!production.connect.enabled);
+    assert!(!production.serves_http1());
+}

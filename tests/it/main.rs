@@ -6,6 +6,7 @@ mod common;
 mod auth;
 mod cli;
 mod compression;
+mod connect;
 mod crl;
 mod greeter;
 mod health_reflection;
