@@ -6,8 +6,8 @@
 //! The modules follow the path of a call (ARCHITECTURE.md has the picture):
 //!
 //! - [`transport`]: sockets to connections: accept (TCP, TLS, Unix socket), HTTP/2 and HTTP/1.1;
-//! - [`call`]: the per-call layers in stacking order: grpc-web, observe (which resolves the
-//!   call's method once for all of them), auth, limit, intake, lifetime (deadline, drain);
+//! - [`call`]: the per-call layers in stacking order: grpc-web, Connect, observe (which resolves
+//!   the call's method once for all of them), auth, limit, intake, lifetime (deadline, drain);
 //! - [`service`]: the RPCs: the Greeter, health, and which replies go compressed;
 //! - [`server`]: the wiring of the three, and the drain when the server stops.
 //!

@@ -29,19 +29,21 @@ use tracing::{info, warn};
 
 use crate::{
     call::auth::{self, AuthLayer, Authenticator, JwksError, Jwt, TokenStore, TokensError},
+    call::connect::{ConnectError, ConnectLayer, Translator},
     call::deadline::DeadlinePolicy,
     call::intake::{BufferBudget, IntakeLayer},
     call::lifetime::{CallLayer, CallStats},
     call::limit::{Budget, Budgets, LimitLayer, ShedBy, ShedCount},
     call::observe::{ObserveLayer, trace::CallTracer},
+    call::quota::{self, QuotaLayer, Quotas},
     call::resolve::{Resolver, Tables},
     call::web::WebLayer,
     config::{AuthMode, Config, LimitsConfig, ProbeConfig},
     methods::{Method, MethodTable, served_methods},
     ops::logging,
     ops::metrics::{
-        self, CounterFn, CounterFnSet, GrpcMetrics, Reloads, ServerCounters, ServerMetrics,
-        exporter,
+        self, CounterFn, CounterFnSet, GrpcMetrics, QuotaRefusals, Reloads, ServerCounters,
+        ServerMetrics, exporter,
     },
     ops::reload,
     ops::shutdown,
@@ -87,6 +89,8 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("tracing: {0}")]
     Tracing(#[from] TelemetryError),
+    #[error("cannot serve the Connect protocol: {0}")]
+    Connect(#[from] ConnectError),
 }
 
 /// TLS and token material, loaded and checked: what `config check` verifies beyond the config
@@ -101,7 +105,7 @@ pub struct Credentials {
 impl Credentials {
     pub fn load(config: &Config) -> Result<Self, ServerError> {
         let tls = if config.tls.enabled {
-            let material = tls::load(&config.tls, config.web.enabled)?;
+            let material = tls::load(&config.tls, config.serves_http1())?;
             Some((Reloadable::new(material.config), material.leaf))
         } else {
             None
@@ -284,6 +288,16 @@ impl Server {
         )
         .register(&mut registry);
         metrics::process::register(&mut registry);
+        let quotas = config.quota.enabled.then(|| {
+            let refusals = QuotaRefusals::register(
+                &mut registry,
+                quota::CLASSES,
+                &served_methods(&descriptor_sets),
+            );
+            let quotas = Arc::new(Quotas::new(&config.quota, refusals));
+            quotas.spawn_forgetting(background.clone());
+            quotas
+        });
         spawn_reloaders(&config, &credentials, &background, &mut registry);
         let exporter = metrics_listener.map(|metrics_listener| {
             tokio::spawn(listener::serve_http1(
@@ -307,6 +321,21 @@ impl Server {
                 plain_replies: &service::plain_streams(&config.compression),
             },
         );
+        // Connect calls are translated to gRPC for every served method, JSON from the same
+        // descriptors reflection serves.
+        let connect = if config.connect.enabled {
+            let translator = Translator::new(&descriptor_sets, &config.compression, |path| {
+                message_limits
+                    .table
+                    .lookup(path)
+                    .copied()
+                    .unwrap_or(limits.max_recv_message_bytes)
+            })?;
+            Some(ConnectLayer::new(Arc::new(translator)))
+        } else {
+            None
+        };
+        let web = web.map(|web| web.with_connect(connect.clone()));
         let reflection = || {
             descriptor_sets.iter().fold(
                 tonic_reflection::server::Builder::configure().include_reflection_service(false),
@@ -338,11 +367,11 @@ impl Server {
         let probe_routes = Routes::new(health.probe_service()).prepare();
 
         // The path of a call, outermost first. Per connection: TCP -> TLS -> HTTP/2, or HTTP/1.1
-        // with [web] (limits, keepalive, idle, first call, age). Per call: peer info -> with
-        // [web]: CORS, the page, grpc-web to gRPC -> request id, log span, metrics and access log
-        // -> auth (who is calling) -> call budgets by trust (sheds) -> request bytes held
-        // (per-method message limits, server-wide budget) -> deadline, drain and cancellation ->
-        // route -> handler.
+        // with [web] or [connect] (limits, keepalive, idle, first call, age). Per call: peer info
+        // -> with [web]: CORS, the page, grpc-web to gRPC; with [connect]: Connect to gRPC ->
+        // request id, log span, metrics and access log -> auth (who is calling) -> quotas per
+        // caller -> call budgets by trust (sheds) -> request bytes held (per-method message
+        // limits, server-wide budget) -> deadline, drain and cancellation -> route -> handler.
         let shared = Shared {
             observe: ObserveLayer::new(Arc::new(resolver), metrics_addr.is_some()).traced(
                 telemetry
@@ -367,9 +396,10 @@ impl Server {
                 settings: Arc::new(connection::Settings::new(
                     limits,
                     &config.connection,
-                    config.web.enabled,
+                    config.serves_http1(),
                 )),
                 web,
+                connect,
                 budgets: Budgets {
                     calls: Budget::new(
                         limits.max_concurrent_calls,
@@ -384,6 +414,7 @@ impl Server {
                     }),
                     shed: Arc::clone(&stats.shed),
                 },
+                quota: QuotaLayer::new(quotas),
             },
             routes,
             AuthLayer::new(credentials.auth.clone(), auth_failures.clone()),
@@ -427,6 +458,7 @@ impl Server {
                     PerListener {
                         settings: Arc::new(connection::Settings::probe(limits, &config.connection)),
                         web: None,
+                        connect: None,
                         budgets: Budgets {
                             calls: Budget::new(
                                 ProbeConfig::MAX_CALLS,
@@ -435,6 +467,8 @@ impl Server {
                             anonymous: None,
                             shed: Arc::clone(&stats.shed),
                         },
+                        // Probes are never counted against a quota.
+                        quota: QuotaLayer::new(None),
                     },
                     probe_routes,
                     AuthLayer::new(None, auth_failures),
@@ -512,6 +546,7 @@ impl Shared {
             let calls = ServiceBuilder::new()
                 .layer(shared.observe.clone())
                 .layer(auth.clone())
+                .layer(listener.quota.clone())
                 .layer(LimitLayer::new(
                     listener.budgets.clone(),
                     Arc::clone(&activity),
@@ -520,10 +555,10 @@ impl Shared {
                 .layer(shared.call_layer.clone())
                 .service(routes.clone());
             let (settings, draining) = (Arc::clone(&listener.settings), shared.draining.clone());
-            // Two monomorphic paths rather than one boxed service: without [web], calls pay
-            // nothing for it.
-            let serving = match &listener.web {
-                Some(web) => {
+            // Monomorphic paths rather than one boxed service: without [web] or [connect], calls
+            // pay nothing for them. With [web], Connect sits inside its CORS.
+            let serving = match (&listener.web, &listener.connect) {
+                (Some(web), _) => {
                     let service = ServiceBuilder::new()
                         .layer(peer)
                         .layer(web.clone())
@@ -532,11 +567,20 @@ impl Shared {
                         conn, service, settings, activity, draining,
                     ))
                 }
-                None => {
-                    let service = ServiceBuilder::new().layer(peer).service(calls);
-                    Either::Right(connection::serve(
+                (None, Some(connect)) => {
+                    let service = ServiceBuilder::new()
+                        .layer(peer)
+                        .layer(connect.clone())
+                        .service(calls);
+                    Either::Right(Either::Left(connection::serve(
                         conn, service, settings, activity, draining,
-                    ))
+                    )))
+                }
+                (None, None) => {
+                    let service = ServiceBuilder::new().layer(peer).service(calls);
+                    Either::Right(Either::Right(connection::serve(
+                        conn, service, settings, activity, draining,
+                    )))
                 }
             };
             shared.connections.spawn(async move {
@@ -549,11 +593,14 @@ impl Shared {
 }
 
 /// What differs between listeners (main and Unix socket, probe): the HTTP protocol settings,
-/// grpc-web or not, and the call budgets their calls draw from.
+/// grpc-web or not, Connect or not, the call budgets their calls draw from, and the quotas they
+/// count against.
 struct PerListener {
     settings: Arc<connection::Settings>,
     web: Option<WebLayer>,
+    connect: Option<ConnectLayer>,
     budgets: Budgets,
+    quota: QuotaLayer,
 }
 
 /// One count in `greeter_connections_open` while the connection is served.
@@ -695,7 +742,7 @@ fn spawn_reloaders(
     if let Some((material, leaf)) = &credentials.tls {
         tls::spawn_reloader(
             &config.tls,
-            config.web.enabled,
+            config.serves_http1(),
             material.clone(),
             metrics::register_certificate_expiry(registry, leaf.not_after_unix),
             hangups.clone(),

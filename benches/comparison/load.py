@@ -15,6 +15,8 @@ from .host import apt_install, cpu_seconds, pinned
 
 # Bytes of DATA in one reply: the gRPC frame of HelloReply{message: "Hello, bench!"}.
 REPLY_BYTES = 20
+# The same reply as a Connect unary JSON body: {"message":"Hello, bench!"}.
+JSON_REPLY_BYTES = 27
 BIDI_BATCH = 100  # requests per h2load bidi stream
 
 # The Debian package the script installs when h2load is missing.
@@ -69,10 +71,13 @@ class H2Load:
         self.unary.write_bytes(grpc_frame("bench"))
         self.bidi = work / "bidi.grpc"
         self.bidi.write_bytes(grpc_frame("bench") * BIDI_BATCH)
+        self.json = work / "sayhello.json"
+        self.json.write_bytes(json.dumps({"name": "bench"}, separators=(",", ":")).encode())
 
-    def _argv(self, peer, method, body):
+    def _argv(self, peer, method, body, json_unary=False):
         scheme = "https" if peer.tls_ca else "http"
-        argv = ["-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers"]
+        argv = ["-d", str(body), "-H", "content-type: application/json"] if json_unary else \
+            ["-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers"]
         if peer.token:
             argv += ["-H", f"authorization: Bearer {peer.token}"]
         return argv + [f"{scheme}://127.0.0.1:{peer.port}/helloworld.Greeter/{method}"]
@@ -87,12 +92,15 @@ class H2Load:
             found[method] = ",".join(x.decode() for x in statuses) or "none"
         return found
 
-    def run(self, running, bidi, connections, streams, duration, warmup):
+    def run(self, running, bidi, connections, streams, duration, warmup, json_unary=False):
+        """json_unary: SayHello as a Connect unary call with JSON (HTTP/2, so the same h2load
+        settings), its replies checked by their JSON length."""
         peer = running.peer
         method, body, per_call = (("SayHelloBidiStream", self.bidi, BIDI_BATCH) if bidi
-                                  else ("SayHello", self.unary, 1))
+                                  else ("SayHello", self.json if json_unary else self.unary, 1))
+        reply_bytes = JSON_REPLY_BYTES if json_unary else REPLY_BYTES
         common = [self.h2load, "-t", "1", "-c", str(connections), "-m", str(streams)]
-        tail = self._argv(peer, method, body)
+        tail = self._argv(peer, method, body, json_unary)
         # Warm-up as its own run: with --warm-up-time h2load's byte counts include the warm-up.
         subprocess.run([*common, "-D", f"{int(warmup * 1000)}ms", *tail], capture_output=True,
                        timeout=warmup + 60, preexec_fn=pinned(host.LOAD_CPU))
@@ -111,7 +119,7 @@ class H2Load:
         if not (rate and done and data):
             return {"error": "h2load: " + (r.stdout + r.stderr).strip()[-300:]}
         succeeded, failed = int(done.group(4)), int(done.group(5)) + int(done.group(6))
-        replies = int(data.group(1)) / REPLY_BYTES
+        replies = int(data.group(1)) / reply_bytes
         utilisation = (cpu1 - cpu0) / (wall1 - wall0)
         per_second = float(rate.group(1)) * per_call
         return {

@@ -166,6 +166,9 @@ def main():
                         r["probe"] = h2.probe(peer)
                     r["h2_unary"].append(h2.run(running, False, args.h2_connections, args.h2_streams,
                                                 duration, warmup))
+                    if peer.json:
+                        r["h2_json"].append(h2.run(running, False, args.h2_connections, args.h2_streams,
+                                                   duration, warmup, json_unary=True))
                     r["unary"].append(bench.run(running, "unary", args.connections, args.concurrency,
                                                 duration, warmup))
                     r["h2_bidi1"].append(h2.run(running, True, 1, 1, bidi_duration, bidi_warmup))

@@ -8,7 +8,7 @@ from .load import BIDI_BATCH
 
 MiB = 1024 * 1024
 # The measurements each peer's results hold one list of, one entry per round.
-RUN_KINDS = ("h2_unary", "unary", "bidi1", "bidi64", "h2_bidi1", "h2_bidi64", "half_load")
+RUN_KINDS = ("h2_unary", "unary", "bidi1", "bidi64", "h2_bidi1", "h2_bidi64", "half_load", "h2_json")
 
 
 def median(values):
@@ -66,6 +66,8 @@ def summarise(results, peers):
             "errors": sum(x.get("errors", 0) for x in runs if "error" not in x),
             "failures": [x["error"] for x in runs if "error" in x] + r.get("start_failures", []),
             "probe": r.get("probe"),
+            "json": med("h2_json"),
+            "json_cpu_us": med("h2_json", "server_cpu_us_per_call"),
         }
     return rows
 
@@ -117,6 +119,12 @@ def tables(rows, results):
                "x 1 or 64 concurrent calls; pp = greeter bench ping-pong, 1 connection x 1 or 64 streams")
     out.append("rate/s: open loop (greeter bench --rate) at half of min(h2load saturation, greeter bench's "
                "closed-loop rate) for that server; busy: server core utilisation during it")
+    for k, r in rows.items():
+        if r["json"] is not None:
+            out.append(f"Connect JSON unary ({k}, h2load, same settings, SayHello as application/json): "
+                       f"{r['json']:.0f}/s, {fmt(r['json_cpu_us'], '.1f', 0)} CPU µs/call; its gRPC unary "
+                       f"{fmt(r['sat'], '.0f', 0)}/s, {fmt(r['cpu_us'], '.1f', 0)} µs/call "
+                       f"(JSON/gRPC CPU per call{ratio(r['json_cpu_us'], r['cpu_us'])})")
     out.append("grpc-status via nghttp of h2load's exact requests: " + "; ".join(
         f"{k} {r['probe']['SayHello']}/{r['probe']['SayHelloBidiStream']}" for k, r in rows.items()
         if r["probe"]))

@@ -1,8 +1,11 @@
 //! The per-call layers, in the order the server stacks them, outermost first:
 //!
 //! - [`web`]: edge translation, grpc-web and CORS to plain gRPC (only with `[web]`);
+//! - [`connect`]: edge translation, the Connect protocol to plain gRPC (only with `[connect]`;
+//!   behind [`web`]'s CORS when both are on);
 //! - [`observe`]: request id, log span, go-grpc-prometheus metrics, one access line;
 //! - [`auth`]: who is calling, and whether the method allows it;
+//! - [`quota`]: per-caller rate quotas (token buckets), refusing with RetryInfo and QuotaFailure;
 //! - [`limit`]: call budgets by trust class, shedding instead of queueing;
 //! - [`intake`]: request bytes held (per-method message limits, server-wide budget);
 //! - [`lifetime`]: the deadline ([`deadline`] is its policy), the end at shutdown, a client gone.
@@ -13,10 +16,12 @@
 
 pub mod auth;
 pub mod body;
+pub mod connect;
 pub mod deadline;
 pub mod intake;
 pub mod lifetime;
 pub mod limit;
 pub mod observe;
+pub mod quota;
 pub mod resolve;
 pub mod web;

@@ -1,4 +1,5 @@
 //! Browsers: grpc-web translation (tonic-web), CORS from `[web]`, and the demo page at `/`.
+//! Connect calls, when `[connect]` is on, take the same CORS and page checks (`call::connect`).
 //!
 //! Browsers cannot speak gRPC itself (fetch exposes neither HTTP/2 trailers nor framing), so
 //! grpc-web carries the trailers in the body. [`WebLayer`] sits above the call stack: a grpc-web
@@ -27,10 +28,16 @@ use http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use http_body_util::Full;
 use tonic::body::Body;
 use tonic_web::{GrpcWebLayer, GrpcWebService};
-use tower::{Layer, Service, ServiceExt as _, util::Oneshot};
+use tower::{
+    Layer, Service, ServiceExt as _,
+    util::{MapResponse, Oneshot},
+};
 use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
 
-use crate::config::{Problem, Section, WebConfig};
+use crate::{
+    call::connect::{Connect, ConnectLayer},
+    config::{Problem, Section, WebConfig},
+};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -60,8 +67,9 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; st
     connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
     frame-ancestors 'none'";
 
-/// Request headers a grpc-web client sends (grpc-web's own list, plus credentials and request id).
-const ALLOWED_HEADERS: [&str; 7] = [
+/// Request headers a grpc-web or Connect client sends (grpc-web's own list, Connect's, plus
+/// credentials and request id).
+const ALLOWED_HEADERS: [&str; 11] = [
     "content-type",
     "x-grpc-web",
     "x-user-agent",
@@ -69,15 +77,20 @@ const ALLOWED_HEADERS: [&str; 7] = [
     "grpc-accept-encoding",
     "authorization",
     "x-request-id",
+    "connect-protocol-version",
+    "connect-timeout-ms",
+    "connect-content-encoding",
+    "connect-accept-encoding",
 ];
 
 /// Response headers a cross-origin page may read: trailers-only answers carry the status in
 /// headers, and the request id ties a browser's error to the server's access log.
-const EXPOSED_HEADERS: [&str; 4] = [
+const EXPOSED_HEADERS: [&str; 5] = [
     "grpc-status",
     "grpc-message",
     "grpc-status-details-bin",
     "x-request-id",
+    "connect-content-encoding",
 ];
 
 /// Routes gRPC calls to the call stack, and everything else through CORS, the page and grpc-web
@@ -86,6 +99,7 @@ const EXPOSED_HEADERS: [&str; 4] = [
 pub struct WebLayer {
     cors: CorsLayer,
     loopback_only: bool,
+    connect: Option<ConnectLayer>,
 }
 
 impl WebLayer {
@@ -116,7 +130,14 @@ impl WebLayer {
         Self {
             cors,
             loopback_only,
+            connect: None,
         }
+    }
+
+    /// Connect calls (`[connect]`) too: they take the same page checks and CORS as grpc-web.
+    #[must_use]
+    pub fn with_connect(self, connect: Option<ConnectLayer>) -> Self {
+        Self { connect, ..self }
     }
 }
 
@@ -181,9 +202,14 @@ impl<S: Clone> Layer<S> for WebLayer {
     type Service = Web<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        let translated = ConnectLayer::with_other(
+            self.connect.as_ref(),
+            inner.clone(),
+            GrpcWebLayer::new().layer(inner.clone()),
+        );
         Web {
             web: Arc::new(self.cors.layer(Page {
-                inner: GrpcWebLayer::new().layer(inner.clone()),
+                inner: MapResponse::new(translated, one_body as OneBody),
                 loopback_only: self.loopback_only,
             })),
             grpc: inner,
@@ -202,13 +228,24 @@ pub struct Web<S> {
 }
 
 type Answer<B> = http::Response<http_body_util::Either<Body, B>>;
-type WebStack<S> = Cors<Page<GrpcWebService<S>>>;
+type WebStack<S> = Cors<Page<MapResponse<Connect<S, GrpcWebService<S>>, OneBody>>>;
+type OneBody = fn(http::Response<http_body_util::Either<Body, Body>>) -> http::Response<Body>;
+
+/// Connect's answers and grpc-web's, as the one body type the page and CORS pass on.
+fn one_body(response: http::Response<http_body_util::Either<Body, Body>>) -> http::Response<Body> {
+    response.map(|body| match body {
+        http_body_util::Either::Left(body) | http_body_util::Either::Right(body) => body,
+    })
+}
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Web<S>
 where
     S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>, Error = Infallible>
         + Service<http::Request<Body>, Response = http::Response<ResBody>, Error = Infallible>
-        + Clone,
+        + Clone
+        + Send
+        + 'static,
+    <S as Service<http::Request<Body>>>::Future: Send,
     ReqBody: http_body::Body<Data = Bytes> + Send + 'static,
     ReqBody::Error: Into<BoxError> + fmt::Display,
     ResBody: http_body::Body<Data = Bytes> + Send + 'static,

@@ -38,6 +38,7 @@ impl Config {
         check(&self.log, origins)?;
         check(&self.tls, origins)?;
         check(&self.tracing, origins)?;
+        check(&self.quota, origins)?;
         if self.auth.enabled {
             self.validate_auth(origins)?;
         }

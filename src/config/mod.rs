@@ -47,6 +47,8 @@ pub struct Config {
     pub web: WebConfig,
     pub health: HealthConfig,
     pub tracing: TracingConfig,
+    pub quota: QuotaConfig,
+    pub connect: ConnectConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,6 +76,9 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// PEM CA bundle that client certificates must chain to; empty: no client certificates.
     pub client_ca: PathBuf,
+    /// PEM certificate revocation lists of the client CA (and its intermediates): a client
+    /// certificate they revoke is refused at the handshake. Re-read with the CA.
+    pub client_crl_files: Vec<PathBuf>,
     pub client_auth: ClientAuth,
     /// A TLS handshake not finished within this is dropped, so idle sockets cannot pile up.
     #[serde(with = "humantime_serde")]
@@ -408,6 +413,15 @@ pub struct WebConfig {
     pub cors_max_age: Duration,
 }
 
+/// The Connect protocol (connectrpc.com/docs/protocol) on the main listener: JSON or protobuf over
+/// plain HTTP POSTs, for curl, `fetch` and every Connect client, beside gRPC and grpc-web.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectConfig {
+    /// Serve Connect calls (over HTTP/1.1 and HTTP/2) for every method the server serves.
+    pub enabled: bool,
+}
+
 /// `grpc.health.v1.Health`: what its `Watch` streams, open to anyone, may hold.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -467,6 +481,49 @@ pub enum OtlpProtocol {
     HttpProtobuf,
 }
 
+/// Per-caller rate quotas: token buckets (GCRA) per identity, and per identity and method.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    pub enabled: bool,
+    /// Every caller's bucket, unless `identities` names it: calls per second, and how many may
+    /// come at once after a quiet spell.
+    pub rate: f64,
+    pub burst: u32,
+    /// Calls without credentials (auth off, or methods the policy marks "open"): counted per
+    /// peer address, or not at all.
+    pub anonymous: AnonymousQuota,
+    /// Callers (and peer addresses) tracked at once per bucket table; newcomers beyond it share
+    /// one bucket until idle callers are forgotten. Bounds the tables' memory.
+    pub max_callers: usize,
+    /// Identity (token holder name, certificate subject) -> its own rate and burst instead of
+    /// the default. A later layer removes an entry by setting it to `""`.
+    #[serde(deserialize_with = "values::removable::map")]
+    pub identities: BTreeMap<String, QuotaLimits>,
+    /// Method pattern -> a bucket per caller for the matching methods, drawn from besides the
+    /// caller's own. A later layer removes an entry by setting it to `""`.
+    #[serde(deserialize_with = "values::removable::map")]
+    pub methods: BTreeMap<String, QuotaLimits>,
+}
+
+/// One token bucket: `rate` calls per second on average, `burst` at once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaLimits {
+    pub rate: f64,
+    pub burst: u32,
+}
+
+/// How calls without credentials are counted (`quota.anonymous`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnonymousQuota {
+    /// A bucket per peer IP address (per /64 for IPv6; per user on the Unix socket).
+    Peer,
+    /// Not counted.
+    Exempt,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -486,6 +543,12 @@ impl Config {
     /// worth a warning at every start.
     pub fn is_insecure_exposed(&self) -> bool {
         !self.server.listen.ip().is_loopback() && (!self.tls.enabled || !self.auth.enabled)
+    }
+
+    /// Whether the main listener accepts HTTP/1.1 (and offers it in TLS ALPN): grpc-web and
+    /// Connect clients may use it; gRPC needs HTTP/2.
+    pub fn serves_http1(&self) -> bool {
+        self.web.enabled || self.connect.enabled
     }
 
     /// The effective configuration as TOML, for `greeter config show`.

@@ -366,3 +366,99 @@ fn a_map_entry_of_the_wrong_type_says_what_is_expected() {
         "{error}"
     );
 }
+
+#[test]
+fn quota_is_off_for_the_quick_start_and_on_in_production() {
+    assert!(!Config::embedded().quota.enabled);
+    let production = Config::load(&Sources {
+        files: vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/production.toml")],
+        ..Sources::default()
+    })
+    .unwrap();
+    assert!(production.quota.enabled);
+    assert_eq!(
+        (production.quota.rate, production.quota.burst),
+        (100.0, 200)
+    );
+}
+
+#[test]
+fn quota_entries_take_integer_rates_and_bad_ones_name_key_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("quota.toml");
+    std::fs::write(
+        &file,
+        "[quota]\nenabled = true\nrate = 5\n[quota.identities.\"ci-bot\"]\nrate = 1000\nburst = 2000\n\
+         [quota.methods.\"/helloworld.Greeter/SayHelloBidiStream\"]\nrate = 0.5\nburst = 2\n",
+    )
+    .unwrap();
+    let sources = |files| Sources {
+        files,
+        ..Sources::default()
+    };
+    let config = Config::load(&sources(vec![file.clone()])).unwrap();
+    assert_eq!(config.quota.rate, 5.0);
+    assert_eq!(config.quota.identities["ci-bot"].burst, 2000);
+    assert_eq!(
+        config.quota.methods["/helloworld.Greeter/SayHelloBidiStream"].rate,
+        0.5
+    );
+
+    let bad = dir.path().join("bad.toml");
+    for (text, key, message) in [
+        (
+            "[quota]\nrate = 0\nburst = 10\n",
+            "quota.rate",
+            "quota.rate = 0:",
+        ),
+        ("[quota]\nburst = 0\n", "quota.burst", "quota.burst = 0:"),
+        (
+            "[quota.identities.\"ci-bot\"]\nrate = 10\nburst = 0\n",
+            "quota.identities",
+            "quota.identities.\"ci-bot\".burst = 0:",
+        ),
+        (
+            "[quota.methods.\"helloworld.Greeter/*\"]\nrate = 10\nburst = 1\n",
+            "quota.methods",
+            "a pattern is",
+        ),
+    ] {
+        std::fs::write(&bad, text).unwrap();
+        let error = Config::load(&sources(vec![file.clone(), bad.clone()])).unwrap_err();
+        assert_eq!(error.key.as_deref(), Some(key), "{error}");
+        assert!(error.message.contains(message), "{error}");
+        assert!(error.origin.contains("bad.toml"), "{error}");
+    }
+}
+
+#[test]
+fn client_crl_files_need_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("crl.toml");
+    std::fs::write(&file, "[tls]\nclient_crl_files = [\"ca.crl\"]\n").unwrap();
+    let error = Config::load(&Sources {
+        files: vec![file],
+        ..Sources::default()
+    })
+    .unwrap_err();
+    assert_eq!(
+        error.key.as_deref(),
+        Some("tls.client_crl_files"),
+        "{error}"
+    );
+    assert!(error.message.contains("set tls.client_auth"), "{error}");
+    assert!(error.origin.contains("crl.toml"), "{error}");
+}
+
+#[test]
+fn connect_is_on_for_the_quick_start_and_off_in_production() {
+    assert!(Config::embedded().connect.enabled);
+    assert!(Config::embedded().serves_http1());
+    let production = Config::load(&Sources {
+        files: vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/production.toml")],
+        ..Sources::default()
+    })
+    .unwrap();
+    assert!(!production.connect.enabled);
+    assert!(!production.serves_http1());
+}

@@ -11,6 +11,8 @@
 //!   a client that does not read (up to the stream window);
 //! - request messages still arriving, server-wide (`max_buffered_request_bytes`);
 //! - with `[tracing]` on, ended spans waiting for export (`tracing.max_queue_size`);
+//! - with `[quota]`, the callers its bucket tables track (`max_callers` per table: the default
+//!   one and one per `quota.methods` entry);
 //! - the process itself, with the cache of verified JWTs when `[auth.jwt]` has issuers
 //!   (`auth.jwt.cache_size` entries of at most [`JWT_CACHE_ENTRY_BYTES`]).
 //!
@@ -35,6 +37,9 @@ const SPAN_BYTES: u64 = 2 << 10;
 pub const JWT_CACHE_IDENTITY_BYTES: usize = 1 << 10;
 /// One cached JWT: its hash, the map's slot, the entry and the identity's allocations.
 pub const JWT_CACHE_ENTRY_BYTES: u64 = JWT_CACHE_IDENTITY_BYTES as u64 + 512;
+/// One tracked caller of a quota table: a 24-byte entry (16-byte key, GCRA state) in a
+/// sharded hash map, with its control bytes, load factor and room to grow.
+const QUOTA_CALLER_BYTES: u64 = 128;
 
 /// The worst case, by term, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +52,8 @@ pub struct WorstCase {
     /// Spans the trace exporter may hold (0 with tracing off).
     pub queued_spans: u64,
     pub bytes_per_span: u64,
+    /// Bytes of every quota table full (`[quota]` on), 0 otherwise.
+    pub quota_callers: u64,
     pub base: u64,
 }
 
@@ -83,6 +90,13 @@ impl WorstCase {
                 0
             },
             bytes_per_span: SPAN_BYTES,
+            quota_callers: if config.quota.enabled {
+                (1 + config.quota.methods.len() as u64)
+                    * config.quota.max_callers as u64
+                    * QUOTA_CALLER_BYTES
+            } else {
+                0
+            },
             base: BASE_BYTES + jwt_cache_bytes(config),
         }
     }
@@ -93,6 +107,7 @@ impl WorstCase {
             + self.calls * self.bytes_per_call
             + self.buffered_requests
             + self.queued_spans * self.bytes_per_span
+            + self.quota_callers
             + self.base
     }
 }
@@ -114,13 +129,14 @@ impl fmt::Display for WorstCase {
         write!(
             f,
             "worst-case memory: {} MiB ({} connections x {} KiB, {} calls x {} KiB, {} MiB of \
-             request messages arriving, {} MiB for the process)",
+             request messages arriving, {} MiB of quota tables, {} MiB for the process)",
             mib(self.total()),
             self.connections,
             kib(self.bytes_per_connection),
             self.calls,
             kib(self.bytes_per_call),
             mib(self.buffered_requests),
+            mib(self.quota_callers),
             mib(self.base),
         )?;
         if self.queued_spans > 0 {
@@ -163,6 +179,7 @@ mod tests {
             ("limits.max_header_list_bytes", "65536"),
             ("probe.listen", "127.0.0.1:0"),
             ("tracing.enabled", "true"),
+            ("quota.enabled", "true"),
         ] {
             let more = WorstCase::of(&config(&[(key, value)])).total();
             assert!(more > base, "{key} = {value}: {more} <= {base}");
@@ -195,6 +212,7 @@ mod tests {
             buffered_requests: 1 << 20,
             queued_spans: 0,
             bytes_per_span: 2 << 10,
+            quota_callers: 0,
             base: 1 << 20,
         };
         assert_eq!(worst.total(), (1000 << 10) + (1000 << 10) + (2 << 20));

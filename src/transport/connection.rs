@@ -1,6 +1,6 @@
-//! One HTTP/2 connection (or HTTP/1.1, for grpc-web): every protocol limit set explicitly,
-//! keepalive pings, and GOAWAY when the connection is idle too long, too old, starts no call in
-//! time, or the server drains; then a close after a grace, whatever the client does.
+//! One HTTP/2 connection (or HTTP/1.1, for grpc-web and Connect): every protocol limit set
+//! explicitly, keepalive pings, and GOAWAY when the connection is idle too long, too old, starts no
+//! call in time, or the server drains; then a close after a grace, whatever the client does.
 //!
 //! greeter drives hyper directly instead of through `tonic::transport::Server`: tonic passes its
 //! own values for some limits (and has panicked with a connection-age grace in some 0.14
@@ -83,7 +83,7 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// HTTP/2 only, unless `http1` (grpc-web): then the protocol is told by the client's first
+    /// HTTP/2 only, unless `http1` (grpc-web, Connect): then the protocol is told by the client's first
     /// bytes, HTTP/2's preface or an HTTP/1.1 request line.
     pub fn new(limits: &LimitsConfig, connection: &ConnectionConfig, http1: bool) -> Self {
         let mut http = auto::Builder::new(TokioExecutor::new());

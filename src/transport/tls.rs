@@ -21,8 +21,13 @@ use rustls::{
         danger::{ClientCertVerified, ClientCertVerifier},
     },
 };
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject as _};
-use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
+use rustls_pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime, pem::PemObject as _,
+};
+use x509_parser::{
+    prelude::{FromDer as _, GeneralName, X509Certificate},
+    revocation_list::CertificateRevocationList,
+};
 
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
@@ -69,6 +74,8 @@ pub enum TlsError {
     },
     #[error("{path}: cannot use as client CA: {reason}")]
     ClientCa { path: PathBuf, reason: String },
+    #[error("{path}: not a certificate revocation list (tls.client_crl_files): {reason}")]
+    Crl { path: PathBuf, reason: String },
 }
 
 impl Section for TlsConfig {
@@ -83,6 +90,24 @@ impl Section for TlsConfig {
                     });
                 }
             }
+        }
+        if self
+            .client_crl_files
+            .iter()
+            .any(|p| p.as_os_str().is_empty())
+        {
+            return Err(Problem {
+                key: "tls.client_crl_files",
+                message: "an entry is empty: give the path of a PEM CRL file".into(),
+            });
+        }
+        if !self.client_crl_files.is_empty() && self.client_auth == ClientAuth::None {
+            return Err(Problem {
+                key: "tls.client_crl_files",
+                message: "revocation lists apply to client certificates: set tls.client_auth \
+                          (and tls.client_ca), or remove client_crl_files"
+                    .into(),
+            });
         }
         let has_ca = !self.client_ca.as_os_str().is_empty();
         match (self.client_auth, has_ca) {
@@ -134,25 +159,36 @@ pub fn load(settings: &TlsConfig, http1: bool) -> Result<Material, TlsError> {
     build(settings, http1, MissingCa::Fail)
 }
 
-/// What a reload does when `tls.client_ca` is gone.
+/// What a reload does when `tls.client_ca` or a `tls.client_crl_files` file is gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum MissingCa {
     /// Refuse to load (startup: a missing file is a mistake to report).
     Fail,
-    /// Verify no client certificate until the file is back: deleting the CA revokes the
-    /// identities it vouched for, rather than trusting them for ever.
-    RefuseAll,
+    /// Verify no client certificate until the file (named by its key) is back: deleting the CA
+    /// revokes the identities it vouched for, rather than trusting them for ever; deleting a
+    /// revocation list must not un-revoke what it listed.
+    RefuseAll(&'static str),
 }
 
-/// Like [`load`], for a reload: a missing `tls.client_ca` does not keep the old CA in force but
-/// installs a verifier that accepts no client certificate (fail closed); `revoked` says so.
-pub fn reload(settings: &TlsConfig, http1: bool) -> Result<(Material, bool), TlsError> {
-    let revoked = settings.client_auth != ClientAuth::None && !settings.client_ca.exists();
-    let missing = if revoked {
-        MissingCa::RefuseAll
-    } else {
-        MissingCa::Fail
-    };
+/// Like [`load`], for a reload: a missing `tls.client_ca` or CRL file does not keep the old
+/// verifier in force but installs one that accepts no client certificate (fail closed); the
+/// key of the missing file says so.
+pub fn reload(
+    settings: &TlsConfig,
+    http1: bool,
+) -> Result<(Material, Option<&'static str>), TlsError> {
+    let revoked = (settings.client_auth != ClientAuth::None)
+        .then(|| {
+            if !settings.client_ca.exists() {
+                Some("tls.client_ca")
+            } else if settings.client_crl_files.iter().any(|p| !p.exists()) {
+                Some("tls.client_crl_files")
+            } else {
+                None
+            }
+        })
+        .flatten();
+    let missing = revoked.map_or(MissingCa::Fail, MissingCa::RefuseAll);
     build(settings, http1, missing).map(|material| (material, revoked))
 }
 
@@ -165,10 +201,11 @@ fn build(settings: &TlsConfig, http1: bool, missing_ca: MissingCa) -> Result<Mat
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .expect("ring supports TLS 1.2 and 1.3");
-    let verifier = if missing_ca == MissingCa::RefuseAll {
-        Some(NoClientCa::verifier(settings.client_auth, &provider))
-    } else {
-        client_verifier(settings, &provider)?
+    let verifier = match missing_ca {
+        MissingCa::RefuseAll(key) => {
+            Some(NoClientCa::verifier(settings.client_auth, key, &provider))
+        }
+        MissingCa::Fail => client_verifier(settings, &provider)?,
     };
     let builder = match verifier {
         Some(verifier) => builder.with_client_cert_verifier(verifier),
@@ -212,32 +249,73 @@ fn client_verifier(
         ClientAuth::Optional => builder.allow_unauthenticated(),
         _ => builder,
     };
+    let mut crls = Vec::new();
+    for path in &settings.client_crl_files {
+        crls.extend(read_crls(path)?);
+    }
+    // rustls' defaults, kept: every certificate of the chain below the trust anchor must be
+    // covered by a CRL of its issuer (unknown status is refused), nextUpdate is not enforced.
+    let builder = if crls.is_empty() {
+        builder
+    } else {
+        builder.with_crls(crls)
+    };
     builder.build().map(Some).map_err(|e| TlsError::ClientCa {
         path: path.clone(),
         reason: e.to_string(),
     })
 }
 
-/// Stands in for the client CA while its file is missing: every client certificate is refused,
-/// and with `client_auth = "required"` so is every handshake.
+/// Reads every CRL of a PEM file (at least one), each parsed here so that a bad one is reported
+/// with its file rather than as the verifier's error.
+fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let bad = |reason: String| TlsError::Crl {
+        path: path.to_owned(),
+        reason,
+    };
+    let bytes = read(path)?;
+    let crls = CertificateRevocationListDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if crls.is_empty() {
+        return Err(bad("the file holds no X509 CRL block".into()));
+    }
+    for crl in &crls {
+        CertificateRevocationList::from_der(crl).map_err(|e| bad(e.to_string()))?;
+    }
+    Ok(crls)
+}
+
+/// Stands in for the client CA while its file (or a revocation list) is missing: every client
+/// certificate is refused, and with `client_auth = "required"` so is every handshake.
 #[derive(Debug)]
 struct NoClientCa {
     mandatory: bool,
+    /// The key of the missing file.
+    missing: &'static str,
     schemes: Vec<SignatureScheme>,
 }
 
 impl NoClientCa {
-    fn verifier(client_auth: ClientAuth, provider: &CryptoProvider) -> Arc<dyn ClientCertVerifier> {
+    fn verifier(
+        client_auth: ClientAuth,
+        missing: &'static str,
+        provider: &CryptoProvider,
+    ) -> Arc<dyn ClientCertVerifier> {
         Arc::new(Self {
             mandatory: client_auth == ClientAuth::Required,
+            missing,
             schemes: provider
                 .signature_verification_algorithms
                 .supported_schemes(),
         })
     }
 
-    fn refused() -> rustls::Error {
-        rustls::Error::General("tls.client_ca is missing: no client certificate is trusted".into())
+    fn refused(&self) -> rustls::Error {
+        rustls::Error::General(format!(
+            "a file of {} is missing: no client certificate is trusted",
+            self.missing
+        ))
     }
 }
 
@@ -256,7 +334,7 @@ impl ClientCertVerifier for NoClientCa {
         _intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        Err(Self::refused())
+        Err(self.refused())
     }
 
     fn verify_tls12_signature(
@@ -265,7 +343,7 @@ impl ClientCertVerifier for NoClientCa {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(Self::refused())
+        Err(self.refused())
     }
 
     fn verify_tls13_signature(
@@ -274,7 +352,7 @@ impl ClientCertVerifier for NoClientCa {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(Self::refused())
+        Err(self.refused())
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -413,9 +491,10 @@ impl Reloadable {
     }
 }
 
-/// Re-reads `tls.cert`, `tls.key` and `tls.client_ca` when they change or SIGHUP arrives, swaps
-/// them into `material` and keeps `expiry` current. A missing client CA revokes every client
-/// certificate until it is back; material that does not load keeps the previous one.
+/// Re-reads `tls.cert`, `tls.key`, `tls.client_ca` and `tls.client_crl_files` when they change
+/// or SIGHUP arrives, swaps them into `material` and keeps `expiry` current. A missing client CA
+/// or CRL file revokes every client certificate until it is back; material that does not load
+/// keeps the previous one.
 pub fn spawn_reloader(
     settings: &TlsConfig,
     http1: bool,
@@ -430,6 +509,7 @@ pub fn spawn_reloader(
     if !settings.client_ca.as_os_str().is_empty() {
         paths.push(settings.client_ca.clone());
     }
+    paths.extend(settings.client_crl_files.iter().cloned());
     crate::ops::reload::spawn(
         "tls",
         paths,
@@ -445,11 +525,10 @@ pub fn spawn_reloader(
                     "certificate serial {} ({})",
                     loaded.leaf.serial, loaded.leaf.subject
                 );
-                if revoked {
+                if let Some(key) = revoked {
                     Reloaded::Revoked(format!(
-                        "{summary}; tls.client_ca {} is missing: no client certificate is \
-                         accepted until it is back",
-                        settings.client_ca.display()
+                        "{summary}; a file of {key} is missing: no client certificate is \
+                         accepted until it is back"
                     ))
                 } else {
                     Reloaded::Loaded(summary)

@@ -78,8 +78,8 @@ fn tokens_file(dir: &Path) -> PathBuf {
 // Servers in the production shape, and the control client
 // ---------------------------------------------------------------------------------------------
 
-/// An in-process server as production runs it: token auth, a probe listener, no grpc-web
-/// (plaintext on loopback unless started with TLS).
+/// An in-process server as production runs it: token auth, a probe listener, no grpc-web and no
+/// Connect (plaintext on loopback unless started with TLS).
 struct Production {
     server: TestServer,
     tls: Option<Pki>,
@@ -103,6 +103,7 @@ impl Production {
             ("auth.tokens_file".into(), tokens.to_str().unwrap().into()),
             ("probe.listen".into(), "127.0.0.1:0".into()),
             ("web.enabled".into(), "false".into()),
+            ("connect.enabled".into(), "false".into()),
         ];
         if let Some(pki) = &tls {
             overrides.extend(pki.tls_overrides());

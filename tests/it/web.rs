@@ -309,8 +309,12 @@ async fn answers_http1(addr: std::net::SocketAddr) -> bool {
 
 #[tokio::test]
 async fn without_web_the_listener_speaks_http2_only() {
-    let server =
-        TestServer::start_with(config_with(vec![("web.enabled".into(), "false".into())])).await;
+    // Connect also serves HTTP/1.1 (tests/it/connect.rs): off too, for a gRPC-only listener.
+    let server = TestServer::start_with(config_with(vec![
+        ("web.enabled".into(), "false".into()),
+        ("connect.enabled".into(), "false".into()),
+    ]))
+    .await;
     assert!(!answers_http1(server.addr).await);
 
     // gRPC itself is served as ever.
@@ -330,7 +334,7 @@ async fn the_probe_port_never_speaks_grpc_web() {
 }
 
 /// The ALPN protocol a TLS client offering only `offer` ends up with, or the handshake error.
-async fn negotiate(server: &TestServer, pki: &Pki, offer: &[u8]) -> Result<Vec<u8>, String> {
+pub async fn negotiate(server: &TestServer, pki: &Pki, offer: &[u8]) -> Result<Vec<u8>, String> {
     let mut roots = rustls::RootCertStore::empty();
     let ca = std::fs::read(pki.path("ca.pem")).unwrap();
     for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(&ca) {
@@ -364,6 +368,7 @@ async fn tls_offers_http1_only_when_web_is_on() {
 
     let mut overrides = pki.tls_overrides();
     overrides.push(("web.enabled".into(), "false".into()));
+    overrides.push(("connect.enabled".into(), "false".into()));
     let grpc_only = TestServer::start_with(config_with(overrides)).await;
     assert_eq!(negotiate(&grpc_only, &pki, b"h2").await.unwrap(), b"h2");
     let refused = negotiate(&grpc_only, &pki, b"http/1.1").await.unwrap_err();

@@ -13,6 +13,7 @@
 pub mod exporter;
 pub mod grpc;
 pub mod process;
+pub mod quota;
 
 use std::fmt;
 
@@ -23,6 +24,7 @@ use prometheus_client::{
 };
 
 pub use grpc::{GrpcMetrics, MethodMetrics};
+pub use quota::QuotaRefusals;
 
 /// One label pair with static key and value: every `greeter_*` label value is known up front.
 pub type Label = [(&'static str, &'static str); 1];

@@ -1,0 +1,624 @@
+//! The Connect protocol against a real server, byte for byte: hyper's client over HTTP/1.1 and
+//! HTTP/2 posting JSON and protobuf, the error JSON and the HTTP status of each code, envelopes and
+//! the end-of-stream message, `connect-timeout-ms`, gzip both ways, auth, metrics with the
+//! method's `grpc_type`, TLS ALPN, and that `connect.enabled = false` turns all of it off. Real
+//! Connect clients (buf curl, connect-es) and curl run in tests/interop/test_connect.py.
+
+use std::{io::Read as _, time::Duration};
+
+use base64::Engine as _;
+use bytes::{BufMut as _, Bytes, BytesMut};
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use prost::Message as _;
+use serde_json::{Value, json};
+
+use crate::common::{
+    Pki, TestServer, config_with, greeter_token_auth, http_request, http_request_with, scrape,
+    test_config, wait_for_calls_in_flight,
+};
+use greeter::pb::{HelloReply, HelloRequest};
+
+/// A Connect response as a test sees it.
+struct Answer {
+    status: u16,
+    headers: http::HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    /// The envelopes of a streaming answer: (flags, payload).
+    fn envelopes(&self) -> Vec<(u8, Bytes)> {
+        let mut body = self.body.clone();
+        let mut out = Vec::new();
+        while !body.is_empty() {
+            let len = u32::from_be_bytes(body[1..5].try_into().unwrap()) as usize;
+            out.push((body[0], body.slice(5..5 + len)));
+            body = body.slice(5 + len..);
+        }
+        out
+    }
+}
+
+/// POSTs `body` to `path` with `headers`, over HTTP/2 (prior knowledge) or HTTP/1.1.
+async fn post(
+    server: &TestServer,
+    http2: bool,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Answer {
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(http2)
+        .build_http::<Full<Bytes>>();
+    let mut request = http::Request::post(format!("{}{path}", server.uri()));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Full::new(body.into())).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), async {
+        let response = client.request(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        (parts, body.collect().await.unwrap().to_bytes())
+    })
+    .await
+    .expect("answered within 10s");
+    Answer {
+        status: response.0.status.as_u16(),
+        headers: response.0.headers,
+        body: response.1,
+    }
+}
+
+const JSON: (&str, &str) = ("content-type", "application/json");
+const PROTO: (&str, &str) = ("content-type", "application/proto");
+const STREAM_JSON: (&str, &str) = ("content-type", "application/connect+json");
+const STREAM_PROTO: (&str, &str) = ("content-type", "application/connect+proto");
+
+fn envelope(flags: u8, payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::new();
+    out.put_u8(flags);
+    out.put_u32(payload.len() as u32);
+    out.put_slice(payload);
+    out.freeze()
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+fn gunzip(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .unwrap();
+    out
+}
+
+#[tokio::test]
+async fn unary_calls_in_json_and_protobuf_over_both_http_versions() {
+    let server = TestServer::start().await;
+    for http2 in [false, true] {
+        let answer = post(
+            &server,
+            http2,
+            "/helloworld.Greeter/SayHello",
+            &[JSON],
+            r#"{"name":"you"}"#,
+        )
+        .await;
+        assert_eq!(answer.status, 200, "http2 {http2}");
+        assert_eq!(answer.header("content-type"), Some("application/json"));
+        assert_eq!(&answer.body[..], br#"{"message":"Hello, you!"}"#);
+        assert_eq!(answer.header("x-request-id").map(str::len), Some(32));
+
+        let request = HelloRequest { name: "pb".into() }.encode_to_vec();
+        let answer = post(
+            &server,
+            http2,
+            "/helloworld.Greeter/SayHelloAgain",
+            &[PROTO, ("connect-protocol-version", "1")],
+            request,
+        )
+        .await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.header("content-type"), Some("application/proto"));
+        let reply = HelloReply::decode(answer.body).unwrap();
+        assert_eq!(reply.message, "Hello again, pb!");
+    }
+    // Health's messages come from its descriptors too: canonical JSON, enum as its name.
+    let answer = post(&server, false, "/grpc.health.v1.Health/Check", &[JSON], "").await;
+    assert_eq!(answer.json(), json!({"status": "SERVING"}));
+}
+
+#[tokio::test]
+async fn errors_are_connect_json_with_the_status_their_code_maps_to() {
+    let server = TestServer::start().await;
+    let call = |path: &'static str, headers: Vec<(&'static str, &'static str)>, body: String| {
+        let server = &server;
+        async move { post(server, false, path, &headers, body).await }
+    };
+
+    // An invalid name: 400, invalid_argument, the BadRequest as bytes and as JSON.
+    let answer = call(
+        "/helloworld.Greeter/SayHello",
+        vec![JSON],
+        json!({"name": "x".repeat(2000)}).to_string(),
+    )
+    .await;
+    assert_eq!(answer.status, 400);
+    assert_eq!(answer.header("content-type"), Some("application/json"));
+    let error = answer.json();
+    assert_eq!(error["code"], "invalid_argument");
+    assert_eq!(
+        error["message"],
+        "name is 2000 bytes long; the maximum is 1024 bytes"
+    );
+    let detail = &error["details"][0];
+    assert_eq!(detail["type"], "google.rpc.BadRequest");
+    assert_eq!(detail["debug"]["fieldViolations"][0]["field"], "name");
+    let value = base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(detail["value"].as_str().unwrap())
+        .unwrap();
+    let bad_request = tonic_types::pb::BadRequest::decode(&value[..]).unwrap();
+    assert_eq!(bad_request.field_violations[0].field, "name");
+
+    // JSON that is not the method's message.
+    let answer = call(
+        "/helloworld.Greeter/SayHello",
+        vec![JSON],
+        r#"{"nom":"x"}"#.into(),
+    )
+    .await;
+    assert_eq!(answer.status, 400);
+    assert_eq!(answer.json()["code"], "invalid_argument");
+
+    // No such method.
+    let answer = call("/helloworld.Greeter/Nope", vec![JSON], "{}".into()).await;
+    assert_eq!(answer.status, 404);
+    assert_eq!(answer.json()["code"], "unimplemented");
+
+    // A unary content type for a streaming method, and the other way round.
+    let answer = call(
+        "/helloworld.Greeter/SayHelloStreamReply",
+        vec![JSON],
+        "{}".into(),
+    )
+    .await;
+    assert_eq!(answer.status, 415);
+    assert_eq!(
+        answer.header("accept-post"),
+        Some("application/connect+json, application/connect+proto")
+    );
+    let answer = call(
+        "/helloworld.Greeter/SayHello",
+        vec![STREAM_JSON],
+        "{}".into(),
+    )
+    .await;
+    assert_eq!(answer.status, 415);
+
+    // Headers Connect defines, with values it does not.
+    for (header, value) in [
+        ("connect-timeout-ms", "soon"),
+        ("connect-protocol-version", "2"),
+    ] {
+        let answer = call(
+            "/helloworld.Greeter/SayHello",
+            vec![JSON, (header, value)],
+            "{}".into(),
+        )
+        .await;
+        assert_eq!(answer.status, 400, "{header}: {value}");
+        assert_eq!(answer.json()["code"], "invalid_argument");
+    }
+    let answer = call(
+        "/helloworld.Greeter/SayHello",
+        vec![JSON, ("content-encoding", "br")],
+        "{}".into(),
+    )
+    .await;
+    assert_eq!(answer.status, 501);
+    assert_eq!(answer.header("accept-encoding"), Some("gzip, identity"));
+
+    // Past the method's message limit (twice it, for JSON): resource_exhausted, 429.
+    let answer = call(
+        "/helloworld.Greeter/SayHello",
+        vec![JSON],
+        json!({"name": "x".repeat(5000)}).to_string(),
+    )
+    .await;
+    assert_eq!(answer.status, 429);
+    assert_eq!(answer.json()["code"], "resource_exhausted");
+}
+
+#[tokio::test]
+async fn server_streams_are_envelopes_ending_in_the_end_of_stream_message() {
+    let server = TestServer::start().await;
+    for http2 in [false, true] {
+        let answer = post(
+            &server,
+            http2,
+            "/helloworld.Greeter/SayHelloStreamReply",
+            &[STREAM_JSON],
+            envelope(0, br#"{"name":"s"}"#),
+        )
+        .await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(
+            answer.header("content-type"),
+            Some("application/connect+json")
+        );
+        let mut envelopes = answer.envelopes();
+        let (end_flags, end) = envelopes.pop().unwrap();
+        assert_eq!(end_flags, 2, "end-of-stream flag");
+        assert_eq!(serde_json::from_slice::<Value>(&end).unwrap(), json!({}));
+        assert_eq!(envelopes.len(), 10);
+        assert_eq!(envelopes[0], (0, Bytes::from(r#"{"message":"Hello, s!"}"#)));
+    }
+
+    // An error ends the stream in the end-of-stream message, the HTTP status 200.
+    let request = HelloRequest {
+        name: "x".repeat(2000),
+    };
+    let answer = post(
+        &server,
+        true,
+        "/helloworld.Greeter/SayHelloStreamReply",
+        &[STREAM_PROTO],
+        envelope(0, &request.encode_to_vec()),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    let envelopes = answer.envelopes();
+    assert_eq!(envelopes.len(), 1);
+    let end: Value = serde_json::from_slice(&envelopes[0].1).unwrap();
+    assert_eq!(end["error"]["code"], "invalid_argument");
+    assert_eq!(end["error"]["details"][0]["type"], "google.rpc.BadRequest");
+}
+
+#[tokio::test]
+async fn bidi_streams_over_http2() {
+    let server = TestServer::start().await;
+    let mut body = BytesMut::new();
+    for name in ["a", "b"] {
+        body.put(envelope(0, json!({"name": name}).to_string().as_bytes()));
+    }
+    let answer = post(
+        &server,
+        true,
+        "/helloworld.Greeter/SayHelloBidiStream",
+        &[STREAM_JSON],
+        body.freeze(),
+    )
+    .await;
+    let messages: Vec<_> = answer
+        .envelopes()
+        .into_iter()
+        .map(|(flags, payload)| (flags, serde_json::from_slice::<Value>(&payload).unwrap()))
+        .collect();
+    assert_eq!(
+        messages,
+        [
+            (0, json!({"message": "Hello, a!"})),
+            (0, json!({"message": "Hello, b!"})),
+            (2, json!({})),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn connect_timeout_ms_is_the_calls_deadline() {
+    let server = TestServer::start_with(test_config(&[("greeter.stream_interval", "100ms")])).await;
+    let answer = post(
+        &server,
+        false,
+        "/helloworld.Greeter/SayHelloStreamReply",
+        &[STREAM_JSON, ("connect-timeout-ms", "250")],
+        envelope(0, br#"{"name":"late"}"#),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    let mut envelopes = answer.envelopes();
+    let (_, end) = envelopes.pop().unwrap();
+    let end: Value = serde_json::from_slice(&end).unwrap();
+    assert_eq!(end["error"]["code"], "deadline_exceeded", "{end}");
+    assert!((2..=4).contains(&envelopes.len()), "{}", envelopes.len());
+}
+
+#[tokio::test]
+async fn gzip_requests_and_replies() {
+    let server = TestServer::start_with(test_config(&[("compression.min_reply_bytes", "0")])).await;
+    let name = "z".repeat(600);
+    let answer = post(
+        &server,
+        false,
+        "/helloworld.Greeter/SayHello",
+        &[
+            JSON,
+            ("content-encoding", "gzip"),
+            ("accept-encoding", "gzip"),
+        ],
+        gzip(json!({"name": name}).to_string().as_bytes()),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("content-encoding"), Some("gzip"));
+    let reply: Value = serde_json::from_slice(&gunzip(&answer.body)).unwrap();
+    assert_eq!(reply["message"], format!("Hello, {name}!"));
+
+    // Streams: compressed envelopes both ways, announced in connect-content-encoding.
+    let answer = post(
+        &server,
+        true,
+        "/helloworld.Greeter/SayHelloStreamReply",
+        &[
+            STREAM_JSON,
+            ("connect-content-encoding", "gzip"),
+            ("connect-accept-encoding", "gzip"),
+        ],
+        envelope(1, &gzip(br#"{"name":"gz"}"#)),
+    )
+    .await;
+    assert_eq!(answer.header("connect-content-encoding"), Some("gzip"));
+    let envelopes = answer.envelopes();
+    assert_eq!(envelopes.len(), 11);
+    assert_eq!(envelopes[0].0, 1, "compressed flag");
+    assert_eq!(gunzip(&envelopes[0].1), br#"{"message":"Hello, gz!"}"#);
+
+    // A gzip bomb inflates no further than the method's limit.
+    let bomb = gzip(json!({"name": "b".repeat(1 << 20)}).to_string().as_bytes());
+    assert!(bomb.len() < 2048, "{}", bomb.len());
+    let answer = post(
+        &server,
+        false,
+        "/helloworld.Greeter/SayHello",
+        &[JSON, ("content-encoding", "gzip")],
+        bomb,
+    )
+    .await;
+    assert_eq!(answer.status, 429);
+}
+
+#[tokio::test]
+async fn connect_calls_pass_auth_and_count_in_metrics_like_grpc_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(config_with(greeter_token_auth(
+        dir.path(),
+        "grt_connect-token",
+        "connect",
+    )))
+    .await;
+    let answer = post(
+        &server,
+        false,
+        "/helloworld.Greeter/SayHello",
+        &[JSON],
+        r#"{"name":"anon"}"#,
+    )
+    .await;
+    assert_eq!(answer.status, 401);
+    assert_eq!(answer.json()["code"], "unauthenticated");
+
+    let token = ("authorization", "Bearer grt_connect-token");
+    let answer = post(
+        &server,
+        false,
+        "/helloworld.Greeter/SayHello",
+        &[JSON, token],
+        r#"{"name":"known"}"#,
+    )
+    .await;
+    assert_eq!(answer.json(), json!({"message": "Hello, known!"}));
+    let answer = post(
+        &server,
+        true,
+        "/helloworld.Greeter/SayHelloStreamReply",
+        &[STREAM_JSON, token],
+        envelope(0, br#"{"name":"known"}"#),
+    )
+    .await;
+    assert_eq!(answer.envelopes().len(), 11);
+
+    wait_for_calls_in_flight(server.metrics_addr.unwrap(), 0.0).await;
+    let text = scrape(server.metrics_addr.unwrap()).await;
+    let handled = |kind: &str, method: &str, code: &str| {
+        let wanted = [
+            format!("grpc_type=\"{kind}\""),
+            format!("grpc_method=\"{method}\""),
+            format!("grpc_code=\"{code}\""),
+        ];
+        text.lines()
+            .filter(|l| l.starts_with("grpc_server_handled_total{"))
+            .find(|l| wanted.iter().all(|w| l.contains(w.as_str())))
+            .and_then(|l| l.rsplit_once(' '))
+            .map(|(_, v)| v.to_owned())
+    };
+    assert_eq!(
+        handled("unary", "SayHello", "Unauthenticated").as_deref(),
+        Some("1")
+    );
+    assert_eq!(handled("unary", "SayHello", "OK").as_deref(), Some("1"));
+    assert_eq!(
+        handled("server_stream", "SayHelloStreamReply", "OK").as_deref(),
+        Some("1")
+    );
+}
+
+#[tokio::test]
+async fn without_connect_json_posts_are_not_served() {
+    // grpc-web alone: HTTP/1.1 is on, a JSON POST is not a call (tonic-web refuses it).
+    let web_only = TestServer::start_with(config_with(vec![(
+        "connect.enabled".into(),
+        "false".into(),
+    )]))
+    .await;
+    let answer = post(
+        &web_only,
+        false,
+        "/helloworld.Greeter/SayHello",
+        &[JSON],
+        r#"{"name":"x"}"#,
+    )
+    .await;
+    assert_eq!(answer.status, 400);
+    assert!(answer.body.is_empty());
+
+    // Connect alone: served over HTTP/1.1, without the CORS headers [web] adds.
+    let connect_only =
+        TestServer::start_with(config_with(vec![("web.enabled".into(), "false".into())])).await;
+    let answer = post(
+        &connect_only,
+        false,
+        "/helloworld.Greeter/SayHello",
+        &[JSON],
+        r#"{"name":"x"}"#,
+    )
+    .await;
+    assert_eq!(answer.json(), json!({"message": "Hello, x!"}));
+    assert_eq!(answer.header("access-control-expose-headers"), None);
+    // Other HTTP/1.1 requests are refused before the gRPC stack, which speaks HTTP/2 only.
+    let answer = post(
+        &connect_only,
+        false,
+        "/helloworld.Greeter/SayHello",
+        &[("content-type", "text/plain")],
+        "x",
+    )
+    .await;
+    assert_eq!(answer.status, 415);
+    assert!(
+        answer
+            .header("accept-post")
+            .unwrap()
+            .contains("application/json")
+    );
+    assert_eq!(
+        http_request(connect_only.addr, "GET", "/", None)
+            .await
+            .status,
+        404
+    );
+}
+
+#[tokio::test]
+async fn tls_offers_http1_when_connect_is_on() {
+    let pki = Pki::new();
+    let mut overrides = pki.tls_overrides();
+    overrides.push(("web.enabled".into(), "false".into()));
+    let connect = TestServer::start_with(config_with(overrides.clone())).await;
+    assert_eq!(
+        crate::web::negotiate(&connect, &pki, b"http/1.1")
+            .await
+            .unwrap(),
+        b"http/1.1"
+    );
+    overrides.push(("connect.enabled".into(), "false".into()));
+    let grpc_only = TestServer::start_with(config_with(overrides)).await;
+    let refused = crate::web::negotiate(&grpc_only, &pki, b"http/1.1")
+        .await
+        .unwrap_err();
+    assert!(refused.contains("NoApplicationProtocol"), "{refused}");
+}
+
+#[tokio::test]
+async fn web_cors_applies_to_connect_calls() {
+    let mut config = config_with(vec![]);
+    config.web.allowed_origins = vec!["https://app.example".into()];
+    let server = TestServer::start_with(config).await;
+    let preflight = http_request_with(
+        server.addr,
+        "OPTIONS",
+        "/helloworld.Greeter/SayHello",
+        &[
+            ("Origin", "https://app.example"),
+            ("Access-Control-Request-Method", "POST"),
+            (
+                "Access-Control-Request-Headers",
+                "content-type,connect-protocol-version,connect-timeout-ms",
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(
+        preflight.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    let allowed = preflight.header("access-control-allow-headers").unwrap();
+    let names: Vec<&str> = allowed.split(',').map(str::trim).collect();
+    for needed in ["connect-protocol-version", "connect-timeout-ms"] {
+        assert!(names.contains(&needed), "{needed} in {allowed}");
+    }
+
+    for (origin, allowed) in [
+        ("https://app.example", Some("https://app.example")),
+        ("https://evil.example", None),
+    ] {
+        let answer = post(
+            &server,
+            false,
+            "/helloworld.Greeter/SayHello",
+            &[JSON, ("origin", origin)],
+            r#"{"name":"cors"}"#,
+        )
+        .await;
+        assert_eq!(
+            answer.header("access-control-allow-origin"),
+            allowed,
+            "{origin}"
+        );
+    }
+}
+
+/// Over HTTP/1.1, a call refused before its body was read still gets its answer: the server reads
+/// and drops the body first. Otherwise it closes the connection while the client is still
+/// writing, and the client sees a reset instead of the answer.
+#[tokio::test]
+async fn http1_refusals_arrive_while_the_client_is_still_sending() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(config_with(greeter_token_auth(
+        dir.path(),
+        "grt_connect-token",
+        "connect",
+    )))
+    .await;
+    // Refused by auth (in the call stack), and by a bad header (before it).
+    for extra in ["", "connect-timeout-ms: soon\r\n"] {
+        let body = json!({"name": "x".repeat(3000)}).to_string();
+        let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let head = format!(
+            "POST /helloworld.Greeter/SayHello HTTP/1.1\r\nHost: {}\r\n\
+             connection: close\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\n\r\n",
+            server.addr,
+            body.len()
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for chunk in body.as_bytes().chunks(512) {
+            tcp.write_all(chunk).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut raw))
+            .await
+            .expect("answered within 10s")
+            .expect("the answer, not a reset");
+        let raw = String::from_utf8(raw).unwrap();
+        let wanted = if extra.is_empty() { "401" } else { "400" };
+        assert!(raw.starts_with(&format!("HTTP/1.1 {wanted}")), "{raw}");
+    }
+}

@@ -1,0 +1,238 @@
+//! Certificate revocation lists for the client CA (`tls.client_crl_files`): a client certificate
+//! a CRL revokes is refused at the handshake, next to one that is not; a CRL rewritten while the
+//! server runs takes effect, a garbage one keeps the previous lists, a deleted one refuses every
+//! client certificate. The CA, certificates and CRLs are made here with rcgen, signed by the CA's
+//! own key as a real CA's are.
+
+use std::{net::SocketAddr, path::Path};
+
+use greeter::{
+    config::Config,
+    pb::{HelloRequest, greeter_client::GreeterClient},
+    server::Server,
+};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer,
+    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair,
+    KeyUsagePurpose, RevokedCertParams, SerialNumber, date_time_ymd,
+};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+
+use crate::common::{TestServer, config_with, reloads, tls_channel, wait_for_reloads};
+
+const GOOD: u64 = 1001;
+const REVOKED: u64 = 1002;
+
+struct Ca {
+    dir: tempfile::TempDir,
+    issuer: CertifiedIssuer<'static, KeyPair>,
+    clients: Vec<(u64, String, String)>,
+}
+
+impl Ca {
+    fn new() -> Self {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name("crl test CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca = Self {
+            dir,
+            issuer,
+            clients: Vec::new(),
+        };
+        let (server_cert, server_key) =
+            ca.leaf(1, "localhost", ExtendedKeyUsagePurpose::ServerAuth);
+        ca.write("server.pem", &server_cert);
+        ca.write("server.key", &server_key);
+        ca.write("ca.pem", &ca.issuer.pem());
+        for serial in [GOOD, REVOKED] {
+            let (cert, key) = ca.leaf(
+                serial,
+                &format!("client-{serial}"),
+                ExtendedKeyUsagePurpose::ClientAuth,
+            );
+            ca.clients.push((serial, cert, key));
+        }
+        ca
+    }
+
+    fn leaf(&self, serial: u64, cn: &str, usage: ExtendedKeyUsagePurpose) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![cn.to_owned()]).unwrap();
+        params.distinguished_name = name(cn);
+        params.serial_number = Some(SerialNumber::from(serial));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![usage];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn path(&self, file: &str) -> String {
+        self.dir.path().join(file).to_str().unwrap().to_owned()
+    }
+
+    /// Writes `file` atomically (rename), as deploy tools and Kubernetes do.
+    fn write(&self, file: &str, text: &str) {
+        let tmp = self.dir.path().join(format!("{file}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(tmp, self.dir.path().join(file)).unwrap();
+    }
+
+    /// A CRL of this CA revoking `serials`, written to `ca.crl`.
+    fn publish_crl(&self, number: u64, serials: &[u64]) {
+        let crl = CertificateRevocationListParams {
+            this_update: date_time_ymd(2024, 1, 1),
+            next_update: date_time_ymd(2100, 1, 1),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|&serial| RevokedCertParams {
+                    serial_number: SerialNumber::from(serial),
+                    revocation_time: date_time_ymd(2024, 1, 1),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&self.issuer)
+        .unwrap();
+        self.write("ca.crl", &crl.pem().unwrap());
+    }
+
+    /// A config serving TLS with this CA's server certificate, requiring client certificates
+    /// of this CA and checking them against `ca.crl`.
+    fn config(&self) -> Config {
+        let mut config = config_with(self.overrides());
+        config.tls.client_crl_files = vec![self.path("ca.crl").into()];
+        config
+    }
+
+    fn overrides(&self) -> Vec<(String, String)> {
+        vec![
+            ("tls.enabled".into(), "true".into()),
+            ("tls.cert".into(), self.path("server.pem")),
+            ("tls.key".into(), self.path("server.key")),
+            ("tls.client_ca".into(), self.path("ca.pem")),
+            ("tls.client_auth".into(), "required".into()),
+            ("tls.reload_interval".into(), "50ms".into()),
+        ]
+    }
+
+    fn client(&self, serial: u64) -> ClientTlsConfig {
+        let (_, cert, key) = self.clients.iter().find(|(s, ..)| *s == serial).unwrap();
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(self.issuer.pem()))
+            .domain_name("localhost")
+            .identity(Identity::from_pem(cert, key))
+    }
+}
+
+fn name(cn: &str) -> DistinguishedName {
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, cn);
+    name
+}
+
+/// A SayHello with the client certificate `serial`: the greeting, or the error at the bottom of
+/// the chain (TLS 1.3 reports a refused client certificate with the first call, as the server's
+/// alert).
+async fn hello_as(addr: SocketAddr, ca: &Ca, serial: u64) -> Result<String, String> {
+    let error: Box<dyn std::error::Error> = match tls_channel(addr, ca.client(serial)).await {
+        Ok(channel) => match GreeterClient::new(channel)
+            .say_hello(HelloRequest { name: "crl".into() })
+            .await
+        {
+            Ok(reply) => return Ok(reply.into_inner().message),
+            Err(status) => Box::new(status),
+        },
+        Err(error) => Box::new(error),
+    };
+    let mut source: &dyn std::error::Error = error.as_ref();
+    while let Some(next) = source.source() {
+        source = next;
+    }
+    Err(source.to_string())
+}
+
+const REVOKED_ALERT: &str = "received fatal alert: CertificateRevoked";
+
+#[tokio::test]
+async fn a_revoked_client_certificate_is_refused_at_the_handshake() {
+    let ca = Ca::new();
+    ca.publish_crl(1, &[REVOKED]);
+    let server = TestServer::start_with(ca.config()).await;
+    assert_eq!(
+        hello_as(server.addr, &ca, GOOD).await.as_deref(),
+        Ok("Hello, crl!")
+    );
+    assert_eq!(
+        hello_as(server.addr, &ca, REVOKED).await,
+        Err(REVOKED_ALERT.to_owned())
+    );
+    // Refused, and the server serves on.
+    assert!(hello_as(server.addr, &ca, GOOD).await.is_ok());
+}
+
+#[tokio::test]
+async fn crls_reload_while_serving_and_a_deleted_one_refuses_every_certificate() {
+    let ca = Ca::new();
+    ca.publish_crl(1, &[]);
+    let server = TestServer::start_with(ca.config()).await;
+    let metrics = server.metrics_addr.unwrap();
+    assert!(hello_as(server.addr, &ca, REVOKED).await.is_ok());
+
+    ca.publish_crl(2, &[REVOKED]);
+    wait_for_reloads(metrics, "tls", "success", 1.0).await;
+    assert_eq!(
+        hello_as(server.addr, &ca, REVOKED).await,
+        Err(REVOKED_ALERT.to_owned())
+    );
+
+    // A file that does not load keeps the lists in force.
+    ca.write(
+        "ca.crl",
+        "-----BEGIN X509 CRL-----\nZ2FyYmFnZQ==\n-----END X509 CRL-----\n",
+    );
+    wait_for_reloads(metrics, "tls", "failure", 1.0).await;
+    assert_eq!(
+        hello_as(server.addr, &ca, REVOKED).await,
+        Err(REVOKED_ALERT.to_owned())
+    );
+    assert!(hello_as(server.addr, &ca, GOOD).await.is_ok());
+
+    // A file that is gone must not un-revoke: no client certificate is accepted until it is back.
+    std::fs::remove_file(ca.path("ca.crl")).unwrap();
+    wait_for_reloads(metrics, "tls", "revoked", 1.0).await;
+    assert_eq!(
+        hello_as(server.addr, &ca, GOOD).await,
+        Err("received fatal alert: HandshakeFailure".to_owned())
+    );
+    ca.publish_crl(3, &[REVOKED]);
+    wait_for_reloads(metrics, "tls", "success", 2.0).await;
+    assert!(hello_as(server.addr, &ca, GOOD).await.is_ok());
+    assert_eq!(reloads(metrics, "tls", "revoked").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_missing_or_bad_crl_stops_startup_naming_the_file() {
+    let ca = Ca::new();
+    let error = Server::bind(ca.config()).await.err().unwrap();
+    let message = error.to_string();
+    assert!(message.contains(&ca.path("ca.crl")), "{message}");
+    assert!(message.contains("cannot read"), "{message}");
+
+    ca.write("ca.crl", &ca.issuer.pem());
+    let error = Server::bind(ca.config()).await.err().unwrap();
+    let message = error.to_string();
+    assert!(
+        message.contains("not a certificate revocation list (tls.client_crl_files)"),
+        "{message}"
+    );
+    assert!(message.contains("no X509 CRL block"), "{message}");
+    assert!(Path::new(&ca.path("ca.crl")).exists());
+}
