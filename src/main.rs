@@ -16,7 +16,7 @@ use greeter::{
     ops::logging,
     ops::memory::WorstCase,
     ops::shutdown::Signals,
-    server::{Credentials, Server, ServerError},
+    server::{self, Credentials, Server, ServerError},
 };
 
 /// Everything that can end a command unsuccessfully, with its exit code.
@@ -91,7 +91,10 @@ async fn run(command: Command) -> Result<(), Failure> {
             let config = load(&args)?;
             Credentials::load(&config)?;
             println!("configuration is valid");
-            println!("{}", WorstCase::of(&config));
+            println!(
+                "{}",
+                WorstCase::of(&config, server::largest_request_bytes(&config))
+            );
             Ok(())
         }
         Command::Config(ConfigCommand::Show(args)) => {

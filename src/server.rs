@@ -699,6 +699,13 @@ fn server_counters(
     }
 }
 
+/// The largest request message any served method accepts: a Connect call may buffer twice it
+/// (JSON), which `greeter config check`'s worst case counts ([`crate::ops::memory`]).
+pub fn largest_request_bytes(config: &Config) -> usize {
+    let limits = message_limits(config, &[]);
+    limits.greeter.max(limits.reflection)
+}
+
 /// The largest request message each method accepts: what its request type can usefully hold,
 /// never more than `limits.max_recv_message_bytes` (which applies to paths no service has).
 struct MessageLimits {

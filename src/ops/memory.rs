@@ -10,6 +10,9 @@
 //!   call's own state, its headers (up to `max_header_list_bytes`), and the reply bytes queued for
 //!   a client that does not read (up to the stream window);
 //! - request messages still arriving, server-wide (`max_buffered_request_bytes`);
+//! - with `[connect]` on, per call, what the Connect translation reads before the call's gRPC
+//!   message exists: the body, the body inflated, and the message decoded from it, each up to
+//!   twice the largest request message a served method accepts (JSON runs longer than protobuf);
 //! - with `[tracing]` on, ended spans waiting for export (`tracing.max_queue_size`);
 //! - with `[quota]`, the callers its bucket tables track (`max_callers` per table: the default
 //!   one and one per `quota.methods` entry);
@@ -40,6 +43,8 @@ pub const JWT_CACHE_ENTRY_BYTES: u64 = JWT_CACHE_IDENTITY_BYTES as u64 + 512;
 /// One tracked caller of a quota table: a 24-byte entry (16-byte key, GCRA state) in a
 /// sharded hash map, with its control bytes, load factor and room to grow.
 const QUOTA_CALLER_BYTES: u64 = 128;
+/// Copies of a Connect request one call may hold at once: body, inflated body, decoded message.
+const CONNECT_COPIES: u64 = 3;
 
 /// The worst case, by term, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +63,9 @@ pub struct WorstCase {
 }
 
 impl WorstCase {
-    pub fn of(config: &Config) -> Self {
+    /// `largest_request_bytes`: the largest request message any served method accepts (the
+    /// server knows its methods' limits; this module only adds up).
+    pub fn of(config: &Config, largest_request_bytes: usize) -> Self {
         let limits = &config.limits;
         let anonymous = if config.auth.enabled {
             limits.max_anonymous_calls
@@ -75,6 +82,11 @@ impl WorstCase {
         let calls = limits.max_concurrent_calls
             + anonymous
             + if probe { ProbeConfig::MAX_CALLS } else { 0 };
+        let connect = if config.connect.enabled {
+            CONNECT_COPIES * 2 * largest_request_bytes as u64
+        } else {
+            0
+        };
         Self {
             connections: connections as u64,
             bytes_per_connection: CONNECTION_BYTES
@@ -82,7 +94,8 @@ impl WorstCase {
             calls: calls as u64,
             bytes_per_call: CALL_BYTES
                 + u64::from(limits.max_header_list_bytes)
-                + u64::from(limits.initial_stream_window_bytes),
+                + u64::from(limits.initial_stream_window_bytes)
+                + connect,
             buffered_requests: limits.max_buffered_request_bytes as u64,
             queued_spans: if config.tracing.enabled {
                 config.tracing.max_queue_size as u64
@@ -156,6 +169,8 @@ mod tests {
     use super::*;
     use crate::config::Sources;
 
+    const LARGEST: usize = 16 << 10;
+
     fn config(overrides: &[(&str, &str)]) -> Config {
         Config::load(&Sources {
             overrides: overrides
@@ -169,7 +184,7 @@ mod tests {
 
     #[test]
     fn every_limit_counts_in_the_worst_case() {
-        let base = WorstCase::of(&config(&[])).total();
+        let base = WorstCase::of(&config(&[]), LARGEST).total();
         for (key, value) in [
             ("limits.max_connections", "2000"),
             ("limits.max_concurrent_calls", "4000"),
@@ -181,25 +196,33 @@ mod tests {
             ("tracing.enabled", "true"),
             ("quota.enabled", "true"),
         ] {
-            let more = WorstCase::of(&config(&[(key, value)])).total();
+            let more = WorstCase::of(&config(&[(key, value)]), LARGEST).total();
             assert!(more > base, "{key} = {value}: {more} <= {base}");
         }
     }
 
     #[test]
+    fn connect_counts_its_copies_of_the_largest_request_per_call() {
+        let on = WorstCase::of(&config(&[("connect.enabled", "true")]), LARGEST);
+        let off = WorstCase::of(&config(&[("connect.enabled", "false")]), LARGEST);
+        assert_eq!(on.calls, off.calls);
+        assert_eq!(on.bytes_per_call - off.bytes_per_call, 3 * 2 * 16 << 10);
+    }
+
+    #[test]
     fn the_jwt_cache_counts_when_jwts_are_accepted() {
         let mut config = config(&[("auth.enabled", "true")]);
-        let without = WorstCase::of(&config).total();
+        let without = WorstCase::of(&config, LARGEST).total();
         config.auth.jwt.issuers.push(crate::config::JwtIssuer {
             issuer: "https://k8s".into(),
             jwks_file: "jwks.json".into(),
             audiences: vec!["greeter".into()],
             scopes_claim: None,
         });
-        let with = WorstCase::of(&config).total();
+        let with = WorstCase::of(&config, LARGEST).total();
         assert_eq!(with - without, 4096 * JWT_CACHE_ENTRY_BYTES);
         config.auth.jwt.cache_size = 0;
-        assert_eq!(WorstCase::of(&config).total(), without);
+        assert_eq!(WorstCase::of(&config, LARGEST).total(), without);
     }
 
     #[test]
