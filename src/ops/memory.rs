@@ -206,7 +206,7 @@ mod tests {
         let on = WorstCase::of(&config(&[("connect.enabled", "true")]), LARGEST);
         let off = WorstCase::of(&config(&[("connect.enabled", "false")]), LARGEST);
         assert_eq!(on.calls, off.calls);
-        assert_eq!(on.bytes_per_call - off.bytes_per_call, 3 * 2 * 16 << 10);
+        assert_eq!(on.bytes_per_call - off.bytes_per_call, 3 * 2 * (16 << 10));
     }
 
     #[test]
