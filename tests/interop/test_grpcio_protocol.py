@@ -118,9 +118,10 @@ def slow_stub(slow_greeter):
         yield helloworld_pb2_grpc.GreeterStub(ch)
 
 
-def collect_until_error(call):
-    """(replies, RpcError or None, seconds) of a reply stream, read to its end."""
-    start, replies = time.monotonic(), []
+def collect_until_error(call, start=None):
+    """(replies, RpcError or None, seconds) of a reply stream, read to its end; the seconds are
+    counted from `start` (a monotonic time taken before the call was made) when given."""
+    start, replies = time.monotonic() if start is None else start, []
     try:
         for reply in call:
             replies.append(reply.message)
@@ -167,10 +168,12 @@ def test_stream_within_its_deadline_completes(slow_stub):
 def test_stream_without_deadline_gets_the_server_default(slow_stub):
     """No grpc-timeout from the client: the server's default ends the stream after the first
     greeting, at 1 s and not at the second greeting (3 s)."""
+    # From before the call: the server's clock starts when the request arrives, after this.
+    started = time.monotonic()
     call = slow_stub.SayHelloStreamReply(req("you"))
     timer = bounded(call)
     try:
-        replies, err, took = collect_until_error(call)
+        replies, err, took = collect_until_error(call, started)
     finally:
         timer.cancel()
     assert err is not None, f"stream completed despite the server's default deadline: {replies}"
