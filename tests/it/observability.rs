@@ -337,6 +337,10 @@ async fn calls_cut_short_are_counted_with_their_code() {
         0.0
     );
     assert_eq!(scrape.get("greeter_calls_cancelled_total", &[]), 1.0);
+    assert_eq!(
+        scrape.get("greeter_calls_deadline_exceeded_total", &[]),
+        0.0
+    );
 
     let mut request = Request::new(hello("late"));
     request.set_timeout(Duration::from_millis(200));
