@@ -375,3 +375,35 @@ async fn the_listener_closes_after_the_delay_and_server_streams_end_unavailable(
     let (code, _) = wait_exit(&mut server, Duration::from_secs(10)).await;
     assert_eq!(code, Some(0));
 }
+
+/// The drain ends a server stream with UNAVAILABLE and counts it (the
+/// `greeter_streams_ended_by_shutdown_total` series reads this counter).
+#[tokio::test]
+async fn a_stream_ended_by_the_drain_is_counted() {
+    let mut server = common::TestServer::start_with(common::test_config(&[
+        ("greeter.stream_interval", "200ms"),
+        ("shutdown.delay", "0s"),
+    ]))
+    .await;
+    let mut replies = GreeterClient::new(server.channel().await)
+        .say_hello_stream_reply(HelloRequest { name: "you".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    replies.message().await.unwrap().unwrap();
+    assert_eq!(server.stats.calls.ended_by_shutdown(), 0);
+    server.begin_shutdown();
+    let status = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match replies.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream completed"),
+                Err(status) => break status,
+            }
+        }
+    })
+    .await
+    .expect("the drain ends the stream within 5s");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(server.stats.calls.ended_by_shutdown(), 1);
+}
