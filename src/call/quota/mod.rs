@@ -396,6 +396,7 @@ where
         Either::Right(self.inner.call(request))
     }
 }
+
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
