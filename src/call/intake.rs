@@ -372,6 +372,16 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_message_of_exactly_the_methods_limit_is_accepted() {
+        let budget = Arc::new(BufferBudget::new(1 << 20));
+        let mut exact = prefix(1024);
+        exact.extend(vec![0; 1024]);
+        let mut body = body(vec![exact], 1024, &budget);
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(budget.refused(), 0);
+    }
+
+    #[tokio::test]
     async fn incomplete_messages_hold_budget_until_complete_or_dropped() {
         let budget = Arc::new(BufferBudget::new(100));
         let mut first = body(vec![prefix(60), vec![0; 30], vec![0; 30]], 1024, &budget);

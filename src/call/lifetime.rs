@@ -361,3 +361,24 @@ fn trailers(status: Status) -> http::HeaderMap {
     headers.remove(http::header::CONTENT_TYPE);
     headers
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_over_size_out_of_range_becomes_resource_exhausted() {
+        let too_large = "Error,%20decoded%20message%20length%20too%20large:%20found%205000%20bytes";
+        for (status, message, expected) in [
+            ("11", too_large, "8"),
+            ("11", "value%20out%20of%20range", "11"),
+            ("13", too_large, "13"),
+        ] {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("grpc-status", status.parse().unwrap());
+            headers.insert("grpc-message", message.parse().unwrap());
+            size_limit_is_resource_exhausted(&mut headers);
+            assert_eq!(headers["grpc-status"], expected, "{status} {message}");
+        }
+    }
+}
