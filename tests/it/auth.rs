@@ -220,6 +220,14 @@ async fn tokens_file_reloads_add_and_revoke_and_a_bad_file_keeps_the_old_set() {
         say_hello(&channel, Some("Bearer grt_first")).await,
         Err(Code::Unauthenticated)
     );
+
+    // A path that exists but cannot be read as a file is a failure too, not a deletion: only a
+    // missing file revokes.
+    std::fs::remove_file(tokens.path()).unwrap();
+    std::fs::create_dir(tokens.path()).unwrap();
+    wait_for_reloads(metrics, "tokens", "failure", 2.0).await;
+    assert_eq!(reloads(metrics, "tokens", "revoked").await, 0.0);
+    assert_eq!(say_hello(&channel, Some("Bearer grt_second")).await, hello);
 }
 
 #[tokio::test]
@@ -383,4 +391,100 @@ async fn deleting_the_tokens_file_revokes_every_token_until_it_is_back() {
 
     tokens.write(&[("grt_kept", "kept", &["greeter"])]);
     eventually(&channel, "grt_kept", Ok("Hello, you!".into())).await;
+}
+
+/// An Ed25519 key, its JWKS, and tokens it signs: a JWT made here, not by the server's code.
+struct Issuer {
+    key: ring::signature::Ed25519KeyPair,
+}
+
+impl Issuer {
+    const ISS: &str = "https://kubernetes.default.svc.cluster.local";
+
+    fn new() -> Self {
+        let pkcs8 =
+            ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+                .unwrap();
+        Self {
+            key: ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap(),
+        }
+    }
+
+    fn jwks(&self) -> String {
+        use base64::Engine as _;
+        use ring::signature::KeyPair as _;
+        let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.key.public_key());
+        serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "k1", "alg": "EdDSA", "x": x}]})
+            .to_string()
+    }
+
+    fn token(&self, sub: &str) -> String {
+        use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let header = serde_json::json!({"alg": "EdDSA", "kid": "k1", "typ": "JWT"});
+        let claims = serde_json::json!({"iss": Self::ISS, "aud": ["greeter"], "sub": sub,
+                                        "iat": now, "nbf": now, "exp": now + 600});
+        let message = format!(
+            "{}.{}",
+            B64.encode(header.to_string()),
+            B64.encode(claims.to_string())
+        );
+        let signature = B64.encode(self.key.sign(message.as_bytes()));
+        format!("{message}.{signature}")
+    }
+}
+
+#[tokio::test]
+async fn static_tokens_and_jwts_are_accepted_side_by_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = Issuer::new();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, issuer.jwks()).unwrap();
+    let mut config = config_with(common::greeter_token_auth(
+        dir.path(),
+        "static-secret-token",
+        "ci",
+    ));
+    config.auth.jwt.issuers.push(greeter::config::JwtIssuer {
+        issuer: Issuer::ISS.into(),
+        jwks_file: jwks,
+        audiences: vec!["greeter".into()],
+        scopes_claim: None,
+    });
+    config.auth.jwt.rules.push(greeter::config::ClaimRule {
+        claim: "sub".into(),
+        pattern: "system:serviceaccount:shop:*".into(),
+        scopes: vec!["greeter".into()],
+        issuer: None,
+    });
+    let server = TestServer::start_with(config).await;
+    let channel = server.channel().await;
+
+    let bearer = |token: &str| format!("Bearer {token}");
+    // Each kind of bearer reaches its own verifier: a static token is no JWT, and a JWT is in no
+    // tokens file.
+    assert_eq!(
+        say_hello(&channel, Some(&bearer("static-secret-token"))).await,
+        Ok("Hello, you!".into())
+    );
+    let jwt = issuer.token("system:serviceaccount:shop:checkout");
+    assert_eq!(
+        say_hello(&channel, Some(&bearer(&jwt))).await,
+        Ok("Hello, you!".into())
+    );
+    let other = issuer.token("system:serviceaccount:billing:api");
+    assert_eq!(
+        say_hello(&channel, Some(&bearer(&other))).await,
+        Err(Code::PermissionDenied),
+        "a verified JWT no rule gives the scope"
+    );
+    let (head, _) = jwt.rsplit_once('.').unwrap();
+    let forged = format!("{head}.{}", "A".repeat(86));
+    assert_eq!(
+        say_hello(&channel, Some(&bearer(&forged))).await,
+        Err(Code::Unauthenticated)
+    );
 }
