@@ -443,11 +443,10 @@ async fn static_tokens_and_jwts_are_accepted_side_by_side() {
     let issuer = Issuer::new();
     let jwks = dir.path().join("jwks.json");
     std::fs::write(&jwks, issuer.jwks()).unwrap();
-    let mut config = config_with(common::greeter_token_auth(
-        dir.path(),
-        "static-secret-token",
-        "ci",
-    ));
+    let jwks_path = jwks.clone();
+    let mut overrides = common::greeter_token_auth(dir.path(), "static-secret-token", "ci");
+    overrides.push(("auth.reload_interval".into(), "50ms".into()));
+    let mut config = config_with(overrides);
     config.auth.jwt.issuers.push(greeter::config::JwtIssuer {
         issuer: Issuer::ISS.into(),
         jwks_file: jwks,
@@ -485,6 +484,19 @@ async fn static_tokens_and_jwts_are_accepted_side_by_side() {
     let forged = format!("{head}.{}", "A".repeat(86));
     assert_eq!(
         say_hello(&channel, Some(&bearer(&forged))).await,
+        Err(Code::Unauthenticated)
+    );
+
+    // The issuer rotates its key (same kid): the new JWKS is installed, the old key's tokens,
+    // cached as verified a moment ago, are refused with it.
+    let rotated = Issuer::new();
+    let tmp = dir.path().join("jwks.json.tmp");
+    std::fs::write(&tmp, rotated.jwks()).unwrap();
+    std::fs::rename(&tmp, &jwks_path).unwrap();
+    let fresh = rotated.token("system:serviceaccount:shop:checkout");
+    eventually(&channel, &fresh, Ok("Hello, you!".into())).await;
+    assert_eq!(
+        say_hello(&channel, Some(&bearer(&jwt))).await,
         Err(Code::Unauthenticated)
     );
 }
