@@ -499,4 +499,27 @@ async fn static_tokens_and_jwts_are_accepted_side_by_side() {
         say_hello(&channel, Some(&bearer(&jwt))).await,
         Err(Code::Unauthenticated)
     );
+
+    // A JWKS that does not parse keeps the keys in force; a deleted one revokes them.
+    let metrics = server.metrics_addr.unwrap();
+    std::fs::write(&tmp, "{\"keys\": [{\"kty\": \"oct\"").unwrap();
+    std::fs::rename(&tmp, &jwks_path).unwrap();
+    wait_for_reloads(metrics, "jwks", "failure", 1.0).await;
+    assert_eq!(reloads(metrics, "jwks", "revoked").await, 0.0);
+    assert_eq!(
+        say_hello(&channel, Some(&bearer(&fresh))).await,
+        Ok("Hello, you!".into())
+    );
+    std::fs::remove_file(&jwks_path).unwrap();
+    wait_for_reloads(metrics, "jwks", "revoked", 1.0).await;
+    assert_eq!(reloads(metrics, "jwks", "failure").await, 1.0);
+    assert_eq!(
+        say_hello(&channel, Some(&bearer(&fresh))).await,
+        Err(Code::Unauthenticated)
+    );
+    assert_eq!(
+        say_hello(&channel, Some(&bearer("static-secret-token"))).await,
+        Ok("Hello, you!".into()),
+        "static tokens are not the JWKS's to revoke"
+    );
 }
