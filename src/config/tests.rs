@@ -283,14 +283,19 @@ fn allowed_origins_are_origins() {
     }
 }
 
-#[test]
-fn web_is_on_for_the_quick_start_and_off_in_production() {
-    assert!(Config::embedded().web.enabled);
-    let production = Config::load(&Sources {
+/// `config/production.toml` over the embedded default, as the production Deployment loads it.
+fn production() -> Config {
+    Config::load(&Sources {
         files: vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/production.toml")],
         ..Sources::default()
     })
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn web_is_on_for_the_quick_start_and_off_in_production() {
+    assert!(Config::embedded().web.enabled);
+    let production = production();
     assert!(!production.web.enabled);
 }
 
@@ -370,11 +375,7 @@ fn a_map_entry_of_the_wrong_type_says_what_is_expected() {
 #[test]
 fn quota_is_off_for_the_quick_start_and_on_in_production() {
     assert!(!Config::embedded().quota.enabled);
-    let production = Config::load(&Sources {
-        files: vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/production.toml")],
-        ..Sources::default()
-    })
-    .unwrap();
+    let production = production();
     assert!(production.quota.enabled);
     assert_eq!(
         (production.quota.rate, production.quota.burst),
@@ -454,11 +455,7 @@ fn client_crl_files_need_client_certificates() {
 fn connect_is_on_for_the_quick_start_and_off_in_production() {
     assert!(Config::embedded().connect.enabled);
     assert!(Config::embedded().serves_http1());
-    let production = Config::load(&Sources {
-        files: vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/production.toml")],
-        ..Sources::default()
-    })
-    .unwrap();
+    let production = production();
     assert!(!production.connect.enabled);
     assert!(!production.serves_http1());
 }
