@@ -622,3 +622,48 @@ async fn http1_refusals_arrive_while_the_client_is_still_sending() {
         assert!(raw.starts_with(&format!("HTTP/1.1 {wanted}")), "{raw}");
     }
 }
+
+/// Over HTTP/2, a call refused before its body was read is answered at once, and its stream is
+/// not reset under a client still sending: the server reads and drops the rest of the body
+/// instead. A reset (`RST_STREAM(NO_ERROR)`, which RFC 9113 allows) is what curl 7.x reports as
+/// "Stream error in the HTTP/2 framing layer" instead of the answer it already has.
+#[tokio::test]
+async fn http2_refusals_answer_first_and_leave_the_upload_unharmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(config_with(greeter_token_auth(
+        dir.path(),
+        "grt_connect-token",
+        "connect",
+    )))
+    .await;
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (mut h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    // Refused by auth (in the call stack), and by a bad header (before it).
+    for (extra, wanted) in [(None, 401), (Some("soon"), 400)] {
+        let mut request = http::Request::post(format!(
+            "http://{}/helloworld.Greeter/SayHello",
+            server.addr
+        ))
+        .header("content-type", "application/json");
+        if let Some(timeout) = extra {
+            request = request.header("connect-timeout-ms", timeout);
+        }
+        let (response, mut upload) = h2.send_request(request.body(()).unwrap(), false).unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(10), response)
+            .await
+            .expect("answered before the body was sent")
+            .unwrap();
+        assert_eq!(response.status(), wanted);
+        let mut answer = response.into_body();
+        while let Some(chunk) = answer.data().await {
+            chunk.unwrap();
+        }
+        // Time for a reset to arrive, if the server sends one.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let body = json!({"name": "you"}).to_string();
+        upload
+            .send_data(Bytes::from(body), true)
+            .expect("the stream is still open for the upload");
+    }
+}

@@ -245,15 +245,13 @@ where
     let (grpc, plan) = match request::translate(translator, parts, &unread, framing, codec) {
         Ok(translated) => translated,
         Err(refusal) => {
-            if http1 {
-                unread.drain(request::REFUSED_DRAIN_BYTES).await;
-            }
+            unread.discard(http1, request::REFUSED_DRAIN_BYTES).await;
             return response::refusal(refusal);
         }
     };
     let Ok(answer) = calls.oneshot(grpc).await;
-    if http1 && answer.headers().contains_key("grpc-status") {
-        unread.drain(plan.rpc.max_request_bytes).await;
+    if answer.headers().contains_key("grpc-status") {
+        unread.discard(http1, plan.rpc.max_request_bytes).await;
     }
     match framing {
         Framing::Unary => response::unary(plan, answer).await,

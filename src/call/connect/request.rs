@@ -90,11 +90,29 @@ where
     }
 
     /// Reads and discards the body if no one read it, at most `max` bytes and for at most
-    /// [`DRAIN_TIMEOUT`]. Over HTTP/1.1, a server that answers a request it has not read closes
-    /// the connection, and a client still writing the body fails with a broken pipe instead of
-    /// reading the answer: a call refused by auth would look like a network error. Nothing is
-    /// kept, so draining holds no memory; HTTP/2 streams need none of it.
-    pub async fn drain(self, max: usize) {
+    /// [`DRAIN_TIMEOUT`], so that a call answered before its body was read ends cleanly.
+    ///
+    /// Over HTTP/1.1, a server that answers a request it has not read closes the connection, and
+    /// a client still writing the body fails with a broken pipe instead of reading the answer: a
+    /// call refused by auth would look like a network error. So the answer waits for the drain.
+    ///
+    /// Over HTTP/2 the answer goes first and the body is drained beside it: dropping the body
+    /// unread makes h2 end the stream with `RST_STREAM(NO_ERROR)` (RFC 9113 8.1 allows it), which
+    /// clients still uploading, curl 7.x among them, report as a stream error instead of the
+    /// answer. The stream keeps its slot in `max_concurrent_streams` until drained, which bounds
+    /// these tasks. Nothing is kept either way, so draining holds no memory.
+    pub async fn discard(self, http1: bool, max: usize)
+    where
+        B: Send + 'static,
+    {
+        if http1 {
+            self.drain(max).await;
+        } else if self.0.lock().expect("no panic while held").is_some() {
+            tokio::spawn(self.drain(max));
+        }
+    }
+
+    async fn drain(self, max: usize) {
         let Some(body) = self.take() else {
             return;
         };
