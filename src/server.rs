@@ -45,7 +45,7 @@ use crate::{
         self, CounterFn, CounterFnSet, GrpcMetrics, QuotaRefusals, Reloads, ServerCounters,
         ServerMetrics, exporter,
     },
-    ops::reload,
+    ops::reload::{self, Triggers, Watched},
     ops::shutdown,
     ops::telemetry::{ExportMaterial, SpanQueue, Telemetry, TelemetryError},
     pb::{self, greeter_server::GreeterServer},
@@ -100,10 +100,24 @@ pub struct Credentials {
     pub auth: Option<Authenticator>,
     /// The trace exporter's headers and TLS files, with `tracing.enabled`.
     pub tracing: Option<ExportMaterial>,
+    /// The reloaded files as they were just before this load: the reloaders start from it.
+    seen: Seen,
+}
+
+/// Each reloader's files, as they were just before the load.
+struct Seen {
+    tls: Watched,
+    tokens: Watched,
+    jwks: Watched,
 }
 
 impl Credentials {
     pub fn load(config: &Config) -> Result<Self, ServerError> {
+        let seen = Seen {
+            tls: tls::watched(&config.tls),
+            tokens: auth::watched_tokens(&config.auth),
+            jwks: auth::watched_jwks(&config.auth),
+        };
         let tls = if config.tls.enabled {
             let material = tls::load(&config.tls, config.serves_http1())?;
             Some((Reloadable::new(material.config), material.leaf))
@@ -130,7 +144,12 @@ impl Credentials {
             .enabled
             .then(|| ExportMaterial::load(&config.tracing))
             .transpose()?;
-        Ok(Self { tls, auth, tracing })
+        Ok(Self {
+            tls,
+            auth,
+            tracing,
+            seen,
+        })
     }
 }
 
@@ -744,16 +763,20 @@ fn spawn_reloaders(
     stop: &CancellationToken,
     registry: &mut Registry,
 ) {
-    let hangups = reload::hangups();
+    let triggers = Triggers {
+        hangups: reload::hangups(),
+        stop: stop.clone(),
+    };
     let reloads = Reloads::register(registry);
+    let seen = &credentials.seen;
     if let Some((material, leaf)) = &credentials.tls {
         tls::spawn_reloader(
             &config.tls,
             config.serves_http1(),
+            seen.tls.clone(),
             material.clone(),
             metrics::register_certificate_expiry(registry, leaf.not_after_unix),
-            hangups.clone(),
-            stop.clone(),
+            triggers.clone(),
             reloads.kind("tls"),
         );
     }
@@ -763,8 +786,8 @@ fn spawn_reloaders(
         auth::spawn_token_reloader(
             auth.clone(),
             &config.auth,
-            hangups.clone(),
-            stop.clone(),
+            seen.tokens.clone(),
+            triggers.clone(),
             reloads.kind("tokens"),
         );
     }
@@ -772,8 +795,8 @@ fn spawn_reloaders(
         auth::spawn_jwks_reloader(
             auth.clone(),
             &config.auth,
-            hangups,
-            stop.clone(),
+            seen.jwks.clone(),
+            triggers,
             reloads.kind("jwks"),
         );
     }

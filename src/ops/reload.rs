@@ -32,25 +32,51 @@ pub fn hangups() -> watch::Receiver<()> {
     rx
 }
 
-/// A digest of each file's content (`None`: unreadable), to notice any change.
-fn fingerprint(paths: &[PathBuf]) -> Vec<Option<ring::digest::Digest>> {
-    paths
-        .iter()
-        .map(|p| {
-            std::fs::read(p)
-                .ok()
-                .map(|bytes| ring::digest::digest(&ring::digest::SHA256, &bytes))
-        })
-        .collect()
+/// The files a reloader watches, with a digest of each one's content (`None`: unreadable) to
+/// notice any change. Taken before the files are first loaded, so a change that lands between
+/// that load and the reloader's start is still a change.
+#[derive(Debug, Clone)]
+pub struct Watched {
+    paths: Vec<PathBuf>,
+    seen: Vec<Option<ring::digest::Digest>>,
 }
 
-fn same(a: &[Option<ring::digest::Digest>], b: &[Option<ring::digest::Digest>]) -> bool {
-    a.len() == b.len()
-        && a.iter().zip(b).all(|(x, y)| match (x, y) {
-            (Some(x), Some(y)) => x.as_ref() == y.as_ref(),
-            (None, None) => true,
-            _ => false,
-        })
+impl Watched {
+    pub fn now(paths: Vec<PathBuf>) -> Self {
+        let seen = Self::digests(&paths);
+        Self { paths, seen }
+    }
+
+    fn digests(paths: &[PathBuf]) -> Vec<Option<ring::digest::Digest>> {
+        paths
+            .iter()
+            .map(|p| {
+                std::fs::read(p)
+                    .ok()
+                    .map(|bytes| ring::digest::digest(&ring::digest::SHA256, &bytes))
+            })
+            .collect()
+    }
+
+    /// Reads the files again: whether any differs from when they were last read.
+    fn changed(&mut self) -> bool {
+        let now = Self::digests(&self.paths);
+        let same = now.len() == self.seen.len()
+            && now.iter().zip(&self.seen).all(|(x, y)| match (x, y) {
+                (Some(x), Some(y)) => x.as_ref() == y.as_ref(),
+                (None, None) => true,
+                _ => false,
+            });
+        self.seen = now;
+        !same
+    }
+}
+
+/// What starts a reload besides a change (SIGHUP), and what ends the reloaders.
+#[derive(Clone)]
+pub struct Triggers {
+    pub hangups: watch::Receiver<()>,
+    pub stop: CancellationToken,
 }
 
 /// What a reload installed.
@@ -62,24 +88,22 @@ pub enum Reloaded {
     Revoked(String),
 }
 
-/// Calls `reload` whenever the content of `paths` changes (checked every `interval`) or SIGHUP
-/// arrives, until `stop`. `reload` builds and installs the new state, or returns why it cannot:
+/// Calls `reload` whenever the content of the `files` changes (checked every `interval`) or
+/// SIGHUP arrives, until `stop`. `reload` builds and installs the new state, or returns why it cannot:
 /// the old state then stays in force and the failure is logged and counted in `outcomes` once
 /// per distinct content, so an alert on failures fires on a bad rotation, not on every poll. A
 /// revocation is logged as an error and counted too.
 pub fn spawn<E, F>(
     what: &'static str,
-    paths: Vec<PathBuf>,
+    mut files: Watched,
     interval: Duration,
-    hangups: watch::Receiver<()>,
-    stop: CancellationToken,
+    Triggers { hangups, stop }: Triggers,
     outcomes: ReloadOutcomes,
     mut reload: F,
 ) where
     E: std::fmt::Display,
     F: FnMut() -> Result<Reloaded, E> + Send + 'static,
 {
-    let mut seen = fingerprint(&paths);
     let mut hangups = Some(hangups);
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(interval.max(Duration::from_millis(10)));
@@ -97,11 +121,9 @@ pub fn spawn<E, F>(
                     true
                 }
             };
-            let now = fingerprint(&paths);
-            if !forced && same(&now, &seen) {
+            if !files.changed() && !forced {
                 continue;
             }
-            seen = now;
             match reload() {
                 Ok(Reloaded::Loaded(summary)) => {
                     outcomes.record(ReloadOutcome::Success);

@@ -30,12 +30,13 @@ use x509_parser::{
 };
 
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{ClientAuth, Problem, Section, TlsConfig},
-    ops::{metrics::ReloadOutcomes, reload::Reloaded},
+    ops::{
+        metrics::ReloadOutcomes,
+        reload::{Reloaded, Triggers, Watched},
+    },
 };
 
 /// What is wrong with the TLS material, naming the file.
@@ -491,6 +492,17 @@ impl Reloadable {
     }
 }
 
+/// The files [`spawn_reloader`] watches: `tls.cert`, `tls.key`, `tls.client_ca` (if set) and
+/// `tls.client_crl_files`.
+pub fn watched(settings: &TlsConfig) -> Watched {
+    let mut paths = vec![settings.cert.clone(), settings.key.clone()];
+    if !settings.client_ca.as_os_str().is_empty() {
+        paths.push(settings.client_ca.clone());
+    }
+    paths.extend(settings.client_crl_files.iter().cloned());
+    Watched::now(paths)
+}
+
 /// Re-reads `tls.cert`, `tls.key`, `tls.client_ca` and `tls.client_crl_files` when they change
 /// or SIGHUP arrives, swaps them into `material` and keeps `expiry` current. A missing client CA
 /// or CRL file revokes every client certificate until it is back; material that does not load
@@ -498,24 +510,18 @@ impl Reloadable {
 pub fn spawn_reloader(
     settings: &TlsConfig,
     http1: bool,
+    files: Watched,
     material: Reloadable,
     expiry: Gauge,
-    hangups: watch::Receiver<()>,
-    stop: CancellationToken,
+    triggers: Triggers,
     outcomes: ReloadOutcomes,
 ) {
     let settings = settings.clone();
-    let mut paths = vec![settings.cert.clone(), settings.key.clone()];
-    if !settings.client_ca.as_os_str().is_empty() {
-        paths.push(settings.client_ca.clone());
-    }
-    paths.extend(settings.client_crl_files.iter().cloned());
     crate::ops::reload::spawn(
         "tls",
-        paths,
+        files,
         settings.reload_interval,
-        hangups,
-        stop,
+        triggers,
         outcomes,
         move || {
             reload(&settings, http1).map(|(loaded, revoked)| {

@@ -23,8 +23,6 @@ use std::{
 use arc_swap::ArcSwap;
 use futures_util::future::{Either, Ready, ready};
 use pin_project_lite::pin_project;
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use tonic::{Status, codegen::http};
 use tower::{Layer, Service};
 
@@ -41,7 +39,7 @@ use crate::{
     methods::{self, MethodTable, Rule},
     ops::{
         metrics::{CounterSet, ReloadOutcomes},
-        reload::{self, Reloaded},
+        reload::{self, Reloaded, Triggers, Watched},
     },
     transport::listener::PeerInfo,
 };
@@ -299,23 +297,39 @@ impl Authenticator {
     }
 }
 
+/// The file [`spawn_token_reloader`] watches.
+pub fn watched_tokens(config: &AuthConfig) -> Watched {
+    Watched::now(vec![config.tokens_file.clone()])
+}
+
+/// The files [`spawn_jwks_reloader`] watches: every issuer's JWKS.
+pub fn watched_jwks(config: &AuthConfig) -> Watched {
+    Watched::now(
+        config
+            .jwt
+            .issuers
+            .iter()
+            .map(|i| i.jwks_file.clone())
+            .collect(),
+    )
+}
+
 /// Re-reads `auth.tokens_file` when it changes or SIGHUP arrives. Deleting the file is how an
 /// operator revokes everything: that is honoured. A file that is there but does not load
 /// (half-written, malformed) keeps the previous tokens.
 pub fn spawn_token_reloader(
     auth: Authenticator,
     config: &AuthConfig,
-    hangups: watch::Receiver<()>,
-    stop: CancellationToken,
+    files: Watched,
+    triggers: Triggers,
     outcomes: ReloadOutcomes,
 ) {
     let path = config.tokens_file.clone();
     reload::spawn(
         "tokens",
-        vec![path.clone()],
+        files,
         config.reload_interval,
-        hangups,
-        stop,
+        triggers,
         outcomes,
         move || match TokenStore::load(&path) {
             Ok(tokens) => {
@@ -342,21 +356,19 @@ pub fn spawn_token_reloader(
 pub fn spawn_jwks_reloader(
     auth: Authenticator,
     config: &AuthConfig,
-    hangups: watch::Receiver<()>,
-    stop: CancellationToken,
+    files: Watched,
+    triggers: Triggers,
     outcomes: ReloadOutcomes,
 ) {
     if auth.jwt.is_none() {
         return;
     }
     let jwt = config.jwt.clone();
-    let paths = jwt.issuers.iter().map(|i| i.jwks_file.clone()).collect();
     reload::spawn(
         "jwks",
-        paths,
+        files,
         config.reload_interval,
-        hangups,
-        stop,
+        triggers,
         outcomes,
         move || {
             let mut keys = Vec::new();
