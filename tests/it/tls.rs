@@ -562,6 +562,53 @@ async fn a_kubernetes_secret_swapped_by_its_data_symlink_is_reloaded() {
     );
 }
 
+/// A call over a new TLS connection: the greeting, or the error as text (TLS 1.3 clients learn
+/// of a refused certificate with their first call, not from the handshake).
+async fn greet_over_tls(
+    addr: SocketAddr,
+    tls: tonic::transport::ClientTlsConfig,
+) -> Result<String, String> {
+    let channel = tls_channel(addr, tls).await.map_err(|e| format!("{e:?}"))?;
+    GreeterClient::new(channel)
+        .say_hello(hello("you"))
+        .await
+        .map(|reply| reply.into_inner().message)
+        .map_err(|status| format!("{status:?}"))
+}
+
+/// While the client CA is deleted no certificate is trusted, but `client_auth` still decides
+/// whether a client without one may connect: "required" refuses its handshake, "optional"
+/// serves it (its call is then up to `auth`, off here).
+#[tokio::test]
+async fn a_deleted_client_ca_keeps_client_auth_required_or_optional() {
+    for mode in ["required", "optional"] {
+        let pki = Pki::new();
+        let mut overrides = pki.tls_overrides();
+        overrides.push(("tls.client_ca".into(), pki.path("ca.pem")));
+        overrides.push(("tls.client_auth".into(), mode.into()));
+        let server = TestServer::start_with(config_with(overrides)).await;
+        std::fs::remove_file(pki.path("ca.pem")).unwrap();
+        wait_for_reloads(server.metrics_addr.unwrap(), "tls", "revoked", 1.0).await;
+
+        let certified = greet_over_tls(server.addr, pki.client_tls(true)).await;
+        let certified = certified.expect_err("no certificate verifies without the CA");
+        assert!(
+            certified.contains("received fatal alert: HandshakeFailure"),
+            "{mode}: {certified}"
+        );
+        let anonymous = greet_over_tls(server.addr, pki.client_tls(false)).await;
+        if mode == "required" {
+            let refused = anonymous.expect_err("a certificate is still required");
+            assert!(
+                refused.contains("received fatal alert: CertificateRequired"),
+                "{mode}: {refused}"
+            );
+        } else {
+            assert_eq!(anonymous.as_deref(), Ok("Hello, you!"), "{mode}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn deleting_the_client_ca_refuses_every_client_certificate_until_it_is_back() {
     let pki = Pki::new();
