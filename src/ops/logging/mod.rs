@@ -9,7 +9,7 @@
 //!   holding its `request_id` (in JSON: `"span": {"request_id": ..., "name": "grpc"}`); off at
 //!   `info`, where the only line a call logs is its access line.
 //!
-//! JSON lines are formatted by [`json`], which keeps tracing-subscriber's JSON shape at a fraction
+//! JSON lines are formatted by `json`, which keeps tracing-subscriber's JSON shape at a fraction
 //! of its cost per line.
 
 mod json;
@@ -72,7 +72,7 @@ pub struct LogGuard {
 /// `RUST_LOG`, when set, wins over `filter` so an operator can raise verbosity without editing
 /// config. `Auto` picks text for a person at a terminal and JSON lines for log collectors. The
 /// filter applies to the lines written; h2's refusals of malformed authorities reach
-/// [`refused_authority`] whatever it says.
+/// `refused_authority` whatever it says.
 pub fn init(filter: &str, format: LogFormat) -> LogGuard {
     let (writer, guard) = NonBlockingBuilder::default()
         .buffered_lines_limit(QUEUED_LINES)
