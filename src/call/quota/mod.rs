@@ -479,6 +479,7 @@ mod tests {
         assert!(!admit("10.0.0.1:2000"), "same address, another port");
         assert!(admit("[2001:db8::1]:1"));
         assert!(!admit("[2001:db8::2]:1"), "same /64");
+        assert!(admit("[2001:db8:0:1::1]:1"), "the next /64");
     }
 
     #[test]
@@ -514,6 +515,26 @@ mod tests {
         std::thread::sleep(Duration::from_millis(30));
         fast.forget_idle();
         assert_eq!(fast.default.limiter.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn forgetting_runs_in_the_background() {
+        let fast = Arc::new(quotas(&config(100.0, 1)));
+        let caller = Caller::Token("ci".into());
+        let identity = identify(Some(&caller), None, &fast.hasher);
+        assert_eq!(fast.admit(&identity, "/a.S/M"), Ok(()));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let stop = CancellationToken::new();
+        // The first round is at once; the next FORGET_INTERVAL later.
+        fast.spawn_forgetting(stop.clone());
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while fast.default.limiter.len() > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the idle caller forgotten");
+        stop.cancel();
     }
 
     #[test]
