@@ -528,7 +528,7 @@ mod tests {
         // The first round is at once; the next FORGET_INTERVAL later.
         fast.spawn_forgetting(stop.clone());
         tokio::time::timeout(Duration::from_secs(10), async {
-            while fast.default.limiter.len() > 0 {
+            while !fast.default.limiter.is_empty() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })
