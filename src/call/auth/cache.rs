@@ -124,6 +124,20 @@ mod tests {
         cache.insert([6; 32], huge, 60);
         assert!(cache.get(&[6; 32], 60).is_none(), "too large to cache");
 
+        // The bound counts the subject, the issuer and the scopes together.
+        let sized = |issuer_bytes: usize| {
+            Arc::new(Verified {
+                subject: "s".into(),
+                issuer: "i".repeat(issuer_bytes).into(),
+                scopes: vec!["greeter".into()],
+                valid_until: 500,
+            })
+        };
+        cache.insert([7; 32], sized(JWT_CACHE_IDENTITY_BYTES - 8), 60);
+        assert!(cache.get(&[7; 32], 60).is_some(), "exactly the bound");
+        cache.insert([8; 32], sized(JWT_CACHE_IDENTITY_BYTES - 7), 60);
+        assert!(cache.get(&[8; 32], 60).is_none(), "a byte over the bound");
+
         let off = TokenCache::new(0);
         off.insert([1; 32], verified(500), 10);
         assert!(off.get(&[1; 32], 10).is_none());
