@@ -144,7 +144,7 @@ mod tests {
     fn jwt_mistakes_name_the_key() {
         assert_eq!(jwt_problem(|_| {}), None);
         type Change = fn(&mut JwtConfig);
-        let cases: [(Change, &str, &str); 7] = [
+        let cases: [(Change, &str, &str); 9] = [
             (
                 |c| c.issuers[0].audiences.clear(),
                 "auth.jwt.issuers",
@@ -160,6 +160,16 @@ mod tests {
                 |c| c.issuers[0].scopes_claim = Some(" ".into()),
                 "auth.jwt.issuers",
                 "scopes_claim",
+            ),
+            (
+                |c| c.rules[0].claim = " ".into(),
+                "auth.jwt.rules",
+                "claim and pattern",
+            ),
+            (
+                |c| c.rules[0].pattern.clear(),
+                "auth.jwt.rules",
+                "claim and pattern",
             ),
             (|c| c.rules[0].scopes.clear(), "auth.jwt.rules", "scopes"),
             (
