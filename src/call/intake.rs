@@ -423,4 +423,27 @@ mod tests {
         assert_eq!(budget.held(), 0);
         assert_eq!(budget.refused(), 0);
     }
+
+    /// A bidi stream's replies made before its refusal landed go out; the refusal replaces the
+    /// handler's trailers (its OK) at the end, not a reply already made.
+    #[tokio::test]
+    async fn a_refusal_ends_the_reply_after_the_replies_already_made() {
+        let refusal = SharedRefusal::default();
+        refusal.set(Status::resource_exhausted("too_big")).unwrap();
+        let mut ok = http::HeaderMap::new();
+        ok.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let frames = [Frame::data(Bytes::from_static(b"reply")), Frame::trailers(ok)];
+        let body = IntakeResponseBody {
+            inner: StreamBody::new(futures_util::stream::iter(
+                frames.into_iter().map(Ok::<_, Infallible>),
+            )),
+            refusal: Some(refusal),
+            ended: false,
+        };
+        let collected = body.collect().await.unwrap();
+        let trailers = collected.trailers().cloned().expect("trailers");
+        assert_eq!(collected.to_bytes(), Bytes::from_static(b"reply"));
+        assert_eq!(trailers["grpc-status"], "8");
+        assert_eq!(trailers["grpc-message"], "too_big");
+    }
 }
