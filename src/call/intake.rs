@@ -432,7 +432,10 @@ mod tests {
         refusal.set(Status::resource_exhausted("too_big")).unwrap();
         let mut ok = http::HeaderMap::new();
         ok.insert("grpc-status", http::HeaderValue::from_static("0"));
-        let frames = [Frame::data(Bytes::from_static(b"reply")), Frame::trailers(ok)];
+        let frames = [
+            Frame::data(Bytes::from_static(b"reply")),
+            Frame::trailers(ok),
+        ];
         let body = IntakeResponseBody {
             inner: StreamBody::new(futures_util::stream::iter(
                 frames.into_iter().map(Ok::<_, Infallible>),

@@ -152,11 +152,25 @@ mod tests {
 
     #[test]
     fn keys_get_the_algorithm_of_their_type() {
-        let keys = Keys::parse(&set(&[RSA, EC]), "jwks.json").unwrap();
-        assert_eq!(keys.len(), 2);
+        let named = EC.replace("\"kid\":\"e1\"", "\"kid\":\"e2\",\"alg\":\"ES256\"");
+        let keys = Keys::parse(&set(&[RSA, EC, &named]), "jwks.json").unwrap();
+        assert_eq!(keys.len(), 3);
         assert_eq!(keys.get("r1").unwrap().algorithm, Algorithm::RS256);
         assert_eq!(keys.get("e1").unwrap().algorithm, Algorithm::ES256);
+        assert_eq!(keys.get("e2").unwrap().algorithm, Algorithm::ES256);
         assert!(keys.get("nope").is_none());
+    }
+
+    #[test]
+    fn only_a_missing_file_counts_as_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        assert!(Keys::load(&path).unwrap_err().is_missing());
+        std::fs::write(&path, "{").unwrap();
+        assert!(!Keys::load(&path).unwrap_err().is_missing());
+        assert!(!Keys::load(dir.path()).unwrap_err().is_missing());
+        std::fs::write(&path, set(&[RSA])).unwrap();
+        assert_eq!(Keys::load(&path).unwrap().len(), 1);
     }
 
     #[test]
@@ -167,6 +181,11 @@ mod tests {
             (RSA.replace("\"sig\"", "\"enc\""), "encryption key"),
             (RSA.replace(",\"kid\":\"r1\"", ""), "needs a \"kid\""),
             (EC.replace("P-256", "P-384"), "unsupported key type"),
+            (
+                r#"{"kty":"OKP","kid":"x","crv":"P-256","x":"hSDwCYkwp1R0i33ctD73Wg2_Og0mOBr066SpjqqbTmo"}"#
+                    .to_owned(),
+                "unsupported key type",
+            ),
             (
                 r#"{"kty":"oct","kid":"h","k":"c2VjcmV0"}"#.to_owned(),
                 "HMAC",

@@ -240,7 +240,10 @@ mod tests {
     use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
     use ring::{
         rand::SystemRandom,
-        signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _},
+        signature::{
+            ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _,
+            RSA_PKCS1_SHA256, RsaKeyPair, RsaPublicKeyComponents,
+        },
     };
     use serde_json::json;
 
@@ -248,8 +251,12 @@ mod tests {
 
     const ISS: &str = "https://kubernetes.default.svc.cluster.local";
 
-    /// An ES256 and an EdDSA key made by ring, their JWKS, and tokens they sign.
+    /// An RS256, an ES256 and an EdDSA key, their JWKS, and tokens they sign. ring makes the EC
+    /// and Ed25519 keys; it cannot make RSA keys, so that one is a fixture (made by `openssl
+    /// genpkey -algorithm RSA` and `openssl pkcs8 -topk8 -nocrypt -outform DER`, for these tests
+    /// only).
     struct Signers {
+        rsa: RsaKeyPair,
         ec: EcdsaKeyPair,
         ed: Ed25519KeyPair,
     }
@@ -261,6 +268,7 @@ mod tests {
             let ec = EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
             let ed = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
             Self {
+                rsa: RsaKeyPair::from_pkcs8(include_bytes!("testdata/rs256-test-key.pk8")).unwrap(),
                 ec: EcdsaKeyPair::from_pkcs8(alg, ec.as_ref(), &rng).unwrap(),
                 ed: Ed25519KeyPair::from_pkcs8(ed.as_ref()).unwrap(),
             }
@@ -268,7 +276,10 @@ mod tests {
 
         fn jwks(&self) -> String {
             let point = self.ec.public_key().as_ref();
+            let rsa: RsaPublicKeyComponents<Vec<u8>> = self.rsa.public().into();
             json!({"keys": [
+                {"kty": "RSA", "kid": "rsa", "alg": "RS256",
+                 "n": B64.encode(rsa.n), "e": B64.encode(rsa.e)},
                 {"kty": "EC", "crv": "P-256", "kid": "ec", "x": B64.encode(&point[1..33]),
                  "y": B64.encode(&point[33..])},
                 {"kty": "OKP", "crv": "Ed25519", "kid": "ed", "alg": "EdDSA",
@@ -281,6 +292,18 @@ mod tests {
             let header = B64.encode(json!({"alg": alg, "kid": kid, "typ": "JWT"}).to_string());
             let message = format!("{header}.{}", B64.encode(claims.to_string()));
             let signature = match alg {
+                "RS256" => {
+                    let mut signature = vec![0; self.rsa.public().modulus_len()];
+                    self.rsa
+                        .sign(
+                            &RSA_PKCS1_SHA256,
+                            &SystemRandom::new(),
+                            message.as_bytes(),
+                            &mut signature,
+                        )
+                        .unwrap();
+                    signature
+                }
                 "ES256" => self
                     .ec
                     .sign(&SystemRandom::new(), message.as_bytes())
@@ -327,7 +350,7 @@ mod tests {
     fn verifies_identity_and_scopes_then_answers_from_the_cache() {
         let keys = Signers::new();
         let jwt = verifier(&keys, 16);
-        for (alg, kid) in [("ES256", "ec"), ("EdDSA", "ed")] {
+        for (alg, kid) in [("RS256", "rsa"), ("ES256", "ec"), ("EdDSA", "ed")] {
             let token = keys.token(
                 alg,
                 kid,
@@ -394,6 +417,8 @@ mod tests {
             ),
             (keys.token("ES256", "nope", &good), JwtError::UnknownKid),
             (keys.token("EdDSA", "ec", &good), JwtError::KeyMismatch),
+            (keys.token("RS256", "ed", &good), JwtError::KeyMismatch),
+            (keys.token("ES256", "rsa", &good), JwtError::KeyMismatch),
             (keys.token("HS256", "ec", &good), JwtError::Algorithm),
             (keys.token("none", "ec", &good), JwtError::Algorithm),
         ];
