@@ -381,6 +381,11 @@ mod tests {
             claims[key] = value;
             claims
         };
+        let without = |claims: &Value, key: &str| {
+            let mut claims = claims.clone();
+            claims.as_object_mut().unwrap().remove(key);
+            claims
+        };
         let now = now() as i64;
         let cases = [
             (
@@ -408,6 +413,18 @@ mod tests {
                 JwtError::Audience,
             ),
             (
+                keys.token("ES256", "ec", &without(&good, "aud")),
+                JwtError::Claim("aud"),
+            ),
+            (
+                keys.token("ES256", "ec", &without(&good, "sub")),
+                JwtError::Claim("sub"),
+            ),
+            (
+                keys.token("ES256", "ec", &without(&good, "iss")),
+                JwtError::Claim("iss"),
+            ),
+            (
                 keys.token("ES256", "ec", &with("iss", json!("https://x"))),
                 JwtError::Issuer,
             ),
@@ -425,6 +442,9 @@ mod tests {
         for (token, expected) in cases {
             assert_eq!(jwt.verify(&token).unwrap_err(), expected);
         }
+        // Issued at the leeway's edge: still accepted.
+        let edge = keys.token("ES256", "ec", &with("iat", json!(now + 5)));
+        assert!(jwt.verify(&edge).is_ok());
         let token = keys.token("ES256", "ec", &good);
         let (head, rest) = token.split_once('.').unwrap();
         let sig = rest.split_once('.').unwrap().1;

@@ -146,6 +146,9 @@ mod tests {
         assert!(!glob("system:serviceaccount:shop:*x", sa));
         assert!(!glob("a*a", "a"));
         assert!(glob("a*a", "aa"));
+        // Text a middle part matched is used up: it cannot match the next part too.
+        assert!(!glob("*:shop:*:shop", "ns:shop"));
+        assert!(glob("*:shop:*:shop", "ns:shop:sa:shop"));
         assert!(glob(
             "spiffe://cluster.local/ns/*/sa/web",
             "spiffe://cluster.local/ns/a/sa/web"
