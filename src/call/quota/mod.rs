@@ -293,10 +293,14 @@ impl Quotas {
         });
     }
 
+    /// Also gives back the tables' spare capacity, so the memory a flood of callers took is
+    /// returned once they are forgotten.
     fn forget_idle(&self) {
-        self.default.limiter.retain_recent();
-        for method in &self.method_tables {
-            method.table.limiter.retain_recent();
+        for limiter in std::iter::once(&self.default.limiter)
+            .chain(self.method_tables.iter().map(|m| &m.table.limiter))
+        {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
         }
     }
 }
@@ -490,9 +494,11 @@ mod tests {
             let identity = identify(Some(&caller), None, &quotas.hasher);
             quotas.admit(&identity, "/a.S/M").is_ok()
         };
+        assert!(quotas.default.limiter.is_empty());
         assert!(admit("a"));
         assert!(admit("b"));
         assert_eq!(quotas.default.limiter.len(), 2);
+        assert!(!quotas.default.limiter.is_empty());
         // max_callers = 2: c takes the overflow bucket's one token, d finds it empty.
         assert!(admit("c"));
         assert!(!admit("d"));
@@ -534,6 +540,7 @@ mod tests {
         })
         .await
         .expect("the idle caller forgotten");
+        assert_eq!(fast.default.limiter.len(), 0);
         stop.cancel();
     }
 
