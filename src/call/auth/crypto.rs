@@ -73,12 +73,10 @@ struct RingVerifier {
 impl signature::Verifier<Vec<u8>> for RingVerifier {
     fn verify(&self, message: &[u8], sig: &Vec<u8>) -> std::result::Result<(), signature::Error> {
         use jsonwebtoken::DecodingKeyKind::{RsaModulusExponent, SecretOrDer};
+        // An RSA key from a JWKS is always its modulus and exponent (`DecodingKey::from_jwk`).
         let verified = match (self.algorithm, self.key.kind()) {
             (Algorithm::RS256, RsaModulusExponent { n, e }) => {
                 RsaPublicKeyComponents { n, e }.verify(&RSA_PKCS1_2048_8192_SHA256, message, sig)
-            }
-            (Algorithm::RS256, SecretOrDer(der)) => {
-                UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, der).verify(message, sig)
             }
             (Algorithm::ES256, SecretOrDer(point)) => {
                 UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point).verify(message, sig)
