@@ -543,3 +543,68 @@ pub fn spawn_reloader(
         },
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rcgen::{CertificateParams, KeyPair, SanType};
+
+    use super::*;
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    fn certificate(params: CertificateParams) -> CertificateDer<'static> {
+        let key = KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn a_certificate_is_valid_from_its_first_second_to_its_last() {
+        const NOT_BEFORE: u64 = 1_800_000_000;
+        const NOT_AFTER: u64 = 1_900_000_000;
+        let mut params = CertificateParams::new(vec!["localhost".into()]).unwrap();
+        params.not_before = at(NOT_BEFORE).into();
+        params.not_after = at(NOT_AFTER).into();
+        let der = certificate(params);
+        let path = Path::new("tls.crt");
+
+        let first = summarize(path, &der, at(NOT_BEFORE)).unwrap();
+        assert_eq!(first.not_after_unix, NOT_AFTER as i64);
+        summarize(path, &der, at(NOT_AFTER)).unwrap();
+        let early = summarize(path, &der, at(NOT_BEFORE - 1)).unwrap_err();
+        assert!(matches!(early, TlsError::NotYetValid { .. }), "{early}");
+        let late = summarize(path, &der, at(NOT_AFTER + 1)).unwrap_err();
+        assert!(matches!(late, TlsError::Expired { .. }), "{late}");
+    }
+
+    #[test]
+    fn a_client_identity_is_its_subject_and_its_dns_uri_and_email_names() {
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "checkout");
+        params.subject_alt_names = vec![
+            SanType::DnsName("checkout.shop.svc".try_into().unwrap()),
+            SanType::URI(
+                "spiffe://cluster.local/ns/shop/sa/checkout"
+                    .try_into()
+                    .unwrap(),
+            ),
+            SanType::Rfc822Name("ops@example.com".try_into().unwrap()),
+            SanType::IpAddress("10.0.0.1".parse().unwrap()),
+        ];
+        let identity = ClientIdentity::from_der(&certificate(params)).unwrap();
+        assert_eq!(identity.subject, "CN=checkout");
+        assert_eq!(
+            identity.sans,
+            [
+                "dns:checkout.shop.svc",
+                "uri:spiffe://cluster.local/ns/shop/sa/checkout",
+                "email:ops@example.com",
+            ]
+        );
+    }
+}
