@@ -49,6 +49,19 @@ impl Answer {
     }
 }
 
+/// A server that wants the token `grt_connect-token` (named "connect") for Greeter calls; the
+/// directory holds its tokens file.
+async fn token_server() -> (tempfile::TempDir, TestServer) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(config_with(greeter_token_auth(
+        dir.path(),
+        "grt_connect-token",
+        "connect",
+    )))
+    .await;
+    (dir, server)
+}
+
 /// POSTs `body` to `path` with `headers`, over HTTP/2 (prior knowledge) or HTTP/1.1.
 async fn post(
     server: &TestServer,
@@ -394,13 +407,7 @@ async fn gzip_requests_and_replies() {
 
 #[tokio::test]
 async fn connect_calls_pass_auth_and_count_in_metrics_like_grpc_calls() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start_with(config_with(greeter_token_auth(
-        dir.path(),
-        "grt_connect-token",
-        "connect",
-    )))
-    .await;
+    let (_dir, server) = token_server().await;
     let answer = post(
         &server,
         false,
@@ -589,13 +596,7 @@ async fn web_cors_applies_to_connect_calls() {
 async fn http1_refusals_arrive_while_the_client_is_still_sending() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start_with(config_with(greeter_token_auth(
-        dir.path(),
-        "grt_connect-token",
-        "connect",
-    )))
-    .await;
+    let (_dir, server) = token_server().await;
     // Refused by auth (in the call stack), and by a bad header (before it).
     for extra in ["", "connect-timeout-ms: soon\r\n"] {
         let body = json!({"name": "x".repeat(3000)}).to_string();
@@ -629,13 +630,7 @@ async fn http1_refusals_arrive_while_the_client_is_still_sending() {
 /// "Stream error in the HTTP/2 framing layer" instead of the answer it already has.
 #[tokio::test]
 async fn http2_refusals_answer_first_and_leave_the_upload_unharmed() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start_with(config_with(greeter_token_auth(
-        dir.path(),
-        "grt_connect-token",
-        "connect",
-    )))
-    .await;
+    let (_dir, server) = token_server().await;
     let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     let (mut h2, connection) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(connection);
