@@ -150,3 +150,26 @@ async fn next_hangup(
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_is_new_content_or_a_file_appearing_or_going() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        let mut watched = Watched::now(vec![path.clone()]);
+        assert!(!watched.changed(), "missing, and still missing");
+        std::fs::write(&path, "a").unwrap();
+        assert!(watched.changed(), "appeared");
+        assert!(!watched.changed());
+        std::fs::write(&path, "b").unwrap();
+        assert!(watched.changed(), "new content");
+        std::fs::write(&path, "b").unwrap();
+        assert!(!watched.changed(), "rewritten, same content");
+        std::fs::remove_file(&path).unwrap();
+        assert!(watched.changed(), "gone");
+        assert!(!watched.changed());
+    }
+}
