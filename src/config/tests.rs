@@ -459,3 +459,60 @@ fn connect_is_on_for_the_quick_start_and_off_in_production() {
     assert!(!production.connect.enabled);
     assert!(!production.serves_http1());
 }
+
+#[test]
+fn a_bad_value_in_a_file_names_the_file_as_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("names.toml");
+    std::fs::write(&file, "[greeter]\nmax_name_bytes = \"lots\"\n").unwrap();
+    let error = Config::load(&Sources {
+        files: vec![file.clone()],
+        ..Sources::default()
+    })
+    .unwrap_err();
+    assert_eq!(
+        error.key.as_deref(),
+        Some("greeter.max_name_bytes"),
+        "{error}"
+    );
+    assert_eq!(error.origin, file.display().to_string(), "{error}");
+}
+
+/// A mistake found only in the merged config is blamed on the layer that set the key: not on a
+/// later file, a variable or an override that set other keys.
+#[test]
+fn a_mistake_found_after_merging_names_the_layer_that_set_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first.toml");
+    let second = dir.path().join("second.toml");
+    std::fs::write(&first, "[server]\nlisten = \"0.0.0.0:50051\"\n").unwrap();
+    std::fs::write(&second, "[greeter]\nmax_name_bytes = 16\n").unwrap();
+    let mut sources = Sources {
+        files: vec![first.clone(), second],
+        env: vec![("GREETER__GREETER__MAX_NAME_BYTES".into(), "20".into())],
+        overrides: vec![("greeter.max_name_bytes".into(), "24".into())],
+    };
+    let error = Config::load(&sources).unwrap_err();
+    assert_eq!(error.key.as_deref(), Some("server.listen"), "{error}");
+    assert_eq!(error.origin, first.display().to_string(), "{error}");
+
+    sources
+        .env
+        .push(("GREETER__SERVER__LISTEN".into(), "0.0.0.0:50052".into()));
+    let error = Config::load(&sources).unwrap_err();
+    assert_eq!(
+        error.origin, "environment variable GREETER__SERVER__LISTEN",
+        "{error}"
+    );
+}
+
+#[test]
+fn sources_from_the_process_read_its_environment() {
+    let sources = Sources::from_process(
+        vec!["a.toml".into()],
+        vec![("server.listen".into(), "127.0.0.1:1".into())],
+    );
+    assert_eq!(sources.files, [std::path::PathBuf::from("a.toml")]);
+    assert_eq!(sources.overrides.len(), 1);
+    assert_eq!(sources.env.len(), std::env::vars().count());
+}
