@@ -662,3 +662,89 @@ async fn http2_refusals_answer_first_and_leave_the_upload_unharmed() {
             .expect("the stream is still open for the upload");
     }
 }
+
+/// Hostile: a client that opens Connect streams without credentials and never sends their bodies
+/// holds each stream's slot only while its body drains (at most 5 s), so one connection holds at
+/// most `max_concurrent_streams` of them; other callers are served meanwhile, and a slot frees
+/// as soon as its upload ends, or when the drain gives up on it.
+#[tokio::test]
+async fn refused_streams_left_uploading_are_bounded_by_the_stream_limit() {
+    const STREAMS: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let mut overrides = greeter_token_auth(dir.path(), "grt_connect-token", "connect");
+    overrides.push(("limits.max_concurrent_streams".into(), STREAMS.to_string()));
+    // This connection's calls are all refused: keep first_call_timeout's GOAWAY out of the way.
+    overrides.push(("connection.first_call_timeout".into(), "60s".into()));
+    let server = TestServer::start_with(config_with(overrides)).await;
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (mut h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let request = || {
+        http::Request::post(format!(
+            "http://{}/helloworld.Greeter/SayHello",
+            server.addr
+        ))
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap()
+    };
+    let mut uploads = Vec::new();
+    for _ in 0..STREAMS {
+        let (response, upload) = h2.send_request(request(), false).unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(10), response)
+            .await
+            .expect("answered before the body was sent")
+            .unwrap();
+        assert_eq!(response.status(), 401);
+        uploads.push(upload);
+    }
+
+    // Every slot is held: one more stream waits (the client keeps to the server's limit).
+    h2 = h2.ready().await.unwrap();
+    let (queued, _upload) = h2.send_request(request(), true).unwrap();
+    let mut queued = Box::pin(queued);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut queued)
+            .await
+            .is_err(),
+        "a refused stream's slot was released while its body was still coming"
+    );
+    // Another caller is served meanwhile.
+    let served = post(
+        &server,
+        true,
+        "/helloworld.Greeter/SayHello",
+        &[JSON, ("authorization", "Bearer grt_connect-token")],
+        json!({"name": "you"}).to_string(),
+    )
+    .await;
+    assert_eq!(served.status, 200);
+
+    // One upload ends: its slot frees, and the waiting stream is answered.
+    uploads[0]
+        .send_data(Bytes::from(json!({"name": "you"}).to_string()), true)
+        .unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(10), queued)
+        .await
+        .expect("the freed slot taken")
+        .unwrap();
+    assert_eq!(answered.status(), 401);
+
+    // The other uploads never end: their slots free when the drain gives up on them (5 s). Two
+    // more streams that never upload either: the first takes the free slot, the second waits
+    // for one of those.
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        h2 = h2.ready().await.unwrap();
+        let (response, upload) = h2.send_request(request(), false).unwrap();
+        uploads.push(upload);
+        waiting.push(response);
+    }
+    for response in waiting {
+        let response = tokio::time::timeout(Duration::from_secs(15), response)
+            .await
+            .expect("slots held by unfinished uploads are given back")
+            .unwrap();
+        assert_eq!(response.status(), 401);
+    }
+}
