@@ -105,29 +105,30 @@ where
     where
         B: Send + 'static,
     {
-        if http1 {
-            self.drain(max).await;
-        } else if self.0.lock().expect("no panic while held").is_some() {
-            tokio::spawn(self.drain(max));
-        }
-    }
-
-    async fn drain(self, max: usize) {
         let Some(body) = self.take() else {
             return;
         };
-        let mut body = std::pin::pin!(body);
-        let mut seen = 0usize;
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
-            while let Some(Ok(frame)) = body.frame().await {
-                seen = seen.saturating_add(frame.data_ref().map_or(0, Bytes::len));
-                if seen > max {
-                    break;
-                }
-            }
-        })
-        .await;
+        if http1 {
+            drain(body, max).await;
+        } else {
+            tokio::spawn(drain(body, max));
+        }
     }
+}
+
+/// Reads `body` to its end and drops what it reads, up to `max` bytes and [`DRAIN_TIMEOUT`].
+async fn drain<B: http_body::Body<Data = Bytes>>(body: B, max: usize) {
+    let mut body = std::pin::pin!(body);
+    let mut seen = 0usize;
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            seen = seen.saturating_add(frame.data_ref().map_or(0, Bytes::len));
+            if seen > max {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// The gRPC request for a Connect request's `parts` and its body (`unread`), or why there is none.
