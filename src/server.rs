@@ -104,7 +104,9 @@ pub struct Credentials {
     seen: Seen,
 }
 
-/// Each reloader's files, as they were just before the load.
+/// Each reloader's files, as they were just before the load (none for a reloader that does not
+/// run: nothing is read for it).
+#[derive(Default)]
 struct Seen {
     tls: Watched,
     tokens: Watched,
@@ -113,12 +115,9 @@ struct Seen {
 
 impl Credentials {
     pub fn load(config: &Config) -> Result<Self, ServerError> {
-        let seen = Seen {
-            tls: tls::watched(&config.tls),
-            tokens: auth::watched_tokens(&config.auth),
-            jwks: auth::watched_jwks(&config.auth),
-        };
+        let mut seen = Seen::default();
         let tls = if config.tls.enabled {
+            seen.tls = tls::watched(&config.tls);
             let material = tls::load(&config.tls, config.serves_http1())?;
             Some((Reloadable::new(material.config), material.leaf))
         } else {
@@ -126,6 +125,7 @@ impl Credentials {
         };
         let auth = if config.auth.enabled {
             let tokens = if uses_tokens(config) {
+                seen.tokens = auth::watched_tokens(&config.auth);
                 TokenStore::load(&config.auth.tokens_file)?
             } else {
                 TokenStore::default()
@@ -134,6 +134,7 @@ impl Credentials {
             Some(if config.auth.jwt.issuers.is_empty() {
                 auth
             } else {
+                seen.jwks = auth::watched_jwks(&config.auth);
                 auth.with_jwt(Jwt::load(&config.auth.jwt)?)
             })
         } else {

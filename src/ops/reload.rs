@@ -35,7 +35,7 @@ pub fn hangups() -> watch::Receiver<()> {
 /// The files a reloader watches, with a digest of each one's content (`None`: unreadable) to
 /// notice any change. Taken before the files are first loaded, so a change that lands between
 /// that load and the reloader's start is still a change.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Watched {
     paths: Vec<PathBuf>,
     seen: Vec<Option<ring::digest::Digest>>,
