@@ -12,6 +12,13 @@ fn with_env(vars: &[(&str, &str)]) -> Sources {
     }
 }
 
+fn with_files(files: Vec<PathBuf>) -> Sources {
+    Sources {
+        files,
+        ..Sources::default()
+    }
+}
+
 #[test]
 fn embedded_default_is_loopback_plaintext() {
     let config = Config::embedded();
@@ -111,11 +118,7 @@ fn a_later_file_removes_a_map_entry_with_an_empty_string() {
          [deadline.methods]\n\"/helloworld.Greeter/SayHelloBidiStream\" = \"\"\n",
     )
     .unwrap();
-    let config = Config::load(&Sources {
-        files: vec![file],
-        ..Sources::default()
-    })
-    .unwrap();
+    let config = Config::load(&with_files(vec![file])).unwrap();
     let policy = &config.auth.policy;
     assert!(!policy.contains_key("/grpc.reflection.v1.ServerReflection/*"));
     assert_eq!(policy["/helloworld.Greeter/SayHello"], "open");
@@ -137,11 +140,7 @@ fn deadline_patterns_are_checked_like_policy_patterns() {
         "[deadline.methods.\"helloworld.Greeter/SayHello\"]\ndefault = \"1s\"\nmax = \"2s\"\n",
     )
     .unwrap();
-    let error = Config::load(&Sources {
-        files: vec![file],
-        ..Sources::default()
-    })
-    .unwrap_err();
+    let error = Config::load(&with_files(vec![file])).unwrap_err();
     assert_eq!(error.key.as_deref(), Some("deadline.methods"), "{error}");
     assert!(error.message.contains("a pattern is"), "{error}");
 }
@@ -236,10 +235,7 @@ fn unix_mode_is_octal_text_in_files_and_the_environment() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("mode.toml");
     std::fs::write(&file, "[server]\nunix_mode = \"0640\"\n").unwrap();
-    let sources = Sources {
-        files: vec![file.clone()],
-        ..Sources::default()
-    };
+    let sources = with_files(vec![file.clone()]);
     assert_eq!(Config::load(&sources).unwrap().server.unix_mode, 0o640);
 
     // 0o660 in TOML is the number 432: refused rather than guessed at.
@@ -285,10 +281,9 @@ fn allowed_origins_are_origins() {
 
 /// `config/production.toml` over the embedded default, as the production Deployment loads it.
 fn production() -> Config {
-    Config::load(&Sources {
-        files: vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/production.toml")],
-        ..Sources::default()
-    })
+    Config::load(&with_files(vec![
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/production.toml"),
+    ]))
     .unwrap()
 }
 
@@ -359,11 +354,7 @@ fn a_map_entry_of_the_wrong_type_says_what_is_expected() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("policy.toml");
     std::fs::write(&file, "[auth.policy]\n\"/helloworld.Greeter/*\" = 5\n").unwrap();
-    let error = Config::load(&Sources {
-        files: vec![file],
-        ..Sources::default()
-    })
-    .unwrap_err();
+    let error = Config::load(&with_files(vec![file])).unwrap_err();
     assert!(
         error
             .message
@@ -393,11 +384,7 @@ fn quota_entries_take_integer_rates_and_bad_ones_name_key_and_file() {
          [quota.methods.\"/helloworld.Greeter/SayHelloBidiStream\"]\nrate = 0.5\nburst = 2\n",
     )
     .unwrap();
-    let sources = |files| Sources {
-        files,
-        ..Sources::default()
-    };
-    let config = Config::load(&sources(vec![file.clone()])).unwrap();
+    let config = Config::load(&with_files(vec![file.clone()])).unwrap();
     assert_eq!(config.quota.rate, 5.0);
     assert_eq!(config.quota.identities["ci-bot"].burst, 2000);
     assert_eq!(
@@ -425,7 +412,7 @@ fn quota_entries_take_integer_rates_and_bad_ones_name_key_and_file() {
         ),
     ] {
         std::fs::write(&bad, text).unwrap();
-        let error = Config::load(&sources(vec![file.clone(), bad.clone()])).unwrap_err();
+        let error = Config::load(&with_files(vec![file.clone(), bad.clone()])).unwrap_err();
         assert_eq!(error.key.as_deref(), Some(key), "{error}");
         assert!(error.message.contains(message), "{error}");
         assert!(error.origin.contains("bad.toml"), "{error}");
@@ -437,11 +424,7 @@ fn client_crl_files_need_client_certificates() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("crl.toml");
     std::fs::write(&file, "[tls]\nclient_crl_files = [\"ca.crl\"]\n").unwrap();
-    let error = Config::load(&Sources {
-        files: vec![file],
-        ..Sources::default()
-    })
-    .unwrap_err();
+    let error = Config::load(&with_files(vec![file])).unwrap_err();
     assert_eq!(
         error.key.as_deref(),
         Some("tls.client_crl_files"),
@@ -465,11 +448,7 @@ fn a_bad_value_in_a_file_names_the_file_as_given() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("names.toml");
     std::fs::write(&file, "[greeter]\nmax_name_bytes = \"lots\"\n").unwrap();
-    let error = Config::load(&Sources {
-        files: vec![file.clone()],
-        ..Sources::default()
-    })
-    .unwrap_err();
+    let error = Config::load(&with_files(vec![file.clone()])).unwrap_err();
     assert_eq!(
         error.key.as_deref(),
         Some("greeter.max_name_bytes"),
@@ -512,7 +491,7 @@ fn sources_from_the_process_read_its_environment() {
         vec!["a.toml".into()],
         vec![("server.listen".into(), "127.0.0.1:1".into())],
     );
-    assert_eq!(sources.files, [std::path::PathBuf::from("a.toml")]);
+    assert_eq!(sources.files, [PathBuf::from("a.toml")]);
     assert_eq!(sources.overrides.len(), 1);
     assert_eq!(sources.env.len(), std::env::vars().count());
 }
