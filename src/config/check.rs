@@ -39,6 +39,7 @@ impl Config {
         check(&self.tls, origins)?;
         check(&self.tracing, origins)?;
         check(&self.quota, origins)?;
+        self.validate_quota_issuers(origins)?;
         if self.auth.enabled {
             self.validate_auth(origins)?;
         }
@@ -55,6 +56,27 @@ impl Config {
                      server.allow_insecure = true"
                 ),
             );
+        }
+        Ok(())
+    }
+
+    /// A JWT identity's override names a trusted issuer: one that no token can come from would
+    /// silently never apply.
+    fn validate_quota_issuers(&self, origins: &Origins<'_>) -> Result<(), ConfigError> {
+        let trusted = &self.auth.jwt.issuers;
+        for (key, identity) in &self.quota.identities {
+            if let Some(issuer) = &identity.issuer
+                && !trusted.iter().any(|t| &t.issuer == issuer)
+            {
+                let listed: Vec<_> = trusted.iter().map(|t| t.issuer.as_str()).collect();
+                return Err(origins.error(
+                    "quota.identities",
+                    format!(
+                        "quota.identities.\"{key}\": issuer {issuer:?} is not one of \
+                         auth.jwt.issuers ({listed:?})"
+                    ),
+                ));
+            }
         }
         Ok(())
     }

@@ -493,13 +493,17 @@ pub struct QuotaConfig {
     /// Calls without credentials (auth off, or methods the policy marks "open"): counted per
     /// peer address, or not at all.
     pub anonymous: AnonymousQuota,
-    /// Callers (and peer addresses) tracked at once per bucket table; newcomers beyond it share
-    /// one bucket until idle callers are forgotten. Bounds the tables' memory.
+    /// Callers with credentials tracked at once per bucket table; newcomers beyond it share one
+    /// bucket (with each other, never with anonymous peers) until idle callers are forgotten.
+    /// Their number is bounded by who holds credentials: size it so an honest fleet fits.
     pub max_callers: usize,
-    /// Identity (token holder name, certificate subject) -> its own rate and burst instead of
-    /// the default. A later layer removes an entry by setting it to `""`.
+    /// Peers without credentials tracked at once per bucket table: tables of their own, so no
+    /// number of source addresses can push a caller with credentials into an overflow bucket.
+    pub anonymous_max_callers: usize,
+    /// Entry key -> a whole identity (class, issuer for JWTs, name) and its own rate and burst
+    /// instead of the default. A later layer removes an entry by setting it to `""`.
     #[serde(deserialize_with = "values::removable::map")]
-    pub identities: BTreeMap<String, QuotaLimits>,
+    pub identities: BTreeMap<String, IdentityQuota>,
     /// Method pattern -> a bucket per caller for the matching methods, drawn from besides the
     /// caller's own. A later layer removes an entry by setting it to `""`.
     #[serde(deserialize_with = "values::removable::map")]
@@ -512,6 +516,46 @@ pub struct QuotaConfig {
 pub struct QuotaLimits {
     pub rate: f64,
     pub burst: u32,
+}
+
+/// `[quota.identities.KEY]`: one identity's own bucket. An identity is whole: its class, and for
+/// JWTs its issuer, so a name two issuers (or a token holder and a certificate) share never
+/// shares a bucket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityQuota {
+    pub class: IdentityClass,
+    /// The JWT issuer (`iss`) whose subject this is; JWT identities only.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// The token holder's name, the JWT's `sub` or the certificate's identity; the entry's key
+    /// when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    pub rate: f64,
+    pub burst: u32,
+}
+
+impl IdentityQuota {
+    /// The bucket's size.
+    pub fn limits(&self) -> QuotaLimits {
+        QuotaLimits {
+            rate: self.rate,
+            burst: self.burst,
+        }
+    }
+}
+
+/// The kinds of credentials an identity can come from (`quota.identities.*.class`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdentityClass {
+    /// A holder of `auth.tokens_file`.
+    Token,
+    /// A JWT's subject, with its issuer.
+    Jwt,
+    /// A client certificate's identity (its SPIFFE ID, else its subject).
+    Cert,
 }
 
 /// How calls without credentials are counted (`quota.anonymous`).

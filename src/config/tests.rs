@@ -380,7 +380,7 @@ fn quota_entries_take_integer_rates_and_bad_ones_name_key_and_file() {
     let file = dir.path().join("quota.toml");
     std::fs::write(
         &file,
-        "[quota]\nenabled = true\nrate = 5\n[quota.identities.\"ci-bot\"]\nrate = 1000\nburst = 2000\n\
+        "[quota]\nenabled = true\nrate = 5\n[quota.identities.\"ci-bot\"]\nclass = \"token\"\nrate = 1000\nburst = 2000\n\
          [quota.methods.\"/helloworld.Greeter/SayHelloBidiStream\"]\nrate = 0.5\nburst = 2\n",
     )
     .unwrap();
@@ -401,9 +401,19 @@ fn quota_entries_take_integer_rates_and_bad_ones_name_key_and_file() {
         ),
         ("[quota]\nburst = 0\n", "quota.burst", "quota.burst = 0:"),
         (
-            "[quota.identities.\"ci-bot\"]\nrate = 10\nburst = 0\n",
+            "[quota.identities.\"ci-bot\"]\nclass = \"token\"\nrate = 10\nburst = 0\n",
             "quota.identities",
             "quota.identities.\"ci-bot\".burst = 0:",
+        ),
+        (
+            "[quota.identities.sa]\nclass = \"jwt\"\nrate = 10\nburst = 1\n",
+            "quota.identities",
+            "quota.identities.\"sa\": a JWT identity names its issuer",
+        ),
+        (
+            "[quota.identities.sa]\nclass = \"jwt\"\nissuer = \"https://nobody\"\nrate = 10\nburst = 1\n",
+            "quota.identities",
+            "quota.identities.\"sa\": issuer \"https://nobody\" is not one of auth.jwt.issuers",
         ),
         (
             "[quota.methods.\"helloworld.Greeter/*\"]\nrate = 10\nburst = 1\n",

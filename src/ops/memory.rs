@@ -14,8 +14,9 @@
 //!   message exists: the body, the body inflated, and the message decoded from it, each up to
 //!   twice the largest request message a served method accepts (JSON runs longer than protobuf);
 //! - with `[tracing]` on, ended spans waiting for export (`tracing.max_queue_size`);
-//! - with `[quota]`, the callers its bucket tables track (`max_callers` per table: the default
-//!   one and one per `quota.methods` entry);
+//! - with `[quota]`, the callers its bucket tables track (`max_callers` callers with credentials
+//!   and `anonymous_max_callers` peers per table: the default one and one per `quota.methods`
+//!   entry);
 //! - the process itself, with the cache of verified JWTs when `[auth.jwt]` has issuers
 //!   (`auth.jwt.cache_size` entries of at most [`JWT_CACHE_ENTRY_BYTES`]).
 //!
@@ -105,7 +106,7 @@ impl WorstCase {
             bytes_per_span: SPAN_BYTES,
             quota_callers: if config.quota.enabled {
                 (1 + config.quota.methods.len() as u64)
-                    * config.quota.max_callers as u64
+                    * (config.quota.max_callers as u64 + config.quota.anonymous_max_callers as u64)
                     * QUOTA_CALLER_BYTES
             } else {
                 0

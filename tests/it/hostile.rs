@@ -20,6 +20,7 @@ use std::{
 
 use crate::common::{self, BinaryServer, Pki, TestServer, config_with, greeter_bin};
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 use greeter::pb::{HelloReply, HelloRequest, greeter_client::GreeterClient};
 use hyper_util::rt::TokioIo;
 use prost::Message as _;
@@ -1277,6 +1278,75 @@ async fn per_peer_cap_closes_the_extra_connection_at_once_and_spares_other_peers
         "per-peer cap 3: 4th closed after {:?}; slot reused after {took:?}; control OK in {ms} ms",
         ending.closed
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4b. Quotas: anonymous peers cannot crowd callers with credentials
+// ---------------------------------------------------------------------------------------------
+
+/// The refusals counted for `class` (the series must exist).
+fn quota_refused(text: &str, class: &str) -> f64 {
+    let series: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with("greeter_quota_refused_total{"))
+        .filter(|l| l.contains(&format!("class=\"{class}\"")))
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse().unwrap())
+        .collect();
+    assert!(!series.is_empty(), "no refusal series for {class}:\n{text}");
+    series.iter().sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_peers_filling_the_quota_tables_never_reach_a_token_holder() {
+    // The table sizes production runs with; buckets small and slow (3 calls, then one per 100 s)
+    // so no peer is forgotten while the table fills and three calls empty an overflow bucket.
+    let sizes = greeter::config::Config::embedded().quota;
+    let prod = Production::start(&[
+        ("quota.enabled", "true"),
+        ("quota.rate", "0.01"),
+        ("quota.burst", "3"),
+        ("metrics.listen", "127.0.0.1:0"),
+    ])
+    .await;
+    let addr = prod.addr();
+    let peers = u32::try_from(sizes.anonymous_max_callers).unwrap();
+    let peer = |i: u32| Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 1, 0, 0)) + i);
+    // One Check from each of as many addresses as the anonymous table tracks (a /64 each, for
+    // IPv6: cheap from one /48), on its own connection, 32 at a time.
+    let started = Instant::now();
+    let served = futures_util::stream::iter(0..peers)
+        .map(|i| async move { anonymous_check(&h2_from(peer(i), addr).await).await })
+        .buffer_unordered(32)
+        .filter(|outcome| std::future::ready(outcome.status == OK))
+        .count()
+        .await;
+    assert_eq!(served, peers as usize, "every new peer has a token");
+    // Newcomers now share the anonymous overflow bucket: three are served, then it is empty.
+    let mut newcomers = peers..peers + 16;
+    let first_refused = loop {
+        let i = newcomers.next().expect("the overflow bucket empties");
+        let outcome = anonymous_check(&h2_from(peer(i), addr).await).await;
+        if outcome.status != OK {
+            outcome.assert_refused(RESOURCE_EXHAUSTED, "over quota");
+            break i - peers;
+        }
+    };
+    println!(
+        "{peers} anonymous peers in {:?}; the overflow bucket refused newcomer {first_refused}",
+        started.elapsed()
+    );
+    assert!(first_refused <= 3, "{first_refused}");
+    // A token holder that never called is tracked in a table of its own: it gets its burst.
+    let main = channel_from(CONTROL_IP, addr).await;
+    for i in 0..3 {
+        GreeterClient::new(main.clone())
+            .say_hello(with_token(hello("control")))
+            .await
+            .unwrap_or_else(|e| panic!("the token holder's call {i}: {e:?}"));
+    }
+    let metrics = common::scrape(prod.server.metrics_addr.unwrap()).await;
+    assert!(quota_refused(&metrics, "anonymous") >= 1.0, "{metrics}");
+    assert_eq!(quota_refused(&metrics, "token"), 0.0, "{metrics}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ async fn callers_get_their_burst_then_resource_exhausted_with_retry_info() {
         ("quota.enabled".into(), "true".into()),
         ("quota.rate".into(), "0.01".into()),
         ("quota.burst".into(), "3".into()),
+        ("quota.identities.ci-bot.class".into(), "token".into()),
         ("quota.identities.ci-bot.rate".into(), "0.01".into()),
         ("quota.identities.ci-bot.burst".into(), "5".into()),
     ]))

@@ -9,13 +9,20 @@
 //! grows the tables); callers without credentials by their peer address. The tables are bounded
 //! (`quota.max_callers`): beyond it, callers not yet tracked share one overflow bucket, and a
 //! timer forgets callers whose bucket is full again.
+//!
+//! Callers with credentials and peers without them never share a table: anyone can present new
+//! source addresses (an IPv6 /48 holds 65,536 /64s), so anonymous peers fill tables of their own
+//! (`quota.anonymous_max_callers`) and only ever crowd each other into their overflow bucket.
 
 use std::{
     collections::HashMap,
     hash::{BuildHasher, Hash, RandomState},
     net::IpAddr,
     num::NonZeroU32,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -37,7 +44,7 @@ use store::Bounded;
 
 use crate::{
     call::auth::Caller,
-    config::{AnonymousQuota, QuotaConfig, QuotaLimits},
+    config::{AnonymousQuota, IdentityClass, QuotaConfig, QuotaLimits},
     methods::MethodTable,
     ops::metrics::QuotaRefusals,
     transport::listener::{PeerAddr, PeerInfo},
@@ -82,6 +89,8 @@ struct Identity<'a> {
     class: Class,
     /// The name overrides are looked up by; `None` for callers without credentials.
     name: Option<&'a str>,
+    /// A JWT's issuer: an override names it too.
+    issuer: Option<&'a str>,
     key: Key,
 }
 
@@ -95,21 +104,24 @@ fn identify<'a>(
     let named = |class, name: &'a str| Identity {
         class,
         name: Some(name),
+        issuer: None,
         key: Key::Named(class, hasher.hash_one((class, name))),
     };
     match caller {
         Some(Caller::Token(name)) => named(Class::Token, name),
-        // Overrides name the subject; the bucket is the issuer's subject (two clusters may both
-        // have a `system:serviceaccount:shop:checkout`).
+        // The bucket, and the override, are the issuer's subject (two clusters may both have a
+        // `system:serviceaccount:shop:checkout`).
         Some(Caller::Jwt { subject, issuer }) => Identity {
             class: Class::Jwt,
             name: Some(subject),
+            issuer: Some(issuer),
             key: Key::Named(Class::Jwt, hasher.hash_one((Class::Jwt, issuer, subject))),
         },
         Some(Caller::ClientCert(subject)) => named(Class::Cert, subject),
         Some(Caller::Anonymous) | None => Identity {
             class: Class::Anonymous,
             name: None,
+            issuer: None,
             // Every listener puts the peer in the request; without one, all such calls share a
             // bucket (a uid no user has) rather than go uncounted.
             key: peer.map_or(Key::Uid(u32::MAX), |peer| peer_key(&peer.remote_addr)),
@@ -143,14 +155,27 @@ type Limiter<K> = RateLimiter<K, Bounded<K>, MonotonicClock>;
 struct Table<K: Hash + Eq + Clone> {
     limiter: Limiter<K>,
     limits: QuotaLimits,
+    /// Calls its store sent to the overflow bucket.
+    overflowed: Arc<AtomicU64>,
 }
 
 impl<K: Hash + Eq + Clone> Table<K> {
     fn new(limits: &QuotaLimits, max: usize, clock: &MonotonicClock) -> Self {
+        let overflowed = Arc::default();
         Self {
-            limiter: RateLimiter::new(quota(limits), Bounded::new(max), clock.clone()),
+            limiter: RateLimiter::new(
+                quota(limits),
+                Bounded::new(max, Arc::clone(&overflowed)),
+                clock.clone(),
+            ),
             limits: limits.clone(),
+            overflowed,
         }
+    }
+
+    /// Calls that drew from the overflow bucket since the last look.
+    fn overflowed(&self) -> u64 {
+        self.overflowed.swap(0, Ordering::Relaxed)
     }
 
     /// `Ok`, or how long until the key's bucket has a token again.
@@ -170,16 +195,41 @@ fn quota(limits: &QuotaLimits) -> Quota {
         .allow_burst(burst)
 }
 
+/// A bucket table for each kind of caller, of the same size of bucket: callers with credentials,
+/// and anonymous peers, each with its own bound and its own overflow bucket.
+#[derive(Debug)]
+struct Split {
+    named: Table<Key>,
+    anonymous: Table<Key>,
+}
+
+impl Split {
+    fn new(limits: &QuotaLimits, config: &QuotaConfig, clock: &MonotonicClock) -> Self {
+        Self {
+            named: Table::new(limits, config.max_callers, clock),
+            anonymous: Table::new(limits, config.anonymous_max_callers, clock),
+        }
+    }
+
+    fn of(&self, class: Class) -> &Table<Key> {
+        if class == Class::Anonymous {
+            &self.anonymous
+        } else {
+            &self.named
+        }
+    }
+}
+
 /// Every bucket table of a server, built once from `[quota]`.
 #[derive(Debug)]
 pub struct Quotas {
     clock: MonotonicClock,
     hasher: RandomState,
     anonymous: AnonymousQuota,
-    default: Table<Key>,
-    /// Identities with buckets of their own size, keyed by class within (a token holder and a
-    /// certificate subject of the same name are two callers).
-    identities: HashMap<Box<str>, Table<Class>>,
+    default: Split,
+    /// Identities with buckets of their own size, by name; within, the whole identity (class, and
+    /// issuer for JWTs) picks the entry.
+    identities: HashMap<Box<str>, Vec<Override>>,
     /// `None` when no pattern is configured: calls skip the lookup.
     methods: Option<MethodTable<Arc<MethodQuota>>>,
     /// The same tables, for forgetting idle callers.
@@ -187,11 +237,19 @@ pub struct Quotas {
     refusals: QuotaRefusals,
 }
 
+/// One `quota.identities` entry: the rest of the identity its name must come with, and its bucket.
+#[derive(Debug)]
+struct Override {
+    class: Class,
+    issuer: Option<Box<str>>,
+    table: Table<()>,
+}
+
 /// The buckets of one `quota.methods` pattern, one per caller.
 #[derive(Debug)]
 struct MethodQuota {
     pattern: String,
-    table: Table<Key>,
+    tables: Split,
 }
 
 /// Which bucket refused a call, and when it has a token again.
@@ -211,21 +269,26 @@ impl Quotas {
             rate: config.rate,
             burst: config.burst,
         };
-        let identities = config
-            .identities
-            .iter()
-            .map(|(name, limits)| {
-                let table = Table::new(limits, CLASSES.len(), &clock);
-                (name.as_str().into(), table)
-            })
-            .collect();
+        let mut identities = HashMap::<Box<str>, Vec<Override>>::new();
+        for (key, identity) in &config.identities {
+            let name = identity.name.as_deref().unwrap_or(key);
+            identities.entry(name.into()).or_default().push(Override {
+                class: match identity.class {
+                    IdentityClass::Token => Class::Token,
+                    IdentityClass::Jwt => Class::Jwt,
+                    IdentityClass::Cert => Class::Cert,
+                },
+                issuer: identity.issuer.as_deref().map(Into::into),
+                table: Table::new(&identity.limits(), 1, &clock),
+            });
+        }
         let method_tables: Vec<_> = config
             .methods
             .iter()
             .map(|(pattern, limits)| {
                 Arc::new(MethodQuota {
                     pattern: pattern.clone(),
-                    table: Table::new(limits, config.max_callers, &clock),
+                    tables: Split::new(limits, config, &clock),
                 })
             })
             .collect();
@@ -237,7 +300,7 @@ impl Quotas {
             )
         });
         Self {
-            default: Table::new(&default, config.max_callers, &clock),
+            default: Split::new(&default, config, &clock),
             clock,
             hasher: RandomState::new(),
             anonymous: config.anonymous,
@@ -248,11 +311,20 @@ impl Quotas {
         }
     }
 
+    /// The override of exactly this identity, if one is configured.
+    fn own(&self, identity: &Identity<'_>) -> Option<&Table<()>> {
+        let overrides = self.identities.get(identity.name?)?;
+        overrides
+            .iter()
+            .find(|o| o.class == identity.class && o.issuer.as_deref() == identity.issuer)
+            .map(|o| &o.table)
+    }
+
     /// Takes a token from each bucket the call draws from: its method's (when a pattern names
     /// it), then its caller's. A call refused by the caller's bucket has spent its method token.
     fn admit(&self, identity: &Identity<'_>, path: &str) -> Result<(), Refused> {
         if let Some(method) = self.methods.as_ref().and_then(|m| m.lookup(path)) {
-            let table = &method.table;
+            let table = method.tables.of(identity.class);
             table
                 .check(&identity.key, &self.clock)
                 .map_err(|retry_after| Refused {
@@ -261,15 +333,16 @@ impl Quotas {
                     retry_after,
                 })?;
         }
-        let own = identity.name.and_then(|name| self.identities.get(name));
-        let result = match own {
+        let result = match self.own(identity) {
             Some(table) => table
-                .check(&identity.class, &self.clock)
+                .check(&(), &self.clock)
                 .map_err(|d| (d, &table.limits)),
-            None => self
-                .default
-                .check(&identity.key, &self.clock)
-                .map_err(|d| (d, &self.default.limits)),
+            None => {
+                let table = self.default.of(identity.class);
+                table
+                    .check(&identity.key, &self.clock)
+                    .map_err(|d| (d, &table.limits))
+            }
         };
         result.map_err(|(retry_after, limits)| Refused {
             pattern: None,
@@ -294,13 +367,25 @@ impl Quotas {
     }
 
     /// Also gives back the tables' spare capacity, so the memory a flood of callers took is
-    /// returned once they are forgotten.
+    /// returned once they are forgotten, and warns when callers with credentials were crowded
+    /// into an overflow bucket: an honest fleet larger than `quota.max_callers`.
     fn forget_idle(&self) {
-        for limiter in std::iter::once(&self.default.limiter)
-            .chain(self.method_tables.iter().map(|m| &m.table.limiter))
-        {
-            limiter.retain_recent();
-            limiter.shrink_to_fit();
+        let splits =
+            std::iter::once(&self.default).chain(self.method_tables.iter().map(|m| &m.tables));
+        for split in splits {
+            for table in [&split.named, &split.anonymous] {
+                table.limiter.retain_recent();
+                table.limiter.shrink_to_fit();
+            }
+            let crowded = split.named.overflowed();
+            if crowded > 0 {
+                tracing::warn!(
+                    calls = crowded,
+                    tracked = split.named.limiter.len(),
+                    "quota: callers with credentials beyond quota.max_callers shared one bucket; \
+                     raise quota.max_callers to fit the fleet"
+                );
+            }
         }
     }
 }
@@ -406,7 +491,7 @@ mod tests {
     use std::net::SocketAddr;
 
     use super::*;
-    use crate::config::Config;
+    use crate::config::{Config, IdentityQuota};
 
     fn config(rate: f64, burst: u32) -> QuotaConfig {
         QuotaConfig {
@@ -494,15 +579,15 @@ mod tests {
             let identity = identify(Some(&caller), None, &quotas.hasher);
             quotas.admit(&identity, "/a.S/M").is_ok()
         };
-        assert!(quotas.default.limiter.is_empty());
+        assert!(quotas.default.named.limiter.is_empty());
         assert!(admit("a"));
         assert!(admit("b"));
-        assert_eq!(quotas.default.limiter.len(), 2);
-        assert!(!quotas.default.limiter.is_empty());
+        assert_eq!(quotas.default.named.limiter.len(), 2);
+        assert!(!quotas.default.named.limiter.is_empty());
         // max_callers = 2: c takes the overflow bucket's one token, d finds it empty.
         assert!(admit("c"));
         assert!(!admit("d"));
-        assert_eq!(quotas.default.limiter.len(), 2);
+        assert_eq!(quotas.default.named.limiter.len(), 2);
     }
 
     #[test]
@@ -513,14 +598,14 @@ mod tests {
         let identity = identify(Some(&caller), None, &slow.hasher);
         assert_eq!(slow.admit(&identity, "/a.S/M"), Ok(()));
         slow.forget_idle();
-        assert_eq!(slow.default.limiter.len(), 1);
+        assert_eq!(slow.default.named.limiter.len(), 1);
         // One token every 10ms: full again 10ms after the call, and forgotten.
         let fast = quotas(&config(100.0, 1));
         let identity = identify(Some(&caller), None, &fast.hasher);
         assert_eq!(fast.admit(&identity, "/a.S/M"), Ok(()));
         std::thread::sleep(Duration::from_millis(30));
         fast.forget_idle();
-        assert_eq!(fast.default.limiter.len(), 0);
+        assert_eq!(fast.default.named.limiter.len(), 0);
     }
 
     #[tokio::test]
@@ -534,13 +619,13 @@ mod tests {
         // The first round is at once; the next FORGET_INTERVAL later.
         fast.spawn_forgetting(stop.clone());
         tokio::time::timeout(Duration::from_secs(10), async {
-            while !fast.default.limiter.is_empty() {
+            while !fast.default.named.limiter.is_empty() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })
         .await
         .expect("the idle caller forgotten");
-        assert_eq!(fast.default.limiter.len(), 0);
+        assert_eq!(fast.default.named.limiter.len(), 0);
         stop.cancel();
     }
 
@@ -549,7 +634,10 @@ mod tests {
         let mut config = config(0.01, 1);
         config.identities.insert(
             "ci".into(),
-            QuotaLimits {
+            IdentityQuota {
+                class: IdentityClass::Token,
+                issuer: None,
+                name: None,
                 rate: 0.01,
                 burst: 3,
             },
@@ -572,6 +660,66 @@ mod tests {
         assert_eq!(quotas.admit(&ci, "/a.S/Fast"), Ok(()));
         let refused = quotas.admit(&ci, "/a.S/Fast").unwrap_err();
         assert_eq!((refused.pattern, refused.limits.burst), (None, 3));
+    }
+
+    #[test]
+    fn anonymous_peers_never_crowd_callers_with_credentials() {
+        let quotas = quotas(&QuotaConfig {
+            anonymous_max_callers: 3,
+            ..config(0.01, 1)
+        });
+        let anonymous = |addr: &str| {
+            let peer = peer(addr);
+            let identity = identify(Some(&Caller::Anonymous), Some(&peer), &quotas.hasher);
+            quotas.admit(&identity, "/a.S/M").is_ok()
+        };
+        // Three peers fill the anonymous table, the fourth empties its overflow bucket, the
+        // fifth finds it empty.
+        for addr in ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1", "10.0.0.4:1"] {
+            assert!(anonymous(addr), "{addr}");
+        }
+        assert!(!anonymous("10.0.0.5:1"));
+        assert_eq!(quotas.default.anonymous.limiter.len(), 3);
+        assert_eq!(quotas.default.anonymous.overflowed(), 2);
+        // Callers with credentials have a table of their own, untouched.
+        for name in ["a", "b"] {
+            let caller = Caller::Token(name.into());
+            let identity = identify(Some(&caller), None, &quotas.hasher);
+            assert_eq!(quotas.admit(&identity, "/a.S/M"), Ok(()), "{name}");
+        }
+        assert_eq!(quotas.default.named.limiter.len(), 2);
+        assert_eq!(quotas.default.named.overflowed(), 0);
+    }
+
+    #[test]
+    fn an_override_names_a_whole_identity() {
+        let mut config = config(0.01, 1);
+        config.identities.insert(
+            "east-sa".into(),
+            IdentityQuota {
+                class: IdentityClass::Jwt,
+                issuer: Some("https://east".into()),
+                name: Some("sa".into()),
+                rate: 0.01,
+                burst: 3,
+            },
+        );
+        let quotas = quotas(&config);
+        let admitted = |caller: &Caller| {
+            let identity = identify(Some(caller), None, &quotas.hasher);
+            (0..4)
+                .take_while(|_| quotas.admit(&identity, "/a.S/M").is_ok())
+                .count()
+        };
+        let jwt = |issuer: &str| Caller::Jwt {
+            subject: "sa".into(),
+            issuer: issuer.into(),
+        };
+        // The override's issuer gets its burst of 3; the same subject from another issuer, and a
+        // token holder of that name, get the default's 1 each, from buckets of their own.
+        assert_eq!(admitted(&jwt("https://east")), 3);
+        assert_eq!(admitted(&jwt("https://west")), 1);
+        assert_eq!(admitted(&Caller::Token("sa".into())), 1);
     }
 
     #[test]

@@ -1,6 +1,12 @@
 //! The bounded keyed state store the quota tables keep their buckets in.
 
-use std::hash::Hash;
+use std::{
+    hash::Hash,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use governor::{
     nanos::Nanos,
@@ -18,14 +24,17 @@ pub(super) struct Bounded<K: Hash + Eq + Clone> {
     map: DashMapStateStore<K>,
     overflow: InMemoryState,
     max: usize,
+    /// Calls that drew from `overflow`: a table too small for its callers is worth a warning.
+    overflowed: Arc<AtomicU64>,
 }
 
 impl<K: Hash + Eq + Clone> Bounded<K> {
-    pub(super) fn new(max: usize) -> Self {
+    pub(super) fn new(max: usize, overflowed: Arc<AtomicU64>) -> Self {
         Self {
             map: DashMapStateStore::default(),
             overflow: InMemoryState::default(),
             max,
+            overflowed,
         }
     }
 }
@@ -43,6 +52,7 @@ impl<K: Hash + Eq + Clone> StateStore for Bounded<K> {
         // Concurrent newcomers may each pass this check: the map can exceed `max` by the number
         // of calls admitted at that instant, itself bounded.
         if self.map.len() >= self.max {
+            self.overflowed.fetch_add(1, Ordering::Relaxed);
             return self.overflow.measure_and_replace(&NotKeyed::NonKey, f);
         }
         self.map
