@@ -3,6 +3,7 @@
 //! with every protocol limit set. Nothing here knows about methods or callers.
 
 pub mod connection;
+pub mod dn;
 pub mod listener;
 pub mod tls;
 pub mod unix_socket;

@@ -408,7 +408,7 @@ pub fn summarize(
         path: path.to_owned(),
         reason: e.to_string(),
     })?;
-    let subject = cert.subject().to_string();
+    let subject = super::dn::render(cert.subject());
     let validity = cert.validity();
     let now_unix = now
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -463,7 +463,7 @@ impl ClientIdentity {
             })
             .unwrap_or_default();
         Some(Self {
-            subject: cert.subject().to_string(),
+            subject: super::dn::render(cert.subject()),
             sans,
         })
     }

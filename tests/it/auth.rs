@@ -274,6 +274,46 @@ async fn mtls_and_tokens_combine_as_configured() {
 }
 
 #[tokio::test]
+async fn a_common_name_cannot_pass_for_a_subject_of_more_attributes() {
+    // One CN whose value reads like two attributes: rendered unescaped, it was the subject
+    // `CN=alice, O=Admins` (RFC 4514 escaping makes it `CN=alice\, O=Admins`).
+    let dir = tempfile::tempdir().unwrap();
+    let forged = common::generate_pki("alice, O=Admins");
+    forged.write(dir.path(), false).unwrap();
+    let pki = Pki { dir, pki: forged };
+    let server_granting = |subject: &str| {
+        let mut overrides = pki.tls_overrides();
+        overrides.push(("tls.client_ca".into(), pki.path("ca.pem")));
+        overrides.push(("tls.client_auth".into(), "required".into()));
+        overrides.push(("auth.enabled".into(), "true".into()));
+        overrides.push(("auth.mode".into(), "client_cert".into()));
+        let mut config = config_with(overrides);
+        config.auth.cert_rules = vec![greeter::config::CertRule {
+            uri: None,
+            dns: None,
+            subject: Some(subject.into()),
+            scopes: vec!["greeter".into()],
+        }];
+        TestServer::start_with(config)
+    };
+    let admins = server_granting("CN=alice, O=Admins").await;
+    let channel = tls_channel(admins.addr, pki.client_tls(true))
+        .await
+        .unwrap();
+    assert_eq!(
+        say_hello(&channel, None).await,
+        Err(Code::PermissionDenied),
+        "the forged certificate is not CN=alice, O=Admins"
+    );
+    // The certificate is its escaped self: a rule naming that grants it.
+    let itself = server_granting(r"CN=alice\, O=Admins").await;
+    let channel = tls_channel(itself.addr, pki.client_tls(true))
+        .await
+        .unwrap();
+    assert_eq!(say_hello(&channel, None).await, Ok("Hello, you!".into()));
+}
+
+#[tokio::test]
 async fn either_mode_takes_a_certificate_or_a_token_and_logs_who() {
     let dir = tempfile::tempdir().unwrap();
     let pki = greeter::certs::DevPki::generate(&greeter::certs::PkiOptions::valid_for_days(
