@@ -11,10 +11,11 @@
 //! Here: the types, one per section. [`load`](Config::load) layers the sources and names where
 //! each value came from (`load.rs`); `check.rs` holds the checks types alone cannot express;
 //! `values.rs` how some values are written (removable map entries, octal modes, optional
-//! addresses).
+//! addresses); `secret.rs` how errors about the files holding secrets stay silent about them.
 
 mod check;
 mod load;
+pub mod secret;
 mod values;
 
 use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, time::Duration};

@@ -387,8 +387,24 @@ pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| TlsError::Pem {
         path: path.to_owned(),
         what: "private key",
-        reason: e.to_string(),
+        reason: key_pem_problem(&e),
     })
+}
+
+/// What is wrong with a key file, in words that quote none of it: the PEM parser's own messages
+/// show the line it choked on, which in a key file may be key material.
+fn key_pem_problem(error: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error;
+    match error {
+        Error::NoItemsFound => {
+            "the file holds no PRIVATE KEY block (PKCS#8, PKCS#1 or SEC1)".into()
+        }
+        Error::MissingSectionEnd { .. } => "a PEM block has no END line".into(),
+        Error::IllegalSectionStart { .. } => "a PEM BEGIN line is malformed".into(),
+        Error::Base64Decode(_) => "a PEM block is not valid base64".into(),
+        Error::Io(e) => e.to_string(),
+        _ => "not a PEM private key".into(),
+    }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {

@@ -279,6 +279,90 @@ fn config_check_checks_the_tls_and_token_files_too() {
 }
 
 #[test]
+fn errors_about_secret_files_name_file_line_and_column_never_the_content() {
+    const SECRET: &str = "s3cr3t-0f-the-t3st";
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::generate_pki("client");
+    let cert = write(dir.path(), "server.pem", &pki.server_cert);
+    let key = write(dir.path(), "server.key", &pki.server_key);
+    let tokens = write(
+        dir.path(),
+        "tokens.toml",
+        &greeter::call::auth::entry_toml(&greeter::call::auth::entry_for(
+            "t",
+            "ops",
+            &["greeter".into()],
+        )),
+    );
+    let check = |name: &str, config: String| {
+        let config = write(dir.path(), name, &config);
+        let output = run(&["config", "check", "-c", config.to_str().unwrap()]);
+        assert!(!output.status.success(), "{name}");
+        let err = stderr(&output);
+        assert!(!err.contains(SECRET), "{name} echoes the secret: {err}");
+        err
+    };
+    let secure = |key: &Path, tokens: &Path| {
+        format!(
+            "[tls]\nenabled = true\ncert = {:?}\nkey = {:?}\n\
+             [auth]\nenabled = true\ntokens_file = {:?}\n",
+            cert.to_str().unwrap(),
+            key.to_str().unwrap(),
+            tokens.to_str().unwrap()
+        )
+    };
+
+    // A tokens file with a value where a hash should be, of the wrong type.
+    let bad_tokens = write(
+        dir.path(),
+        "bad-tokens.toml",
+        &format!("[[tokens]]\nname = \"ci\"\nsha256 = [\"{SECRET}\"]\nscopes = [\"greeter\"]\n"),
+    );
+    let err = check("tokens.toml.config", secure(&key, &bad_tokens));
+    assert!(
+        err.contains(&format!(
+            "{}: not a valid tokens file: line 3, column 10",
+            bad_tokens.display()
+        )),
+        "{err}"
+    );
+
+    // tracing.headers_file with an unquoted header value.
+    let headers = write(
+        dir.path(),
+        "otlp-headers.toml",
+        &format!("# collector credentials\nauthorization = Bearer {SECRET}\n"),
+    );
+    let err = check(
+        "tracing.config",
+        format!(
+            "[tracing]\nenabled = true\nheaders_file = {:?}\n",
+            headers.to_str().unwrap()
+        ),
+    );
+    assert!(
+        err.contains(&headers.display().to_string())
+            && err.contains("line 2, column 17: string values must be quoted"),
+        "{err}"
+    );
+
+    // A key file whose base64 is broken.
+    let broken_key = write(
+        dir.path(),
+        "broken.key",
+        &format!("-----BEGIN PRIVATE KEY-----\n{SECRET}!!\n-----END PRIVATE KEY-----\n"),
+    );
+    let err = check("key.config", secure(&broken_key, &tokens));
+    assert!(
+        err.contains(&format!(
+            "{}: no PEM private key found: a PEM block is not valid base64",
+            broken_key.display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
 fn environment_errors_name_the_variable() {
     let output = greeter_bin()
         .args(["config", "check"])

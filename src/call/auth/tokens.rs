@@ -14,6 +14,8 @@ use ring::{
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq as _;
 
+use crate::config;
+
 /// Prefix of every token greeter mints, so secret scanners and people recognize one.
 pub const TOKEN_PREFIX: &str = "grt_";
 
@@ -82,7 +84,7 @@ impl TokenStore {
     pub fn parse(text: &str, path: &str) -> Result<Self, TokensError> {
         let file: TokensFile = toml::from_str(text).map_err(|e| TokensError::Parse {
             path: path.to_owned(),
-            reason: e.to_string(),
+            reason: config::secret::toml_error(text, &e),
         })?;
         let mut store = Self::default();
         let mut names = HashSet::new();

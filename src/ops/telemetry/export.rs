@@ -197,7 +197,7 @@ fn headers(path: &Path) -> Result<Vec<(String, String)>, TelemetryError> {
     let text = String::from_utf8(read(key, path)?).map_err(|e| file(e.to_string()))?;
     let table: toml::Table = text
         .parse()
-        .map_err(|e: toml::de::Error| file(e.to_string()))?;
+        .map_err(|e: toml::de::Error| file(crate::config::secret::toml_error(&text, &e)))?;
     table
         .into_iter()
         .map(|(name, value)| {
