@@ -31,6 +31,7 @@ use crate::{
     call::auth::{self, AuthLayer, Authenticator, JwksError, Jwt, TokenStore, TokensError},
     call::connect::{ConnectError, ConnectLayer, Translator},
     call::deadline::DeadlinePolicy,
+    call::gate::{GateLayer, Speaks},
     call::intake::{BufferBudget, IntakeLayer},
     call::lifetime::{CallLayer, CallStats},
     call::limit::{Budget, Budgets, LimitLayer, ShedBy, ShedCount},
@@ -178,12 +179,7 @@ impl Server {
     /// answered.
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
         let credentials = Credentials::load(&config)?;
-        let web = if config.web.enabled {
-            let loopback_only = config.server.listen.ip().is_loopback() && !config.tls.enabled;
-            Some(WebLayer::new(&config.web, loopback_only))
-        } else {
-            None
-        };
+        let web = config.web.enabled.then(|| WebLayer::new(&config.web));
         let listener = bind(config.server.listen, "server.listen").await?;
         let unix = if config.server.unix.as_os_str().is_empty() {
             None
@@ -388,7 +384,8 @@ impl Server {
 
         // The path of a call, outermost first. Per connection: TCP -> TLS -> HTTP/2, or HTTP/1.1
         // with [web] or [connect] (limits, keepalive, idle, first call, age). Per call: peer info
-        // -> with [web]: CORS, the page, grpc-web to gRPC; with [connect]: Connect to gRPC ->
+        // -> what the listener speaks (415), DNS rebinding on plaintext loopback (421) -> with
+        // [web]: CORS, the page, grpc-web to gRPC; with [connect]: Connect to gRPC ->
         // request id, log span, metrics and access log -> auth (who is calling) -> quotas per
         // caller -> call budgets by trust (sheds) -> request bytes held (per-method message
         // limits, server-wide budget) -> deadline, drain and cancellation -> route -> handler.
@@ -417,6 +414,11 @@ impl Server {
                     limits,
                     &config.connection,
                     config.serves_http1(),
+                )),
+                gate: GateLayer::new(Speaks::new(
+                    web.is_some(),
+                    connect.is_some(),
+                    config.server.listen.ip().is_loopback() && !config.tls.enabled,
                 )),
                 web,
                 connect,
@@ -477,6 +479,7 @@ impl Server {
                 probe_shared.on_connection(
                     PerListener {
                         settings: Arc::new(connection::Settings::probe(limits, &config.connection)),
+                        gate: GateLayer::new(Speaks::new(false, false, false)),
                         web: None,
                         connect: None,
                         budgets: Budgets {
@@ -581,6 +584,7 @@ impl Shared {
                 (Some(web), _) => {
                     let service = ServiceBuilder::new()
                         .layer(peer)
+                        .layer(listener.gate.clone())
                         .layer(web.clone())
                         .service(calls);
                     Either::Left(connection::serve(
@@ -590,6 +594,7 @@ impl Shared {
                 (None, Some(connect)) => {
                     let service = ServiceBuilder::new()
                         .layer(peer)
+                        .layer(listener.gate.clone())
                         .layer(connect.clone())
                         .service(calls);
                     Either::Right(Either::Left(connection::serve(
@@ -597,7 +602,10 @@ impl Shared {
                     )))
                 }
                 (None, None) => {
-                    let service = ServiceBuilder::new().layer(peer).service(calls);
+                    let service = ServiceBuilder::new()
+                        .layer(peer)
+                        .layer(listener.gate.clone())
+                        .service(calls);
                     Either::Right(Either::Right(connection::serve(
                         conn, service, settings, activity, draining,
                     )))
@@ -617,6 +625,7 @@ impl Shared {
 /// count against.
 struct PerListener {
     settings: Arc<connection::Settings>,
+    gate: GateLayer,
     web: Option<WebLayer>,
     connect: Option<ConnectLayer>,
     budgets: Budgets,

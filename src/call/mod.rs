@@ -1,5 +1,7 @@
 //! The per-call layers, in the order the server stacks them, outermost first:
 //!
+//! - [`gate`]: what the listener speaks (`415` for other content types) and, on a plaintext
+//!   loopback listener, the DNS-rebinding check for browsers;
 //! - [`web`]: edge translation, grpc-web and CORS to plain gRPC (only with `[web]`);
 //! - [`connect`]: edge translation, the Connect protocol to plain gRPC (only with `[connect]`;
 //!   behind [`web`]'s CORS when both are on);
@@ -18,6 +20,7 @@ pub mod auth;
 pub mod body;
 pub mod connect;
 pub mod deadline;
+pub mod gate;
 pub mod intake;
 pub mod lifetime;
 pub mod limit;

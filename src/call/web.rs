@@ -9,8 +9,8 @@
 //! and CORS headers on every answer (7% more CPU per call, measured with h2load).
 //!
 //! On a plaintext loopback listener (the quick start) browsers are answered only when they name
-//! the server `localhost` or a loopback address: otherwise any web site could rebind its own DNS
-//! name to 127.0.0.1 and call the local server as if same-origin (DNS rebinding).
+//! the server `localhost` or a loopback address, against DNS rebinding: [`super::gate`] checks
+//! that before this layer, for Connect alone too.
 
 use std::{
     convert::Infallible,
@@ -98,17 +98,13 @@ const EXPOSED_HEADERS: [&str; 5] = [
 #[derive(Debug, Clone)]
 pub struct WebLayer {
     cors: CorsLayer,
-    loopback_only: bool,
     connect: Option<ConnectLayer>,
 }
 
 impl WebLayer {
-    /// `loopback_only`: answer browsers only when they call the server by a loopback name (a
-    /// plaintext listener on a loopback address).
-    ///
     /// # Panics
     /// On an origin [`WebConfig::check`] refuses: `config` comes from `Config::load`, which ran it.
-    pub fn new(config: &WebConfig, loopback_only: bool) -> Self {
+    pub fn new(config: &WebConfig) -> Self {
         let origins = if config.allowed_origins.iter().any(|o| o == "*") {
             AllowOrigin::any()
         } else {
@@ -129,7 +125,6 @@ impl WebLayer {
             .max_age(config.cors_max_age);
         Self {
             cors,
-            loopback_only,
             connect: None,
         }
     }
@@ -210,7 +205,6 @@ impl<S: Clone> Layer<S> for WebLayer {
         Web {
             web: Arc::new(self.cors.layer(Page {
                 inner: MapResponse::new(translated, one_body as OneBody),
-                loopback_only: self.loopback_only,
             })),
             grpc: inner,
         }
@@ -299,13 +293,11 @@ fn is_grpc<B>(request: &http::Request<B>) -> bool {
             })
 }
 
-/// Refuses browsers that name the server by a non-loopback host where that is required, answers
-/// `GET`/`HEAD` with the page's files (404 for any other path), and hands every other request to
-/// grpc-web translation: gRPC calls are always `POST`.
+/// Answers `GET`/`HEAD` with the page's files (404 for any other path), and hands every other
+/// request to grpc-web translation: gRPC calls are always `POST`.
 #[derive(Debug, Clone)]
 pub struct Page<S> {
     inner: S,
-    loopback_only: bool,
 }
 
 impl<S, B> Service<http::Request<B>> for Page<S>
@@ -321,12 +313,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let response = if self.loopback_only && !names_loopback(&request) {
-            plain_text(
-                StatusCode::MISDIRECTED_REQUEST,
-                "this server answers browsers at localhost or a loopback address only\n",
-            )
-        } else if request.method() != Method::GET && request.method() != Method::HEAD {
+        let response = if request.method() != Method::GET && request.method() != Method::HEAD {
             return Either::Right(self.inner.call(request));
         } else {
             // hyper sends no body in answer to HEAD, but keeps the length.
@@ -361,65 +348,4 @@ fn plain_text(status: StatusCode, text: &'static str) -> http::Response<Body> {
 
 fn static_body(text: &'static str) -> Body {
     Body::new(Full::new(Bytes::from_static(text.as_bytes())))
-}
-
-/// Whether the request names the server `localhost` or a loopback address (HTTP/2's `:authority`,
-/// HTTP/1.1's `Host`).
-fn names_loopback<B>(request: &http::Request<B>) -> bool {
-    let authority = match request.uri().authority() {
-        Some(authority) => Some(authority.clone()),
-        None => request
-            .headers()
-            .get(header::HOST)
-            .and_then(|host| http::uri::Authority::try_from(host.as_bytes()).ok()),
-    };
-    authority.is_some_and(|authority| {
-        let host = authority.host();
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
-        host.eq_ignore_ascii_case("localhost")
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn loopback_names() {
-        let named = |host: &str| {
-            let request = http::Request::get("/")
-                .header(header::HOST, host)
-                .body(())
-                .unwrap();
-            names_loopback(&request)
-        };
-        for host in [
-            "localhost:50051",
-            "LOCALHOST",
-            "127.0.0.1:1",
-            "127.1.2.3",
-            "[::1]:50051",
-        ] {
-            assert!(named(host), "{host}");
-        }
-        for host in [
-            "evil.example:50051",
-            "localhost.evil.example",
-            "10.0.0.1",
-            "[::2]:1",
-            "",
-        ] {
-            assert!(!named(host), "{host}");
-        }
-        let h2 = http::Request::get("http://localhost:50051/")
-            .body(())
-            .unwrap();
-        assert!(names_loopback(&h2), "HTTP/2 :authority");
-    }
 }

@@ -17,7 +17,8 @@ import subprocess
 
 import pytest
 
-from conftest import HERE, NODE_MODULES, PROTO_DIR, ROOT, SUBPROCESS_TIMEOUT, greeter_config_show
+from conftest import (HERE, NODE_MODULES, PROTO_DIR, ROOT, SUBPROCESS_TIMEOUT, GreeterProcess,
+                      greeter_config_show)
 from test_buf_curl import buf_curl, json_documents, report
 
 CONNECT_CLIENT = HERE / "node" / "connect-client.js"
@@ -152,6 +153,36 @@ def test_curl_without_token_is_401(secure_greeter, tmp_path):
                            "-H", f"authorization: Bearer {secure_greeter.token}",
                            data=b'{"name":"you"}')
     assert (status, json.loads(body)) == (200, {"message": "Hello, you!"})
+
+
+@pytest.fixture(scope="module")
+def grpc_only_greeter(tmp_path_factory):
+    """The embedded default with [connect] and [web] off, as production's listener speaks."""
+    server = GreeterProcess(tmp_path_factory.mktemp("grpc-only"),
+                            env={"GREETER__CONNECT__ENABLED": "false",
+                                 "GREETER__WEB__ENABLED": "false"})
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("content_type", [[], JSON, ["-H", "content-type: text/plain"]])
+def test_curl_json_to_a_grpc_only_port_is_415_saying_how_to_turn_connect_on(
+        grpc_only_greeter, tmp_path, content_type):
+    """The README's curl line against a port without Connect: 415 and a sentence, not a gRPC
+    status from JSON read as a frame header."""
+    status, headers, body = curl(tmp_path, url(grpc_only_greeter, "/helloworld.Greeter/SayHello"),
+                                 "--http2-prior-knowledge", *content_type, data=b'{"name":"you"}')
+    assert status == 415, body
+    assert b"[connect] enabled = true" in body, body
+    assert headers["accept-post"] == "application/grpc, application/grpc+proto"
+    assert "grpc-status" not in headers
+
+
+def test_curl_with_a_rebound_host_is_421(greeter, tmp_path):
+    """DNS rebinding: a page whose own name now resolves to 127.0.0.1 is not answered."""
+    status, _, body = curl(tmp_path, url(greeter, "/helloworld.Greeter/SayHello"), "--http1.1",
+                           *JSON, "-H", "host: attacker.example", data=b'{"name":"you"}')
+    assert status == 421, body
 
 
 # ---- buf curl --protocol connect -----------------------------------------------------------

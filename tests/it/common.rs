@@ -343,15 +343,18 @@ pub async fn http_request_with(
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let headers: String = headers
+    let host = if headers
         .iter()
-        .map(|(name, value)| format!("{name}: {value}\r\n"))
-        .collect();
-    let host = if headers.to_ascii_lowercase().contains("host:") {
+        .any(|(name, _)| name.eq_ignore_ascii_case("host"))
+    {
         String::new()
     } else {
         format!("Host: {addr}\r\n")
     };
+    let headers: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     let request = format!("{method} {path} HTTP/1.1\r\n{host}{headers}Connection: close\r\n\r\n");
     tcp.write_all(request.as_bytes()).await.unwrap();
     let mut raw = Vec::new();

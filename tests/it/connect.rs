@@ -466,7 +466,7 @@ async fn connect_calls_pass_auth_and_count_in_metrics_like_grpc_calls() {
 
 #[tokio::test]
 async fn without_connect_json_posts_are_not_served() {
-    // grpc-web alone: HTTP/1.1 is on, a JSON POST is not a call (tonic-web refuses it).
+    // grpc-web alone: HTTP/1.1 is on, a JSON POST is not a call: 415, saying what turns it on.
     let web_only = TestServer::start_with(config_with(vec![(
         "connect.enabled".into(),
         "false".into(),
@@ -480,8 +480,17 @@ async fn without_connect_json_posts_are_not_served() {
         r#"{"name":"x"}"#,
     )
     .await;
-    assert_eq!(answer.status, 400);
-    assert!(answer.body.is_empty());
+    assert_eq!(answer.status, 415);
+    let text = String::from_utf8_lossy(&answer.body);
+    assert!(text.contains("[connect] enabled = true"), "{text}");
+    assert!(
+        !answer
+            .header("accept-post")
+            .unwrap()
+            .contains("application/json"),
+        "{:?}",
+        answer.header("accept-post")
+    );
 
     // Connect alone: served over HTTP/1.1, without the CORS headers [web] adds.
     let connect_only =
@@ -518,6 +527,69 @@ async fn without_connect_json_posts_are_not_served() {
             .status,
         404
     );
+}
+
+#[tokio::test]
+async fn connect_alone_on_plaintext_loopback_answers_loopback_hosts_only() {
+    // DNS rebinding: a page at attacker.example whose name now resolves to 127.0.0.1 calls the
+    // quick-start server as if same-origin. [web] is off: the check must not depend on it.
+    let connect_only =
+        TestServer::start_with(config_with(vec![("web.enabled".into(), "false".into())])).await;
+    // Browsers reach a plaintext server over HTTP/1.1 only; over HTTP/2 a Connect call is named
+    // by its :authority, which this client sets to the loopback address it dials.
+    for (http2, host, status) in [
+        (false, "attacker.example:50051", 421),
+        (false, "localhost.attacker.example", 421),
+        (false, "localhost:50051", 200),
+        (false, "[::1]:50051", 200),
+        (true, "ignored", 200),
+    ] {
+        let answer = post(
+            &connect_only,
+            http2,
+            "/helloworld.Greeter/SayHello",
+            &[JSON, ("host", host)],
+            r#"{"name":"x"}"#,
+        )
+        .await;
+        assert_eq!(answer.status, status, "{host}, HTTP/2: {http2}");
+    }
+}
+
+#[tokio::test]
+async fn production_answers_json_posts_415_saying_how_to_turn_connect_on() {
+    // The production shape: gRPC over HTTP/2 only. curl's JSON used to be read as a gRPC frame
+    // header ("a message of 577659245 bytes").
+    let grpc_only = TestServer::start_with(config_with(vec![
+        ("web.enabled".into(), "false".into()),
+        ("connect.enabled".into(), "false".into()),
+    ]))
+    .await;
+    for content_type in [
+        "application/json",
+        "text/plain",
+        "application/grpc-web+proto",
+    ] {
+        let answer = post(
+            &grpc_only,
+            true,
+            "/helloworld.Greeter/SayHello",
+            &[("content-type", content_type)],
+            r#"{"name":"x"}"#,
+        )
+        .await;
+        assert_eq!(answer.status, 415, "{content_type}");
+        let text = String::from_utf8_lossy(&answer.body);
+        assert_eq!(
+            text,
+            "this port speaks gRPC (application/grpc); for JSON or protobuf over plain HTTP \
+             (curl), turn on the Connect protocol: [connect] enabled = true\n"
+        );
+        assert_eq!(
+            answer.header("accept-post"),
+            Some("application/grpc, application/grpc+proto")
+        );
+    }
 }
 
 #[tokio::test]

@@ -284,12 +284,21 @@ async fn the_page_is_served_with_a_strict_content_security_policy() {
             .status,
         404
     );
-    // Anything else over HTTP/1.1 that is not grpc-web is refused.
-    assert_eq!(
-        http_request(server.addr, "POST", "/helloworld.Greeter/SayHello", None)
-            .await
-            .status,
-        400
+    // A POST in no content type the port speaks is refused, naming those it does.
+    let refused = http_request(server.addr, "POST", "/helloworld.Greeter/SayHello", None).await;
+    assert_eq!(refused.status, 415);
+    assert!(
+        refused.body.starts_with("this port speaks gRPC"),
+        "{}",
+        refused.body
+    );
+    assert!(
+        refused
+            .header("accept-post")
+            .unwrap()
+            .contains("application/grpc-web"),
+        "{:?}",
+        refused.header("accept-post")
     );
 }
 

@@ -48,7 +48,7 @@ use crate::{
 };
 
 pub use codec::Codec;
-pub use protocol::Framing;
+pub use protocol::{Framing, kind};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

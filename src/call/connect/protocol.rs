@@ -37,7 +37,11 @@ pub fn classify<B>(request: &http::Request<B>) -> Option<(Framing, Codec)> {
         return None;
     }
     let value = request.headers().get(header::CONTENT_TYPE)?.to_str().ok()?;
-    let essence = value.split(';').next()?.trim();
+    kind(value.split(';').next()?.trim())
+}
+
+/// The framing and codec of one of Connect's content types, without parameters.
+pub fn kind(essence: &str) -> Option<(Framing, Codec)> {
     let kind = if essence.eq_ignore_ascii_case("application/json") {
         (Framing::Unary, Codec::Json)
     } else if essence.eq_ignore_ascii_case("application/proto") {
