@@ -36,15 +36,15 @@ use crate::{
     call::lifetime::{CallLayer, CallStats},
     call::limit::{Budget, Budgets, LimitLayer, ShedBy, ShedCount},
     call::observe::{ObserveLayer, trace::CallTracer},
-    call::quota::{self, QuotaLayer, Quotas},
+    call::quota::{self, QuotaLayer, Quotas, RedisStore, RedisStoreError},
     call::resolve::{Resolver, Tables},
     call::web::WebLayer,
-    config::{AuthMode, Config, LimitsConfig, ProbeConfig},
+    config::{AuthMode, Config, LimitsConfig, ProbeConfig, QuotaConfig, QuotaStore},
     methods::{Method, MethodTable, served_methods},
     ops::logging,
     ops::metrics::{
-        self, CounterFn, CounterFnSet, GrpcMetrics, QuotaRefusals, Reloads, ServerCounters,
-        ServerMetrics, exporter,
+        self, CounterFn, CounterFnSet, GrpcMetrics, QuotaRefusals, QuotaStoreMetrics, Reloads,
+        ServerCounters, ServerMetrics, exporter,
     },
     ops::reload::{self, Triggers, Watched},
     ops::shutdown,
@@ -92,6 +92,8 @@ pub enum ServerError {
     Tracing(#[from] TelemetryError),
     #[error("cannot serve the Connect protocol: {0}")]
     Connect(#[from] ConnectError),
+    #[error("quota store: {0}")]
+    QuotaStore(#[from] RedisStoreError),
 }
 
 /// TLS and token material, loaded and checked: what `config check` verifies beyond the config
@@ -304,16 +306,12 @@ impl Server {
         )
         .register(&mut registry);
         metrics::process::register(&mut registry);
-        let quotas = config.quota.enabled.then(|| {
-            let refusals = QuotaRefusals::register(
-                &mut registry,
-                quota::CLASSES,
-                &served_methods(&descriptor_sets),
-            );
-            let quotas = Arc::new(Quotas::new(&config.quota, refusals));
-            quotas.spawn_forgetting(background.clone());
-            quotas
-        });
+        let quotas = match config.quota.enabled {
+            true => {
+                Some(quotas(&config.quota, &mut registry, &descriptor_sets, &background).await?)
+            }
+            false => None,
+        };
         spawn_reloaders(&config, &credentials, &background, &mut registry);
         let exporter = metrics_listener.map(|metrics_listener| {
             tokio::spawn(listener::serve_http1(
@@ -668,6 +666,35 @@ impl Stats {
             buffered: Arc::new(BufferBudget::new(limits.max_buffered_request_bytes)),
         }
     }
+}
+
+/// The quota tables, and the shared store when `quota.store = "redis"` (tried once here: a
+/// refused password stops startup, an unreachable Redis does not).
+async fn quotas(
+    config: &QuotaConfig,
+    registry: &mut Registry,
+    descriptor_sets: &[&[u8]],
+    background: &CancellationToken,
+) -> Result<Arc<Quotas>, ServerError> {
+    let refusals =
+        QuotaRefusals::register(registry, quota::CLASSES, &served_methods(descriptor_sets));
+    let mut quotas = Quotas::new(config, refusals);
+    if config.store == QuotaStore::Redis {
+        let metrics =
+            QuotaStoreMetrics::register(registry, quota::STORE_ERROR_KINDS, quota::STORE_FALLBACKS);
+        let store = RedisStore::connect(&config.redis, metrics).await?;
+        tracing::info!(
+            url = %config.redis.url,
+            password = if config.redis.password_file.as_os_str().is_empty() { "none" } else { "from quota.redis.password_file" },
+            timeout = ?config.redis.timeout,
+            on_error = ?config.redis.on_error,
+            "quota store: Redis, shared by every process pointed at it"
+        );
+        quotas = quotas.shared_in(store);
+    }
+    let quotas = Arc::new(quotas);
+    quotas.spawn_forgetting(background.clone());
+    Ok(quotas)
 }
 
 /// The server's own counters as `greeter_*` metrics, read at each scrape.

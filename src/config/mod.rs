@@ -509,6 +509,49 @@ pub struct QuotaConfig {
     /// caller's own. A later layer removes an entry by setting it to `""`.
     #[serde(deserialize_with = "values::removable::map")]
     pub methods: BTreeMap<String, QuotaLimits>,
+    /// Where the buckets live: this process, or a Redis the fleet shares.
+    pub store: QuotaStore,
+    pub redis: RedisQuotaConfig,
+}
+
+/// `quota.store`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaStore {
+    /// Each process its own buckets: `rate` is per pod.
+    Local,
+    /// Buckets in Redis, shared by every process pointed at it: `rate` is the fleet's.
+    Redis,
+}
+
+/// `[quota.redis]`: the shared store of `quota.store = "redis"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisQuotaConfig {
+    /// `redis://host:port[/db]` or `rediss://` (TLS); no password in it (`password_file`).
+    pub url: String,
+    /// PEM CA bundle the server's certificate must chain to (`rediss://`); empty: the system's.
+    pub ca_file: PathBuf,
+    /// A file holding the password (a Secret mount); empty: no AUTH.
+    pub password_file: PathBuf,
+    /// How long one call's check may wait for Redis before `on_error` decides.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Prepended to every key, so fleets (or environments) can share one Redis.
+    pub key_prefix: String,
+    pub on_error: RedisFallback,
+}
+
+/// What a check does when Redis is slow or down (`quota.redis.on_error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisFallback {
+    /// This pod's own buckets at the configured rate (the fleet admits up to replicas x rate).
+    Local,
+    /// Admit the call uncounted.
+    Allow,
+    /// Refuse the call with UNAVAILABLE.
+    Deny,
 }
 
 /// One token bucket: `rate` calls per second on average, `burst` at once.

@@ -1,10 +1,12 @@
 //! What `[quota]` may say: rates and bursts a bucket can have, named identities, method patterns
 //! `MethodTable` understands, a bounded table. Each problem names its key.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use crate::{
-    config::{IdentityClass, Problem, QuotaConfig, QuotaLimits, Section},
+    config::{
+        IdentityClass, Problem, QuotaConfig, QuotaLimits, QuotaStore, RedisQuotaConfig, Section,
+    },
     methods,
 };
 
@@ -68,6 +70,9 @@ impl Section for QuotaConfig {
             }
             check_limits(&identity.limits(), ["quota.identities"; 2], &entry)?;
         }
+        if self.store == QuotaStore::Redis {
+            check_redis(&self.redis)?;
+        }
         for (pattern, limits) in &self.methods {
             let entry = format!("quota.methods.\"{pattern}\"");
             if let Err(problem) = methods::check_pattern(pattern) {
@@ -80,6 +85,66 @@ impl Section for QuotaConfig {
         }
         Ok(())
     }
+}
+
+/// The longest `quota.redis.timeout`: every call waits up to it while Redis is slow.
+const MAX_REDIS_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A URL the client can dial, with no secret in it, and a timeout a call can afford.
+fn check_redis(redis: &RedisQuotaConfig) -> Result<(), Problem> {
+    let problem = |key, message: String| Err(Problem { key, message });
+    let Ok(url) = url::Url::parse(&redis.url) else {
+        return problem(
+            "quota.redis.url",
+            format!(
+                "{:?} is not a URL: give redis://host:port or rediss://host:port",
+                redis.url
+            ),
+        );
+    };
+    let tls = match url.scheme() {
+        "redis" => false,
+        "rediss" => true,
+        other => {
+            return problem(
+                "quota.redis.url",
+                format!("scheme {other:?}: give redis:// or rediss:// (TLS)"),
+            );
+        }
+    };
+    if url.host_str().is_none_or(str::is_empty) {
+        return problem("quota.redis.url", "names no host".into());
+    }
+    if url.password().is_some() {
+        // Not even echoed: the URL is in the config, which `config show` prints whole.
+        return problem(
+            "quota.redis.url",
+            "holds a password: put it in a file named by quota.redis.password_file".into(),
+        );
+    }
+    if !tls && !redis.ca_file.as_os_str().is_empty() {
+        return problem(
+            "quota.redis.ca_file",
+            "applies to rediss:// (TLS) only; the url is redis://".into(),
+        );
+    }
+    if redis.timeout.is_zero() || redis.timeout > MAX_REDIS_TIMEOUT {
+        return problem(
+            "quota.redis.timeout",
+            format!(
+                "{:?}: give a duration above zero and at most {MAX_REDIS_TIMEOUT:?} (every call \
+                 may wait this long while Redis is slow), e.g. \"20ms\"",
+                redis.timeout
+            ),
+        );
+    }
+    if redis.key_prefix.is_empty() {
+        return problem(
+            "quota.redis.key_prefix",
+            "must not be empty: keys of other users of the Redis could collide".into(),
+        );
+    }
+    Ok(())
 }
 
 /// `keys`: the keys to name for a bad rate and a bad burst.
@@ -114,7 +179,7 @@ fn check_limits(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, IdentityQuota};
+    use crate::config::{Config, IdentityQuota, QuotaStore};
 
     fn config(rate: f64, burst: u32) -> QuotaConfig {
         QuotaConfig {
@@ -163,6 +228,63 @@ mod tests {
             p.message
         );
         assert_eq!(config(0.001, 1_000_000).check(), Ok(()));
+    }
+
+    #[test]
+    fn a_redis_store_needs_a_url_without_secrets_and_a_short_timeout() {
+        let problem = |edit: fn(&mut RedisQuotaConfig)| {
+            let mut config = config(1.0, 1);
+            config.store = QuotaStore::Redis;
+            edit(&mut config.redis);
+            config.check().err().map(|p| (p.key, p.message))
+        };
+        assert_eq!(problem(|_| {}), None);
+        assert_eq!(
+            problem(|r| r.url = "rediss://cache.internal:6380/2".into()),
+            None
+        );
+        for (edit, key, fragment) in [
+            (
+                (|r: &mut RedisQuotaConfig| r.url = "cache:6379".into()) as fn(&mut _),
+                "quota.redis.url",
+                "scheme",
+            ),
+            (
+                |r| r.url = "http://cache:6379".into(),
+                "quota.redis.url",
+                "give redis:// or rediss://",
+            ),
+            (
+                |r| r.url = "redis://:s3cr3t@cache:6379".into(),
+                "quota.redis.url",
+                "password_file",
+            ),
+            (
+                |r| r.ca_file = "ca.pem".into(),
+                "quota.redis.ca_file",
+                "rediss://",
+            ),
+            (
+                |r| r.timeout = Duration::ZERO,
+                "quota.redis.timeout",
+                "above zero",
+            ),
+            (
+                |r| r.timeout = Duration::from_secs(5),
+                "quota.redis.timeout",
+                "at most 1s",
+            ),
+            (|r| r.key_prefix.clear(), "quota.redis.key_prefix", "empty"),
+        ] {
+            let (k, message) = problem(edit).expect(key);
+            assert_eq!(k, key, "{message}");
+            assert!(message.contains(fragment), "{message}");
+            assert!(!message.contains("s3cr3t"), "{message}");
+        }
+        // The local store ignores [quota.redis].
+        let mut config = config(1.0, 1);
+        config.redis.url = "nonsense".into();
+        assert_eq!(config.check(), Ok(()));
     }
 
     fn identity(class: IdentityClass, issuer: Option<&str>, rate: f64) -> IdentityQuota {

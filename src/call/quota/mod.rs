@@ -23,28 +23,30 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    task::{Context, Poll},
     time::Duration,
 };
 
-use futures_util::future::{Either, Ready, ready};
 use governor::{
     Quota, RateLimiter,
     clock::{Clock as _, MonotonicClock},
 };
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, Status, codegen::http};
-use tonic_types::{ErrorDetails, StatusExt as _};
-use tower::{Layer, Service};
+use tonic::{Status, codegen::http};
 
 mod check;
+mod layer;
+mod redis;
 mod store;
 
+pub use layer::{QuotaLayer, QuotaService};
+pub use redis::{
+    ERROR_KINDS as STORE_ERROR_KINDS, FALLBACKS as STORE_FALLBACKS, RedisStore, RedisStoreError,
+};
 use store::Bounded;
 
 use crate::{
     call::auth::Caller,
-    config::{AnonymousQuota, IdentityClass, QuotaConfig, QuotaLimits},
+    config::{AnonymousQuota, IdentityClass, QuotaConfig, QuotaLimits, RedisFallback},
     methods::MethodTable,
     ops::metrics::QuotaRefusals,
     transport::listener::{PeerAddr, PeerInfo},
@@ -85,6 +87,7 @@ enum Key {
 }
 
 /// The caller of one call, as quotas see it.
+#[derive(Clone, Copy)]
 struct Identity<'a> {
     class: Class,
     /// The name overrides are looked up by; `None` for callers without credentials.
@@ -235,6 +238,9 @@ pub struct Quotas {
     /// The same tables, for forgetting idle callers.
     method_tables: Vec<Arc<MethodQuota>>,
     refusals: QuotaRefusals,
+    /// `quota.store = "redis"`: the buckets that count; the tables above then serve
+    /// `on_error = "local"` only.
+    shared: Option<RedisStore>,
 }
 
 /// One `quota.identities` entry: the rest of the identity its name must come with, and its bucket.
@@ -250,6 +256,30 @@ struct Override {
 struct MethodQuota {
     pattern: String,
     tables: Split,
+}
+
+/// What the layer does with a call.
+enum Decision {
+    Admit,
+    Refuse(Status),
+    /// The shared store decides.
+    Ask(Ask),
+}
+
+/// One call's buckets, for the shared store.
+struct Ask {
+    caller: String,
+    class: Class,
+    own: redis::Bucket,
+    method: Option<Arc<MethodQuota>>,
+}
+
+/// The bucket size a shared bucket was made from.
+fn own_limits(bucket: &redis::Bucket) -> QuotaLimits {
+    QuotaLimits {
+        rate: 1e6 / bucket.interval_us,
+        burst: bucket.burst,
+    }
 }
 
 /// Which bucket refused a call, and when it has a token again.
@@ -308,6 +338,16 @@ impl Quotas {
             methods,
             method_tables,
             refusals,
+            shared: None,
+        }
+    }
+
+    /// Counts in `store`, shared with every process pointed at it, instead of this process.
+    #[must_use]
+    pub fn shared_in(self, store: RedisStore) -> Self {
+        Self {
+            shared: Some(store),
+            ..self
         }
     }
 
@@ -351,6 +391,105 @@ impl Quotas {
         })
     }
 
+    /// What happens to `request`: decided here, or to be asked of the shared store.
+    fn decide<B>(&self, request: &http::Request<B>) -> Decision {
+        let extensions = request.extensions();
+        let identity = identify(
+            extensions.get::<Caller>(),
+            extensions.get::<PeerInfo>(),
+            &self.hasher,
+        );
+        if identity.class == Class::Anonymous && self.anonymous == AnonymousQuota::Exempt {
+            return Decision::Admit;
+        }
+        let path = request.uri().path();
+        if self.shared.is_some() {
+            let own = match self.own(&identity) {
+                Some(table) => redis::bucket("o".into(), &table.limits),
+                None => redis::bucket("d".into(), &self.default.of(identity.class).limits),
+            };
+            let method = self.methods.as_ref().and_then(|m| m.lookup(path)).cloned();
+            return Decision::Ask(Ask {
+                caller: redis::caller_tag(&identity),
+                class: identity.class,
+                own,
+                method,
+            });
+        }
+        self.verdict(identity.class, path, self.admit(&identity, path))
+    }
+
+    /// The shared store's answer for `ask`, or `quota.redis.on_error`'s when it has none.
+    async fn ask(&self, ask: Ask, request: &http::request::Parts) -> Decision {
+        let store = self
+            .shared
+            .as_ref()
+            .expect("asked only with a shared store");
+        let method = ask.method.as_ref().map(|m| {
+            let bucket = redis::bucket(format!("m:{}", m.pattern), &m.tables.named.limits);
+            (m, bucket)
+        });
+        let path = request.uri.path();
+        let result = match store
+            .check(&ask.caller, &ask.own, method.as_ref().map(|(_, b)| b))
+            .await
+        {
+            Ok(redis::Verdict::Admitted) => Ok(()),
+            Ok(redis::Verdict::Refused {
+                by_method,
+                retry_after,
+            }) => {
+                let (pattern, limits) = match (&method, by_method) {
+                    (Some((m, _)), true) => {
+                        (Some(m.pattern.clone()), m.tables.named.limits.clone())
+                    }
+                    _ => (None, own_limits(&ask.own)),
+                };
+                Err(Refused {
+                    pattern,
+                    limits,
+                    retry_after,
+                })
+            }
+            Err(_) => match store.on_error {
+                RedisFallback::Allow => Ok(()),
+                RedisFallback::Deny => {
+                    return Decision::Refuse(Status::unavailable(
+                        "the quota store (Redis) is not answering, and quota.redis.on_error = \
+                         \"deny\": retry later",
+                    ));
+                }
+                RedisFallback::Local => {
+                    let extensions = &request.extensions;
+                    let identity = identify(
+                        extensions.get::<Caller>(),
+                        extensions.get::<PeerInfo>(),
+                        &self.hasher,
+                    );
+                    self.admit(&identity, path)
+                }
+            },
+        };
+        self.verdict(ask.class, path, result)
+    }
+
+    /// Counts a refusal and turns it into its status.
+    fn verdict(&self, class: Class, path: &str, result: Result<(), Refused>) -> Decision {
+        match result {
+            Ok(()) => Decision::Admit,
+            Err(refused) => {
+                self.refusals.inc(path, class as usize);
+                tracing::debug!(
+                    path,
+                    class = class.as_str(),
+                    retry_after = ?refused.retry_after,
+                    "call refused: over quota"
+                );
+                Decision::Refuse(layer::refusal(&refused, class))
+            }
+        }
+    }
+
     /// Forgets callers whose buckets are full again (indistinguishable from new ones), every
     /// `FORGET_INTERVAL` until `stop`.
     pub fn spawn_forgetting(self: &Arc<Self>, stop: CancellationToken) {
@@ -390,360 +529,5 @@ impl Quotas {
     }
 }
 
-/// RESOURCE_EXHAUSTED with RetryInfo and QuotaFailure: clients that read rich errors (grpcio's
-/// `grpc_status`, tonic-types, grpcurl) learn when to retry and which quota they hit.
-fn refusal(refused: &Refused, class: Class) -> Status {
-    let QuotaLimits { rate, burst } = refused.limits;
-    let wait = refused.retry_after.as_secs_f64();
-    let (subject, quota) = match &refused.pattern {
-        None => (
-            format!("caller:{}", class.as_str()),
-            "this caller".to_owned(),
-        ),
-        Some(pattern) => (
-            format!("method:{pattern}"),
-            format!("this caller on {pattern}"),
-        ),
-    };
-    let description =
-        format!("quota of {quota}: {rate} calls per second, burst {burst}; retry in {wait:.3}s");
-    let mut details = ErrorDetails::with_retry_info(Some(refused.retry_after));
-    details.add_quota_failure_violation(subject, description.clone());
-    Status::with_error_details(
-        Code::ResourceExhausted,
-        format!("over quota: {description}"),
-        details,
-    )
-}
-
-/// The tower layer; `None`: quotas off (or a listener that never counts, the probe port).
-#[derive(Debug, Clone)]
-pub struct QuotaLayer {
-    quotas: Option<Arc<Quotas>>,
-}
-
-impl QuotaLayer {
-    pub fn new(quotas: Option<Arc<Quotas>>) -> Self {
-        Self { quotas }
-    }
-}
-
-impl<S> Layer<S> for QuotaLayer {
-    type Service = QuotaService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        QuotaService {
-            inner,
-            quotas: self.quotas.clone(),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct QuotaService<S> {
-    inner: S,
-    quotas: Option<Arc<Quotas>>,
-}
-
-impl<S, B, ResBody> Service<http::Request<B>> for QuotaService<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<ResBody>>,
-    ResBody: Default,
-{
-    type Response = http::Response<ResBody>;
-    type Error = S::Error;
-    type Future = Either<Ready<Result<Self::Response, Self::Error>>, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if let Some(quotas) = &self.quotas {
-            let extensions = request.extensions();
-            let identity = identify(
-                extensions.get::<Caller>(),
-                extensions.get::<PeerInfo>(),
-                &quotas.hasher,
-            );
-            let exempt =
-                identity.class == Class::Anonymous && quotas.anonymous == AnonymousQuota::Exempt;
-            if !exempt {
-                let path = request.uri().path();
-                if let Err(refused) = quotas.admit(&identity, path) {
-                    quotas.refusals.inc(path, identity.class as usize);
-                    tracing::debug!(
-                        path,
-                        class = identity.class.as_str(),
-                        retry_after = ?refused.retry_after,
-                        "call refused: over quota"
-                    );
-                    return Either::Left(ready(Ok(refusal(&refused, identity.class).into_http())));
-                }
-            }
-        }
-        Either::Right(self.inner.call(request))
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use std::net::SocketAddr;
-
-    use super::*;
-    use crate::config::{Config, IdentityQuota};
-
-    fn config(rate: f64, burst: u32) -> QuotaConfig {
-        QuotaConfig {
-            enabled: true,
-            rate,
-            burst,
-            max_callers: 2,
-            ..Config::embedded().quota
-        }
-    }
-
-    fn quotas(config: &QuotaConfig) -> Quotas {
-        let refusals = QuotaRefusals::register(&mut Default::default(), CLASSES, &[]);
-        Quotas::new(config, refusals)
-    }
-
-    fn peer(addr: &str) -> PeerInfo {
-        PeerInfo {
-            remote_addr: PeerAddr::Tcp(addr.parse::<SocketAddr>().unwrap()),
-            client_cert: None,
-        }
-    }
-
-    #[test]
-    fn keys_are_small() {
-        // What ops::memory counts per tracked caller assumes a 16-byte key.
-        assert_eq!(std::mem::size_of::<Key>(), 16);
-    }
-
-    #[test]
-    fn a_burst_then_a_refusal_that_says_when_to_retry() {
-        let quotas = quotas(&QuotaConfig {
-            max_callers: 8,
-            ..config(0.01, 2)
-        });
-        let caller = Caller::Token("ci".into());
-        let identity = identify(Some(&caller), None, &quotas.hasher);
-        assert_eq!(quotas.admit(&identity, "/a.S/M"), Ok(()));
-        assert_eq!(quotas.admit(&identity, "/a.S/M"), Ok(()));
-        let refused = quotas.admit(&identity, "/a.S/M").unwrap_err();
-        assert_eq!(refused.pattern, None);
-        // One token every 100s; the bucket has just been emptied.
-        assert!(refused.retry_after > Duration::from_secs(99), "{refused:?}");
-        assert!(
-            refused.retry_after <= Duration::from_secs(100),
-            "{refused:?}"
-        );
-
-        // Another holder, a certificate and JWTs of the same name, have buckets of their own;
-        // one subject from two issuers is two callers.
-        let other = Caller::Token("other".into());
-        let cert = Caller::ClientCert("ci".into());
-        let jwt = |issuer: &str| Caller::Jwt {
-            subject: "ci".into(),
-            issuer: issuer.into(),
-        };
-        let (east, west) = (jwt("https://east"), jwt("https://west"));
-        for caller in [&other, &cert, &east, &west] {
-            let identity = identify(Some(caller), None, &quotas.hasher);
-            assert_eq!(quotas.admit(&identity, "/a.S/M"), Ok(()), "{caller:?}");
-            assert_eq!(quotas.admit(&identity, "/a.S/M"), Ok(()), "{caller:?}");
-        }
-    }
-
-    #[test]
-    fn anonymous_callers_are_counted_by_address_and_ipv6_by_64() {
-        let quotas = quotas(&config(0.01, 1));
-        let admit = |addr: &str| {
-            let peer = peer(addr);
-            let identity = identify(Some(&Caller::Anonymous), Some(&peer), &quotas.hasher);
-            quotas.admit(&identity, "/a.S/M").is_ok()
-        };
-        assert!(admit("10.0.0.1:1000"));
-        assert!(!admit("10.0.0.1:2000"), "same address, another port");
-        assert!(admit("[2001:db8::1]:1"));
-        assert!(!admit("[2001:db8::2]:1"), "same /64");
-        assert!(admit("[2001:db8:0:1::1]:1"), "the next /64");
-    }
-
-    #[test]
-    fn a_full_table_puts_newcomers_in_one_shared_bucket() {
-        let quotas = quotas(&config(0.01, 1));
-        let admit = |name: &str| {
-            let caller = Caller::Token(name.into());
-            let identity = identify(Some(&caller), None, &quotas.hasher);
-            quotas.admit(&identity, "/a.S/M").is_ok()
-        };
-        assert!(quotas.default.named.limiter.is_empty());
-        assert!(admit("a"));
-        assert!(admit("b"));
-        assert_eq!(quotas.default.named.limiter.len(), 2);
-        assert!(!quotas.default.named.limiter.is_empty());
-        // max_callers = 2: c takes the overflow bucket's one token, d finds it empty.
-        assert!(admit("c"));
-        assert!(!admit("d"));
-        assert_eq!(quotas.default.named.limiter.len(), 2);
-    }
-
-    #[test]
-    fn callers_whose_bucket_is_full_again_are_forgotten() {
-        let caller = Caller::Token("ci".into());
-        // One token every 100s: the bucket stays short of full, the caller is kept.
-        let slow = quotas(&config(0.01, 1));
-        let identity = identify(Some(&caller), None, &slow.hasher);
-        assert_eq!(slow.admit(&identity, "/a.S/M"), Ok(()));
-        slow.forget_idle();
-        assert_eq!(slow.default.named.limiter.len(), 1);
-        // One token every 10ms: full again 10ms after the call, and forgotten.
-        let fast = quotas(&config(100.0, 1));
-        let identity = identify(Some(&caller), None, &fast.hasher);
-        assert_eq!(fast.admit(&identity, "/a.S/M"), Ok(()));
-        std::thread::sleep(Duration::from_millis(30));
-        fast.forget_idle();
-        assert_eq!(fast.default.named.limiter.len(), 0);
-    }
-
-    #[tokio::test]
-    async fn forgetting_runs_in_the_background() {
-        let fast = Arc::new(quotas(&config(100.0, 1)));
-        let caller = Caller::Token("ci".into());
-        let identity = identify(Some(&caller), None, &fast.hasher);
-        assert_eq!(fast.admit(&identity, "/a.S/M"), Ok(()));
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        let stop = CancellationToken::new();
-        // The first round is at once; the next FORGET_INTERVAL later.
-        fast.spawn_forgetting(stop.clone());
-        tokio::time::timeout(Duration::from_secs(10), async {
-            while !fast.default.named.limiter.is_empty() {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .expect("the idle caller forgotten");
-        assert_eq!(fast.default.named.limiter.len(), 0);
-        stop.cancel();
-    }
-
-    #[test]
-    fn method_and_identity_overrides_have_their_own_buckets() {
-        let mut config = config(0.01, 1);
-        config.identities.insert(
-            "ci".into(),
-            IdentityQuota {
-                class: IdentityClass::Token,
-                issuer: None,
-                name: None,
-                rate: 0.01,
-                burst: 3,
-            },
-        );
-        config.methods.insert(
-            "/a.S/Slow".into(),
-            QuotaLimits {
-                rate: 0.01,
-                burst: 1,
-            },
-        );
-        let quotas = quotas(&config);
-        let caller = Caller::Token("ci".into());
-        let ci = identify(Some(&caller), None, &quotas.hasher);
-        assert_eq!(quotas.admit(&ci, "/a.S/Slow"), Ok(()));
-        let refused = quotas.admit(&ci, "/a.S/Slow").unwrap_err();
-        assert_eq!(refused.pattern.as_deref(), Some("/a.S/Slow"));
-        // ci's own bucket (burst 3) gave one token to the first call: two are left.
-        assert_eq!(quotas.admit(&ci, "/a.S/Fast"), Ok(()));
-        assert_eq!(quotas.admit(&ci, "/a.S/Fast"), Ok(()));
-        let refused = quotas.admit(&ci, "/a.S/Fast").unwrap_err();
-        assert_eq!((refused.pattern, refused.limits.burst), (None, 3));
-    }
-
-    #[test]
-    fn anonymous_peers_never_crowd_callers_with_credentials() {
-        let quotas = quotas(&QuotaConfig {
-            anonymous_max_callers: 3,
-            ..config(0.01, 1)
-        });
-        let anonymous = |addr: &str| {
-            let peer = peer(addr);
-            let identity = identify(Some(&Caller::Anonymous), Some(&peer), &quotas.hasher);
-            quotas.admit(&identity, "/a.S/M").is_ok()
-        };
-        // Three peers fill the anonymous table, the fourth empties its overflow bucket, the
-        // fifth finds it empty.
-        for addr in ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1", "10.0.0.4:1"] {
-            assert!(anonymous(addr), "{addr}");
-        }
-        assert!(!anonymous("10.0.0.5:1"));
-        assert_eq!(quotas.default.anonymous.limiter.len(), 3);
-        assert_eq!(quotas.default.anonymous.overflowed(), 2);
-        // Callers with credentials have a table of their own, untouched.
-        for name in ["a", "b"] {
-            let caller = Caller::Token(name.into());
-            let identity = identify(Some(&caller), None, &quotas.hasher);
-            assert_eq!(quotas.admit(&identity, "/a.S/M"), Ok(()), "{name}");
-        }
-        assert_eq!(quotas.default.named.limiter.len(), 2);
-        assert_eq!(quotas.default.named.overflowed(), 0);
-    }
-
-    #[test]
-    fn an_override_names_a_whole_identity() {
-        let mut config = config(0.01, 1);
-        config.identities.insert(
-            "east-sa".into(),
-            IdentityQuota {
-                class: IdentityClass::Jwt,
-                issuer: Some("https://east".into()),
-                name: Some("sa".into()),
-                rate: 0.01,
-                burst: 3,
-            },
-        );
-        let quotas = quotas(&config);
-        let admitted = |caller: &Caller| {
-            let identity = identify(Some(caller), None, &quotas.hasher);
-            (0..4)
-                .take_while(|_| quotas.admit(&identity, "/a.S/M").is_ok())
-                .count()
-        };
-        let jwt = |issuer: &str| Caller::Jwt {
-            subject: "sa".into(),
-            issuer: issuer.into(),
-        };
-        // The override's issuer gets its burst of 3; the same subject from another issuer, and a
-        // token holder of that name, get the default's 1 each, from buckets of their own.
-        assert_eq!(admitted(&jwt("https://east")), 3);
-        assert_eq!(admitted(&jwt("https://west")), 1);
-        assert_eq!(admitted(&Caller::Token("sa".into())), 1);
-    }
-
-    #[test]
-    fn the_refusal_carries_retry_info_and_quota_failure() {
-        let refused = Refused {
-            pattern: None,
-            limits: QuotaLimits {
-                rate: 2.0,
-                burst: 4,
-            },
-            retry_after: Duration::from_millis(250),
-        };
-        let status = refusal(&refused, Class::Token);
-        assert_eq!(status.code(), Code::ResourceExhausted);
-        assert_eq!(
-            status.message(),
-            "over quota: quota of this caller: 2 calls per second, burst 4; retry in 0.250s"
-        );
-        let details = status.get_error_details();
-        assert_eq!(
-            details.retry_info().unwrap().retry_delay,
-            Some(Duration::from_millis(250))
-        );
-        let violation = &details.quota_failure().unwrap().violations[0];
-        assert_eq!(violation.subject, "caller:token");
-    }
-}
+mod tests;

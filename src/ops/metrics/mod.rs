@@ -24,7 +24,7 @@ use prometheus_client::{
 };
 
 pub use grpc::{GrpcMetrics, MethodMetrics};
-pub use quota::QuotaRefusals;
+pub use quota::{QuotaRefusals, QuotaStoreMetrics};
 
 /// One label pair with static key and value: every `greeter_*` label value is known up front.
 pub type Label = [(&'static str, &'static str); 1];

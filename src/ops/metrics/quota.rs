@@ -6,7 +6,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use prometheus_client::{
-    metrics::{counter::Counter, family::Family},
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
 
@@ -64,6 +64,55 @@ impl QuotaRefusals {
         let counters = self.by_method.get(path).map_or(&*self.unknown, |c| &**c);
         if let Some(counter) = counters.get(class) {
             counter.inc();
+        }
+    }
+}
+
+/// The shared quota store's health (`quota.store = "redis"`): how long each check took, what
+/// went wrong, and how often `quota.redis.on_error` decided instead of Redis.
+#[derive(Debug, Clone)]
+pub struct QuotaStoreMetrics {
+    pub seconds: Histogram,
+    pub errors: super::CounterSet,
+    pub fallbacks: super::CounterSet,
+}
+
+impl QuotaStoreMetrics {
+    /// `error_kinds` and `fallbacks` are the label values the store counts by.
+    pub fn register(
+        registry: &mut Registry,
+        error_kinds: &[&'static str],
+        fallbacks: &[&'static str],
+    ) -> Self {
+        let seconds = Histogram::new([
+            0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25,
+        ]);
+        registry.register(
+            "greeter_quota_store_seconds",
+            "Time one quota check took in the shared store (Redis), answered or not",
+            seconds.clone(),
+        );
+        let errors = super::CounterSet::register(
+            registry,
+            "greeter_quota_store_errors",
+            "Quota checks the shared store (Redis) did not answer, by kind: timeout (past \
+             quota.redis.timeout), connection (no connection to Redis), response (Redis answered \
+             with an error)",
+            "kind",
+            error_kinds,
+        );
+        let fallbacks = super::CounterSet::register(
+            registry,
+            "greeter_quota_store_fallbacks",
+            "Calls whose quota was decided by quota.redis.on_error because the shared store did \
+             not answer, by what it did (local, allow, deny)",
+            "on_error",
+            fallbacks,
+        );
+        Self {
+            seconds,
+            errors,
+            fallbacks,
         }
     }
 }
