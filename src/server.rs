@@ -121,8 +121,7 @@ impl Credentials {
         let mut seen = Seen::default();
         let tls = if config.tls.enabled {
             seen.tls = tls::watched(&config.tls);
-            let material = tls::load(&config.tls, config.serves_http1())?;
-            Some((Reloadable::new(material.config), material.leaf))
+            Some(tls::load(&config.tls, config.serves_http1())?.into_reloadable())
         } else {
             None
         };
@@ -404,6 +403,7 @@ impl Server {
             material: material.clone(),
             handshake_timeout: config.tls.handshake_timeout,
             handshake_failures: server_metrics.tls_handshake_failures.clone(),
+            connections_revoked: server_metrics.tls_connections_revoked.clone(),
         });
         let auth_failures = server_metrics.auth_failures;
         let main = shared.on_connection(

@@ -1,6 +1,7 @@
 //! One HTTP/2 connection (or HTTP/1.1, for grpc-web and Connect): every protocol limit set
 //! explicitly, keepalive pings, and GOAWAY when the connection is idle too long, too old, starts no
-//! call in time, or the server drains; then a close after a grace, whatever the client does.
+//! call in time, a reload stops trusting its client's certificate, or the server drains; then a
+//! close after a grace, whatever the client does.
 //!
 //! greeter drives hyper directly instead of through `tonic::transport::Server`: tonic passes its
 //! own values for some limits (and has panicked with a connection-age grace in some 0.14
@@ -28,11 +29,11 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 use tonic::codegen::http;
 use tower::Service;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::{
     config::{ConnectionConfig, LimitsConfig},
-    transport::listener::{Connection, PeerAddr},
+    transport::listener::{Connection, PeerAddr, Revocable},
 };
 
 /// What one connection is doing, for idle detection and its share of the call budgets.
@@ -129,10 +130,11 @@ impl Settings {
     }
 }
 
-/// Serves `connection` with `service` until the client leaves, or until GOAWAY (idle, age or
-/// `draining`) has let its calls finish. A connection past its age grace is closed outright.
+/// Serves `connection` with `service` until the client leaves, or until GOAWAY (idle, age, a
+/// revoked client certificate or `draining`) has let its calls finish. A connection past its
+/// grace is closed outright.
 pub async fn serve<S, B>(
-    connection: Connection,
+    mut connection: Connection,
     service: S,
     settings: Arc<Settings>,
     activity: Arc<Activity>,
@@ -146,6 +148,7 @@ pub async fn serve<S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let peer = connection.peer().remote_addr;
+    let revocable = connection.take_revocable();
     let conn = settings
         .http
         .serve_connection(TokioIo::new(connection), TowerToHyperService::new(service));
@@ -161,6 +164,7 @@ pub async fn serve<S, B>(
         draining,
         verdicts,
         peer,
+        revocable,
     )));
 
     loop {
@@ -189,16 +193,18 @@ enum Verdict {
     Close,
 }
 
-/// Decides when the connection gets GOAWAY (drain, max age, max idle, no first call) and when it
-/// is closed outright: every GOAWAY but the drain's is followed by a close after a grace (the
-/// drain is bounded by `shutdown.grace`), so a client that ignores GOAWAY, or a socket that never
-/// spoke HTTP/2 at all, cannot keep its slot. Ends when the connection does.
+/// Decides when the connection gets GOAWAY (drain, max age, max idle, no first call, a client
+/// certificate no longer trusted) and when it is closed outright: every GOAWAY but the drain's is
+/// followed by a close after a grace (the drain is bounded by `shutdown.grace`), so a client that
+/// ignores GOAWAY, or a socket that never spoke HTTP/2 at all, cannot keep its slot. Ends when
+/// the connection does.
 async fn lifetime(
     settings: Arc<Settings>,
     activity: Arc<Activity>,
     draining: CancellationToken,
     verdicts: mpsc::Sender<Verdict>,
     peer: PeerAddr,
+    mut revocable: Option<Revocable>,
 ) {
     let far = Instant::now() + Duration::from_secs(100 * 365 * 86_400);
     let age_limit = settings
@@ -223,6 +229,10 @@ async fn lifetime(
                 }
                 debug!(%peer, "no call within connection.first_call_timeout: GOAWAY, then close");
                 (Verdict::GoAway, Some(UNUSED_CLOSE_GRACE))
+            }
+            () = revoked(&mut revocable, peer), if !goaway_sent => {
+                // The calls in flight were admitted before the change: they get the age grace.
+                (Verdict::GoAway, Some(settings.max_age_grace))
             }
             () = sleep_until(age_limit), if !goaway_sent => {
                 debug!(%peer, "max connection age: GOAWAY");
@@ -256,6 +266,23 @@ async fn lifetime(
             return;
         }
     }
+}
+
+/// Resolves when a reload stops trusting the client's certificate chain, once counted and logged
+/// (the subject, never more of the certificate); never for a connection without one.
+async fn revoked(revocable: &mut Option<Revocable>, peer: PeerAddr) {
+    let Some(revocable) = revocable else {
+        return std::future::pending().await;
+    };
+    let reason = revocable.chain.distrusted().await;
+    revocable.revoked.inc();
+    warn!(
+        %peer,
+        subject = %revocable.chain.subject(),
+        %reason,
+        "client certificate no longer trusted after a TLS reload: GOAWAY, closing once its \
+         calls finish"
+    );
 }
 
 /// ±10% around `age`, as grpc-go does, so connections made together do not all reconnect together.

@@ -23,6 +23,7 @@ use std::{
 
 use hyper::{body::Incoming, server::conn::http1};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream, UnixListener, UnixStream},
@@ -35,7 +36,10 @@ use tracing::{debug, warn};
 
 use crate::{
     ops::metrics::CounterSet,
-    transport::tls::{ClientIdentity, Reloadable},
+    transport::{
+        client_trust::PresentedChain,
+        tls::{ClientIdentity, Reloadable},
+    },
 };
 
 /// Connection facts every request of the connection carries in its extensions: the auth layer,
@@ -79,17 +83,36 @@ type Io = Either<TcpStream, Either<Box<TlsStream<TcpStream>>, UnixStream>>;
 pub struct Connection {
     io: Io,
     peer: PeerInfo,
+    revocable: Option<Revocable>,
 }
 
 impl Connection {
     fn new(io: Io, peer: PeerInfo) -> Self {
-        Self { io, peer }
+        Self {
+            io,
+            peer,
+            revocable: None,
+        }
     }
 
     /// Who is on the other end.
     pub fn peer(&self) -> &PeerInfo {
         &self.peer
     }
+
+    /// What closes the connection when a reload stops trusting its client's certificate, if the
+    /// client presented one: taken once, by whatever decides the connection's lifetime.
+    pub fn take_revocable(&mut self) -> Option<Revocable> {
+        self.revocable.take()
+    }
+}
+
+/// A TLS connection's client certificate chain, to re-verify when the client trust changes, and
+/// where to count the connection if it no longer verifies (`greeter_tls_connections_revoked`).
+#[derive(Debug)]
+pub struct Revocable {
+    pub chain: PresentedChain,
+    pub revoked: Counter,
 }
 
 impl AsyncRead for Connection {
@@ -132,13 +155,15 @@ impl AsyncWrite for Connection {
     }
 }
 
-/// TLS for a listener: the swappable material, how long a handshake may take, and where to
-/// count the handshakes that fail (`error`) or take too long (`timeout`).
+/// TLS for a listener: the swappable material, how long a handshake may take, where to count
+/// the handshakes that fail (`error`) or take too long (`timeout`), and the connections closed
+/// because a reload stopped trusting their client's certificate.
 #[derive(Debug, Clone)]
 pub struct TlsAccept {
     pub material: Reloadable,
     pub handshake_timeout: Duration,
     pub handshake_failures: CounterSet,
+    pub connections_revoked: Counter,
 }
 
 /// Open connections per IP address, against a cap: one host cannot take a listener's whole
@@ -370,26 +395,32 @@ pub async fn accept(
             on_connection(plain(Either::Left(tcp)), slot);
             continue;
         };
-        let acceptor = tls.material.acceptor();
+        let (acceptor, trust) = tls.material.acceptor();
         let timeout = tls.handshake_timeout;
         let on_connection = Arc::clone(&on_connection);
         let failures = tls.handshake_failures.clone();
+        let revoked = tls.connections_revoked.clone();
         tokio::spawn(async move {
             match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => {
-                    let client_cert = stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|certs| certs.first())
+                    let certs = stream.get_ref().1.peer_certificates().unwrap_or_default();
+                    let client_cert = certs
+                        .first()
                         .and_then(ClientIdentity::from_der)
                         .map(Arc::new);
+                    let revocable = trust
+                        .and_then(|trust| PresentedChain::new(certs, trust))
+                        .map(|chain| Revocable { chain, revoked });
                     let peer = PeerInfo {
                         remote_addr,
                         client_cert,
                     };
                     let io = Either::Right(Either::Left(Box::new(stream)));
-                    on_connection(Connection::new(io, peer), slot);
+                    let connection = Connection {
+                        revocable,
+                        ..Connection::new(io, peer)
+                    };
+                    on_connection(connection, slot);
                 }
                 Ok(Err(e)) => {
                     failures.inc("error");

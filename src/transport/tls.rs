@@ -2,8 +2,9 @@
 //!
 //! tonic's `ServerTlsConfig` takes PEM bytes once and cannot change them, so greeter builds its own
 //! `rustls::ServerConfig` and accepts with tokio-rustls. Rotation swaps the whole config (cert, key
-//! and client CA together) behind an `ArcSwap`: each new connection reads the current one, open
-//! connections keep the config they shook hands with.
+//! and client CA together) behind an `ArcSwap`: each new connection reads the current one. Open
+//! connections keep the server certificate they shook hands with; a change of what is trusted in
+//! client certificates reaches them through [`client_trust`](super::client_trust).
 
 use std::{
     path::{Path, PathBuf},
@@ -24,6 +25,7 @@ use rustls::{
 use rustls_pki_types::{
     CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime, pem::PemObject as _,
 };
+use tokio::sync::watch;
 use x509_parser::{
     prelude::{FromDer as _, GeneralName, X509Certificate},
     revocation_list::CertificateRevocationList,
@@ -37,6 +39,7 @@ use crate::{
         metrics::ReloadOutcomes,
         reload::{Reloaded, Triggers, Watched},
     },
+    transport::client_trust::{self, ClientTrust, TrustDigest, TrustWatch},
 };
 
 /// What is wrong with the TLS material, naming the file.
@@ -138,6 +141,15 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub struct Material {
     pub config: Arc<ServerConfig>,
     pub leaf: CertSummary,
+    /// What `config` trusts in client certificates, when it asks for them.
+    pub trust: Option<ClientTrust>,
+}
+
+impl Material {
+    /// What serves (swappable by reloads) and what is reported (the leaf).
+    pub fn into_reloadable(self) -> (Reloadable, CertSummary) {
+        (Reloadable::new(self.config, self.trust), self.leaf)
+    }
 }
 
 /// The parts of a certificate worth logging and testing against.
@@ -202,14 +214,12 @@ fn build(settings: &TlsConfig, http1: bool, missing_ca: MissingCa) -> Result<Mat
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .expect("ring supports TLS 1.2 and 1.3");
-    let verifier = match missing_ca {
-        MissingCa::RefuseAll(key) => {
-            Some(NoClientCa::verifier(settings.client_auth, key, &provider))
-        }
+    let trust = match missing_ca {
+        MissingCa::RefuseAll(key) => Some(NoClientCa::trust(settings.client_auth, key, &provider)),
         MissingCa::Fail => client_verifier(settings, &provider)?,
     };
-    let builder = match verifier {
-        Some(verifier) => builder.with_client_cert_verifier(verifier),
+    let builder = match &trust {
+        Some(trust) => builder.with_client_cert_verifier(Arc::clone(trust.verifier())),
         None => builder.with_no_client_auth(),
     };
     let mut config = builder
@@ -226,19 +236,27 @@ fn build(settings: &TlsConfig, http1: bool, missing_ca: MissingCa) -> Result<Mat
     Ok(Material {
         config: Arc::new(config),
         leaf,
+        trust,
     })
 }
+
+/// Tags of the items a [`ClientTrust`] digest is made of.
+const DIGEST_CA: u8 = 1;
+const DIGEST_CRL: u8 = 2;
+const DIGEST_MISSING: u8 = 3;
 
 fn client_verifier(
     settings: &TlsConfig,
     provider: &Arc<CryptoProvider>,
-) -> Result<Option<Arc<dyn ClientCertVerifier>>, TlsError> {
+) -> Result<Option<ClientTrust>, TlsError> {
     if settings.client_auth == ClientAuth::None {
         return Ok(None);
     }
     let path = &settings.client_ca;
+    let mut digest = TrustDigest::new();
     let mut roots = RootCertStore::empty();
     for cert in read_certs(path)? {
+        digest.add(DIGEST_CA, &cert);
         roots.add(cert).map_err(|e| TlsError::ClientCa {
             path: path.clone(),
             reason: e.to_string(),
@@ -254,6 +272,9 @@ fn client_verifier(
     for path in &settings.client_crl_files {
         crls.extend(read_crls(path)?);
     }
+    for crl in &crls {
+        digest.add(DIGEST_CRL, crl);
+    }
     // rustls' defaults, kept: every certificate of the chain below the trust anchor must be
     // covered by a CRL of its issuer (unknown status is refused), nextUpdate is not enforced.
     let builder = if crls.is_empty() {
@@ -261,10 +282,11 @@ fn client_verifier(
     } else {
         builder.with_crls(crls)
     };
-    builder.build().map(Some).map_err(|e| TlsError::ClientCa {
+    let verifier = builder.build().map_err(|e| TlsError::ClientCa {
         path: path.clone(),
         reason: e.to_string(),
-    })
+    })?;
+    Ok(Some(ClientTrust::new(verifier, digest.finish())))
 }
 
 /// Reads every CRL of a PEM file (at least one), each parsed here so that a bad one is reported
@@ -298,18 +320,21 @@ struct NoClientCa {
 }
 
 impl NoClientCa {
-    fn verifier(
+    fn trust(
         client_auth: ClientAuth,
         missing: &'static str,
         provider: &CryptoProvider,
-    ) -> Arc<dyn ClientCertVerifier> {
-        Arc::new(Self {
+    ) -> ClientTrust {
+        let verifier = Arc::new(Self {
             mandatory: client_auth == ClientAuth::Required,
             missing,
             schemes: provider
                 .signature_verification_algorithms
                 .supported_schemes(),
-        })
+        });
+        let mut digest = TrustDigest::new();
+        digest.add(DIGEST_MISSING, missing.as_bytes());
+        ClientTrust::new(verifier, digest.finish())
     }
 
     fn refused(&self) -> rustls::Error {
@@ -485,26 +510,39 @@ impl ClientIdentity {
     }
 }
 
-/// The current server config, swappable while serving.
+/// The current server config, swappable while serving, and (with client certificates) its
+/// client trust for open connections to follow.
 #[derive(Debug, Clone)]
 pub struct Reloadable {
     current: Arc<ArcSwap<ServerConfig>>,
+    trust: Option<watch::Sender<ClientTrust>>,
 }
 
 impl Reloadable {
-    pub fn new(config: Arc<ServerConfig>) -> Self {
+    fn new(config: Arc<ServerConfig>, trust: Option<ClientTrust>) -> Self {
         Self {
             current: Arc::new(ArcSwap::new(config)),
+            trust: trust.map(|trust| watch::channel(trust).0),
         }
     }
 
-    /// An acceptor for one new connection, with whatever material is current.
-    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
-        tokio_rustls::TlsAcceptor::from(self.current.load_full())
+    /// An acceptor for one new connection, with whatever material is current, and a watch on the
+    /// client trust. The watch is taken first and [`Reloadable::install`] publishes last, so a
+    /// reload landing in between is seen as a change, never missed: a handshake made with the
+    /// previous trust is checked against the new one.
+    pub fn acceptor(&self) -> (tokio_rustls::TlsAcceptor, Option<TrustWatch>) {
+        let trust = self.trust.as_ref().map(watch::Sender::subscribe);
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.current.load_full());
+        (acceptor, trust)
     }
 
-    pub fn replace(&self, config: Arc<ServerConfig>) {
+    /// New connections get `config`; open ones re-check their client's certificate chain if
+    /// `trust` differs from the trust in force.
+    pub fn install(&self, config: Arc<ServerConfig>, trust: Option<ClientTrust>) {
         self.current.store(config);
+        if let (Some(current), Some(trust)) = (&self.trust, trust) {
+            client_trust::publish(current, trust);
+        }
     }
 }
 
@@ -522,7 +560,7 @@ pub fn watched(settings: &TlsConfig) -> Watched {
 /// Re-reads `tls.cert`, `tls.key`, `tls.client_ca` and `tls.client_crl_files` when they change
 /// or SIGHUP arrives, swaps them into `material` and keeps `expiry` current. A missing client CA
 /// or CRL file revokes every client certificate until it is back; material that does not load
-/// keeps the previous one.
+/// keeps the previous one. A change of client CA or CRLs reaches open connections too.
 pub fn spawn_reloader(
     settings: &TlsConfig,
     http1: bool,
@@ -541,7 +579,7 @@ pub fn spawn_reloader(
         outcomes,
         move || {
             reload(&settings, http1).map(|(loaded, revoked)| {
-                material.replace(loaded.config);
+                material.install(loaded.config, loaded.trust);
                 expiry.set(loaded.leaf.not_after_unix);
                 let summary = format!(
                     "certificate serial {} ({})",

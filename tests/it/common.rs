@@ -455,3 +455,30 @@ pub async fn wait_for_calls_in_flight(metrics_addr: SocketAddr, count: f64) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The value of one series (its name and labels, as exposed) in a scrape of `metrics_addr`.
+pub async fn metric(metrics_addr: SocketAddr, series: &str) -> f64 {
+    scrape(metrics_addr)
+        .await
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{series} is exposed"))
+        .parse()
+        .unwrap()
+}
+
+/// Waits (up to 10s) until the series reads `want`.
+pub async fn wait_for_metric(metrics_addr: SocketAddr, series: &str, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = metric(metrics_addr, series).await;
+        if seen == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} is {seen} after 10s, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

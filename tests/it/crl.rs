@@ -1,14 +1,15 @@
 //! Certificate revocation lists for the client CA (`tls.client_crl_files`): a client certificate
 //! a CRL revokes is refused at the handshake, next to one that is not; a CRL rewritten while the
 //! server runs takes effect, a garbage one keeps the previous lists, a deleted one refuses every
-//! client certificate. The CA, certificates and CRLs are made here with rcgen, signed by the CA's
-//! own key as a real CA's are.
+//! client certificate. A CRL or client CA reloaded while clients are connected closes the
+//! connections whose certificate it no longer trusts, and no other. The CA, certificates and CRLs
+//! are made here with rcgen, signed by the CA's own key as a real CA's are.
 
 use std::{net::SocketAddr, path::Path};
 
 use greeter::{
     config::Config,
-    pb::{HelloRequest, greeter_client::GreeterClient},
+    pb::{HelloReply, HelloRequest, greeter_client::GreeterClient},
     server::Server,
 };
 use rcgen::{
@@ -16,9 +17,15 @@ use rcgen::{
     DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair,
     KeyUsagePurpose, RevokedCertParams, SerialNumber, date_time_ymd,
 };
-use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+use tokio::sync::mpsc;
+use tonic::{
+    Streaming,
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
+};
 
-use crate::common::{TestServer, config_with, reloads, tls_channel, wait_for_reloads};
+use crate::common::{
+    TestServer, config_with, metric, reloads, tls_channel, wait_for_metric, wait_for_reloads,
+};
 
 const GOOD: u64 = 1001;
 const REVOKED: u64 = 1002;
@@ -124,9 +131,14 @@ impl Ca {
     }
 
     fn client(&self, serial: u64) -> ClientTlsConfig {
+        self.client_of(serial, self)
+    }
+
+    /// This CA's client certificate `serial`, for a server whose certificate `server`'s CA signed.
+    fn client_of(&self, serial: u64, server: &Ca) -> ClientTlsConfig {
         let (_, cert, key) = self.clients.iter().find(|(s, ..)| *s == serial).unwrap();
         ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(self.issuer.pem()))
+            .ca_certificate(Certificate::from_pem(server.issuer.pem()))
             .domain_name("localhost")
             .identity(Identity::from_pem(cert, key))
     }
@@ -235,4 +247,165 @@ async fn a_missing_or_bad_crl_stops_startup_naming_the_file() {
     );
     assert!(message.contains("no X509 CRL block"), "{message}");
     assert!(Path::new(&ca.path("ca.crl")).exists());
+}
+
+const REVOKED_TOTAL: &str = "greeter_tls_connections_revoked_total";
+const OPEN: &str = "greeter_connections_open";
+const ACCEPTED: &str = "greeter_connections_accepted_total";
+
+fn hello(name: &str) -> HelloRequest {
+    HelloRequest { name: name.into() }
+}
+
+/// A bidi stream held open on a channel's connection: one greeting per name sent.
+struct OpenStream {
+    names: mpsc::Sender<HelloRequest>,
+    replies: Streaming<HelloReply>,
+}
+
+impl OpenStream {
+    async fn open(channel: Channel) -> Self {
+        let (names, rx) = mpsc::channel(1);
+        let replies = GreeterClient::new(channel)
+            .say_hello_bidi_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("the stream opens")
+            .into_inner();
+        Self { names, replies }
+    }
+
+    /// The greeting, or what ended the stream instead.
+    async fn greet(&mut self, name: &str) -> Result<String, String> {
+        // A stream already cut short takes no more names: the read below says how it ended.
+        let _ = self.names.send(hello(name)).await;
+        match self.replies.message().await {
+            Ok(Some(reply)) => Ok(reply.message),
+            Ok(None) => Err("the stream ended without a reply".into()),
+            Err(status) => Err(format!("{status:?}")),
+        }
+    }
+
+    /// Ends the stream from the client's side; the server's end must be a clean OK.
+    async fn finish(mut self) {
+        drop(self.names);
+        let end = self.replies.message().await;
+        assert!(matches!(end, Ok(None)), "{end:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_crl_reloaded_while_connected_closes_the_revoked_connection_and_no_other() {
+    let ca = Ca::new();
+    ca.publish_crl(1, &[]);
+    let server = TestServer::start_with(ca.config()).await;
+    let metrics = server.metrics_addr.unwrap();
+    let good = tls_channel(server.addr, ca.client(GOOD)).await.unwrap();
+    let revoked = tls_channel(server.addr, ca.client(REVOKED)).await.unwrap();
+    let mut good_stream = OpenStream::open(good.clone()).await;
+    let mut revoked_stream = OpenStream::open(revoked.clone()).await;
+    for stream in [&mut good_stream, &mut revoked_stream] {
+        assert_eq!(
+            stream.greet("before").await.as_deref(),
+            Ok("Hello, before!")
+        );
+    }
+    assert_eq!(metric(metrics, OPEN).await, 2.0);
+
+    ca.publish_crl(2, &[REVOKED]);
+    wait_for_metric(metrics, REVOKED_TOTAL, 1.0).await;
+    // GOAWAY: the call in flight finishes, then the connection is closed...
+    assert_eq!(
+        revoked_stream.greet("in flight").await.as_deref(),
+        Ok("Hello, in flight!")
+    );
+    revoked_stream.finish().await;
+    wait_for_metric(metrics, OPEN, 1.0).await;
+    // ... and the client's next call needs a new handshake, which the CRL refuses.
+    let refused = GreeterClient::new(revoked)
+        .say_hello(hello("after"))
+        .await
+        .expect_err("a revoked certificate is not served again");
+    assert!(
+        format!("{refused:?}").contains(REVOKED_ALERT),
+        "{refused:?}"
+    );
+
+    // The sibling keeps its connection and its stream.
+    assert_eq!(
+        good_stream.greet("after").await.as_deref(),
+        Ok("Hello, after!")
+    );
+    let reply = GreeterClient::new(good).say_hello(hello("after")).await;
+    assert_eq!(reply.unwrap().into_inner().message, "Hello, after!");
+    good_stream.finish().await;
+    assert_eq!(
+        metric(metrics, ACCEPTED).await,
+        2.0,
+        "no connection was made again"
+    );
+    assert_eq!(metric(metrics, REVOKED_TOTAL).await, 1.0);
+}
+
+#[tokio::test]
+async fn a_revoked_connection_whose_call_does_not_finish_is_closed_after_the_grace() {
+    let ca = Ca::new();
+    ca.publish_crl(1, &[]);
+    let mut config = ca.config();
+    config.connection.max_age_grace = std::time::Duration::from_millis(300);
+    let server = TestServer::start_with(config).await;
+    let metrics = server.metrics_addr.unwrap();
+    let revoked = tls_channel(server.addr, ca.client(REVOKED)).await.unwrap();
+    let mut stream = OpenStream::open(revoked).await;
+    assert_eq!(
+        stream.greet("before").await.as_deref(),
+        Ok("Hello, before!")
+    );
+
+    ca.publish_crl(2, &[REVOKED]);
+    // The client never ends its stream: the grace does, with the connection.
+    wait_for_metric(metrics, REVOKED_TOTAL, 1.0).await;
+    wait_for_metric(metrics, OPEN, 0.0).await;
+    let cut = stream.greet("late").await;
+    assert!(cut.is_err(), "{cut:?}");
+}
+
+#[tokio::test]
+async fn a_client_ca_replaced_while_connected_closes_the_connections_it_no_longer_verifies() {
+    let (kept, dropped) = (Ca::new(), Ca::new());
+    kept.write(
+        "ca.pem",
+        &format!("{}{}", kept.issuer.pem(), dropped.issuer.pem()),
+    );
+    let server = TestServer::start_with(config_with(kept.overrides())).await;
+    let metrics = server.metrics_addr.unwrap();
+    let stays = tls_channel(server.addr, kept.client(GOOD)).await.unwrap();
+    let goes = tls_channel(server.addr, dropped.client_of(GOOD, &kept))
+        .await
+        .unwrap();
+    for channel in [&stays, &goes] {
+        let reply = GreeterClient::new(channel.clone())
+            .say_hello(hello("before"))
+            .await;
+        assert_eq!(reply.unwrap().into_inner().message, "Hello, before!");
+    }
+
+    kept.write("ca.pem", &kept.issuer.pem());
+    wait_for_metric(metrics, REVOKED_TOTAL, 1.0).await;
+    // No call in flight: closed at once.
+    wait_for_metric(metrics, OPEN, 1.0).await;
+    let refused = GreeterClient::new(goes)
+        .say_hello(hello("after"))
+        .await
+        .expect_err("a certificate of a CA no longer trusted is not served again");
+    assert!(
+        format!("{refused:?}").contains("received fatal alert"),
+        "{refused:?}"
+    );
+    let reply = GreeterClient::new(stays).say_hello(hello("after")).await;
+    assert_eq!(reply.unwrap().into_inner().message, "Hello, after!");
+    assert_eq!(
+        metric(metrics, ACCEPTED).await,
+        2.0,
+        "no connection was made again"
+    );
 }

@@ -14,7 +14,8 @@ use std::{
 };
 
 use crate::common::{
-    Pki, TestServer, config_with, generate_pki, reloads, tls_channel, wait_for_reloads,
+    Pki, TestServer, config_with, generate_pki, metric, reloads, tls_channel, wait_for_metric,
+    wait_for_reloads,
 };
 use greeter::{
     pb::{HelloRequest, greeter_client::GreeterClient},
@@ -606,7 +607,7 @@ async fn a_deleted_client_ca_keeps_client_auth_required_or_optional() {
 }
 
 #[tokio::test]
-async fn deleting_the_client_ca_refuses_every_client_certificate_until_it_is_back() {
+async fn deleting_the_client_ca_closes_its_connections_and_refuses_certificates_until_it_is_back() {
     let pki = Pki::new();
     let mut overrides = pki.tls_overrides();
     overrides.push(("tls.client_ca".into(), pki.path("ca.pem")));
@@ -638,11 +639,18 @@ async fn deleting_the_client_ca_refuses_every_client_certificate_until_it_is_bac
         "{refused}"
     );
     assert_eq!(reloads(metrics, "tls", "failure").await, 0.0);
-    // Connections made before keep the session they shook hands with.
-    GreeterClient::new(open)
+    // The connection made before is closed too (GOAWAY; no call in flight), and its client's
+    // next call, on a new handshake, is refused.
+    wait_for_metric(metrics, "greeter_tls_connections_revoked_total", 1.0).await;
+    wait_for_metric(metrics, "greeter_connections_open", 0.0).await;
+    let closed = GreeterClient::new(open)
         .say_hello(hello("kept"))
         .await
-        .expect("an open connection keeps working");
+        .expect_err("the CA that verified the connection is gone");
+    assert!(
+        format!("{closed:?}").contains("received fatal alert: HandshakeFailure"),
+        "{closed:?}"
+    );
 
     std::fs::write(pki.path("ca.pem"), ca).unwrap();
     wait_for_reloads(metrics, "tls", "success", 1.0).await;
@@ -653,4 +661,8 @@ async fn deleting_the_client_ca_refuses_every_client_certificate_until_it_is_bac
         .say_hello(hello("back"))
         .await
         .expect("the CA is back: certificates are accepted again");
+    assert_eq!(
+        metric(metrics, "greeter_tls_connections_revoked_total").await,
+        1.0
+    );
 }

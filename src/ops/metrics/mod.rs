@@ -131,6 +131,8 @@ pub struct ServerMetrics {
     pub connections_open: Gauge,
     /// TLS handshakes that did not complete, by `reason`: `error` or `timeout`.
     pub tls_handshake_failures: CounterSet,
+    /// Connections sent GOAWAY because a reload stopped trusting their client's certificate.
+    pub tls_connections_revoked: Counter,
     /// Calls refused by the auth layer, by `reason`.
     pub auth_failures: CounterSet,
 }
@@ -144,8 +146,17 @@ impl ServerMetrics {
             "Connections open now (TLS ones once their handshake succeeded), probe port included",
             connections_open.clone(),
         );
+        let tls_connections_revoked = Counter::default();
+        registry.register(
+            "greeter_tls_connections_revoked",
+            "Open connections sent GOAWAY (then closed once their calls finish, within \
+             connection.max_age_grace) because a reload of tls.client_ca or tls.client_crl_files \
+             stopped trusting the client certificate they were authenticated with",
+            tls_connections_revoked.clone(),
+        );
         Self {
             connections_open,
+            tls_connections_revoked,
             tls_handshake_failures: CounterSet::register(
                 registry,
                 "greeter_tls_handshake_failures",
