@@ -14,6 +14,7 @@ mod hostile;
 mod limits;
 mod observability;
 mod quota;
+mod quota_redis;
 mod shutdown;
 mod tls;
 mod unix;
