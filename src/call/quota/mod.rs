@@ -274,14 +274,6 @@ struct Ask {
     method: Option<Arc<MethodQuota>>,
 }
 
-/// The bucket size a shared bucket was made from.
-fn own_limits(bucket: &redis::Bucket) -> QuotaLimits {
-    QuotaLimits {
-        rate: 1e6 / bucket.interval_us,
-        burst: bucket.burst,
-    }
-}
-
 /// Which bucket refused a call, and when it has a token again.
 #[derive(Debug, PartialEq)]
 struct Refused {
@@ -404,9 +396,13 @@ impl Quotas {
         }
         let path = request.uri().path();
         if self.shared.is_some() {
-            let own = match self.own(&identity) {
-                Some(table) => redis::bucket("o".into(), &table.limits),
-                None => redis::bucket("d".into(), &self.default.of(identity.class).limits),
+            let (table, limits) = match self.own(&identity) {
+                Some(table) => ("o", &table.limits),
+                None => ("d", &self.default.of(identity.class).limits),
+            };
+            let own = redis::Bucket {
+                table: table.into(),
+                limits: limits.clone(),
             };
             let method = self.methods.as_ref().and_then(|m| m.lookup(path)).cloned();
             return Decision::Ask(Ask {
@@ -426,7 +422,10 @@ impl Quotas {
             .as_ref()
             .expect("asked only with a shared store");
         let method = ask.method.as_ref().map(|m| {
-            let bucket = redis::bucket(format!("m:{}", m.pattern), &m.tables.named.limits);
+            let bucket = redis::Bucket {
+                table: format!("m:{}", m.pattern),
+                limits: m.tables.named.limits.clone(),
+            };
             (m, bucket)
         });
         let path = request.uri.path();
@@ -443,7 +442,7 @@ impl Quotas {
                     (Some((m, _)), true) => {
                         (Some(m.pattern.clone()), m.tables.named.limits.clone())
                     }
-                    _ => (None, own_limits(&ask.own)),
+                    _ => (None, ask.own.limits.clone()),
                 };
                 Err(Refused {
                     pattern,

@@ -26,7 +26,7 @@ use ring::digest;
 
 use super::{Identity, Key};
 use crate::{
-    config::{RedisFallback, RedisQuotaConfig},
+    config::{QuotaLimits, RedisFallback, RedisQuotaConfig},
     ops::metrics::QuotaStoreMetrics,
 };
 
@@ -91,9 +91,7 @@ pub enum RedisStoreError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Bucket {
     pub table: String,
-    /// Microseconds per token.
-    pub interval_us: f64,
-    pub burst: u32,
+    pub limits: QuotaLimits,
 }
 
 /// What the store said about one call.
@@ -217,10 +215,12 @@ impl RedisStore {
         }
         invocation
             .key(self.key(caller, &own.table))
-            .arg(own.interval_us)
-            .arg(own.burst);
+            .arg(interval_us(&own.limits))
+            .arg(own.limits.burst);
         if let Some(method) = method {
-            invocation.arg(method.interval_us).arg(method.burst);
+            invocation
+                .arg(interval_us(&method.limits))
+                .arg(method.limits.burst);
         }
         let mut connection = self.connection.clone();
         let started = std::time::Instant::now();
@@ -310,11 +310,7 @@ pub(super) fn caller_tag(identity: &Identity<'_>) -> String {
     }
 }
 
-/// A bucket's size in the script's units.
-pub fn bucket(table: String, limits: &crate::config::QuotaLimits) -> Bucket {
-    Bucket {
-        table,
-        interval_us: 1e6 / limits.rate,
-        burst: limits.burst,
-    }
+/// Microseconds per token: the script's unit.
+fn interval_us(limits: &QuotaLimits) -> f64 {
+    1e6 / limits.rate
 }
