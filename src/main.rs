@@ -40,9 +40,8 @@ enum Failure {
 impl Failure {
     fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_)
-            | Self::Server(ServerError::Tls(_) | ServerError::Tokens(_))
-            | Self::Client(ClientError::InsecureToken { .. }) => 2,
+            Self::Config(_) | Self::Client(ClientError::InsecureToken { .. }) => 2,
+            Self::Server(error) if error.is_configuration() => 2,
             _ => 1,
         }
     }

@@ -96,6 +96,26 @@ pub enum ServerError {
     QuotaStore(#[from] RedisStoreError),
 }
 
+impl ServerError {
+    /// Whether the fix is in the configuration or a file it names (the process exits 2, as for
+    /// an invalid config), rather than in the machine (a port taken, a signal handler refused).
+    /// Every variant is decided here, so a new one cannot default to the wrong exit code.
+    pub fn is_configuration(&self) -> bool {
+        match self {
+            Self::Tls(_)
+            | Self::Tokens(_)
+            | Self::Jwks(_)
+            | Self::Tracing(_)
+            | Self::QuotaStore(_) => true,
+            Self::Unix(error) => matches!(
+                error,
+                UnixSocketError::NotASocket { .. } | UnixSocketError::Mode { .. }
+            ),
+            Self::Bind { .. } | Self::Signals(_) | Self::Reflection(_) | Self::Connect(_) => false,
+        }
+    }
+}
+
 /// TLS and token material, loaded and checked: what `config check` verifies beyond the config
 /// file itself, and what `bind` needs before it opens a socket.
 pub struct Credentials {

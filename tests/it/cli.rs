@@ -363,6 +363,88 @@ fn errors_about_secret_files_name_file_line_and_column_never_the_content() {
 }
 
 #[test]
+fn every_configuration_failure_exits_2_and_a_taken_port_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing");
+    let missing = missing.to_str().unwrap();
+    let tokens = write(
+        dir.path(),
+        "tokens.toml",
+        &greeter::call::auth::entry_toml(&greeter::call::auth::entry_for(
+            "t",
+            "ops",
+            &["greeter".into()],
+        )),
+    );
+    let not_a_socket = write(dir.path(), "not-a-socket", "a regular file");
+    let cases = [
+        ("an unknown key", "[server]\nlisten_on = 1\n".to_owned()),
+        (
+            "a missing TLS certificate",
+            format!("[tls]\nenabled = true\ncert = {missing:?}\nkey = {missing:?}\n"),
+        ),
+        (
+            "a missing tokens file",
+            format!("[auth]\nenabled = true\ntokens_file = {missing:?}\n"),
+        ),
+        (
+            "a missing JWKS file",
+            format!(
+                "[auth]\nenabled = true\ntokens_file = {:?}\n[[auth.jwt.issuers]]\n\
+                 issuer = \"https://issuer.example\"\njwks_file = {missing:?}\n\
+                 audiences = [\"greeter\"]\n",
+                tokens.to_str().unwrap()
+            ),
+        ),
+        (
+            "a missing tracing.headers_file",
+            format!("[tracing]\nenabled = true\nheaders_file = {missing:?}\n"),
+        ),
+    ];
+    for (what, text) in cases {
+        let config = write(dir.path(), "case.toml", &text);
+        for command in ["config check", "serve"] {
+            let mut args: Vec<&str> = command.split(' ').collect();
+            args.extend(["-c", config.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+            if command == "config check" {
+                args.truncate(args.len() - 2);
+            }
+            let output = run(&args);
+            assert_eq!(
+                output.status.code(),
+                Some(2),
+                "{what}, {command}: {}",
+                stderr(&output)
+            );
+        }
+    }
+    // A path that is not a socket where the Unix socket goes: the config's to fix.
+    let config = write(
+        dir.path(),
+        "unix.toml",
+        &format!("[server]\nunix = {:?}\n", not_a_socket.to_str().unwrap()),
+    );
+    let output = run(&[
+        "serve",
+        "-c",
+        config.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    // A port another process holds: the machine's to fix, not the config.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let output = run(&["serve", "--listen", &addr]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("cannot listen on"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
 fn environment_errors_name_the_variable() {
     let output = greeter_bin()
         .args(["config", "check"])
