@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use config::{Environment, File, FileFormat};
 
-use super::{Config, DEFAULT_TOML};
+use super::{Config, DEFAULT_TOML, values};
 
 const ENV_PREFIX: &str = "GREETER";
 const ENV_SEPARATOR: &str = "__";
@@ -259,6 +259,10 @@ fn unpack(error: config::ConfigError) -> (Option<String>, Option<String>, String
                 (key, inner_key) => key.or(inner_key),
             };
             (origin.or(inner_origin), key, message)
+        }
+        E::Message(message) if message.starts_with("enum ") => {
+            let message = values::variants::explain(&message).unwrap_or(message);
+            (None, None, message)
         }
         E::Message(message) => {
             // serde reports an unknown key as a message about its parent; name the key itself.

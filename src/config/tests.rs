@@ -505,3 +505,29 @@ fn sources_from_the_process_read_its_environment() {
     assert_eq!(sources.overrides.len(), 1);
     assert_eq!(sources.env.len(), std::env::vars().count());
 }
+
+#[test]
+fn an_enum_value_no_variant_has_lists_those_accepted_naming_key_and_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mtls.toml");
+    std::fs::write(&file, "[tls]\nclient_auth = \"require\"\n").unwrap();
+    let error = Config::load(&with_files(vec![file])).unwrap_err();
+    assert_eq!(error.key.as_deref(), Some("tls.client_auth"), "{error}");
+    assert!(error.origin.contains("mtls.toml"), "{error}");
+    assert_eq!(
+        error.message,
+        r#""require" is not accepted: give one of "none", "optional", "required""#
+    );
+    let error = Config::load(&Sources {
+        env: vec![("GREETER__LOG__FORMAT".into(), "xml".into())],
+        ..Sources::default()
+    })
+    .unwrap_err();
+    assert!(error.origin.contains("GREETER__LOG__FORMAT"), "{error}");
+    assert!(
+        error
+            .message
+            .contains(r#"give one of "auto", "text", "json""#),
+        "{error}"
+    );
+}

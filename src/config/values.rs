@@ -109,3 +109,117 @@ pub(super) mod optional_addr {
             .map_err(|e| serde::de::Error::custom(format!("{e} ({text:?})")))
     }
 }
+
+/// The values each of the config's enums accepts, for the config crate's "enum ClientAuth does
+/// not have variant constructor require", which names neither the values nor how to write them.
+/// Read from each enum's own `Deserialize` (a deserializer that only records what
+/// `deserialize_enum` is asked for), so the list cannot drift from what is accepted.
+pub(super) mod variants {
+    use serde::{
+        Deserialize,
+        de::{self, Visitor},
+        forward_to_deserialize_any,
+    };
+
+    use crate::config::{
+        AnonymousQuota, AuthMode, ClientAuth, Encoding, IdentityClass, LogFormat, OtlpProtocol,
+        QuotaStore, RedisFallback,
+    };
+
+    /// Every enum the config holds: a new one belongs here.
+    const ENUMS: [fn() -> Option<Recorded>; 9] = [
+        record::<ClientAuth>,
+        record::<AuthMode>,
+        record::<Encoding>,
+        record::<OtlpProtocol>,
+        record::<QuotaStore>,
+        record::<RedisFallback>,
+        record::<IdentityClass>,
+        record::<AnonymousQuota>,
+        record::<LogFormat>,
+    ];
+
+    type Recorded = (&'static str, &'static [&'static str]);
+
+    /// The config crate's message for a value no variant has, rewritten to list those that are.
+    pub fn explain(message: &str) -> Option<String> {
+        let rest = message.strip_prefix("enum ")?;
+        let (name, value) = rest.split_once(" does not have variant constructor ")?;
+        let (_, accepted) = ENUMS
+            .iter()
+            .filter_map(|record| record())
+            .find(|(enum_name, _)| *enum_name == name)?;
+        let accepted: Vec<String> = accepted.iter().map(|v| format!("{v:?}")).collect();
+        Some(format!(
+            "{value:?} is not accepted: give one of {}",
+            accepted.join(", ")
+        ))
+    }
+
+    fn record<'de, T: Deserialize<'de>>() -> Option<Recorded> {
+        let mut recorder = Recorder(None);
+        // The recorder answers every request with an error once it has what it wants.
+        let _ = T::deserialize(&mut recorder);
+        recorder.0
+    }
+
+    struct Recorder(Option<Recorded>);
+
+    #[derive(Debug)]
+    struct Stop;
+
+    impl std::fmt::Display for Stop {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("recorded")
+        }
+    }
+
+    impl std::error::Error for Stop {}
+
+    impl de::Error for Stop {
+        fn custom<T: std::fmt::Display>(_: T) -> Self {
+            Stop
+        }
+    }
+
+    impl<'de> de::Deserializer<'de> for &mut Recorder {
+        type Error = Stop;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
+            Err(Stop)
+        }
+
+        fn deserialize_enum<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            variants: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Stop> {
+            self.0 = Some((name, variants));
+            Err(Stop)
+        }
+
+        forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map struct identifier
+            ignored_any
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn every_enum_lists_what_it_accepts() {
+            assert_eq!(
+                super::explain("enum ClientAuth does not have variant constructor require")
+                    .as_deref(),
+                Some(r#""require" is not accepted: give one of "none", "optional", "required""#)
+            );
+            for record in super::ENUMS {
+                let (name, accepted) = record().expect("each entry is an enum");
+                assert!(!accepted.is_empty(), "{name}");
+            }
+            assert_eq!(super::explain("expected a string"), None);
+        }
+    }
+}
