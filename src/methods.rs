@@ -52,6 +52,17 @@ impl Method {
     }
 }
 
+/// What the server serves, and describes by reflection: helloworld, health, both reflection
+/// protocols (grpcurl before 1.9 and many tools speak only v1alpha), and google.rpc's Status and
+/// BadRequest, so clients can decode error details by reflection.
+pub const DESCRIPTOR_SETS: [&[u8]; 5] = [
+    crate::pb::FILE_DESCRIPTOR_SET,
+    tonic_health::pb::FILE_DESCRIPTOR_SET,
+    tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    tonic_types::pb::FILE_DESCRIPTOR_SET,
+];
+
 /// Every method of every service in encoded `FileDescriptorSet`s.
 ///
 /// # Panics
@@ -108,6 +119,52 @@ pub fn check_pattern(pattern: &str) -> Result<(), &'static str> {
     } else {
         Err("a pattern is \"*\", \"/package.Service/*\" or \"/package.Service/Method\"")
     }
+}
+
+/// `None` when a well-formed `pattern` names something `served` has; else what is wrong, with the
+/// closest served method (or service) when one is near: a mistyped pattern would silently apply
+/// to nothing.
+pub fn unmatched(pattern: &str, served: &[Method]) -> Option<String> {
+    let Some((service, method)) = pattern
+        .strip_prefix('/')
+        .and_then(|rest| rest.split_once('/'))
+    else {
+        return None;
+    };
+    let (what, candidates): (_, Vec<String>) = if method == "*" {
+        if served.iter().any(|m| m.service == service) {
+            return None;
+        }
+        (
+            "service",
+            served.iter().map(|m| format!("/{}/*", m.service)).collect(),
+        )
+    } else {
+        if served
+            .iter()
+            .any(|m| m.service == service && m.method == method)
+        {
+            return None;
+        }
+        ("method", served.iter().map(Method::path).collect())
+    };
+    let closest = candidates
+        .iter()
+        .min_by_key(|candidate| strsim::levenshtein(pattern, candidate))
+        .filter(|candidate| strsim::levenshtein(pattern, candidate) <= pattern.len() / 3);
+    Some(match closest {
+        Some(closest) => format!("names no served {what}; did you mean {closest:?}?"),
+        None => format!(
+            "names no served {what} (greeter serves {})",
+            served_services(served).join(", ")
+        ),
+    })
+}
+
+fn served_services(served: &[Method]) -> Vec<&str> {
+    let mut services: Vec<&str> = served.iter().map(|m| m.service.as_str()).collect();
+    services.dedup();
+    services
 }
 
 /// Per-method settings keyed by pattern: `/pkg.Service/Method`, `/pkg.Service/*` or `*`. Looking
@@ -190,5 +247,31 @@ mod tests {
         assert_eq!(table.lookup("/b.T/M"), Some(&1));
         assert_eq!(table.specific("/b.T/M"), None);
         assert_eq!(MethodTable::<u8>::new([]).lookup("/a.S/M"), None);
+    }
+
+    #[test]
+    fn patterns_that_name_nothing_served_say_what_is_closest() {
+        let served = served_methods(&DESCRIPTOR_SETS);
+        for pattern in [
+            "*",
+            "/helloworld.Greeter/SayHello",
+            "/helloworld.Greeter/*",
+            "/grpc.health.v1.Health/Watch",
+        ] {
+            assert_eq!(unmatched(pattern, &served), None, "{pattern}");
+        }
+        assert_eq!(
+            unmatched("/helloworld.Greeter/SayHelo", &served).as_deref(),
+            Some("names no served method; did you mean \"/helloworld.Greeter/SayHello\"?")
+        );
+        assert_eq!(
+            unmatched("/helloworld.Greter/*", &served).as_deref(),
+            Some("names no served service; did you mean \"/helloworld.Greeter/*\"?")
+        );
+        let far = unmatched("/billing.Invoices/Create", &served).unwrap();
+        assert!(
+            far.starts_with("names no served method (greeter serves helloworld.Greeter, "),
+            "{far}"
+        );
     }
 }

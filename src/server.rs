@@ -40,7 +40,7 @@ use crate::{
     call::resolve::{Resolver, Tables},
     call::web::WebLayer,
     config::{AuthMode, Config, LimitsConfig, ProbeConfig, QuotaConfig, QuotaStore},
-    methods::{Method, MethodTable, served_methods},
+    methods::{self, Method, MethodTable, served_methods},
     ops::logging,
     ops::metrics::{
         self, CounterFn, CounterFnSet, GrpcMetrics, QuotaRefusals, QuotaStoreMetrics, Reloads,
@@ -49,7 +49,7 @@ use crate::{
     ops::reload::{self, Triggers, Watched},
     ops::shutdown,
     ops::telemetry::{ExportMaterial, SpanQueue, Telemetry, TelemetryError},
-    pb::{self, greeter_server::GreeterServer},
+    pb::greeter_server::GreeterServer,
     service::health::{self, Health},
     service::{self, Greeter, compressed},
     transport::connection::{self, Activity},
@@ -288,16 +288,7 @@ impl Server {
         let _stop_background = background.clone().drop_guard();
 
         let limits = &config.limits;
-        // Both reflection protocols (grpcurl before 1.9 and many tools speak only v1alpha), each
-        // describing everything served, the other reflection protocol included, as grpc-go does.
-        let descriptor_sets = [
-            pb::FILE_DESCRIPTOR_SET,
-            tonic_health::pb::FILE_DESCRIPTOR_SET,
-            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
-            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-            // google.rpc.Status and BadRequest, so clients can decode error details by reflection.
-            tonic_types::pb::FILE_DESCRIPTOR_SET,
-        ];
+        let descriptor_sets = methods::DESCRIPTOR_SETS;
 
         // Every series exists from here on, at zero; the layers and tasks get handles on them.
         let mut registry = Registry::default();

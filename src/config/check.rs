@@ -3,6 +3,7 @@
 //! that owns it, behind [`Section`]. Each error names the key and the layer that set it.
 
 use super::{AuthMode, ClientAuth, Config, ConfigError, load::Origins};
+use crate::methods;
 
 /// What is wrong with one key of a section.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +41,7 @@ impl Config {
         check(&self.tracing, origins)?;
         check(&self.quota, origins)?;
         self.validate_quota_issuers(origins)?;
+        self.validate_method_patterns(origins)?;
         if self.auth.enabled {
             self.validate_auth(origins)?;
         }
@@ -56,6 +58,28 @@ impl Config {
                      server.allow_insecure = true"
                 ),
             );
+        }
+        Ok(())
+    }
+
+    /// Every per-method table names methods (or services) the server serves: a mistyped pattern
+    /// would otherwise apply to nothing, silently. Well-formedness is each section's own check.
+    fn validate_method_patterns(&self, origins: &Origins<'_>) -> Result<(), ConfigError> {
+        let served = methods::served_methods(&methods::DESCRIPTOR_SETS);
+        let tables: [(&str, Vec<&String>); 3] = [
+            ("auth.policy", self.auth.policy.keys().collect()),
+            ("deadline.methods", self.deadline.methods.keys().collect()),
+            ("quota.methods", self.quota.methods.keys().collect()),
+        ];
+        for (key, patterns) in tables {
+            for pattern in patterns {
+                if methods::check_pattern(pattern).is_err() {
+                    continue;
+                }
+                if let Some(problem) = methods::unmatched(pattern, &served) {
+                    return Err(origins.error(key, format!("{key}.\"{pattern}\" {problem}")));
+                }
+            }
         }
         Ok(())
     }

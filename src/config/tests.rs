@@ -531,3 +531,34 @@ fn an_enum_value_no_variant_has_lists_those_accepted_naming_key_and_layer() {
         "{error}"
     );
 }
+
+#[test]
+fn a_method_pattern_that_names_nothing_served_is_refused_with_the_closest() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, key) in [
+        (
+            "[auth.policy]\n\"/helloworld.Greeter/SayHelo\" = \"greeter\"\n",
+            "auth.policy",
+        ),
+        (
+            "[deadline.methods.\"/helloworld.Greeter/SayHelo\"]\ndefault = \"1s\"\nmax = \"2s\"\n",
+            "deadline.methods",
+        ),
+        (
+            "[quota.methods.\"/helloworld.Greeter/SayHelo\"]\nrate = 1.0\nburst = 1\n",
+            "quota.methods",
+        ),
+    ] {
+        let file = dir.path().join("typo.toml");
+        std::fs::write(&file, text).unwrap();
+        let error = Config::load(&with_files(vec![file])).unwrap_err();
+        assert_eq!(error.key.as_deref(), Some(key), "{error}");
+        assert!(error.origin.contains("typo.toml"), "{error}");
+        assert!(
+            error.message.ends_with(
+                "names no served method; did you mean \"/helloworld.Greeter/SayHello\"?"
+            ),
+            "{error}"
+        );
+    }
+}
