@@ -125,12 +125,9 @@ pub fn check_pattern(pattern: &str) -> Result<(), &'static str> {
 /// closest served method (or service) when one is near: a mistyped pattern would silently apply
 /// to nothing.
 pub fn unmatched(pattern: &str, served: &[Method]) -> Option<String> {
-    let Some((service, method)) = pattern
+    let (service, method) = pattern
         .strip_prefix('/')
-        .and_then(|rest| rest.split_once('/'))
-    else {
-        return None;
-    };
+        .and_then(|rest| rest.split_once('/'))?;
     let (what, candidates): (_, Vec<String>) = if method == "*" {
         if served.iter().any(|m| m.service == service) {
             return None;
