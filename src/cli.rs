@@ -44,6 +44,9 @@ pub enum Command {
     Stream(NameArgs),
     /// Call SayHelloBidiStream: read names from stdin, one per line, and print each reply as it
     /// arrives. Ends when stdin closes and every reply has been received.
+    #[command(mut_arg("timeout", |arg| arg.help(
+        "Deadline for the whole chat, e.g. 5m, sent to the server as grpc-timeout [default: none]"
+    )))]
     Chat(ClientArgs),
     /// Check grpc.health.v1.Health and print the status; exit 0 only when SERVING.
     ///

@@ -41,7 +41,7 @@ pub struct ClientArgs {
     )]
     pub addr: String,
     /// Deadline for the whole call, e.g. 500ms, 5s, 1m, sent to the server as grpc-timeout
-    /// [default: 10s; none for chat]
+    /// [default: 10s]
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub timeout: Option<Duration>,
     /// Connect with TLS (implied by --ca, --cert and https:// addresses); without --ca the
@@ -186,6 +186,18 @@ pub async fn connect(args: &ClientArgs) -> Result<Session, ClientError> {
         None if args.addr.contains("://") => args.addr.clone(),
         None => format!("{}://{}", if tls { "https" } else { "http" }, args.addr),
     };
+    // A bare host has no port to imply (a URI's scheme does: https://host is 443): dialing 80,
+    // where nobody serves gRPC, would hang or be refused instead of naming the mistake.
+    if unix.is_none()
+        && !args.addr.contains("://")
+        && uri
+            .parse::<http::Uri>()
+            .is_ok_and(|parsed| parsed.port_u16().is_none())
+    {
+        return Err(address_error(
+            "no port: give host:port, e.g. 127.0.0.1:50051 (the quick start's)".into(),
+        ));
+    }
     if args.token.is_some() && !tls && unix.is_none() && !args.allow_insecure_token {
         let host = uri.parse::<http::Uri>().ok();
         if !host

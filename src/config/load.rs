@@ -260,6 +260,13 @@ fn unpack(error: config::ConfigError) -> (Option<String>, Option<String>, String
             };
             (origin.or(inner_origin), key, message)
         }
+        E::Message(message) if message == "invalid socket address syntax" => (
+            None,
+            None,
+            "not an IP address and port: give e.g. 127.0.0.1:50051 or [::1]:50051 (host names \
+             such as localhost are not looked up: a listener binds an address)"
+                .to_owned(),
+        ),
         E::Message(message) if message.starts_with("enum ") => {
             let message = values::variants::explain(&message).unwrap_or(message);
             (None, None, message)

@@ -445,6 +445,29 @@ fn every_configuration_failure_exits_2_and_a_taken_port_exits_1() {
 }
 
 #[test]
+fn an_address_without_a_port_is_named_not_dialed_on_port_80() {
+    let output = run(&["hello", "--addr", "127.0.0.1", "--timeout", "2s"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("invalid server address \"127.0.0.1\": no port"),
+        "{}",
+        stderr(&output)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "host.toml",
+        "[server]\nlisten = \"localhost:6000\"\n",
+    );
+    let err = assert_config_error(
+        &["config", "check", "-c", config.to_str().unwrap()],
+        "host.toml",
+        "server.listen",
+    );
+    assert!(err.contains("give e.g. 127.0.0.1:50051"), "{err}");
+}
+
+#[test]
 fn environment_errors_name_the_variable() {
     let output = greeter_bin()
         .args(["config", "check"])
