@@ -15,6 +15,7 @@
 
 mod check;
 mod load;
+pub mod paths;
 pub mod secret;
 mod values;
 

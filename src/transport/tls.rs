@@ -45,7 +45,7 @@ use crate::{
 /// What is wrong with the TLS material, naming the file.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{path}: cannot read: {source}")]
+    #[error("{path}: cannot read: {source}{}", crate::config::paths::relative_note(.path))]
     Read {
         path: PathBuf,
         source: std::io::Error,

@@ -468,6 +468,33 @@ fn an_address_without_a_port_is_named_not_dialed_on_port_80() {
 }
 
 #[test]
+fn a_relative_path_that_cannot_be_read_names_the_directory_it_was_read_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "secure.toml",
+        "[tls]\nenabled = true\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\n",
+    );
+    let elsewhere = tempfile::tempdir().unwrap();
+    let output = greeter_bin()
+        .args(["config", "check", "-c", config.to_str().unwrap()])
+        .current_dir(elsewhere.path())
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let err = stderr(&output);
+    assert!(
+        err.contains(&format!(
+            "certs/server.pem: cannot read: No such file or directory (os error 2) (a relative \
+             path, read from the working directory {}",
+            elsewhere.path().display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
 fn environment_errors_name_the_variable() {
     let output = greeter_bin()
         .args(["config", "check"])

@@ -16,7 +16,7 @@ use jsonwebtoken::{
 /// What is wrong with a JWKS file, naming the file and the key.
 #[derive(Debug, thiserror::Error)]
 pub enum JwksError {
-    #[error("{path}: cannot read: {source}")]
+    #[error("{path}: cannot read: {source}{}", crate::config::paths::relative_note(.path))]
     Read {
         path: String,
         source: std::io::Error,

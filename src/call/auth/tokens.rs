@@ -22,7 +22,7 @@ pub const TOKEN_PREFIX: &str = "grt_";
 /// What is wrong with a tokens file, naming the file and the entry.
 #[derive(Debug, thiserror::Error)]
 pub enum TokensError {
-    #[error("{path}: cannot read: {source}")]
+    #[error("{path}: cannot read: {source}{}", config::paths::relative_note(.path))]
     Read {
         path: String,
         source: std::io::Error,

@@ -66,14 +66,20 @@ return {0, 0}
 /// Why the shared store cannot be used: each names the key and the file, never a secret.
 #[derive(Debug, thiserror::Error)]
 pub enum RedisStoreError {
-    #[error("quota.redis.password_file: {path}: cannot read: {source}")]
+    #[error(
+        "quota.redis.password_file: {path}: cannot read: {source}{}",
+        crate::config::paths::relative_note(.path)
+    )]
     Password {
         path: String,
         source: std::io::Error,
     },
     #[error("quota.redis.password_file: {path}: the file is empty")]
     EmptyPassword { path: String },
-    #[error("quota.redis.ca_file: {path}: cannot read: {source}")]
+    #[error(
+        "quota.redis.ca_file: {path}: cannot read: {source}{}",
+        crate::config::paths::relative_note(.path)
+    )]
     Ca {
         path: String,
         source: std::io::Error,

@@ -166,7 +166,7 @@ fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TelemetryError> {
     std::fs::read(path).map_err(|e| TelemetryError::File {
         key,
         path: path.display().to_string(),
-        message: e.to_string(),
+        message: format!("{e}{}", crate::config::paths::relative_note(path)),
     })
 }
 
