@@ -155,9 +155,21 @@ pub struct TokenArgs {
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Load and validate the configuration; exit 0 when it is valid, 2 with the reason when not.
-    Check(ConfigArgs),
+    Check(CheckArgs),
     /// Print the effective configuration (all layers merged) as TOML.
     Show(ConfigArgs),
+}
+
+/// `config check`'s flags.
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Check keys, types and values only, without reading the files the config names (TLS,
+    /// tokens, JWKS, ...): for a config meant for another machine, such as a ConfigMap whose
+    /// files are Secret mounts there
+    #[arg(long)]
+    pub offline: bool,
 }
 
 /// Where configuration comes from (see `config/default.toml`).

@@ -495,6 +495,46 @@ fn a_relative_path_that_cannot_be_read_names_the_directory_it_was_read_from() {
 }
 
 #[test]
+fn config_check_offline_checks_the_config_without_reading_the_files_it_names() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let production = root.join("config/production.toml");
+    let jwt = root.join("deploy/k8s/overlays/prod/jwt.toml");
+    let args = |offline: bool| {
+        let mut args = vec!["config", "check"];
+        if offline {
+            args.push("--offline");
+        }
+        args.extend([
+            "-c",
+            production.to_str().unwrap(),
+            "-c",
+            jwt.to_str().unwrap(),
+        ]);
+        run(&args)
+    };
+    // The production files are Secret mounts in the pod, absent here.
+    let online = args(false);
+    assert_eq!(online.status.code(), Some(2), "{}", stderr(&online));
+    assert!(
+        stderr(&online).contains("/etc/greeter/tls/tls.crt"),
+        "{}",
+        stderr(&online)
+    );
+    let offline = args(true);
+    assert!(offline.status.success(), "{}", stderr(&offline));
+    assert!(stdout(&offline).contains("the files it names were not read"));
+    // Keys and values are still checked.
+    let dir = tempfile::tempdir().unwrap();
+    let typo = write(
+        dir.path(),
+        "typo.toml",
+        "[tls]\nclient_auth = \"require\"\n",
+    );
+    let output = run(&["config", "check", "--offline", "-c", typo.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+}
+
+#[test]
 fn environment_errors_name_the_variable() {
     let output = greeter_bin()
         .args(["config", "check"])
