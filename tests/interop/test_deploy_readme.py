@@ -41,7 +41,12 @@ def test_secrets_and_health_commands_work_in_order(tmp_path, grpcurl):
     text = DEPLOY_README.read_text()
     secrets = sh_blocks(section(text, "Secrets"))
     health = sh_blocks(section(text, "Check health"))
-    assert len(secrets) == 2 and len(health) == 1, (len(secrets), len(health))
+    assert len(secrets) == 3 and len(health) == 1, (len(secrets), len(health))
+    # Everything the prod overlay's pods mount exists before the page applies it: followed in
+    # order, no pod waits in ContainerCreating for a ConfigMap a later section creates.
+    jwks = text.index("create configmap greeter-jwks")
+    apply = text.index("kubectl apply -k deploy/k8s/overlays/prod\n")
+    assert jwks < apply, "the JWKS ConfigMap is created after the overlay is applied"
     work = tmp_path / "repo"
     shutil.copytree(ROOT / "proto", work / "proto")
     bin_dir = tmp_path / "bin"
