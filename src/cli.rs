@@ -64,6 +64,62 @@ pub enum Command {
     /// Bearer tokens for auth.tokens_file.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Development JWTs for [auth.jwt]: a signing key with its JWKS, and tokens signed with it.
+    #[command(subcommand)]
+    Jwt(JwtCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JwtCommand {
+    /// Write a signing key (PKCS#8 PEM, mode 0600) and the JWKS of its public key, the file
+    /// [[auth.jwt.issuers]] jwks_file names.
+    ///
+    /// For development and tests only: real tokens come from your cluster or OIDC provider.
+    Keygen(JwtKeygenArgs),
+    /// Print a token signed with a key from `greeter jwt keygen`, with the claims of a Kubernetes
+    /// projected service-account token (iss, sub, aud, iat, nbf, exp).
+    Mint(JwtMintArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct JwtKeygenArgs {
+    /// The signature algorithm
+    #[arg(long, value_enum, default_value = "EdDSA")]
+    pub alg: crate::dev_jwt::Alg,
+    /// The key's id: tokens name it in their header, the JWKS holds it
+    #[arg(long, default_value = "dev")]
+    pub kid: String,
+    /// Where to write the private key
+    #[arg(long, value_name = "FILE", default_value = "certs/jwt.key")]
+    pub key: PathBuf,
+    /// Where to write the JWKS
+    #[arg(long, value_name = "FILE", default_value = "certs/jwks.json")]
+    pub jwks: PathBuf,
+    /// Overwrite existing files
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct JwtMintArgs {
+    /// The private key from `greeter jwt keygen`
+    #[arg(long, value_name = "FILE", default_value = "certs/jwt.key")]
+    pub key: PathBuf,
+    /// The key's id, as in the JWKS
+    #[arg(long, default_value = "dev")]
+    pub kid: String,
+    /// Issuer (iss): the issuer of an [[auth.jwt.issuers]] entry
+    #[arg(long)]
+    pub iss: String,
+    /// Subject (sub): the caller's identity, e.g. system:serviceaccount:shop:checkout
+    #[arg(long)]
+    pub sub: String,
+    /// Audience (aud); repeat for several
+    #[arg(long = "aud", value_name = "AUDIENCE", required = true)]
+    pub audiences: Vec<String>,
+    /// Lifetime, e.g. 10m, 1h
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    pub ttl: std::time::Duration,
 }
 
 #[derive(Debug, Args)]

@@ -21,6 +21,7 @@ pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod dev_jwt;
 pub mod methods;
 pub mod ops;
 pub mod pb;

@@ -9,10 +9,14 @@ use clap::Parser as _;
 use greeter::{
     call::auth,
     certs::{CertsError, DevPki, PkiOptions},
-    cli::{BenchArgs, CertsArgs, Cli, Command, ConfigArgs, ConfigCommand, TokenArgs, TokenCommand},
+    cli::{
+        BenchArgs, CertsArgs, Cli, Command, ConfigArgs, ConfigCommand, JwtCommand, TokenArgs,
+        TokenCommand,
+    },
     client::bench::Plan,
     client::{self, ClientError, Unary},
     config::{Config, ConfigError, LogFormat, Sources},
+    dev_jwt,
     ops::logging,
     ops::memory::WorstCase,
     ops::shutdown::Signals,
@@ -30,6 +34,8 @@ enum Failure {
     Client(#[from] ClientError),
     #[error("{0}")]
     Certs(#[from] CertsError),
+    #[error("{0}")]
+    DevJwt(#[from] dev_jwt::DevJwtError),
     #[error("{path}: {source}")]
     Write {
         path: std::path::PathBuf,
@@ -107,6 +113,21 @@ async fn run(command: Command) -> Result<(), Failure> {
         Command::Bench(args) => bench(&args).await,
         Command::Certs(greeter::cli::CertsCommand::Generate(args)) => generate_certs(args),
         Command::Token(TokenCommand::New(args)) => new_token(&args),
+        Command::Jwt(JwtCommand::Keygen(args)) => {
+            dev_jwt::keygen(args.alg, &args.kid, &args.key, &args.jwks, args.force)?;
+            println!("wrote {} and {}", args.key.display(), args.jwks.display());
+            Ok(())
+        }
+        Command::Jwt(JwtCommand::Mint(args)) => {
+            let claims = dev_jwt::Claims {
+                issuer: args.iss,
+                subject: args.sub,
+                audiences: args.audiences,
+                ttl: args.ttl,
+            };
+            println!("{}", dev_jwt::mint(&args.key, &args.kid, &claims)?);
+            Ok(())
+        }
         Command::Hello(a) => {
             client_logging();
             let reply = client::unary(&a.client, Unary::SayHello, a.name).await?;

@@ -30,6 +30,8 @@ from conftest import ROOT, SUBPROCESS_TIMEOUT, READY_TIMEOUT, free_port, require
 
 README = ROOT / "README.md"
 DOC_PORT = "50051"
+# The second server of the Secured section's workload-identity block.
+JWT_DOC_PORT = "50052"
 
 
 def section(text, title):
@@ -140,8 +142,9 @@ def test_quick_start_then_secured_section_as_written(front_door, tmp_path):
     text = README.read_text()
     quick = sh_blocks(section(text, "Quick start"))
     secured = sh_blocks(section(text, "Secured: TLS and tokens"))
-    assert len(quick) >= 4 and len(secured) == 1, (len(quick), len(secured))
+    assert len(quick) >= 4 and len(secured) == 2, (len(quick), len(secured))
     swap = lambda s: s.replace(DOC_PORT, port)
+    jwt_port = str(free_port())
 
     # The first block installs and starts the server; the others are transcripts against it.
     start = [line.split("#")[0].strip() for line in quick[0].splitlines()]
@@ -168,12 +171,16 @@ def test_quick_start_then_secured_section_as_written(front_door, tmp_path):
         log.close()
     assert server.returncode == 0, (tmp_path / "quick-start-server.log").read_text()
 
-    # The Secured section's script, once the quick start's server is stopped as the README says.
+    # The Secured section's script, once the quick start's server is stopped as the README says,
+    # then its workload-identity block (a second server, on the README's second port) in the
+    # same shell, as a reader would go on.
     script = []
-    for line in swap(secured[0]).splitlines():
+    for line in swap(secured[0] + secured[1]).replace(JWT_DOC_PORT, jwt_port).splitlines():
         script.append(line)
         if re.match(r"greeter serve\b.*&\s*(#.*)?$", line):
-            script.append(f"until (exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null; do sleep 0.05; done")
+            listens = re.search(r"--listen \S+:(\d+)", line)
+            waited = listens.group(1) if listens else port
+            script.append(f"until (exec 3<>/dev/tcp/127.0.0.1/{waited}) 2>/dev/null; do sleep 0.05; done")
     # Output to files: the server the script leaves in the background keeps its pipes open.
     out_path, err_path = tmp_path / "secured.stdout", tmp_path / "secured.stderr"
     with open(out_path, "w") as out, open(err_path, "w") as err:
@@ -190,7 +197,10 @@ def test_quick_start_then_secured_section_as_written(front_door, tmp_path):
     out, err = out_path.read_text(), err_path.read_text()
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out}{err}"
     lines = out.splitlines()
-    assert "Hello, you!" in lines, out + err
+    # Once with the static token, once with the minted JWT.
+    assert lines.count("Hello, you!") == 2, out + err
     assert "helloworld.Greeter" in lines, out + err
-    assert lines[-3:] == ["Will try to greet world ...", "Greeter client received: Hello, you!",
-                          "Greeter client received: Hello again, you!"], out + err
+    python = ["Will try to greet world ...", "Greeter client received: Hello, you!",
+              "Greeter client received: Hello again, you!"]
+    start = lines.index(python[0])
+    assert lines[start:start + 3] == python, out + err

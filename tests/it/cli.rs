@@ -534,6 +534,130 @@ fn config_check_offline_checks_the_config_without_reading_the_files_it_names() {
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
 }
 
+#[tokio::test]
+async fn jwt_keygen_and_mint_make_tokens_the_server_accepts_and_refuses_as_it_should() {
+    use greeter::pb::{HelloRequest, greeter_client::GreeterClient};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    for (alg, kid) in [("EdDSA", "ed"), ("ES256", "es")] {
+        let output = run(&[
+            "jwt",
+            "keygen",
+            "--alg",
+            alg,
+            "--kid",
+            kid,
+            "--key",
+            &path(&format!("{kid}.key")),
+            "--jwks",
+            &path(&format!("{kid}.json")),
+        ]);
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
+    let key_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(path("ed.key")).unwrap().permissions(),
+    );
+    assert_eq!(
+        key_mode & 0o777,
+        0o600,
+        "the private key is the owner's only"
+    );
+    // Refuses to overwrite without --force.
+    let again = run(&[
+        "jwt",
+        "keygen",
+        "--key",
+        &path("ed.key"),
+        "--jwks",
+        &path("ed.json"),
+    ]);
+    assert!(
+        stderr(&again).contains("already exists; pass --force"),
+        "{}",
+        stderr(&again)
+    );
+
+    let mut config = common::config_with(vec![
+        ("auth.enabled".into(), "true".into()),
+        ("auth.tokens_file".into(), path("tokens.toml")),
+    ]);
+    std::fs::write(path("tokens.toml"), "").unwrap();
+    config.auth.jwt.issuers = ["ed", "es"]
+        .iter()
+        .map(|kid| greeter::config::JwtIssuer {
+            issuer: format!("https://{kid}.example"),
+            jwks_file: path(&format!("{kid}.json")).into(),
+            audiences: vec!["greeter".into()],
+            scopes_claim: None,
+        })
+        .collect();
+    config.auth.jwt.rules = ["ed", "es"]
+        .iter()
+        .map(|kid| greeter::config::ClaimRule {
+            claim: "sub".into(),
+            pattern: "system:serviceaccount:shop:*".into(),
+            scopes: vec!["greeter".into()],
+            issuer: Some(format!("https://{kid}.example")),
+        })
+        .collect();
+    let server = common::TestServer::start_with(config).await;
+    let call = |token: String| {
+        let channel = server.channel();
+        async move {
+            let mut request = tonic::Request::new(HelloRequest { name: "jwt".into() });
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            GreeterClient::new(channel.await)
+                .say_hello(request)
+                .await
+                .map(|reply| reply.into_inner().message)
+                .map_err(|status| status.code())
+        }
+    };
+    let mint = |kid: &str, iss: &str, sub: &str, ttl: &str| {
+        let output = run(&[
+            "jwt",
+            "mint",
+            "--key",
+            &path(&format!("{kid}.key")),
+            "--kid",
+            kid,
+            "--iss",
+            iss,
+            "--sub",
+            sub,
+            "--aud",
+            "greeter",
+            "--ttl",
+            ttl,
+        ]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        stdout(&output).trim().to_owned()
+    };
+    for kid in ["ed", "es"] {
+        let iss = format!("https://{kid}.example");
+        let token = mint(kid, &iss, "system:serviceaccount:shop:checkout", "10m");
+        assert_eq!(call(token).await, Ok("Hello, jwt!".into()), "{kid}");
+        // Another namespace: valid, but no rule grants it the scope.
+        let token = mint(kid, &iss, "system:serviceaccount:web:front", "10m");
+        assert_eq!(
+            call(token).await,
+            Err(tonic::Code::PermissionDenied),
+            "{kid}"
+        );
+    }
+    // Signed with one issuer's key, claiming the other issuer: its key is not in that set.
+    let forged = mint(
+        "ed",
+        "https://es.example",
+        "system:serviceaccount:shop:x",
+        "10m",
+    );
+    assert_eq!(call(forged).await, Err(tonic::Code::Unauthenticated));
+}
+
 #[test]
 fn environment_errors_name_the_variable() {
     let output = greeter_bin()
