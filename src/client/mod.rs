@@ -1,5 +1,6 @@
 //! Client subcommands: one channel builder, one error type, and the calls.
 
+pub mod bearer;
 pub mod bench;
 
 use std::{
@@ -18,7 +19,6 @@ use tokio::{
 use tokio_stream::{StreamExt as _, wrappers::LinesStream};
 use tonic::{
     Code, Request, Status,
-    metadata::{Ascii, MetadataValue},
     transport::{Certificate, Channel, ClientTlsConfig, Identity},
 };
 use tonic_health::pb::{
@@ -28,6 +28,7 @@ use tonic_health::pb::{
 use tower::service_fn;
 
 use crate::pb::{HelloRequest, greeter_client::GreeterClient};
+use bearer::{Bearer, TokenFile};
 
 /// How a client subcommand reaches the server.
 #[derive(Debug, Clone, Args)]
@@ -64,6 +65,10 @@ pub struct ClientArgs {
     /// loopback (see --allow-insecure-token)
     #[arg(long, env = "GREETER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// A file holding the bearer token (its first line), re-read when it changes: a projected
+    /// service-account token, which the kubelet rotates while the pod runs
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// Send --token over plaintext to a non-loopback address, readable by anyone on the path
     /// (only for a network you trust, e.g. a mesh sidecar's mTLS); loopback and unix: need no flag
     #[arg(long)]
@@ -148,7 +153,7 @@ pub fn code_name(code: Code) -> String {
 /// An open channel plus what every call on it carries.
 pub struct Session {
     channel: Channel,
-    authorization: Option<MetadataValue<Ascii>>,
+    authorization: Option<Bearer>,
 }
 
 impl Session {
@@ -163,10 +168,10 @@ impl Session {
         if let Some(limit) = timeout {
             request.set_timeout(limit);
         }
-        if let Some(value) = &self.authorization {
+        if let Some(bearer) = &self.authorization {
             request
                 .metadata_mut()
-                .insert("authorization", value.clone());
+                .insert("authorization", bearer.value());
         }
         request
     }
@@ -198,7 +203,8 @@ pub async fn connect(args: &ClientArgs) -> Result<Session, ClientError> {
             "no port: give host:port, e.g. 127.0.0.1:50051 (the quick start's)".into(),
         ));
     }
-    if args.token.is_some() && !tls && unix.is_none() && !args.allow_insecure_token {
+    let sends_token = args.token.is_some() || args.token_file.is_some();
+    if sends_token && !tls && unix.is_none() && !args.allow_insecure_token {
         let host = uri.parse::<http::Uri>().ok();
         if !host
             .as_ref()
@@ -222,15 +228,11 @@ pub async fn connect(args: &ClientArgs) -> Result<Session, ClientError> {
             .tls_config(tls_config(args)?)
             .map_err(|e| address_error(error_chain(&e)))?;
     }
-    let authorization = args
-        .token
-        .as_deref()
-        .map(|token| {
-            format!("Bearer {token}")
-                .parse::<MetadataValue<Ascii>>()
-                .map_err(|_| ClientError::Token("not a valid header value".into()))
-        })
-        .transpose()?;
+    let authorization = match (&args.token, &args.token_file) {
+        (Some(token), _) => Some(Bearer::Fixed(bearer::header(token)?)),
+        (None, Some(path)) => Some(Bearer::File(TokenFile::open(path)?)),
+        (None, None) => None,
+    };
     let endpoint = endpoint.connect_timeout(args.timeout.unwrap_or(DEFAULT_TIMEOUT));
     // What the user asked for, with the scheme it implies: http:// and https:// tell plaintext
     // from TLS at a glance.
