@@ -116,11 +116,15 @@ pub enum ClientError {
          --allow-insecure-token if the network is trusted (loopback and unix: need no flag)"
     )]
     InsecureToken { addr: String },
-    #[error("{error}; {hint}")]
+    /// One sentence naming the flag to change; the transport's own error stays the source.
+    #[error("{hint}")]
     WrongProtocol {
+        #[source]
         error: Box<ClientError>,
         hint: &'static str,
     },
+    #[error("cannot connect to {addr}: {problem}")]
+    Certificate { addr: String, problem: String },
     #[error("writing to stdout: {0}")]
     Stdout(std::io::Error),
 }
@@ -251,9 +255,18 @@ pub async fn connect(args: &ClientArgs) -> Result<Session, ClientError> {
         }
         None => endpoint.connect().await,
     };
-    let channel = connected.map_err(|e| ClientError::Connect {
-        addr: target,
-        reason: error_chain(&e),
+    let channel = connected.map_err(|e| {
+        let reason = error_chain(&e);
+        match certificate_problem(&reason, args) {
+            Some(problem) => ClientError::Certificate {
+                addr: target,
+                problem,
+            },
+            None => ClientError::Connect {
+                addr: target,
+                reason,
+            },
+        }
     })?;
     Ok(Session {
         channel,
@@ -339,6 +352,36 @@ async fn diagnosed<T>(
         error: Box::new(error),
         hint,
     })
+}
+
+/// rustls' verdict on the server's certificate, as one sentence naming the flag to change:
+/// `invalid peer certificate: UnknownIssuer` says neither what is wrong nor what to do.
+fn certificate_problem(reason: &str, args: &ClientArgs) -> Option<String> {
+    let (_, verdict) = reason.split_once("invalid peer certificate: ")?;
+    let ca = args.ca.as_ref().map(|ca| ca.display().to_string());
+    Some(
+        if verdict.starts_with("UnknownIssuer") || verdict.starts_with("BadSignature") {
+            match ca {
+                Some(ca) => format!(
+                    "the server's certificate was not issued by the CA in --ca {ca} (certificates \
+                 generated again?): pass --ca with the CA that issued it"
+                ),
+                None => "the server's certificate was not issued by a CA this system trusts (a \
+                     development certificate?): pass --ca FILE with the CA that issued it \
+                     (certs/ca.pem for `greeter certs generate`'s)"
+                    .to_owned(),
+            }
+        } else if verdict.contains("not valid for name") || verdict.starts_with("NotValidForName") {
+            format!(
+                "the server's certificate is not valid for the name dialed ({verdict}): use a name \
+             it was issued for in --addr, or --server-name NAME"
+            )
+        } else if verdict.contains("xpired") {
+            format!("the server's certificate has expired ({verdict}): the server must renew it")
+        } else {
+            return None;
+        },
+    )
 }
 
 fn tls_config(args: &ClientArgs) -> Result<ClientTlsConfig, ClientError> {

@@ -401,8 +401,19 @@ pub async fn accept(
         let failures = tls.handshake_failures.clone();
         let revoked = tls.connections_revoked.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => {
+            let handshake = async {
+                if sent_plain_http(&tcp).await {
+                    answer_plain_http(tcp).await;
+                    return None;
+                }
+                Some(acceptor.accept(tcp).await)
+            };
+            match tokio::time::timeout(timeout, handshake).await {
+                Ok(None) => {
+                    failures.inc("error");
+                    debug!(%remote_addr, "plain HTTP on the TLS port: answered 400");
+                }
+                Ok(Some(Ok(stream))) => {
                     let certs = stream.get_ref().1.peer_certificates().unwrap_or_default();
                     let client_cert = certs
                         .first()
@@ -422,7 +433,7 @@ pub async fn accept(
                     };
                     on_connection(connection, slot);
                 }
-                Ok(Err(e)) => {
+                Ok(Some(Err(e))) => {
                     failures.inc("error");
                     debug!(%remote_addr, "TLS handshake failed: {e}");
                 }
@@ -434,4 +445,47 @@ pub async fn accept(
         });
     }
     debug!("listener closed");
+}
+
+/// Whether the first bytes on a TLS port are a plain HTTP/1.x request (an upper-case method)
+/// rather than a TLS record (0x16). The HTTP/2 preface (`PRI `) is left to the handshake, whose
+/// alert is what gRPC clients (and `greeter`'s own diagnosis) recognise.
+async fn sent_plain_http(tcp: &TcpStream) -> bool {
+    let mut head = [0u8; 4];
+    loop {
+        let Ok(n) = tcp.peek(&mut head).await else {
+            return false;
+        };
+        if n == 0 || !head[0].is_ascii_uppercase() {
+            return false;
+        }
+        if n == head.len() {
+            return &head != b"PRI ";
+        }
+        // A method split over packets: peek answers at once with what is there, so wait a moment.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Go's net/http answer to a plain request on a TLS port: a readable 400 instead of the TLS
+/// alert that curl shows as "Received HTTP/0.9". The request is read (what has arrived) first,
+/// so closing does not reset the connection under the answer.
+async fn answer_plain_http(mut tcp: TcpStream) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const BODY: &str = "this port speaks TLS: call it with https:// (and, for a private CA, the \
+        CA certificate: curl --cacert FILE, greeter --ca FILE)\n";
+    let mut request = [0u8; 8192];
+    let _ = tokio::time::timeout(Duration::from_millis(100), tcp.read(&mut request)).await;
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = tcp.write_all(answer.as_bytes()).await;
+    let _ = tcp.shutdown().await;
+    // Until the client closes (it has its answer), briefly: the caller's timeout bounds it too.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while matches!(tcp.read(&mut request).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }

@@ -1130,6 +1130,45 @@ fn plaintext_and_tls_mismatches_say_what_the_server_speaks() {
         );
     }
 
+    // One sentence each, naming the flag, for the certificate mistakes.
+    let other = common::Pki::new();
+    for (args, says) in [
+        (
+            vec!["--ca".to_owned(), other.path("ca.pem")],
+            "was not issued by the CA in --ca",
+        ),
+        (
+            vec!["--tls".to_owned()],
+            "pass --ca FILE with the CA that issued it",
+        ),
+        (
+            vec![
+                "--ca".to_owned(),
+                pki.path("ca.pem"),
+                "--server-name".to_owned(),
+                "wrong.example".to_owned(),
+            ],
+            "not valid for the name dialed",
+        ),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let output = run(&[&["hello", "--addr", &tls_addr][..], &args].concat());
+        assert_eq!(output.status.code(), Some(1));
+        let err = stderr(&output);
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!err.contains("invalid peer certificate"), "{args:?}: {err}");
+    }
+    // Plain HTTP to the TLS port: a readable 400, as Go's net/http answers.
+    let answer = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(common::http_request(tls_server.addr, "GET", "/", None));
+    assert_eq!(answer.status, 400);
+    assert!(
+        answer.body.starts_with("this port speaks TLS"),
+        "{}",
+        answer.body
+    );
+
     let plain_dir = tempfile::tempdir().unwrap();
     let plain_server = BinaryServer::start(&json_log_config(plain_dir.path(), ""), &[]);
     let plain_addr = format!("localhost:{}", plain_server.addr.port());
