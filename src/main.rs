@@ -107,7 +107,8 @@ async fn run(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Config(ConfigCommand::Show(args)) => {
-            print_out(&load(&args)?.to_toml());
+            let sources = Sources::from_process(args.configs.clone(), args.overrides());
+            print_out(&Config::load(&sources)?.to_toml_with_origins(&sources));
             Ok(())
         }
         Command::Bench(args) => bench(&args).await,

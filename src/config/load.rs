@@ -108,6 +108,46 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The merged config as TOML, each value that is not the embedded default's followed by a
+    /// comment naming the layer that set it: `config show` answers "where does this come from?"
+    /// without a diff of four layers.
+    pub fn to_toml_with_origins(&self, sources: &Sources) -> String {
+        let origins = Origins(sources);
+        let mut table = String::new();
+        let mut out = String::new();
+        for line in self.to_toml().lines() {
+            let trimmed = line.trim_start();
+            if let Some(header) = trimmed.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+                table = header.trim_matches(['[', ']']).to_owned();
+            }
+            out.push_str(line);
+            // An array of tables ([[auth.jwt.issuers]]) is set whole by one layer: name it there.
+            let array_of_tables = trimmed.starts_with("[[");
+            let setting = (!line.starts_with(' ') && !trimmed.starts_with('['))
+                .then(|| trimmed.split_once(" = "))
+                .flatten();
+            let dotted = match setting {
+                _ if array_of_tables => Some(table.clone()),
+                None => None,
+                Some((key, _)) if table.is_empty() => Some(key.to_owned()),
+                // A quoted key (a method pattern) holds dots of its own: name its table instead.
+                Some((key, _)) if key.starts_with('"') => Some(table.clone()),
+                Some((key, _)) => Some(format!("{table}.{key}")),
+            };
+            if let Some(origin) = dotted
+                .map(|key| origins.origin_of(&key))
+                .filter(|origin| origin != EMBEDDED_ORIGIN)
+            {
+                out.push_str("  # ");
+                out.push_str(&origin);
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
 /// Answers "which layer set this key?" for errors found after merging, by asking the layers in
 /// reverse order of precedence (the config crate's merged values do not keep their origin).
 pub(super) struct Origins<'a>(&'a Sources);

@@ -562,3 +562,47 @@ fn a_method_pattern_that_names_nothing_served_is_refused_with_the_closest() {
         );
     }
 }
+
+#[test]
+fn config_show_names_the_layer_of_each_value_not_from_the_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("layer.toml");
+    std::fs::write(
+        &file,
+        "[log]\nformat = \"json\"\n[auth.policy]\n\"*\" = \"open\"\n",
+    )
+    .unwrap();
+    let sources = Sources {
+        env: vec![("GREETER__LOG__FILTER".into(), "warn".into())],
+        overrides: vec![("server.listen".into(), "127.0.0.1:7000".into())],
+        ..with_files(vec![file.clone()])
+    };
+    let shown = Config::load(&sources)
+        .unwrap()
+        .to_toml_with_origins(&sources);
+    let line = |prefix: &str| {
+        shown
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("{prefix}: {shown}"))
+            .to_owned()
+    };
+    assert_eq!(
+        line("format = "),
+        format!("format = \"json\"  # {}", file.display())
+    );
+    assert_eq!(
+        line("filter = "),
+        "filter = \"warn\"  # environment variable GREETER__LOG__FILTER"
+    );
+    assert_eq!(
+        line("listen = \"127.0.0.1:7000\""),
+        "listen = \"127.0.0.1:7000\"  # the command line"
+    );
+    assert_eq!(
+        line("\"*\" = "),
+        format!("\"*\" = \"open\"  # {}", file.display())
+    );
+    // The embedded default's values carry no comment.
+    assert_eq!(line("max_name_bytes = "), "max_name_bytes = 1024");
+}
