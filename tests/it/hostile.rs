@@ -24,7 +24,10 @@ use std::{
 use crate::common::{self, BinaryServer, Pki, TestServer, config_with, greeter_bin};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use greeter::pb::{HelloReply, HelloRequest, greeter_client::GreeterClient};
+use greeter::{
+    pb::{HelloReply, HelloRequest, greeter_client::GreeterClient},
+    transport::connection::PROBE_IDLE,
+};
 use hyper_util::rt::TokioIo;
 use prost::Message as _;
 use tokio::{
@@ -929,34 +932,44 @@ async fn partly_sent_messages_are_bounded_by_max_buffered_request_bytes() {
     let budget = BUDGET.to_string();
     let prod = Production::start(&[("limits.max_buffered_request_bytes", &budget)]).await;
     let mut client = h2_from(ATTACKER_IP, prod.addr()).await;
-    // Each SayHello announces 1000 bytes (within the Greeter's 2112) and sends 600 of them.
+    // Each SayHello announces 1000 bytes (within the Greeter's 2112) and sends 600 of them, which
+    // with the 5-byte prefix the budget holds BUDGET / 605 times. Each is held before the next
+    // goes out (the server counts its bytes), so the one refused is the first over the budget.
+    const HELD: usize = 605;
+    let buffered = Arc::clone(&prod.server.stats.buffered);
     let mut held = Vec::new();
-    let mut refusal = None;
-    for _ in 0..20 {
-        match announce(
-            &mut client,
-            SAY_HELLO,
-            true,
-            1000,
-            600,
-            Duration::from_millis(500),
+    for i in 1..=BUDGET / HELD {
+        let open = announce(&mut client, SAY_HELLO, true, 1000, 600, Duration::ZERO)
+            .await
+            .expect_err("a call within the budget is held, not answered");
+        held.push(open);
+        within(
+            Duration::from_secs(5),
+            "the call's bytes are held",
+            async || buffered.held() == i * HELD,
         )
-        .await
-        {
-            Ok(outcome) => {
-                refusal = Some(outcome);
-                break;
-            }
-            Err(open) => held.push(open),
-        }
+        .await;
     }
+    let refusal = announce(
+        &mut client,
+        SAY_HELLO,
+        true,
+        1000,
+        600,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("a call over max_buffered_request_bytes: no answer within 5 s"));
     eprintln!(
         "buffered request bytes: {} calls held with 600 bytes each, then {refusal:?}",
         held.len()
     );
-    let refusal = refusal.expect("a call over max_buffered_request_bytes is refused");
     refusal.assert_refused(RESOURCE_EXHAUSTED, "buffer");
-    assert!(held.len() * 600 <= BUDGET, "{} held", held.len());
+    assert_eq!(
+        buffered.held(),
+        held.len() * HELD,
+        "the held calls still hold"
+    );
     // Releasing the partial messages frees the budget.
     drop(held);
     let client = h2_from(ATTACKER_IP, prod.addr()).await;
@@ -1187,10 +1200,12 @@ async fn silent_connections_cannot_lock_the_probe_port() {
     for task in others.into_iter().chain(own) {
         closed.push(task.await.unwrap());
     }
-    let at_once = closed.iter().flatten().filter(|d| d.as_secs() < 1).count();
+    // The ones the per-peer cap turned away were closed before any could be reclaimed as unused
+    // (PROBE_IDLE after it was accepted, so after it was opened): no timing involved.
+    let at_once = closed.iter().flatten().filter(|d| **d < PROBE_IDLE).count();
     let latest = closed.iter().flatten().max().copied();
     eprintln!(
-        "probe port: 160 silent connections, {at_once} closed within 1 s, the last after \
+        "probe port: 160 silent connections, {at_once} closed before {PROBE_IDLE:?}, the last after \
          {latest:?}; `greeter health` SERVING after {took:?}"
     );
     assert!(
