@@ -178,6 +178,28 @@ fn method_and_identity_overrides_have_their_own_buckets() {
 }
 
 #[test]
+fn a_caller_refusal_still_spends_its_method_token() {
+    // The method's bucket (2) is larger than the caller's (1): the second call is refused by the
+    // caller's bucket, and the third by the method's, which that refusal emptied.
+    let mut config = config(0.01, 1);
+    config.methods.insert(
+        "/a.S/Slow".into(),
+        QuotaLimits {
+            rate: 0.01,
+            burst: 2,
+        },
+    );
+    let quotas = quotas(&config);
+    let caller = Caller::Token("ci".into());
+    let ci = identify(Some(&caller), None, &quotas.hasher);
+    assert_eq!(quotas.admit(&ci, "/a.S/Slow"), Ok(()));
+    let refused = quotas.admit(&ci, "/a.S/Slow").unwrap_err();
+    assert_eq!((refused.pattern, refused.limits.burst), (None, 1));
+    let refused = quotas.admit(&ci, "/a.S/Slow").unwrap_err();
+    assert_eq!(refused.pattern.as_deref(), Some("/a.S/Slow"));
+}
+
+#[test]
 fn anonymous_peers_never_crowd_callers_with_credentials() {
     let quotas = quotas(&QuotaConfig {
         anonymous_max_callers: 3,
