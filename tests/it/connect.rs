@@ -409,6 +409,75 @@ async fn gzip_requests_and_replies() {
 }
 
 #[tokio::test]
+async fn only_replies_from_compression_min_reply_bytes_are_gzipped() {
+    // compression.min_reply_bytes is 512 by default: a greeting of a short name stays plain
+    // even for a client that accepts gzip; one of a 600-byte name is gzipped.
+    let server = TestServer::start().await;
+    for (name, gzipped) in [("s".to_owned(), false), ("z".repeat(600), true)] {
+        let answer = post(
+            &server,
+            false,
+            "/helloworld.Greeter/SayHello",
+            &[JSON, ("accept-encoding", "gzip")],
+            json!({"name": name}).to_string(),
+        )
+        .await;
+        assert_eq!(answer.status, 200);
+        let body = if gzipped {
+            assert_eq!(answer.header("content-encoding"), Some("gzip"));
+            gunzip(&answer.body)
+        } else {
+            assert_eq!(answer.header("content-encoding"), None);
+            answer.body.to_vec()
+        };
+        let reply: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(reply["message"], format!("Hello, {name}!"));
+    }
+}
+
+#[tokio::test]
+async fn grpc_headers_a_connect_client_sends_are_not_passed_on() {
+    // A grpc-timeout of 1 ns would end the call at once if it reached the call stack; a
+    // grpc-encoding would make it read the plain message as compressed.
+    let server = TestServer::start().await;
+    for http2 in [false, true] {
+        let answer = post(
+            &server,
+            http2,
+            "/helloworld.Greeter/SayHello",
+            &[JSON, ("grpc-timeout", "1n"), ("grpc-encoding", "gzip")],
+            json!({"name": "s"}).to_string(),
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        assert_eq!(answer.json()["message"], "Hello, s!");
+    }
+}
+
+#[tokio::test]
+async fn a_token_without_the_scope_gets_403_permission_denied() {
+    let dir = tempfile::tempdir().unwrap();
+    let overrides = greeter_token_auth(dir.path(), "grt_connect-token", "connect");
+    let entry = greeter::call::auth::entry_for("grt_other-token", "other", &["reflection".into()]);
+    let tokens = dir.path().join("tokens.toml");
+    let mut text = std::fs::read_to_string(&tokens).unwrap();
+    text.push('\n');
+    text.push_str(&greeter::call::auth::entry_toml(&entry));
+    std::fs::write(&tokens, text).unwrap();
+    let server = TestServer::start_with(config_with(overrides)).await;
+    let answer = post(
+        &server,
+        false,
+        "/helloworld.Greeter/SayHello",
+        &[JSON, ("authorization", "Bearer grt_other-token")],
+        json!({"name": "s"}).to_string(),
+    )
+    .await;
+    assert_eq!(answer.status, 403);
+    assert_eq!(answer.json()["code"], "permission_denied");
+}
+
+#[tokio::test]
 async fn connect_calls_pass_auth_and_count_in_metrics_like_grpc_calls() {
     let (_dir, server) = token_server().await;
     let answer = post(
