@@ -425,24 +425,26 @@ def test_the_exporter_survives_the_receiver_being_down_and_coming_back(tmp_path)
 
 
 def test_a_full_queue_drops_and_counts_spans_without_slowing_calls(tmp_path):
+    # The collector holds every export until the test ends: calls that waited for the queue to
+    # drain would wait for that, not for a time the machine's load decides.
     receiver = GrpcReceiver()
-    receiver.received.delay = 2.0
+    receiver.received.delay = 60.0
     try:
         config = tracing_config(tmp_path / "t.toml", f"http://127.0.0.1:{receiver.port}",
-                                max_queue_size=4, max_export_batch_size=2)
+                                max_queue_size=4, max_export_batch_size=2,
+                                export_timeout="60s")
         server = GreeterProcess(tmp_path, config=config)
         try:
             with grpc.insecure_channel(server.addr) as channel:
                 stub = helloworld_pb2_grpc.GreeterStub(channel)
-                start = time.monotonic()
                 for _ in range(50):
                     stub.SayHello(helloworld_pb2.HelloRequest(name="many"), timeout=RPC_TIMEOUT)
-                assert time.monotonic() - start < 2.0
+            assert receiver.received.headers == [], "every export is still held"
             assert metric(server, 'greeter_trace_spans_dropped_total{reason="queue_full"}') > 0
         finally:
+            receiver.released.set()
             server.stop()
     finally:
-        receiver.delay = 0
         receiver.stop()
 
 
@@ -456,10 +458,9 @@ def test_a_collector_that_does_not_answer_cannot_hold_up_the_shutdown(tmp_path):
         with grpc.insecure_channel(server.addr) as channel:
             helloworld_pb2_grpc.GreeterStub(channel).SayHello(
                 helloworld_pb2.HelloRequest(name="last"), timeout=RPC_TIMEOUT)
-        start = time.monotonic()
+        # The flush gives up after tracing.export_timeout (1 s), so the server exits on SIGTERM
+        # within STOP_TIMEOUT (10 s), long before the collector would answer (60 s).
         assert server.stop()
-        # The flush gives up after tracing.export_timeout (1 s); the drain itself is immediate.
-        assert time.monotonic() - start < 4.0
         assert "took longer than tracing.export_timeout" in server.stderr_path.read_text() or \
             "span export failed" in server.stderr_path.read_text()
     finally:
