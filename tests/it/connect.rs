@@ -478,6 +478,45 @@ async fn a_token_without_the_scope_gets_403_permission_denied() {
 }
 
 #[tokio::test]
+async fn connect_calls_draw_from_the_callers_quota() {
+    // One bucket per peer address, of one call: a Connect call takes it; the next, Connect or
+    // gRPC, is refused (429 for Connect).
+    let server = TestServer::start_with(test_config(&[
+        ("quota.enabled", "true"),
+        ("quota.rate", "0.01"),
+        ("quota.burst", "1"),
+    ]))
+    .await;
+    let call = async || {
+        post(
+            &server,
+            false,
+            "/helloworld.Greeter/SayHello",
+            &[JSON],
+            json!({"name": "q"}).to_string(),
+        )
+        .await
+    };
+    assert_eq!(call().await.status, 200);
+    let refused = call().await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.json()["code"], "resource_exhausted");
+    assert!(
+        refused.json()["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("over quota"),
+        "{:?}",
+        refused.body
+    );
+    let status = greeter::pb::greeter_client::GreeterClient::new(server.channel().await)
+        .say_hello(HelloRequest { name: "q".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+}
+
+#[tokio::test]
 async fn connect_calls_pass_auth_and_count_in_metrics_like_grpc_calls() {
     let (_dir, server) = token_server().await;
     let answer = post(
