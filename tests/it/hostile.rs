@@ -1646,14 +1646,14 @@ async fn open_windows(tcp: &mut TcpStream) {
 
 #[tokio::test]
 async fn readers_that_never_read_cannot_make_the_server_buffer_without_bound() {
-    // Each stream's replies are 64 greetings of 8 KiB, 512 KiB that the
-    // client's open windows let the server queue but that it never reads. (A zero window alone
-    // does not do: h2 gives a stream no send capacity beyond its window, so nothing is queued;
-    // here it only holds the replies back until every call has been read, since a server whose
-    // socket is full stops reading.) The
-    // server queues at most limits.initial_stream_window_bytes (64 KiB) per stream, plus the
-    // message being written; without that cap hyper queues up to 400 KiB per stream: over 400
-    // streams, 156 MiB against under 40 MiB.
+    // Each stream's replies are 64 greetings of 8 KiB, 512 KiB that the client's open windows
+    // let the server queue but that it never reads. (A zero window alone does not do: h2 gives a
+    // stream no send capacity beyond its window, so nothing is queued. Here it only holds the
+    // replies back until every call has been read, since a server whose socket is full stops
+    // reading.) The server queues at most limits.initial_stream_window_bytes (64 KiB) per
+    // stream, plus the message being written: under 30 MiB over 400 streams (the process grows
+    // by about 50 MiB). Without that cap hyper queues up to 400 KiB per stream, 156 MiB; the
+    // bound is half of that.
     const STREAMS_PER_CONNECTION: u32 = 200;
     const CONNECTIONS: u32 = 2;
     const STREAM_WINDOW_KIB: u64 = 64;
