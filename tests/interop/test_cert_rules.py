@@ -7,6 +7,7 @@ spiffe://cluster.local/ns/shop/* grants "greeter"; a certificate no rule matches
 client_cert_scopes = ["reflection"] (the fallback) and nothing else.
 """
 
+import json
 import time
 from pathlib import Path
 
@@ -67,20 +68,23 @@ def channel(server, who):
                        certificate_chain=(pki / "client.pem").read_bytes())
 
 
-def say_hello(server, who):
+def say_hello(server, who, request_id=None):
+    metadata = [("x-request-id", request_id)] if request_id else None
     with channel(server, who) as ch:
         stub = helloworld_pb2_grpc.GreeterStub(ch)
-        return stub.SayHello(pb.HelloRequest(name="you"), timeout=RPC_TIMEOUT).message
+        return stub.SayHello(pb.HelloRequest(name="you"), timeout=RPC_TIMEOUT,
+                             metadata=metadata).message
 
 
-def list_services(server, who):
+def list_services(server, who, request_id=None):
     import reflection_v1_pb2 as r1
     import reflection_v1_pb2_grpc
 
+    metadata = [("x-request-id", request_id)] if request_id else None
     with channel(server, who) as ch:
         stub = reflection_v1_pb2_grpc.ServerReflectionStub(ch)
         replies = stub.ServerReflectionInfo(iter([r1.ServerReflectionRequest(list_services="")]),
-                                            timeout=RPC_TIMEOUT)
+                                            timeout=RPC_TIMEOUT, metadata=metadata)
         return [s.name for reply in replies for s in reply.list_services_response.service]
 
 
@@ -104,13 +108,24 @@ def test_spiffe_id_no_rule_matches_gets_the_fallback(spiffe_greeter):
     assert "helloworld.Greeter" in list_services(spiffe_greeter, "web")
 
 
-def test_access_line_names_the_spiffe_id(spiffe_greeter):
-    say_hello(spiffe_greeter, "shop")
-    list_services(spiffe_greeter, "web")
+def access_line(server, request_id):
+    """The access line of the call whose x-request-id is `request_id` (waits up to 5 s)."""
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        log = spiffe_greeter.stderr_path.read_text(errors="replace")
-        if CHECKOUT in log and WEB in log:
-            return
+    while True:
+        for line in server.stderr_path.read_text(errors="replace").splitlines():
+            if request_id in line:
+                event = json.loads(line)
+                if event.get("request_id") == request_id and "identity" in event:
+                    return event
+        if time.monotonic() > deadline:
+            pytest.fail(f"no access line for request {request_id}")
         time.sleep(0.05)
-    pytest.fail(f"the access lines do not name {CHECKOUT} and {WEB}")
+
+
+def test_access_line_names_the_spiffe_id(spiffe_greeter):
+    # Each call's own line, found by the request id it sent: the log already names both IDs
+    # from the other tests.
+    say_hello(spiffe_greeter, "shop", request_id="cert-rules-shop")
+    list_services(spiffe_greeter, "web", request_id="cert-rules-web")
+    assert access_line(spiffe_greeter, "cert-rules-shop")["identity"] == CHECKOUT
+    assert access_line(spiffe_greeter, "cert-rules-web")["identity"] == WEB

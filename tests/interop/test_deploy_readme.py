@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -65,6 +66,18 @@ def test_secrets_and_health_commands_work_in_order(tmp_path, grpcurl):
         assert res.returncode == 0, f"{name}:\n{script}\nexit {res.returncode}\n{res.stdout}{res.stderr}"
         return res.stdout
 
+    def run_async(lines):
+        script = "set -euo pipefail\n" + "\n".join(swap(line) for line in lines)
+        return subprocess.Popen(["bash", "-c", script], cwd=work, env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    def wait_until(done, what, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+            time.sleep(0.02)
+
     # Certificates and tokens as the page makes them; the tokens stay in the shell's variables,
     # so the health block runs in the same script.
     setup = commands(secrets[0]) + commands(secrets[1])
@@ -85,8 +98,26 @@ def test_secrets_and_health_commands_work_in_order(tmp_path, grpcurl):
     try:
         checks = commands(health[0])
         tokens = [line for line in setup if line.startswith(("TOKEN=", "ONCALL="))]
-        # The server re-reads tokens.toml (reload_interval 50ms) after the page appends to it.
-        out = run(tokens + ["sleep 0.5"] + checks, "check health")
+        # The tokens live in the script's variables, so one script appends them and runs the
+        # checks; between the two it waits until the server has reloaded tokens.toml with all of
+        # them (its "reloaded" line), which the harness tells it by creating a file.
+        appended, reloaded = work / ".appended", work / ".reloaded"
+        handshake = [f"touch {appended}",
+                     f"while [ ! -e {reloaded} ]; do sleep 0.02; done"]
+        script = run_async(tokens + handshake + checks)
+        try:
+            wait_until(lambda: appended.exists() or script.poll() is not None,
+                       "the tokens appended")
+            wait_until(lambda: any("reloaded" in line and f"{len(tokens)} tokens" in line
+                                   for line in server.stderr_path.read_text().splitlines()),
+                       f"tokens.toml reloaded with {len(tokens)} tokens")
+            reloaded.touch()
+            out, err = script.communicate(timeout=SUBPROCESS_TIMEOUT)
+        finally:
+            if script.poll() is None:
+                script.kill()
+                script.communicate()
+        assert script.returncode == 0, f"check health: exit {script.returncode}\n{out}{err}"
     finally:
         server.stop()
     assert out.count("SERVING\n") >= 2, out

@@ -280,11 +280,15 @@ pub fn config_with(overrides: Vec<(String, String)>) -> Config {
 }
 
 /// Overrides turning token auth on, with a tokens file in `dir` holding one token with the
-/// `greeter` scope, held by `name`.
+/// `greeter` scope, held by `name`. The file is replaced whole (a rename), as servers already
+/// started on it may be reading it: written in place, it is empty for a moment, and a reload
+/// then would refuse every token.
 pub fn greeter_token_auth(dir: &Path, token: &str, name: &str) -> Vec<(String, String)> {
     let tokens = dir.join("tokens.toml");
     let entry = greeter::call::auth::entry_for(token, name, &["greeter".into()]);
-    std::fs::write(&tokens, greeter::call::auth::entry_toml(&entry)).unwrap();
+    let partial = dir.join("tokens.toml.tmp");
+    std::fs::write(&partial, greeter::call::auth::entry_toml(&entry)).unwrap();
+    std::fs::rename(&partial, &tokens).unwrap();
     vec![
         ("auth.enabled".into(), "true".into()),
         ("auth.tokens_file".into(), tokens.to_str().unwrap().into()),

@@ -38,8 +38,12 @@ struct Ca {
 
 impl Ca {
     fn new() -> Self {
+        Self::named("crl test CA")
+    }
+
+    fn named(cn: &str) -> Self {
         let mut params = CertificateParams::default();
-        params.distinguished_name = name("crl test CA");
+        params.distinguished_name = name(cn);
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
@@ -90,6 +94,11 @@ impl Ca {
 
     /// A CRL of this CA revoking `serials`, written to `ca.crl`.
     fn publish_crl(&self, number: u64, serials: &[u64]) {
+        self.write("ca.crl", &Self::crl(&self.issuer, number, serials));
+    }
+
+    /// A CRL revoking `serials`, signed by `issuer`.
+    fn crl(issuer: &CertifiedIssuer<'static, KeyPair>, number: u64, serials: &[u64]) -> String {
         let crl = CertificateRevocationListParams {
             this_update: date_time_ymd(2024, 1, 1),
             next_update: date_time_ymd(2100, 1, 1),
@@ -106,9 +115,9 @@ impl Ca {
                 .collect(),
             key_identifier_method: KeyIdMethod::Sha256,
         }
-        .signed_by(&self.issuer)
+        .signed_by(issuer)
         .unwrap();
-        self.write("ca.crl", &crl.pem().unwrap());
+        crl.pem().unwrap()
     }
 
     /// A config serving TLS with this CA's server certificate, requiring client certificates
@@ -154,16 +163,28 @@ fn name(cn: &str) -> DistinguishedName {
 /// the chain (TLS 1.3 reports a refused client certificate with the first call, as the server's
 /// alert).
 async fn hello_as(addr: SocketAddr, ca: &Ca, serial: u64) -> Result<String, String> {
-    let error: Box<dyn std::error::Error> = match tls_channel(addr, ca.client(serial)).await {
-        Ok(channel) => match GreeterClient::new(channel)
-            .say_hello(HelloRequest { name: "crl".into() })
-            .await
-        {
-            Ok(reply) => return Ok(reply.into_inner().message),
-            Err(status) => Box::new(status),
-        },
-        Err(error) => Box::new(error),
-    };
+    hello_as_of(addr, ca, ca, serial).await
+}
+
+/// [`hello_as`] with `ca`'s client certificate `serial`, to a server whose certificate `server`'s
+/// CA signed.
+async fn hello_as_of(
+    addr: SocketAddr,
+    ca: &Ca,
+    server: &Ca,
+    serial: u64,
+) -> Result<String, String> {
+    let error: Box<dyn std::error::Error> =
+        match tls_channel(addr, ca.client_of(serial, server)).await {
+            Ok(channel) => match GreeterClient::new(channel)
+                .say_hello(HelloRequest { name: "crl".into() })
+                .await
+            {
+                Ok(reply) => return Ok(reply.into_inner().message),
+                Err(status) => Box::new(status),
+            },
+            Err(error) => Box::new(error),
+        };
     let mut source: &dyn std::error::Error = error.as_ref();
     while let Some(next) = source.source() {
         source = next;
@@ -187,6 +208,54 @@ async fn a_revoked_client_certificate_is_refused_at_the_handshake() {
         Err(REVOKED_ALERT.to_owned())
     );
     // Refused, and the server serves on.
+    assert!(hello_as(server.addr, &ca, GOOD).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_certificate_of_a_client_ca_without_a_crl_is_refused() {
+    // Two client CAs, a CRL for one: the other's certificates have no known revocation status.
+    // (Names apart, so the CRL cannot be taken for the other CA's.)
+    let (listed, unlisted) = (Ca::new(), Ca::named("crl test CA without a CRL"));
+    listed.write(
+        "ca.pem",
+        &format!("{}{}", listed.issuer.pem(), unlisted.issuer.pem()),
+    );
+    listed.publish_crl(1, &[]);
+    let server = TestServer::start_with(listed.config()).await;
+    assert_eq!(
+        hello_as(server.addr, &listed, GOOD).await.as_deref(),
+        Ok("Hello, crl!")
+    );
+    // rustls reports an unknown status as it does an unknown issuer ...
+    assert_eq!(
+        hello_as_of(server.addr, &unlisted, &listed, GOOD).await,
+        Err("received fatal alert: UnknownCA".to_owned())
+    );
+    // ... but the issuer is trusted: without revocation lists the certificate is served.
+    let without_crls = TestServer::start_with(config_with(listed.overrides())).await;
+    assert_eq!(
+        hello_as_of(without_crls.addr, &unlisted, &listed, GOOD)
+            .await
+            .as_deref(),
+        Ok("Hello, crl!")
+    );
+}
+
+#[tokio::test]
+async fn a_crl_not_signed_by_its_ca_is_refused() {
+    // The impostor has the CA's name but a key of its own: its CRL (revoking nothing) is not the
+    // CA's, so no certificate of the CA has a known status.
+    let (ca, impostor) = (Ca::new(), Ca::new());
+    ca.write("ca.crl", &Ca::crl(&impostor.issuer, 1, &[]));
+    let server = TestServer::start_with(ca.config()).await;
+    let refused = hello_as(server.addr, &ca, GOOD).await;
+    assert_eq!(
+        refused,
+        Err("received fatal alert: HandshakeFailure".to_owned())
+    );
+    // The CA's own CRL, and the same certificate is served.
+    ca.publish_crl(2, &[]);
+    wait_for_reloads(server.metrics_addr.unwrap(), "tls", "success", 1.0).await;
     assert!(hello_as(server.addr, &ca, GOOD).await.is_ok());
 }
 

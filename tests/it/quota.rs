@@ -54,13 +54,18 @@ async fn burst_then_refused(channel: &Channel, token: &str, again: bool, count: 
         .expect_err("the call after the burst is refused")
 }
 
+/// The refusals of `class` on `method`: the one series of that class and method, which must be
+/// exposed (every series exists from the start, at zero), so a renamed label cannot read as 0.
 fn metric(text: &str, class: &str, method: &str) -> f64 {
-    text.lines()
+    let series: Vec<f64> = text
+        .lines()
         .filter(|l| l.starts_with("greeter_quota_refused_total{"))
         .filter(|l| l.contains(&format!("class=\"{class}\"")))
         .filter(|l| l.contains(&format!("grpc_method=\"{method}\"")))
         .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
-        .sum()
+        .collect();
+    assert_eq!(series.len(), 1, "one {class} series for {method}:\n{text}");
+    series[0]
 }
 
 #[tokio::test]
@@ -186,28 +191,45 @@ async fn a_method_pattern_adds_a_bucket_per_caller() {
         details.quota_failure().unwrap().violations[0].subject,
         "method:/helloworld.Greeter/SayHelloAgain"
     );
-    // Other methods still draw from alice's own bucket (10, of which 2 are spent), and ci-bot
-    // has its own bucket for the method.
-    for _ in 0..5 {
-        hello(&channel, "alice-token", false).await.unwrap();
-    }
+    // ci-bot has its own bucket for the method.
     hello(&channel, "ci-bot-token", true).await.unwrap();
+    // The method's calls drew from alice's own bucket too: of its 10, 8 are left for the others.
+    let refused = burst_then_refused(&channel, "alice-token", false, 8).await;
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert_eq!(
+        refused
+            .get_error_details()
+            .quota_failure()
+            .unwrap()
+            .violations[0]
+            .subject,
+        "caller:token"
+    );
 }
 
 #[tokio::test]
 async fn anonymous_callers_can_be_exempt() {
-    let server = TestServer::start_with(config_with(vec![
-        ("quota.enabled".into(), "true".into()),
-        ("quota.rate".into(), "0.01".into()),
-        ("quota.burst".into(), "1".into()),
-        ("quota.anonymous".into(), "exempt".into()),
-    ]))
-    .await;
-    let mut client = GreeterClient::new(server.channel().await);
+    let server_with = |anonymous: &str| {
+        TestServer::start_with(config_with(vec![
+            ("quota.enabled".into(), "true".into()),
+            ("quota.rate".into(), "0.01".into()),
+            ("quota.burst".into(), "1".into()),
+            ("quota.anonymous".into(), anonymous.into()),
+        ]))
+    };
+    let say_hello = async |client: &mut GreeterClient<Channel>| {
+        client.say_hello(HelloRequest { name: "q".into() }).await
+    };
+    // The control: counted by peer, the same anonymous caller gets one call.
+    let counted = server_with("peer").await;
+    let mut client = GreeterClient::new(counted.channel().await);
+    say_hello(&mut client).await.unwrap();
+    let refused = say_hello(&mut client).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    // Exempt: never refused.
+    let exempt = server_with("exempt").await;
+    let mut client = GreeterClient::new(exempt.channel().await);
     for _ in 0..5 {
-        client
-            .say_hello(HelloRequest { name: "q".into() })
-            .await
-            .unwrap();
+        say_hello(&mut client).await.unwrap();
     }
 }

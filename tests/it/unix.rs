@@ -125,6 +125,46 @@ async fn auth_applies_on_the_socket_too() {
 }
 
 #[tokio::test]
+async fn socket_callers_share_one_quota_bucket_per_uid() {
+    // A bucket of one call: this process's call on one connection takes it; another process of
+    // the same user (the CLI), on a connection of its own, finds it empty; a TCP caller has its
+    // own bucket.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("greeter.sock");
+    let quota = [
+        ("quota.enabled", "true"),
+        ("quota.rate", "0.01"),
+        ("quota.burst", "1"),
+    ];
+    let server = TestServer::start_with(unix_config(
+        &path,
+        quota
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    ))
+    .await;
+    let mut client = GreeterClient::new(unix_channel(path.clone()).await);
+    assert!(client.say_hello(hello("first")).await.is_ok());
+
+    let addr = format!("unix:{}", path.display());
+    let out = tokio::task::spawn_blocking(move || {
+        greeter_bin()
+            .args(["hello", "--addr", &addr, "cli"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("over quota"), "{stderr}");
+
+    let mut tcp = GreeterClient::new(server.channel().await);
+    assert!(tcp.say_hello(hello("tcp")).await.is_ok());
+}
+
+#[tokio::test]
 async fn a_file_in_the_way_or_a_live_server_stops_startup_with_the_key_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("greeter.sock");

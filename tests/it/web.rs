@@ -109,6 +109,33 @@ async fn grpc_web_calls_pass_auth_like_any_other() {
 }
 
 #[tokio::test]
+async fn grpc_web_calls_draw_from_the_callers_quota() {
+    // One bucket per peer address, of one call: a grpc-web call takes it, and the next call from
+    // the same address, grpc-web or gRPC, is refused.
+    let server = TestServer::start_with(config_with(
+        [
+            ("quota.enabled", "true"),
+            ("quota.rate", "0.01"),
+            ("quota.burst", "1"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+    ))
+    .await;
+    let mut client = web_client(&server);
+    assert!(client.say_hello(hello("web")).await.is_ok());
+    let status = client.say_hello(hello("web")).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().starts_with("over quota"), "{status:?}");
+    let status = GreeterClient::new(server.channel().await)
+        .say_hello(hello("grpc"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+}
+
+#[tokio::test]
 async fn cors_preflights_allow_the_configured_origins_only() {
     let mut config = config_with(vec![]);
     config.web = Config::load(&Sources {

@@ -263,6 +263,89 @@ where
 mod tests {
     use super::*;
     use crate::config::Config;
+    use http_body_util::BodyExt as _;
+    use prost::Message as _;
+    use request::Plan;
+
+    fn translator() -> Arc<Translator> {
+        let sets = [crate::pb::FILE_DESCRIPTOR_SET];
+        let compression = Config::embedded().compression;
+        Arc::new(Translator::new(&sets, &compression, |_| 100).unwrap())
+    }
+
+    fn plan(path: &str) -> Plan {
+        let translator = translator();
+        Plan {
+            rpc: Arc::clone(&translator.methods[path]),
+            translator,
+            codec: Codec::Json,
+            gzip_replies: false,
+        }
+    }
+
+    /// A gRPC answer as the call stack gives it: headers with `x-head` and the gRPC ones, one
+    /// HelloReply, then trailers with the status and `x-trail` (twice).
+    fn grpc_answer(message: &str) -> http::Response<Body> {
+        let reply = crate::pb::HelloReply {
+            message: message.into(),
+        }
+        .encode_to_vec();
+        let frame = protocol::envelope(0, &reply);
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        trailers.append("x-trail", "t1".parse().unwrap());
+        trailers.append("x-trail", "t2".parse().unwrap());
+        let frames = futures_util::stream::iter([
+            Ok::<_, Infallible>(http_body::Frame::data(frame)),
+            Ok(http_body::Frame::trailers(trailers)),
+        ]);
+        http::Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-encoding", "identity")
+            .header("x-head", "h")
+            .body(Body::new(http_body_util::StreamBody::new(frames)))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn unary_metadata_is_headers_and_trailer_headers() {
+        let answer = response::unary(plan("/helloworld.Greeter/SayHello"), grpc_answer("hi")).await;
+        let headers = answer.headers();
+        assert_eq!(headers["x-head"], "h");
+        let trailer: Vec<_> = headers.get_all("trailer-x-trail").iter().collect();
+        assert_eq!(trailer, ["t1", "t2"]);
+        assert!(
+            headers.keys().all(|name| !name.as_str().contains("grpc-")),
+            "{headers:?}"
+        );
+        let body = answer.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, r#"{"message":"hi"}"#);
+    }
+
+    #[tokio::test]
+    async fn stream_metadata_is_headers_and_the_end_of_stream_metadata() {
+        let answer = response::stream(
+            plan("/helloworld.Greeter/SayHelloStreamReply"),
+            grpc_answer("hi"),
+        );
+        assert_eq!(answer.headers()["x-head"], "h");
+        assert!(answer.headers().get("grpc-encoding").is_none());
+        let mut body =
+            bytes::BytesMut::from(answer.into_body().collect().await.unwrap().to_bytes());
+        let (_, reply) = protocol::split_envelope(&mut body, usize::MAX)
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply, r#"{"message":"hi"}"#);
+        let (flags, end) = protocol::split_envelope(&mut body, usize::MAX)
+            .unwrap()
+            .unwrap();
+        assert_eq!(flags, 2, "end of stream");
+        let end: serde_json::Value = serde_json::from_slice(&end).unwrap();
+        assert_eq!(
+            end,
+            serde_json::json!({"metadata": {"x-trail": ["t1", "t2"]}})
+        );
+    }
 
     #[test]
     fn every_served_method_is_translated() {

@@ -273,6 +273,32 @@ mod tests {
     }
 
     #[test]
+    fn every_code_has_the_http_status_the_connect_protocol_gives_it() {
+        // The table of connectrpc.com/docs/protocol, "Error Codes".
+        let table = [
+            (Code::Cancelled, 499),
+            (Code::Unknown, 500),
+            (Code::InvalidArgument, 400),
+            (Code::DeadlineExceeded, 504),
+            (Code::NotFound, 404),
+            (Code::AlreadyExists, 409),
+            (Code::PermissionDenied, 403),
+            (Code::ResourceExhausted, 429),
+            (Code::FailedPrecondition, 400),
+            (Code::Aborted, 409),
+            (Code::OutOfRange, 400),
+            (Code::Unimplemented, 501),
+            (Code::Internal, 500),
+            (Code::Unavailable, 503),
+            (Code::DataLoss, 500),
+            (Code::Unauthenticated, 401),
+        ];
+        for (code, status) in table {
+            assert_eq!(http_status(code).as_u16(), status, "{code:?}");
+        }
+    }
+
+    #[test]
     fn gzip_acceptance() {
         let accepts = |value: &str| {
             let mut headers = HeaderMap::new();
