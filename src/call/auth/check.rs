@@ -76,6 +76,29 @@ pub fn jwt(config: &JwtConfig) -> Result<(), Problem> {
             ));
         }
     }
+    // With one issuer a rule without `issuer` is that issuer's; with several, it would grant its
+    // scopes to every issuer's tokens: `system:serviceaccount:shop:*` of one cluster would also
+    // admit the `shop` namespace of any other cluster trusted here. Refused, not warned about: a
+    // warning scrolls by while the grant is live.
+    if config.issuers.len() > 1
+        && let Some((i, rule)) = config
+            .rules
+            .iter()
+            .enumerate()
+            .find(|(_, rule)| rule.issuer.is_none())
+    {
+        return Err(problem(
+            RULES,
+            format!(
+                "{RULES}[{i}] (claim {:?}, pattern {:?}) names no issuer while {} issuers are \
+                 trusted: it would grant its scopes to the tokens of every one of them; set \
+                 issuer = \"...\" on the rule (one rule per issuer that should match)",
+                rule.claim,
+                rule.pattern,
+                config.issuers.len()
+            ),
+        ));
+    }
     if !config.rules.is_empty() && config.issuers.is_empty() {
         return Err(problem(
             RULES,
@@ -144,7 +167,7 @@ mod tests {
     fn jwt_mistakes_name_the_key() {
         assert_eq!(jwt_problem(|_| {}), None);
         type Change = fn(&mut JwtConfig);
-        let cases: [(Change, &str, &str); 9] = [
+        let cases: [(Change, &str, &str); 10] = [
             (
                 |c| c.issuers[0].audiences.clear(),
                 "auth.jwt.issuers",
@@ -178,12 +201,55 @@ mod tests {
                 "not one of",
             ),
             (|c| c.issuers.clear(), "auth.jwt.rules", "add an issuer"),
+            (
+                |c| {
+                    c.issuers.push(JwtIssuer {
+                        issuer: "https://other-cluster".into(),
+                        ..issuer()
+                    });
+                },
+                "auth.jwt.rules",
+                "auth.jwt.rules[0] (claim \"sub\", pattern \"system:serviceaccount:shop:*\") \
+                 names no issuer while 2 issuers are trusted",
+            ),
         ];
         for (change, key, words) in cases {
             let problem = jwt_problem(change).expect(words);
             assert_eq!(problem.key, key);
             assert!(problem.message.contains(words), "{}", problem.message);
         }
+    }
+
+    #[test]
+    fn rules_name_their_issuer_when_several_are_trusted() {
+        let two = |rules: Vec<ClaimRule>| JwtConfig {
+            issuers: vec![
+                issuer(),
+                JwtIssuer {
+                    issuer: "https://other-cluster".into(),
+                    ..issuer()
+                },
+            ],
+            rules,
+            ..JwtConfig::default()
+        };
+        let named = |iss: &str| ClaimRule {
+            issuer: Some(iss.into()),
+            ..rule()
+        };
+        let both = vec![
+            named("https://kubernetes.default.svc.cluster.local"),
+            named("https://other-cluster"),
+        ];
+        assert_eq!(jwt(&two(both.clone())), Ok(()));
+        let mut one_unnamed = both;
+        one_unnamed.push(rule());
+        let problem = jwt(&two(one_unnamed)).unwrap_err();
+        assert!(
+            problem.message.starts_with("auth.jwt.rules[2] "),
+            "{}",
+            problem.message
+        );
     }
 
     #[test]
