@@ -110,7 +110,8 @@ pub struct Credentials {
 struct Seen {
     tls: Watched,
     tokens: Watched,
-    jwks: Watched,
+    /// One per JWT issuer, in the order of `auth.jwt.issuers`.
+    jwks: Vec<Watched>,
 }
 
 impl Credentials {
@@ -793,13 +794,7 @@ fn spawn_reloaders(
         );
     }
     if let Some(auth) = &credentials.auth {
-        auth::spawn_jwks_reloader(
-            auth.clone(),
-            &config.auth,
-            seen.jwks.clone(),
-            triggers,
-            reloads.kind("jwks"),
-        );
+        auth::spawn_jwks_reloaders(auth, &config.auth, seen.jwks.clone(), &triggers, &reloads);
     }
 }
 

@@ -128,6 +128,14 @@ impl Jwt {
         }
     }
 
+    /// The next generation after issuer `index`'s JWKS file reloaded: its new `keys`, the other
+    /// issuers' keys as they are, empty caches.
+    pub fn with_keys(&self, config: &JwtConfig, index: usize, keys: Keys) -> Self {
+        let mut all: Vec<Keys> = self.issuers.iter().map(|i| i.keys.clone()).collect();
+        all[index] = keys;
+        Self::new(config, all)
+    }
+
     /// Verifies `token`, or answers from the cache when it was verified before.
     pub fn verify(&self, token: &str) -> Result<Arc<Verified>, JwtError> {
         let now = now();

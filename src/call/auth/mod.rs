@@ -9,12 +9,12 @@ mod check;
 mod crypto;
 mod jwks;
 mod jwt;
+mod reload;
 mod rules;
 mod tokens;
 
 use std::{
     collections::BTreeMap,
-    io::ErrorKind,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -28,6 +28,7 @@ use tower::{Layer, Service};
 
 pub use jwks::JwksError;
 pub use jwt::Jwt;
+pub use reload::{spawn_jwks_reloaders, spawn_token_reloader, watched_jwks, watched_tokens};
 pub use tokens::{
     Holder, TOKEN_PREFIX, TokenEntry, TokenStore, TokensError, entry_for, entry_toml, generate,
     sha256,
@@ -35,12 +36,9 @@ pub use tokens::{
 
 use crate::{
     call::resolve::Resolved,
-    config::{AuthConfig, AuthMode, CertRule, Problem, Section},
+    config::{AuthConfig, AuthMode, CertRule, JwtConfig, Problem, Section},
     methods::{self, MethodTable, Rule},
-    ops::{
-        metrics::{CounterSet, ReloadOutcomes},
-        reload::{self, Reloaded, Triggers, Watched},
-    },
+    ops::metrics::CounterSet,
     transport::listener::PeerInfo,
 };
 
@@ -188,10 +186,12 @@ impl Authenticator {
         self
     }
 
-    /// Installs a new generation of JWT keys (after a JWKS reload), with an empty cache.
-    fn replace_jwt(&self, jwt: Jwt) {
+    /// Installs issuer `index`'s new keys (after a reload of its JWKS file) beside the other
+    /// issuers' current ones, as a new generation with empty caches. Each issuer's file reloads on
+    /// its own, possibly at the same moment as another's: `rcu` keeps both replacements.
+    fn replace_issuer_keys(&self, config: &JwtConfig, index: usize, keys: &jwks::Keys) {
         if let Some(current) = &self.jwt {
-            current.store(Arc::new(jwt));
+            current.rcu(|jwt| jwt.with_keys(config, index, keys.clone()));
         }
     }
 
@@ -295,107 +295,6 @@ impl Authenticator {
             })
         }
     }
-}
-
-/// The file [`spawn_token_reloader`] watches.
-pub fn watched_tokens(config: &AuthConfig) -> Watched {
-    Watched::now(vec![config.tokens_file.clone()])
-}
-
-/// The files [`spawn_jwks_reloader`] watches: every issuer's JWKS.
-pub fn watched_jwks(config: &AuthConfig) -> Watched {
-    Watched::now(
-        config
-            .jwt
-            .issuers
-            .iter()
-            .map(|i| i.jwks_file.clone())
-            .collect(),
-    )
-}
-
-/// Re-reads `auth.tokens_file` when it changes or SIGHUP arrives. Deleting the file is how an
-/// operator revokes everything: that is honoured. A file that is there but does not load
-/// (half-written, malformed) keeps the previous tokens.
-pub fn spawn_token_reloader(
-    auth: Authenticator,
-    config: &AuthConfig,
-    files: Watched,
-    triggers: Triggers,
-    outcomes: ReloadOutcomes,
-) {
-    let path = config.tokens_file.clone();
-    reload::spawn(
-        "tokens",
-        files,
-        config.reload_interval,
-        triggers,
-        outcomes,
-        move || match TokenStore::load(&path) {
-            Ok(tokens) => {
-                let count = tokens.len();
-                auth.replace_tokens(tokens);
-                Ok(Reloaded::Loaded(format!("{count} tokens")))
-            }
-            Err(TokensError::Read { source, .. }) if source.kind() == ErrorKind::NotFound => {
-                auth.replace_tokens(TokenStore::default());
-                Ok(Reloaded::Revoked(format!(
-                    "auth.tokens_file {} is missing: every token is refused until it is back",
-                    path.display()
-                )))
-            }
-            Err(e) => Err(e),
-        },
-    );
-}
-
-/// Re-reads every `[[auth.jwt.issuers]]` JWKS file when one changes or SIGHUP arrives. A file
-/// that does not load keeps the previous keys of every issuer; a deleted file revokes its issuer's
-/// keys (the others keep theirs). Each reload starts an empty cache of verified tokens, so a key
-/// removed from a set stops verifying at once; calls signed by keys still in the set go on.
-pub fn spawn_jwks_reloader(
-    auth: Authenticator,
-    config: &AuthConfig,
-    files: Watched,
-    triggers: Triggers,
-    outcomes: ReloadOutcomes,
-) {
-    if auth.jwt.is_none() {
-        return;
-    }
-    let jwt = config.jwt.clone();
-    reload::spawn(
-        "jwks",
-        files,
-        config.reload_interval,
-        triggers,
-        outcomes,
-        move || {
-            let mut keys = Vec::new();
-            let mut revoked = Vec::new();
-            for issuer in &jwt.issuers {
-                match jwks::Keys::load(&issuer.jwks_file) {
-                    Ok(new) => keys.push(new),
-                    Err(e) if e.is_missing() => {
-                        revoked.push(issuer.jwks_file.display().to_string());
-                        keys.push(jwks::Keys::default());
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            let count: usize = keys.iter().map(jwks::Keys::len).sum();
-            auth.replace_jwt(Jwt::new(&jwt, keys));
-            Ok(if revoked.is_empty() {
-                Reloaded::Loaded(format!("{count} JWT keys"))
-            } else {
-                Reloaded::Revoked(format!(
-                    "auth.jwt jwks_file {} is missing: its issuer's tokens are refused until it \
-                     is back",
-                    revoked.join(", ")
-                ))
-            })
-        },
-    );
 }
 
 fn missing(what: &str) -> Refusal {
