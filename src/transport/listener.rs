@@ -72,6 +72,37 @@ impl fmt::Display for PeerAddr {
     }
 }
 
+/// Whom a budget per peer counts a connection's calls under: its IPv4 address, its IPv6 /64
+/// (what one host is usually given, so a host cannot multiply its budget by its addresses), or
+/// its user on the Unix socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PeerPrefix {
+    V4(u32),
+    /// The first 64 bits of the address.
+    V6(u64),
+    Uid(u32),
+}
+
+impl PeerPrefix {
+    /// The prefix of `peer`; calls without one (no listener put it in the request) share a
+    /// prefix no user has, rather than go uncounted.
+    pub fn of(peer: Option<&PeerInfo>) -> Self {
+        peer.map_or(Self::Uid(u32::MAX), |peer| peer.remote_addr.prefix())
+    }
+}
+
+impl PeerAddr {
+    pub fn prefix(&self) -> PeerPrefix {
+        match self {
+            Self::Tcp(addr) => match addr.ip().to_canonical() {
+                IpAddr::V4(v4) => PeerPrefix::V4(u32::from(v4)),
+                IpAddr::V6(v6) => PeerPrefix::V6((u128::from(v6) >> 64) as u64),
+            },
+            Self::Unix { uid, .. } => PeerPrefix::Uid(*uid),
+        }
+    }
+}
+
 /// The byte stream of an accepted connection.
 type Io = Either<TcpStream, Either<Box<TlsStream<TcpStream>>, UnixStream>>;
 
