@@ -167,3 +167,131 @@ async fn each_issuers_jwks_file_reloads_on_its_own() {
     );
     assert_eq!(reloads(metrics, "jwks", "revoked").await, 1.0);
 }
+
+/// SayHello with `token` as the bearer: the status when refused.
+async fn hello(channel: &tonic::transport::Channel, token: &str) -> Result<(), tonic::Status> {
+    let mut request = tonic::Request::new(greeter::pb::HelloRequest { name: "you".into() });
+    request
+        .metadata_mut()
+        .insert("authorization", bearer(token).parse().unwrap());
+    greeter::pb::greeter_client::GreeterClient::new(channel.clone())
+        .say_hello(request)
+        .await
+        .map(drop)
+}
+
+/// `greeter_jwt_signature_checks_total{outcome}`.
+async fn signature_checks(metrics: std::net::SocketAddr, outcome: &str) -> f64 {
+    let series = format!("greeter_jwt_signature_checks_total{{outcome=\"{outcome}\"}} ");
+    let text = crate::common::scrape(metrics).await;
+    text.lines()
+        .find_map(|line| line.strip_prefix(series.as_str()))
+        .unwrap_or_else(|| panic!("{series} in {text}"))
+        .parse()
+        .unwrap()
+}
+
+/// `token` with its signature replaced by `n`, repeated to the length of a real one: what
+/// anyone who has seen a token (or knows `iss` and `kid`) can send.
+fn forged(token: &str, n: u8) -> String {
+    let (head, signature) = token.rsplit_once('.').unwrap();
+    format!(
+        "{head}.{}",
+        B64.encode(vec![n; B64.decode(signature).unwrap().len()])
+    )
+}
+
+/// One issuer whose JWKS holds `signers`; `extra` config overrides.
+async fn server_with(
+    dir: &Path,
+    signers: &[&Signer],
+    extra: impl FnOnce(&mut greeter::config::JwtConfig),
+) -> TestServer {
+    let jwks = dir.join("jwks.json");
+    write_jwks(&jwks, signers);
+    let mut config = config(dir, &[(K8S, jwks.as_path())]);
+    extra(&mut config.auth.jwt);
+    TestServer::start_with(config).await
+}
+
+#[tokio::test]
+async fn a_repeated_forged_token_is_checked_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let signer = Signer::new(K8S, "k1");
+    let server = server_with(dir.path(), &[&signer], |_| {}).await;
+    let channel = server.channel().await;
+    let metrics = server.metrics_addr.unwrap();
+    let forged = forged(&signer.token(SUBJECT), 7);
+    for _ in 0..5 {
+        let refused = hello(&channel, &forged).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated);
+        assert_eq!(refused.message(), "JWT signature does not verify");
+    }
+    assert_eq!(signature_checks(metrics, "invalid").await, 1.0);
+}
+
+/// 127.0.0.1 floods distinct forged tokens: past its budget of 3 failed checks they are refused
+/// unchecked, while its token verified before still works and 127.0.0.2's new token verifies.
+#[tokio::test]
+async fn a_peer_past_its_budget_is_refused_unchecked_while_other_peers_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let signer = Signer::new(K8S, "k1");
+    let server = server_with(dir.path(), &[&signer], |jwt| {
+        jwt.peer_failure_burst = 3;
+        // One failure back every 1000s: none during the test.
+        jwt.peer_failure_rate = 0.001;
+    })
+    .await;
+    let metrics = server.metrics_addr.unwrap();
+    let flooder = server.channel().await;
+    let known = signer.token(SUBJECT);
+    assert_eq!(hello(&flooder, &known).await.map_err(|s| s.code()), Ok(()));
+
+    for n in 0..3 {
+        let refused = hello(&flooder, &forged(&known, n)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    }
+    for n in 3..6 {
+        let refused = hello(&flooder, &forged(&known, n)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        assert!(
+            refused
+                .message()
+                .starts_with("too many JWTs from this address failed verification"),
+            "{refused:?}"
+        );
+        use tonic_types::StatusExt as _;
+        let retry = refused.get_details_retry_info().expect("RetryInfo");
+        assert!(retry.retry_delay.is_some_and(|d| !d.is_zero()), "{retry:?}");
+    }
+    assert_eq!(signature_checks(metrics, "invalid").await, 3.0);
+    assert_eq!(
+        hello(&flooder, &known).await.map_err(|s| s.code()),
+        Ok(()),
+        "verified before: answered from the cache"
+    );
+
+    let other = crate::common::channel_from([127, 0, 0, 2].into(), server.addr).await;
+    let fresh = signer.token("system:serviceaccount:shop:cart");
+    assert_eq!(hello(&other, &fresh).await.map_err(|s| s.code()), Ok(()));
+    assert_eq!(signature_checks(metrics, "valid").await, 2.0);
+    let refused = hello(&other, &forged(&known, 9)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "its own budget");
+}
+
+/// A token refused for a `kid` the set lacks is remembered as refused, until the reload that
+/// brings the key: then it verifies.
+#[tokio::test]
+async fn a_jwks_reload_empties_the_cache_of_refused_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (Signer::new(K8S, "k1"), Signer::new(K8S, "k2"));
+    let server = server_with(dir.path(), &[&old], |_| {}).await;
+    let channel = server.channel().await;
+    let token = new.token(SUBJECT);
+    for _ in 0..2 {
+        let refused = hello(&channel, &token).await.unwrap_err();
+        assert_eq!(refused.message(), "JWT kid is not in the issuer's key set");
+    }
+    write_jwks(&dir.path().join("jwks.json"), &[&old, &new]);
+    eventually(&channel, &token, Ok("Hello, you!".into())).await;
+}

@@ -17,6 +17,26 @@ fn blank(values: &[String]) -> bool {
 pub fn jwt(config: &JwtConfig) -> Result<(), Problem> {
     const ISSUERS: &str = "auth.jwt.issuers";
     const RULES: &str = "auth.jwt.rules";
+    const RATE: &str = "auth.jwt.peer_failure_rate";
+    const BURST: &str = "auth.jwt.peer_failure_burst";
+    // A budget that never refills would lock an address out of new JWTs for good after a few
+    // bad ones; one of 0 would never verify a new JWT at all.
+    if !(config.peer_failure_rate.is_finite() && config.peer_failure_rate >= 0.001) {
+        return Err(problem(
+            RATE,
+            format!(
+                "{RATE} = {} must be at least 0.001 (failed signature checks per second an \
+                 address may force once its burst is spent)",
+                config.peer_failure_rate
+            ),
+        ));
+    }
+    if config.peer_failure_burst == 0 {
+        return Err(problem(
+            BURST,
+            format!("{BURST} must be at least 1: with 0 no new JWT would ever be verified"),
+        ));
+    }
     let mut seen = HashSet::new();
     for (i, issuer) in config.issuers.iter().enumerate() {
         let at = format!("{ISSUERS}[{i}]");
@@ -167,7 +187,7 @@ mod tests {
     fn jwt_mistakes_name_the_key() {
         assert_eq!(jwt_problem(|_| {}), None);
         type Change = fn(&mut JwtConfig);
-        let cases: [(Change, &str, &str); 10] = [
+        let cases: [(Change, &str, &str); 13] = [
             (
                 |c| c.issuers[0].audiences.clear(),
                 "auth.jwt.issuers",
@@ -211,6 +231,21 @@ mod tests {
                 "auth.jwt.rules",
                 "auth.jwt.rules[0] (claim \"sub\", pattern \"system:serviceaccount:shop:*\") \
                  names no issuer while 2 issuers are trusted",
+            ),
+            (
+                |c| c.peer_failure_rate = 0.0,
+                "auth.jwt.peer_failure_rate",
+                "at least 0.001",
+            ),
+            (
+                |c| c.peer_failure_rate = f64::NAN,
+                "auth.jwt.peer_failure_rate",
+                "at least 0.001",
+            ),
+            (
+                |c| c.peer_failure_burst = 0,
+                "auth.jwt.peer_failure_burst",
+                "at least 1",
             ),
         ];
         for (change, key, words) in cases {

@@ -4,6 +4,7 @@
 //! path (`/package.Service/Method`), the headers and the connection's TLS identity, and answers
 //! with a gRPC status before any handler or decoder runs.
 
+mod budget;
 mod cache;
 mod check;
 mod crypto;
@@ -23,11 +24,14 @@ use std::{
 use arc_swap::ArcSwap;
 use futures_util::future::{Either, Ready, ready};
 use pin_project_lite::pin_project;
-use tonic::{Status, codegen::http};
+use tonic::{Code, Status, codegen::http};
+use tonic_types::{ErrorDetails, StatusExt as _};
 use tower::{Layer, Service};
 
+pub use budget::SignatureBudget;
 pub use jwks::JwksError;
 pub use jwt::Jwt;
+use jwt::JwtError;
 pub use reload::{spawn_jwks_reloaders, spawn_token_reloader, watched_jwks, watched_tokens};
 pub use tokens::{
     Holder, TOKEN_PREFIX, TokenEntry, TokenStore, TokensError, entry_for, entry_toml, generate,
@@ -39,7 +43,7 @@ use crate::{
     config::{AuthConfig, AuthMode, CertRule, JwtConfig, Problem, Section},
     methods::{self, MethodTable, Rule},
     ops::metrics::CounterSet,
-    transport::listener::PeerInfo,
+    transport::listener::{PeerInfo, PeerPrefix},
 };
 
 /// Why calls are refused, as `greeter_auth_failures_total{reason}` counts them.
@@ -49,6 +53,7 @@ pub const REFUSAL_REASONS: &[&str] = &[
     MALFORMED_HEADER,
     INVALID_TOKEN,
     INVALID_JWT,
+    JWT_BUDGET,
     MISSING_SCOPE,
 ];
 /// No `auth.policy` pattern covers the method (PERMISSION_DENIED).
@@ -61,6 +66,9 @@ const MALFORMED_HEADER: &str = "malformed_header";
 const INVALID_TOKEN: &str = "invalid_token";
 /// A bearer shaped like a JWT that `[auth.jwt]` does not accept (UNAUTHENTICATED).
 const INVALID_JWT: &str = "invalid_jwt";
+/// A JWT not verified because its peer's budget of failed signature checks is spent
+/// (RESOURCE_EXHAUSTED, with RetryInfo).
+const JWT_BUDGET: &str = "jwt_budget";
 /// Authenticated, but without the scope the method requires (PERMISSION_DENIED).
 const MISSING_SCOPE: &str = "missing_scope";
 
@@ -163,6 +171,8 @@ pub struct Authenticator {
     tokens: Arc<ArcSwap<TokenStore>>,
     /// The JWT issuers' keys, when `[auth.jwt]` names any; swapped on a JWKS reload.
     jwt: Option<Arc<ArcSwap<Jwt>>>,
+    /// The peers' budgets of failed signature checks: kept across JWKS reloads.
+    signatures: Arc<SignatureBudget>,
     cert_scopes: Arc<[String]>,
     cert_rules: Arc<[CertRule]>,
     policy: Arc<MethodTable<Rule>>,
@@ -174,6 +184,10 @@ impl Authenticator {
             mode: config.mode,
             tokens: Arc::new(ArcSwap::from_pointee(tokens)),
             jwt: None,
+            signatures: Arc::new(SignatureBudget::new(
+                config.jwt.peer_failure_rate,
+                config.jwt.peer_failure_burst,
+            )),
             cert_scopes: config.client_cert_scopes.clone().into(),
             cert_rules: config.cert_rules.clone().into(),
             policy: Arc::new(policy(&config.policy)),
@@ -193,6 +207,11 @@ impl Authenticator {
         if let Some(current) = &self.jwt {
             current.rcu(|jwt| jwt.with_keys(config, index, keys.clone()));
         }
+    }
+
+    /// JWT signature checks made so far: whose token was valid, and whose was refused.
+    pub fn signature_checks(&self) -> (u64, u64) {
+        (self.signatures.valid(), self.signatures.invalid())
     }
 
     /// Installs a new token set (after a reload); calls in flight finish with the old one.
@@ -235,9 +254,9 @@ impl Authenticator {
             (AuthMode::Token | AuthMode::Either, Some(token), _)
             | (AuthMode::Both, Some(token), Some(_)) => match &jwt {
                 Some(jwt) if jwt::looks_like_jwt(token) => {
-                    verified = jwt.verify(token).map_err(|e| {
-                        Refusal::new(INVALID_JWT, Status::unauthenticated(e.to_string()))
-                    })?;
+                    verified = jwt
+                        .verify(token, PeerPrefix::of(peer), &self.signatures)
+                        .map_err(jwt_refusal)?;
                     let caller = Caller::Jwt {
                         subject: Arc::clone(&verified.subject),
                         issuer: Arc::clone(&verified.issuer),
@@ -294,6 +313,24 @@ impl Authenticator {
                 )
             })
         }
+    }
+}
+
+/// UNAUTHENTICATED for a JWT found invalid. RESOURCE_EXHAUSTED with RetryInfo for one not
+/// verified because its address spent its budget of failed checks: the token may well be valid
+/// (a caller sharing the address with a flood), so the answer must not tell the caller to get new
+/// credentials, but when to come back, as the quotas do.
+fn jwt_refusal(error: JwtError) -> Refusal {
+    match error {
+        JwtError::PeerBudget(wait) => Refusal::new(
+            JWT_BUDGET,
+            Status::with_error_details(
+                Code::ResourceExhausted,
+                error.to_string(),
+                ErrorDetails::with_retry_info(Some(wait)),
+            ),
+        ),
+        error => Refusal::new(INVALID_JWT, Status::unauthenticated(error.to_string())),
     }
 }
 
@@ -434,8 +471,6 @@ where
 
 #[cfg(test)]
 mod tests {
-    use tonic::Code;
-
     use super::*;
     use crate::{transport::listener::PeerAddr, transport::tls::ClientIdentity};
 

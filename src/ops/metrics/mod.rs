@@ -255,6 +255,18 @@ impl ServerCounters {
     }
 }
 
+/// Registers `greeter_jwt_signature_checks_total{outcome}` (`valid`, `invalid`), read from the
+/// auth layer at each scrape; only when JWTs are accepted.
+pub fn register_jwt_signature_checks(registry: &mut Registry, checks: CounterFnSet) {
+    registry.register(
+        "greeter_jwt_signature_checks",
+        "JWT signature checks made (tokens answered from the caches of verified and refused \
+         tokens, or refused for a spent auth.jwt.peer_failure_burst, are not checked), by \
+         outcome: valid (signature and claims), invalid",
+        checks,
+    );
+}
+
 /// Registers the expiry of the serving certificate; the caller keeps the gauge current on reload.
 pub fn register_certificate_expiry(registry: &mut Registry, not_after_unix: i64) -> Gauge {
     let gauge = Gauge::default();
