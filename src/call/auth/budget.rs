@@ -69,6 +69,21 @@ impl SignatureBudget {
         }
     }
 
+    /// Whether `peer`'s budget is spent, and if so for how long, without taking from it: a
+    /// spent peer's new JWTs are refused before they are even parsed, so they cost what garbage
+    /// costs.
+    pub fn spent(&self, peer: PeerPrefix) -> Option<Duration> {
+        let now = Instant::now();
+        let peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        let next = match peers.next.get(&peer) {
+            Some(next) => *next,
+            None if peers.next.len() < JWT_PEERS_TRACKED => return None,
+            None => peers.overflow?,
+        };
+        let ahead = next.max(now) + self.interval - now;
+        (ahead > self.tolerance).then(|| ahead - self.tolerance)
+    }
+
     /// Takes one check from `peer`'s budget before a signature is checked; when it is spent,
     /// how long until one is back.
     pub fn take(&self, peer: PeerPrefix) -> Result<(), Duration> {
@@ -138,8 +153,10 @@ mod tests {
             budget.take(A).unwrap();
             budget.settle(A, false);
         }
-        let wait = budget.take(A).unwrap_err();
+        assert_eq!(budget.spent(B), None);
+        let wait = budget.spent(A).expect("spent");
         assert!(wait > Duration::from_secs(900), "{wait:?}");
+        assert!(budget.take(A).is_err());
         // Another address has its own budget, and a success costs it nothing.
         for _ in 0..10 {
             budget.take(B).unwrap();
@@ -155,7 +172,8 @@ mod tests {
             budget.take(PeerPrefix::Uid(i)).unwrap();
         }
         budget.take(A).unwrap();
-        assert!(budget.take(B).is_err(), "A spent the overflow budget");
+        assert!(budget.spent(B).is_some(), "A spent the overflow budget");
+        assert!(budget.take(B).is_err());
         assert!(budget.take(PeerPrefix::Uid(0)).is_err(), "tracked: its own");
     }
 }

@@ -59,7 +59,7 @@ pub enum JwtError {
     #[error("JWT lacks the {0} claim, or it has the wrong type")]
     Claim(&'static str),
     /// The peer's budget of failed signature checks is spent ([`SignatureBudget`]); the token
-    /// was not looked at beyond its header and issuer.
+    /// was not parsed.
     #[error(
         "too many JWTs from this address failed verification: new JWTs from it are refused \
          unverified for {:.1}s (JWTs verified before still work)",
@@ -185,6 +185,9 @@ impl Jwt {
         }
         if let Some(refused) = self.refused.get(&hash) {
             return Err(refused);
+        }
+        if let Some(wait) = budget.spent(peer) {
+            return Err(JwtError::PeerBudget(wait));
         }
         let verdict = self.signed(token).and_then(|signed| {
             budget.take(peer).map_err(JwtError::PeerBudget)?;
