@@ -254,15 +254,12 @@ async fn a_peer_past_its_budget_is_refused_unchecked_while_other_peers_verify() 
     for n in 3..6 {
         let refused = hello(&flooder, &forged(&known, n)).await.unwrap_err();
         assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        let message = refused.message();
         assert!(
-            refused
-                .message()
-                .starts_with("too many JWTs from this address failed verification"),
+            message
+                .starts_with("JWT not verified: too many failed JWTs from this address; retry in "),
             "{refused:?}"
         );
-        use tonic_types::StatusExt as _;
-        let retry = refused.get_details_retry_info().expect("RetryInfo");
-        assert!(retry.retry_delay.is_some_and(|d| !d.is_zero()), "{retry:?}");
     }
     assert_eq!(signature_checks(metrics, "invalid").await, 3.0);
     assert_eq!(

@@ -61,8 +61,7 @@ pub enum JwtError {
     /// The peer's budget of failed signature checks is spent ([`SignatureBudget`]); the token
     /// was not parsed.
     #[error(
-        "too many JWTs from this address failed verification: new JWTs from it are refused \
-         unverified for {:.1}s (JWTs verified before still work)",
+        "JWT not verified: too many failed JWTs from this address; retry in {:.1}s",
         .0.as_secs_f64()
     )]
     PeerBudget(Duration),
@@ -585,10 +584,7 @@ mod tests {
         );
         let spent = jwt.verify(&forged(2), a, &budget).unwrap_err();
         assert!(matches!(spent, JwtError::PeerBudget(_)), "{spent}");
-        assert!(
-            spent.to_string().contains("refused unverified for"),
-            "{spent}"
-        );
+        assert!(spent.to_string().contains("; retry in "), "{spent}");
         assert_eq!(budget.invalid(), 2);
         // Not remembered as refused: the budget says nothing about the token.
         assert!(matches!(

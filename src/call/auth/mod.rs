@@ -24,8 +24,7 @@ use std::{
 use arc_swap::ArcSwap;
 use futures_util::future::{Either, Ready, ready};
 use pin_project_lite::pin_project;
-use tonic::{Code, Status, codegen::http};
-use tonic_types::{ErrorDetails, StatusExt as _};
+use tonic::{Status, codegen::http};
 use tower::{Layer, Service};
 
 pub use budget::SignatureBudget;
@@ -67,7 +66,7 @@ const INVALID_TOKEN: &str = "invalid_token";
 /// A bearer shaped like a JWT that `[auth.jwt]` does not accept (UNAUTHENTICATED).
 const INVALID_JWT: &str = "invalid_jwt";
 /// A JWT not verified because its peer's budget of failed signature checks is spent
-/// (RESOURCE_EXHAUSTED, with RetryInfo).
+/// (RESOURCE_EXHAUSTED).
 const JWT_BUDGET: &str = "jwt_budget";
 /// Authenticated, but without the scope the method requires (PERMISSION_DENIED).
 const MISSING_SCOPE: &str = "missing_scope";
@@ -316,20 +315,17 @@ impl Authenticator {
     }
 }
 
-/// UNAUTHENTICATED for a JWT found invalid. RESOURCE_EXHAUSTED with RetryInfo for one not
-/// verified because its address spent its budget of failed checks: the token may well be valid
-/// (a caller sharing the address with a flood), so the answer must not tell the caller to get new
-/// credentials, but when to come back, as the quotas do.
+/// UNAUTHENTICATED for a JWT found invalid. RESOURCE_EXHAUSTED for one not verified because
+/// its address spent its budget of failed checks: the token may well be valid (a caller sharing
+/// the address with a flood), so the answer must not tell the caller to get new credentials, but
+/// when to come back. The message says when; no `google.rpc.RetryInfo` as the quotas send: it
+/// carries the message a second time (base64, in `grpc-status-details-bin`), and this answer must
+/// cost what refusing garbage costs (with it, 1.5 µs more server CPU per call: BENCHMARKS.md).
 fn jwt_refusal(error: JwtError) -> Refusal {
     match error {
-        JwtError::PeerBudget(wait) => Refusal::new(
-            JWT_BUDGET,
-            Status::with_error_details(
-                Code::ResourceExhausted,
-                error.to_string(),
-                ErrorDetails::with_retry_info(Some(wait)),
-            ),
-        ),
+        JwtError::PeerBudget(_) => {
+            Refusal::new(JWT_BUDGET, Status::resource_exhausted(error.to_string()))
+        }
         error => Refusal::new(INVALID_JWT, Status::unauthenticated(error.to_string())),
     }
 }
@@ -471,6 +467,8 @@ where
 
 #[cfg(test)]
 mod tests {
+    use tonic::Code;
+
     use super::*;
     use crate::{transport::listener::PeerAddr, transport::tls::ClientIdentity};
 
