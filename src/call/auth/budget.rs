@@ -1,13 +1,14 @@
 //! How many failed JWT signature checks one peer may make the server do.
 //!
-//! A signature check is the one costly step of refusing a JWT (RS256 about 3x, ES256 and EdDSA
-//! about 4x the server CPU of refusing a garbage token), and `iss` and `kid` are public, so anyone
-//! can send tokens that get that far. The caches do not help against a flood of *distinct*
-//! forged tokens; this budget does: each peer address (IPv4 address, IPv6 /64, Unix socket user)
-//! may fail `burst` checks at once and `rate` per second after that. Once it is spent, a JWT from
-//! that address that is not cached as verified is refused without a check. A check that succeeds
-//! is given back, so valid tokens never spend the budget, and every other address keeps its own:
-//! a valid token seen for the first time from elsewhere is verified during the flood.
+//! A signature check is the one costly step of refusing a JWT (RS256 about 5x, EdDSA 8x, ES256
+//! 10x the server CPU of refusing a garbage token: BENCHMARKS.md), and `iss` and `kid` are public,
+//! so anyone can send tokens that get that far. The caches do not help against a flood of
+//! *distinct* forged tokens; this budget does: each peer address (IPv4 address, IPv6 /64, Unix
+//! socket user) may fail `burst` checks at once and `rate` per second after that. Once it is
+//! spent, a JWT from that address that is not cached as verified is refused without being parsed
+//! or checked. A check that succeeds is given back, so valid tokens never spend the budget, and
+//! every other address keeps its own: a valid token seen for the first time from elsewhere is
+//! verified during the flood.
 //!
 //! Why per peer and not a server-wide cap on concurrent checks: a cap shared by everyone is what
 //! a flood spends, so it would refuse the valid first-seen tokens of every other caller for as
