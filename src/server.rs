@@ -308,16 +308,8 @@ impl Server {
             telemetry.as_ref().map(Telemetry::queue),
         )
         .register(&mut registry);
-        if let Some(auth) = &credentials.auth
-            && !config.auth.jwt.issuers.is_empty()
-        {
-            let (valid, invalid) = (auth.clone(), auth.clone());
-            metrics::register_jwt_signature_checks(
-                &mut registry,
-                CounterFnSet::new("outcome")
-                    .with("valid", move || valid.signature_checks().0)
-                    .with("invalid", move || invalid.signature_checks().1),
-            );
+        if let Some(auth) = &credentials.auth {
+            auth.register_signature_checks(&mut registry);
         }
         metrics::process::register(&mut registry);
         let quotas = config.quota.enabled.then(|| {

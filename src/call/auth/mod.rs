@@ -24,6 +24,7 @@ use std::{
 use arc_swap::ArcSwap;
 use futures_util::future::{Either, Ready, ready};
 use pin_project_lite::pin_project;
+use prometheus_client::registry::Registry;
 use tonic::{Status, codegen::http};
 use tower::{Layer, Service};
 
@@ -41,7 +42,7 @@ use crate::{
     call::resolve::Resolved,
     config::{AuthConfig, AuthMode, CertRule, JwtConfig, Problem, Section},
     methods::{self, MethodTable, Rule},
-    ops::metrics::CounterSet,
+    ops::metrics::{self, CounterFnSet, CounterSet},
     transport::listener::{PeerInfo, PeerPrefix},
 };
 
@@ -208,9 +209,18 @@ impl Authenticator {
         }
     }
 
-    /// JWT signature checks made so far: whose token was valid, and whose was refused.
-    pub fn signature_checks(&self) -> (u64, u64) {
-        (self.signatures.valid(), self.signatures.invalid())
+    /// Counts the JWT signature checks made, when JWTs are accepted, read at each scrape.
+    pub fn register_signature_checks(&self, registry: &mut Registry) {
+        if self.jwt.is_none() {
+            return;
+        }
+        let (valid, invalid) = (Arc::clone(&self.signatures), Arc::clone(&self.signatures));
+        metrics::register_jwt_signature_checks(
+            registry,
+            CounterFnSet::new("outcome")
+                .with("valid", move || valid.valid())
+                .with("invalid", move || invalid.invalid()),
+        );
     }
 
     /// Installs a new token set (after a reload); calls in flight finish with the old one.
