@@ -133,7 +133,8 @@ pub struct Credentials {
 struct Seen {
     tls: Watched,
     tokens: Watched,
-    jwks: Watched,
+    /// One per JWT issuer, in the order of `auth.jwt.issuers`.
+    jwks: Vec<Watched>,
 }
 
 impl Credentials {
@@ -315,6 +316,9 @@ impl Server {
             telemetry.as_ref().map(Telemetry::queue),
         )
         .register(&mut registry);
+        if let Some(auth) = &credentials.auth {
+            auth.register_signature_checks(&mut registry);
+        }
         metrics::process::register(&mut registry);
         let quotas = match config.quota.enabled {
             true => {
@@ -840,13 +844,7 @@ fn spawn_reloaders(
         );
     }
     if let Some(auth) = &credentials.auth {
-        auth::spawn_jwks_reloader(
-            auth.clone(),
-            &config.auth,
-            seen.jwks.clone(),
-            triggers,
-            reloads.kind("jwks"),
-        );
+        auth::spawn_jwks_reloaders(auth, &config.auth, seen.jwks.clone(), &triggers, &reloads);
     }
 }
 

@@ -159,6 +159,18 @@ pub struct JwtConfig {
     /// verified again; 0 turns the cache off.
     #[serde(default = "JwtConfig::default_cache_size")]
     pub cache_size: usize,
+    /// Refused tokens remembered (by SHA-256) until the next JWKS reload, so a bad token sent
+    /// again is refused without being verified again; 0 turns the cache off.
+    #[serde(default = "JwtConfig::default_cache_size")]
+    pub failure_cache_size: usize,
+    /// Signature checks that fail, per peer address (IPv4 address, IPv6 /64, Unix socket user):
+    /// `peer_failure_burst` at once, refilled at `peer_failure_rate` per second. Once spent, a
+    /// JWT from that address that is not in the cache of verified tokens is refused with
+    /// RESOURCE_EXHAUSTED without a signature check, so forged tokens cost what garbage costs.
+    #[serde(default = "JwtConfig::default_peer_failure_rate")]
+    pub peer_failure_rate: f64,
+    #[serde(default = "JwtConfig::default_peer_failure_burst")]
+    pub peer_failure_burst: u32,
 }
 
 impl JwtConfig {
@@ -169,6 +181,14 @@ impl JwtConfig {
     fn default_cache_size() -> usize {
         4096
     }
+
+    fn default_peer_failure_rate() -> f64 {
+        1.0
+    }
+
+    fn default_peer_failure_burst() -> u32 {
+        10
+    }
 }
 
 impl Default for JwtConfig {
@@ -178,6 +198,9 @@ impl Default for JwtConfig {
             rules: Vec::new(),
             leeway: Self::default_leeway(),
             cache_size: Self::default_cache_size(),
+            failure_cache_size: Self::default_cache_size(),
+            peer_failure_rate: Self::default_peer_failure_rate(),
+            peer_failure_burst: Self::default_peer_failure_burst(),
         }
     }
 }

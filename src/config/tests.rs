@@ -606,3 +606,31 @@ fn config_show_names_the_layer_of_each_value_not_from_the_default() {
     // The embedded default's values carry no comment.
     assert_eq!(line("max_name_bytes = "), "max_name_bytes = 1024");
 }
+
+/// Two clusters' issuers and a rule for `shop` without `issuer`: the rule would admit the `shop`
+/// of both, so the file is refused, naming the key and the file.
+#[test]
+fn a_jwt_rule_without_issuer_is_refused_when_several_issuers_are_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("jwt.toml");
+    let issuer = |iss: &str| {
+        format!(
+            "[[auth.jwt.issuers]]\nissuer = \"{iss}\"\njwks_file = \"j.json\"\naudiences = [\"greeter\"]\n"
+        )
+    };
+    let rule = "[[auth.jwt.rules]]\nclaim = \"sub\"\npattern = \"system:serviceaccount:shop:*\"\n\
+                scopes = [\"greeter\"]\n";
+    let text = format!(
+        "[auth]\nenabled = true\ntokens_file = \"t.toml\"\n{}{}{rule}",
+        issuer("https://a.example"),
+        issuer("https://b.example"),
+    );
+    std::fs::write(&file, &text).unwrap();
+    let error = Config::load(&with_files(vec![file.clone()])).unwrap_err();
+    assert_eq!(error.key.as_deref(), Some("auth.jwt.rules"), "{error}");
+    assert!(error.message.contains("names no issuer"), "{error}");
+    assert_eq!(error.origin, file.display().to_string(), "{error}");
+
+    std::fs::write(&file, format!("{text}issuer = \"https://b.example\"\n")).unwrap();
+    assert!(Config::load(&with_files(vec![file])).is_ok());
+}

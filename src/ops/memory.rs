@@ -17,8 +17,10 @@
 //! - with `[quota]`, the callers its bucket tables track (`max_callers` callers with credentials
 //!   and `anonymous_max_callers` peers per table: the default one and one per `quota.methods`
 //!   entry);
-//! - the process itself, with the cache of verified JWTs when `[auth.jwt]` has issuers
-//!   (`auth.jwt.cache_size` entries of at most [`JWT_CACHE_ENTRY_BYTES`]).
+//! - the process itself, with the caches of verified and refused JWTs when `[auth.jwt]` has
+//!   issuers (`auth.jwt.cache_size` entries of at most [`JWT_CACHE_ENTRY_BYTES`],
+//!   `auth.jwt.failure_cache_size` of [`JWT_FAILURE_ENTRY_BYTES`]) and the table of peers'
+//!   failed signature checks ([`JWT_PEERS_TRACKED`] of [`JWT_PEER_BYTES`]).
 //!
 //! The per-unit figures are measured upper bounds with room to spare (BENCHMARKS.md): an idle TLS
 //! connection measured ~28 KiB, the process at rest ~8 MiB.
@@ -41,6 +43,14 @@ const SPAN_BYTES: u64 = 2 << 10;
 pub const JWT_CACHE_IDENTITY_BYTES: usize = 1 << 10;
 /// One cached JWT: its hash, the map's slot, the entry and the identity's allocations.
 pub const JWT_CACHE_ENTRY_BYTES: u64 = JWT_CACHE_IDENTITY_BYTES as u64 + 512;
+/// One refused JWT remembered: its 32-byte hash and why it was refused (24 bytes) in a hash map,
+/// with its control bytes, load factor and room to grow.
+pub const JWT_FAILURE_ENTRY_BYTES: u64 = 128;
+/// Peer addresses whose failed JWT signature checks are counted each on its own; beyond it,
+/// newcomers share one budget. Enough for every node and pod address of a large cluster.
+pub const JWT_PEERS_TRACKED: usize = 16384;
+/// One tracked peer: a 16-byte address prefix and a 16-byte time in a hash map, with room.
+pub const JWT_PEER_BYTES: u64 = 96;
 /// One tracked caller of a quota table: a 24-byte entry (16-byte key, GCRA state) in a
 /// sharded hash map, with its control bytes, load factor and room to grow.
 const QUOTA_CALLER_BYTES: u64 = 128;
@@ -126,11 +136,13 @@ impl WorstCase {
     }
 }
 
-/// The bound of the verified-JWT cache, when JWTs are accepted at all.
+/// The bound of the JWT caches and the peers' failure budgets, when JWTs are accepted at all.
 fn jwt_cache_bytes(config: &Config) -> u64 {
     let auth = &config.auth;
     if auth.enabled && !auth.jwt.issuers.is_empty() {
         auth.jwt.cache_size as u64 * JWT_CACHE_ENTRY_BYTES
+            + auth.jwt.failure_cache_size as u64 * JWT_FAILURE_ENTRY_BYTES
+            + JWT_PEERS_TRACKED as u64 * JWT_PEER_BYTES
     } else {
         0
     }
@@ -221,9 +233,14 @@ mod tests {
             scopes_claim: None,
         });
         let with = WorstCase::of(&config, LARGEST).total();
-        assert_eq!(with - without, 4096 * JWT_CACHE_ENTRY_BYTES);
+        let peers = JWT_PEERS_TRACKED as u64 * JWT_PEER_BYTES;
+        assert_eq!(
+            with - without,
+            4096 * (JWT_CACHE_ENTRY_BYTES + JWT_FAILURE_ENTRY_BYTES) + peers
+        );
         config.auth.jwt.cache_size = 0;
-        assert_eq!(WorstCase::of(&config, LARGEST).total(), without);
+        config.auth.jwt.failure_cache_size = 0;
+        assert_eq!(WorstCase::of(&config, LARGEST).total(), without + peers);
     }
 
     #[test]

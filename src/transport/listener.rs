@@ -76,6 +76,37 @@ impl fmt::Display for PeerAddr {
     }
 }
 
+/// Whom a budget per peer counts a connection's calls under: its IPv4 address, its IPv6 /64
+/// (what one host is usually given, so a host cannot multiply its budget by its addresses), or
+/// its user on the Unix socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PeerPrefix {
+    V4(u32),
+    /// The first 64 bits of the address.
+    V6(u64),
+    Uid(u32),
+}
+
+impl PeerPrefix {
+    /// The prefix of `peer`; calls without one (no listener put it in the request) share a
+    /// prefix no user has, rather than go uncounted.
+    pub fn of(peer: Option<&PeerInfo>) -> Self {
+        peer.map_or(Self::Uid(u32::MAX), |peer| peer.remote_addr.prefix())
+    }
+}
+
+impl PeerAddr {
+    pub fn prefix(&self) -> PeerPrefix {
+        match self {
+            Self::Tcp(addr) => match addr.ip().to_canonical() {
+                IpAddr::V4(v4) => PeerPrefix::V4(u32::from(v4)),
+                IpAddr::V6(v6) => PeerPrefix::V6((u128::from(v6) >> 64) as u64),
+            },
+            Self::Unix { uid, .. } => PeerPrefix::Uid(*uid),
+        }
+    }
+}
+
 /// The byte stream of an accepted connection.
 type Io = Either<TcpStream, Either<Box<TlsStream<TcpStream>>, UnixStream>>;
 
@@ -401,19 +432,20 @@ pub async fn accept(
         let failures = tls.handshake_failures.clone();
         let revoked = tls.connections_revoked.clone();
         tokio::spawn(async move {
+            // A plain HTTP request is handed back, to be answered once it is counted.
             let handshake = async {
                 if sent_plain_http(&tcp).await {
-                    answer_plain_http(tcp).await;
-                    return None;
+                    return Err(tcp);
                 }
-                Some(acceptor.accept(tcp).await)
+                Ok(acceptor.accept(tcp).await)
             };
             match tokio::time::timeout(timeout, handshake).await {
-                Ok(None) => {
+                Ok(Err(tcp)) => {
                     failures.inc("error");
                     debug!(%remote_addr, "plain HTTP on the TLS port: answered 400");
+                    answer_plain_http(tcp).await;
                 }
-                Ok(Some(Ok(stream))) => {
+                Ok(Ok(Ok(stream))) => {
                     let certs = stream.get_ref().1.peer_certificates().unwrap_or_default();
                     let client_cert = certs
                         .first()
@@ -433,7 +465,7 @@ pub async fn accept(
                     };
                     on_connection(connection, slot);
                 }
-                Ok(Some(Err(e))) => {
+                Ok(Ok(Err(e))) => {
                     failures.inc("error");
                     debug!(%remote_addr, "TLS handshake failed: {e}");
                 }

@@ -257,8 +257,8 @@ def test_jwks_rotated_while_calls_run(jwt_greeter, signers):
     wait_until(lambda: accepted(jwt_greeter, old_token), "the original set is back")
     if jwt_greeter.metrics_addr:
         metrics = scrape(jwt_greeter)
-        assert metrics['greeter_reloads_total{kind="jwks",outcome="failure"}'] >= 1
-        assert metrics['greeter_reloads_total{kind="jwks",outcome="success"}'] >= 3
+        assert metrics[jwks_reloads("failure")] >= 1
+        assert metrics[jwks_reloads("success")] >= 3
         assert metrics['greeter_auth_failures_total{reason="invalid_jwt"}'] >= 2
 
 
@@ -274,7 +274,7 @@ def test_deleted_jwks_revokes_its_keys(jwt_greeter, signers):
         write_jwks(jwt_greeter.jwks, signers.values())
     wait_until(lambda: accepted(jwt_greeter, token), "the set is back")
     if jwt_greeter.metrics_addr:
-        assert scrape(jwt_greeter)['greeter_reloads_total{kind="jwks",outcome="revoked"}'] >= 1
+        assert scrape(jwt_greeter)[jwks_reloads("revoked")] >= 1
 
 
 @pytest.mark.parametrize("jwks, audiences, expected", [
@@ -296,6 +296,11 @@ def test_config_check_names_the_key_and_the_file(tmp_path, jwks, audiences, expe
     assert expected in res.stderr, res.stderr
     named = "jwks.json" if audiences != "[]" else str(config.name)
     assert named in res.stderr, res.stderr
+
+
+def jwks_reloads(outcome):
+    """The series counting reloads of ISSUER's JWKS file with `outcome`."""
+    return f'greeter_reloads_total{{kind="jwks",issuer="{ISSUER}",outcome="{outcome}"}}'
 
 
 def scrape(server):

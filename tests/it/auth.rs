@@ -1,7 +1,10 @@
 //! Token authentication and per-method policy against a real server, with a real tokens file that
 //! is rewritten while the server runs.
 
-use crate::common;
+use crate::{
+    common,
+    jwt::{self, K8S, Signer, write_jwks},
+};
 
 use std::time::{Duration, Instant};
 
@@ -61,7 +64,7 @@ impl Tokens {
     }
 }
 
-async fn say_hello(channel: &Channel, authorization: Option<&str>) -> Result<String, Code> {
+pub async fn say_hello(channel: &Channel, authorization: Option<&str>) -> Result<String, Code> {
     let mut request = Request::new(HelloRequest { name: "you".into() });
     if let Some(value) = authorization {
         request
@@ -172,7 +175,7 @@ async fn refusal_messages_never_echo_the_token() {
     }
 }
 
-async fn eventually(channel: &Channel, token: &str, expected: Result<String, Code>) {
+pub async fn eventually(channel: &Channel, token: &str, expected: Result<String, Code>) {
     let deadline = Instant::now() + Duration::from_secs(10);
     let header = format!("Bearer {token}");
     loop {
@@ -433,72 +436,14 @@ async fn deleting_the_tokens_file_revokes_every_token_until_it_is_back() {
     eventually(&channel, "grt_kept", Ok("Hello, you!".into())).await;
 }
 
-/// An Ed25519 key, its JWKS, and tokens it signs: a JWT made here, not by the server's code.
-struct Issuer {
-    key: ring::signature::Ed25519KeyPair,
-}
-
-impl Issuer {
-    const ISS: &str = "https://kubernetes.default.svc.cluster.local";
-
-    fn new() -> Self {
-        let pkcs8 =
-            ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
-                .unwrap();
-        Self {
-            key: ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap(),
-        }
-    }
-
-    fn jwks(&self) -> String {
-        use base64::Engine as _;
-        use ring::signature::KeyPair as _;
-        let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.key.public_key());
-        serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "k1", "alg": "EdDSA", "x": x}]})
-            .to_string()
-    }
-
-    fn token(&self, sub: &str) -> String {
-        use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let header = serde_json::json!({"alg": "EdDSA", "kid": "k1", "typ": "JWT"});
-        let claims = serde_json::json!({"iss": Self::ISS, "aud": ["greeter"], "sub": sub,
-                                        "iat": now, "nbf": now, "exp": now + 600});
-        let message = format!(
-            "{}.{}",
-            B64.encode(header.to_string()),
-            B64.encode(claims.to_string())
-        );
-        let signature = B64.encode(self.key.sign(message.as_bytes()));
-        format!("{message}.{signature}")
-    }
-}
-
 #[tokio::test]
 async fn static_tokens_and_jwts_are_accepted_side_by_side() {
     let dir = tempfile::tempdir().unwrap();
-    let issuer = Issuer::new();
-    let jwks = dir.path().join("jwks.json");
-    std::fs::write(&jwks, issuer.jwks()).unwrap();
-    let jwks_path = jwks.clone();
-    let mut overrides = common::greeter_token_auth(dir.path(), "static-secret-token", "ci");
-    overrides.push(("auth.reload_interval".into(), "50ms".into()));
-    let mut config = config_with(overrides);
-    config.auth.jwt.issuers.push(greeter::config::JwtIssuer {
-        issuer: Issuer::ISS.into(),
-        jwks_file: jwks,
-        audiences: vec!["greeter".into()],
-        scopes_claim: None,
-    });
-    config.auth.jwt.rules.push(greeter::config::ClaimRule {
-        claim: "sub".into(),
-        pattern: "system:serviceaccount:shop:*".into(),
-        scopes: vec!["greeter".into()],
-        issuer: None,
-    });
+    let issuer = Signer::new(K8S, "k1");
+    let jwks_path = dir.path().join("jwks.json");
+    write_jwks(&jwks_path, &[&issuer]);
+    let mut config = jwt::config(dir.path(), &[(K8S, jwks_path.as_path())]);
+    config.auth.jwt.rules[0].issuer = None;
     let server = TestServer::start_with(config).await;
     let channel = server.channel().await;
 
@@ -529,10 +474,9 @@ async fn static_tokens_and_jwts_are_accepted_side_by_side() {
 
     // The issuer rotates its key (same kid): the new JWKS is installed, the old key's tokens,
     // cached as verified a moment ago, are refused with it.
-    let rotated = Issuer::new();
+    let rotated = Signer::new(K8S, "k1");
+    write_jwks(&jwks_path, &[&rotated]);
     let tmp = dir.path().join("jwks.json.tmp");
-    std::fs::write(&tmp, rotated.jwks()).unwrap();
-    std::fs::rename(&tmp, &jwks_path).unwrap();
     let fresh = rotated.token("system:serviceaccount:shop:checkout");
     eventually(&channel, &fresh, Ok("Hello, you!".into())).await;
     assert_eq!(

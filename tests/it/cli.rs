@@ -99,7 +99,7 @@ fn later_files_win_and_errors_name_the_file_that_set_the_value() {
         ]);
         assert!(shown.status.success(), "{}", stderr(&shown));
         assert!(
-            stdout(&shown).contains(&format!("\nmax_name_bytes = {want}\n")),
+            stdout(&shown).contains(&format!("\nmax_name_bytes = {want}  # ")),
             "{}",
             stdout(&shown)
         );

@@ -486,3 +486,26 @@ pub async fn wait_for_metric(metrics_addr: SocketAddr, series: &str, want: f64) 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A TCP connection to `addr` from `source` (any 127.0.0.0/8 address is loopback).
+pub async fn tcp_from(
+    source: std::net::Ipv4Addr,
+    addr: SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(std::net::IpAddr::V4(source), 0))?;
+    socket.connect(addr).await
+}
+
+/// A gRPC channel (one connection) to `addr` from `source`.
+pub async fn channel_from(source: std::net::Ipv4Addr, addr: SocketAddr) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| async move {
+            tcp_from(source, addr)
+                .await
+                .map(hyper_util::rt::TokioIo::new)
+        }))
+        .await
+        .expect("connect")
+}

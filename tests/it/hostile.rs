@@ -12,7 +12,7 @@
 //! Raw HTTP/2 is written by hand only where the `h2` client cannot express the attack.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -21,24 +21,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::common::{self, BinaryServer, Pki, TestServer, config_with, greeter_bin};
+use crate::common::{
+    self, BinaryServer, Pki, TestServer, channel_from, config_with, greeter_bin, tcp_from,
+};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use greeter::{
     pb::{HelloReply, HelloRequest, greeter_client::GreeterClient},
     transport::connection::PROBE_IDLE,
 };
-use hyper_util::rt::TokioIo;
 use prost::Message as _;
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpSocket, TcpStream},
+    net::TcpStream,
     sync::Notify,
 };
-use tonic::{
-    Code, Request, Status,
-    transport::{Channel, Endpoint},
-};
+use tonic::{Code, Request, Status, transport::Channel};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -199,24 +197,6 @@ fn vm_rss_kib(pid: u32) -> u64 {
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS in /proc/<pid>/status")
-}
-
-/// A TCP connection to `addr` from `source` (any 127.0.0.0/8 address is loopback).
-async fn tcp_from(source: Ipv4Addr, addr: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
-    socket.connect(addr).await
-}
-
-/// A gRPC channel (one connection) to `addr` from `source`.
-async fn channel_from(source: Ipv4Addr, addr: SocketAddr) -> Channel {
-    Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| async move {
-            tcp_from(source, addr).await.map(TokioIo::new)
-        }))
-        .await
-        .expect("connect")
 }
 
 async fn probe_check(channel: Channel) -> Result<ServingStatus, Status> {

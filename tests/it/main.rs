@@ -11,6 +11,7 @@ mod crl;
 mod greeter;
 mod health_reflection;
 mod hostile;
+mod jwt;
 mod limits;
 mod observability;
 mod quota;

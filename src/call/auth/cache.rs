@@ -7,12 +7,19 @@
 //! entries go first, then an arbitrary one. The cache lives
 //! inside one generation of the keys ([`super::jwt::Jwt`]): a JWKS reload starts an empty one, so
 //! a token whose key was removed is never answered from here.
+//!
+//! Refused tokens are remembered too ([`FailureCache`]), or the same forged token would cost a
+//! signature check on every call. Only refusals that stay true while the keys do: a token not
+//! valid yet may be valid in a minute, and a refusal for a spent budget is no verdict on the
+//! token. Emptied at every reload like the other: a token refused for an unknown `kid` verifies
+//! once the reload brings the key.
 
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, PoisonError},
 };
 
+use super::jwt::JwtError;
 use crate::ops::memory::JWT_CACHE_IDENTITY_BYTES;
 
 /// A verified token's identity and scopes, and until when (unix seconds, leeway included) it is
@@ -79,6 +86,43 @@ impl TokenCache {
     }
 }
 
+/// Refused tokens by the SHA-256 of the token, with why; bounded by count (when full, an
+/// arbitrary entry makes room: a flood of distinct tokens only churns it).
+#[derive(Debug)]
+pub struct FailureCache {
+    capacity: usize,
+    entries: Mutex<HashMap<[u8; 32], JwtError>>,
+}
+
+impl FailureCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            entries: Mutex::new(HashMap::with_capacity(capacity.min(1024))),
+        }
+    }
+
+    /// Why the token hashed to `hash` was refused, if it was.
+    pub fn get(&self, hash: &[u8; 32]) -> Option<JwtError> {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries.get(hash).cloned()
+    }
+
+    pub fn insert(&self, hash: [u8; 32], error: JwtError) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if entries.len() >= self.capacity
+            && !entries.contains_key(&hash)
+            && let Some(victim) = entries.keys().next().copied()
+        {
+            entries.remove(&victim);
+        }
+        entries.insert(hash, error);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +185,21 @@ mod tests {
         let off = TokenCache::new(0);
         off.insert([1; 32], verified(500), 10);
         assert!(off.get(&[1; 32], 10).is_none());
+    }
+
+    #[test]
+    fn refusals_are_bounded_by_count() {
+        let cache = FailureCache::new(2);
+        cache.insert([1; 32], JwtError::Signature);
+        cache.insert([2; 32], JwtError::UnknownKid);
+        assert_eq!(cache.get(&[2; 32]), Some(JwtError::UnknownKid));
+        cache.insert([3; 32], JwtError::Expired);
+        assert_eq!(cache.get(&[3; 32]), Some(JwtError::Expired));
+        let kept = [[1; 32], [2; 32]].iter().filter(|h| cache.get(h).is_some());
+        assert_eq!(kept.count(), 1, "one made room");
+
+        let off = FailureCache::new(0);
+        off.insert([1; 32], JwtError::Signature);
+        assert_eq!(off.get(&[1; 32]), None);
     }
 }

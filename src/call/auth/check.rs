@@ -17,6 +17,26 @@ fn blank(values: &[String]) -> bool {
 pub fn jwt(config: &JwtConfig) -> Result<(), Problem> {
     const ISSUERS: &str = "auth.jwt.issuers";
     const RULES: &str = "auth.jwt.rules";
+    const RATE: &str = "auth.jwt.peer_failure_rate";
+    const BURST: &str = "auth.jwt.peer_failure_burst";
+    // A budget that never refills would lock an address out of new JWTs for good after a few
+    // bad ones; one of 0 would never verify a new JWT at all.
+    if !(config.peer_failure_rate.is_finite() && config.peer_failure_rate >= 0.001) {
+        return Err(problem(
+            RATE,
+            format!(
+                "{RATE} = {} must be at least 0.001 (failed signature checks per second an \
+                 address may force once its burst is spent)",
+                config.peer_failure_rate
+            ),
+        ));
+    }
+    if config.peer_failure_burst == 0 {
+        return Err(problem(
+            BURST,
+            format!("{BURST} must be at least 1: with 0 no new JWT would ever be verified"),
+        ));
+    }
     let mut seen = HashSet::new();
     for (i, issuer) in config.issuers.iter().enumerate() {
         let at = format!("{ISSUERS}[{i}]");
@@ -75,6 +95,29 @@ pub fn jwt(config: &JwtConfig) -> Result<(), Problem> {
                 format!("{at}.issuer {issuer:?} is not one of auth.jwt.issuers"),
             ));
         }
+    }
+    // With one issuer a rule without `issuer` is that issuer's; with several, it would grant its
+    // scopes to every issuer's tokens: `system:serviceaccount:shop:*` of one cluster would also
+    // admit the `shop` namespace of any other cluster trusted here. Refused, not warned about: a
+    // warning scrolls by while the grant is live.
+    if config.issuers.len() > 1
+        && let Some((i, rule)) = config
+            .rules
+            .iter()
+            .enumerate()
+            .find(|(_, rule)| rule.issuer.is_none())
+    {
+        return Err(problem(
+            RULES,
+            format!(
+                "{RULES}[{i}] (claim {:?}, pattern {:?}) names no issuer while {} issuers are \
+                 trusted: it would grant its scopes to the tokens of every one of them; set \
+                 issuer = \"...\" on the rule (one rule per issuer that should match)",
+                rule.claim,
+                rule.pattern,
+                config.issuers.len()
+            ),
+        ));
     }
     if !config.rules.is_empty() && config.issuers.is_empty() {
         return Err(problem(
@@ -144,7 +187,7 @@ mod tests {
     fn jwt_mistakes_name_the_key() {
         assert_eq!(jwt_problem(|_| {}), None);
         type Change = fn(&mut JwtConfig);
-        let cases: [(Change, &str, &str); 9] = [
+        let cases: [(Change, &str, &str); 13] = [
             (
                 |c| c.issuers[0].audiences.clear(),
                 "auth.jwt.issuers",
@@ -178,12 +221,70 @@ mod tests {
                 "not one of",
             ),
             (|c| c.issuers.clear(), "auth.jwt.rules", "add an issuer"),
+            (
+                |c| {
+                    c.issuers.push(JwtIssuer {
+                        issuer: "https://other-cluster".into(),
+                        ..issuer()
+                    });
+                },
+                "auth.jwt.rules",
+                "auth.jwt.rules[0] (claim \"sub\", pattern \"system:serviceaccount:shop:*\") \
+                 names no issuer while 2 issuers are trusted",
+            ),
+            (
+                |c| c.peer_failure_rate = 0.0,
+                "auth.jwt.peer_failure_rate",
+                "at least 0.001",
+            ),
+            (
+                |c| c.peer_failure_rate = f64::NAN,
+                "auth.jwt.peer_failure_rate",
+                "at least 0.001",
+            ),
+            (
+                |c| c.peer_failure_burst = 0,
+                "auth.jwt.peer_failure_burst",
+                "at least 1",
+            ),
         ];
         for (change, key, words) in cases {
             let problem = jwt_problem(change).expect(words);
             assert_eq!(problem.key, key);
             assert!(problem.message.contains(words), "{}", problem.message);
         }
+    }
+
+    #[test]
+    fn rules_name_their_issuer_when_several_are_trusted() {
+        let two = |rules: Vec<ClaimRule>| JwtConfig {
+            issuers: vec![
+                issuer(),
+                JwtIssuer {
+                    issuer: "https://other-cluster".into(),
+                    ..issuer()
+                },
+            ],
+            rules,
+            ..JwtConfig::default()
+        };
+        let named = |iss: &str| ClaimRule {
+            issuer: Some(iss.into()),
+            ..rule()
+        };
+        let both = vec![
+            named("https://kubernetes.default.svc.cluster.local"),
+            named("https://other-cluster"),
+        ];
+        assert_eq!(jwt(&two(both.clone())), Ok(()));
+        let mut one_unnamed = both;
+        one_unnamed.push(rule());
+        let problem = jwt(&two(one_unnamed)).unwrap_err();
+        assert!(
+            problem.message.starts_with("auth.jwt.rules[2] "),
+            "{}",
+            problem.message
+        );
     }
 
     #[test]

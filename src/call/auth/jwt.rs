@@ -9,7 +9,7 @@
 
 use std::{
     sync::Arc,
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use jsonwebtoken::{
@@ -20,12 +20,16 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::{
-    cache::{TokenCache, Verified},
+    budget::SignatureBudget,
+    cache::{FailureCache, TokenCache, Verified},
     crypto,
-    jwks::{JwksError, Keys},
+    jwks::{JwksError, Key, Keys},
     rules,
 };
-use crate::config::{ClaimRule, JwtConfig, JwtIssuer};
+use crate::{
+    config::{ClaimRule, JwtConfig, JwtIssuer},
+    transport::listener::PeerPrefix,
+};
 
 /// Why a JWT is refused; the message is what UNAUTHENTICATED says.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -54,6 +58,25 @@ pub enum JwtError {
     Audience,
     #[error("JWT lacks the {0} claim, or it has the wrong type")]
     Claim(&'static str),
+    /// The peer's budget of failed signature checks is spent ([`SignatureBudget`]); the token
+    /// was not parsed.
+    #[error(
+        "JWT not verified: too many failed JWTs from this address; retry in {:.1}s",
+        .0.as_secs_f64()
+    )]
+    PeerBudget(Duration),
+}
+
+impl JwtError {
+    /// Whether the refusal holds for as long as the keys do, so the token may be refused from
+    /// the [`FailureCache`]: not a token that becomes valid later (`nbf`, `iat`), not a refusal
+    /// for a spent budget, which says nothing about the token.
+    fn lasts(&self) -> bool {
+        !matches!(
+            self,
+            Self::NotYetValid | Self::IssuedInFuture | Self::PeerBudget(_)
+        )
+    }
 }
 
 /// Whether a bearer is shaped like a JWT: three base64url parts, the signature possibly empty (an
@@ -84,14 +107,23 @@ struct Issuer {
     keys: Keys,
 }
 
-/// One generation of the trusted issuers' keys, with its cache of verified tokens. Replaced as a
-/// whole when a JWKS file changes.
+/// One generation of the trusted issuers' keys, with its caches of verified and refused tokens.
+/// Replaced as a whole when a JWKS file changes.
 #[derive(Debug)]
 pub struct Jwt {
     issuers: Vec<Issuer>,
     rules: Vec<ClaimRule>,
     leeway: u64,
     cache: TokenCache,
+    refused: FailureCache,
+}
+
+/// A token past the cheap checks, about to have its signature checked.
+struct Signed<'a> {
+    issuer: &'a Issuer,
+    iss: String,
+    key: &'a Key,
+    algorithm: Algorithm,
 }
 
 /// The unverified claim that picks the issuer, hence the key set.
@@ -125,22 +157,61 @@ impl Jwt {
             rules: config.rules.clone(),
             leeway: config.leeway.as_secs(),
             cache: TokenCache::new(config.cache_size),
+            refused: FailureCache::new(config.failure_cache_size),
         }
     }
 
-    /// Verifies `token`, or answers from the cache when it was verified before.
-    pub fn verify(&self, token: &str) -> Result<Arc<Verified>, JwtError> {
+    /// The next generation after issuer `index`'s JWKS file reloaded: its new `keys`, the other
+    /// issuers' keys as they are, empty caches.
+    pub fn with_keys(&self, config: &JwtConfig, index: usize, keys: Keys) -> Self {
+        let mut all: Vec<Keys> = self.issuers.iter().map(|i| i.keys.clone()).collect();
+        all[index] = keys;
+        Self::new(config, all)
+    }
+
+    /// Verifies `token`, or answers from the caches when it was verified or refused before. A
+    /// signature check is made only when `peer`'s `budget` of failed ones allows it.
+    pub fn verify(
+        &self,
+        token: &str,
+        peer: PeerPrefix,
+        budget: &SignatureBudget,
+    ) -> Result<Arc<Verified>, JwtError> {
         let now = now();
         let hash: [u8; 32] = super::sha256(token);
         if let Some(verified) = self.cache.get(&hash, now) {
             return Ok(verified);
         }
-        let verified = Arc::new(self.verify_uncached(token, now)?);
-        self.cache.insert(hash, Arc::clone(&verified), now);
-        Ok(verified)
+        if let Some(refused) = self.refused.get(&hash) {
+            return Err(refused);
+        }
+        if let Some(wait) = budget.spent(peer) {
+            return Err(JwtError::PeerBudget(wait));
+        }
+        let verdict = self.signed(token).and_then(|signed| {
+            budget.take(peer).map_err(JwtError::PeerBudget)?;
+            let verdict = self.check(token, signed, now);
+            budget.settle(peer, verdict.is_ok());
+            verdict
+        });
+        match verdict {
+            Ok(verified) => {
+                let verified = Arc::new(verified);
+                self.cache.insert(hash, Arc::clone(&verified), now);
+                Ok(verified)
+            }
+            Err(refused) => {
+                if refused.lasts() {
+                    self.refused.insert(hash, refused.clone());
+                }
+                Err(refused)
+            }
+        }
     }
 
-    fn verify_uncached(&self, token: &str, now: u64) -> Result<Verified, JwtError> {
+    /// The checks that cost no signature check: an accepted algorithm, a trusted issuer, a
+    /// `kid` in its key set, of the token's algorithm.
+    fn signed(&self, token: &str) -> Result<Signed<'_>, JwtError> {
         // `alg: none` and unknown algorithms fail here: the header type has no such variant.
         let header = decode_header(token).map_err(|_| JwtError::Algorithm)?;
         if !crypto::ACCEPTED.contains(&header.alg) {
@@ -160,7 +231,23 @@ impl Jwt {
         if key.algorithm != header.alg {
             return Err(JwtError::KeyMismatch);
         }
-        let validation = self.validation(header.alg, issuer);
+        Ok(Signed {
+            issuer,
+            iss,
+            key,
+            algorithm: header.alg,
+        })
+    }
+
+    /// The signature, then the claims.
+    fn check(&self, token: &str, signed: Signed<'_>, now: u64) -> Result<Verified, JwtError> {
+        let Signed {
+            issuer,
+            iss,
+            key,
+            algorithm,
+        } = signed;
+        let validation = self.validation(algorithm, issuer);
         let claims = decode::<Map<String, Value>>(token, &key.key, &validation)
             .map_err(|e| refusal(e.kind()))?
             .claims;
@@ -339,11 +426,20 @@ mod tests {
             }],
             leeway: Duration::from_secs(5),
             cache_size,
+            failure_cache_size: cache_size,
+            ..JwtConfig::default()
         };
         Jwt::new(
             &config,
             vec![Keys::parse(&keys.jwks(), "jwks.json").unwrap()],
         )
+    }
+
+    impl Jwt {
+        /// [`Jwt::verify`] for a peer of its own, with a budget that is never spent.
+        fn verify_anywhere(&self, token: &str) -> Result<Arc<Verified>, JwtError> {
+            self.verify(token, PeerPrefix::Uid(0), &SignatureBudget::new(1.0, 1000))
+        }
     }
 
     #[test]
@@ -356,17 +452,20 @@ mod tests {
                 kid,
                 &claims("system:serviceaccount:shop:checkout", 600),
             );
-            let first = jwt.verify(&token).unwrap();
+            let first = jwt.verify_anywhere(&token).unwrap();
             assert_eq!(&*first.subject, "system:serviceaccount:shop:checkout");
             assert_eq!(&*first.issuer, ISS);
             assert_eq!(first.scopes, ["greeter", "reflection", "extra"]);
-            assert!(Arc::ptr_eq(&first, &jwt.verify(&token).unwrap()));
+            assert!(Arc::ptr_eq(&first, &jwt.verify_anywhere(&token).unwrap()));
         }
         // Without a cache, every call verifies anew.
         let uncached = verifier(&keys, 0);
         let token = keys.token("EdDSA", "ed", &claims("system:serviceaccount:x:y", 600));
-        let first = uncached.verify(&token).unwrap();
-        assert!(!Arc::ptr_eq(&first, &uncached.verify(&token).unwrap()));
+        let first = uncached.verify_anywhere(&token).unwrap();
+        assert!(!Arc::ptr_eq(
+            &first,
+            &uncached.verify_anywhere(&token).unwrap()
+        ));
         assert_eq!(first.scopes, ["reflection", "extra"]);
     }
 
@@ -440,11 +539,11 @@ mod tests {
             (keys.token("none", "ec", &good), JwtError::Algorithm),
         ];
         for (token, expected) in cases {
-            assert_eq!(jwt.verify(&token).unwrap_err(), expected);
+            assert_eq!(jwt.verify_anywhere(&token).unwrap_err(), expected);
         }
         // Issued at the leeway's edge: still accepted.
         let edge = keys.token("ES256", "ec", &with("iat", json!(now + 5)));
-        assert!(jwt.verify(&edge).is_ok());
+        assert!(jwt.verify_anywhere(&edge).is_ok());
         let token = keys.token("ES256", "ec", &good);
         let (head, rest) = token.split_once('.').unwrap();
         let sig = rest.split_once('.').unwrap().1;
@@ -452,7 +551,66 @@ mod tests {
             "{head}.{}.{sig}",
             B64.encode(with("sub", json!("x")).to_string())
         );
-        assert_eq!(jwt.verify(&forged).unwrap_err(), JwtError::Signature);
+        assert_eq!(
+            jwt.verify_anywhere(&forged).unwrap_err(),
+            JwtError::Signature
+        );
+    }
+
+    #[test]
+    fn refusals_are_remembered_and_signature_checks_budgeted_per_peer() {
+        let keys = Signers::new();
+        let jwt = verifier(&keys, 16);
+        let budget = SignatureBudget::new(0.001, 2);
+        let (a, b) = (PeerPrefix::V4(1), PeerPrefix::V4(2));
+        let good = claims("system:serviceaccount:shop:checkout", 600);
+        let valid = keys.token("ES256", "ec", &good);
+        assert!(jwt.verify(&valid, a, &budget).is_ok());
+        let forged = |n: u32| {
+            let (head, _) = valid.rsplit_once('.').unwrap();
+            format!("{head}.{}", B64.encode([n.to_be_bytes(); 16].concat()))
+        };
+
+        // The same forged token, again and again: one signature check.
+        for _ in 0..3 {
+            let refused = jwt.verify(&forged(0), a, &budget).unwrap_err();
+            assert_eq!(refused, JwtError::Signature);
+        }
+        assert_eq!((budget.valid(), budget.invalid()), (1, 1));
+        // Distinct ones spend a's budget; then they are refused without a check.
+        assert_eq!(
+            jwt.verify(&forged(1), a, &budget).unwrap_err(),
+            JwtError::Signature
+        );
+        let spent = jwt.verify(&forged(2), a, &budget).unwrap_err();
+        assert!(matches!(spent, JwtError::PeerBudget(_)), "{spent}");
+        assert!(spent.to_string().contains("; retry in "), "{spent}");
+        assert_eq!(budget.invalid(), 2);
+        // Not remembered as refused: the budget says nothing about the token.
+        assert!(matches!(
+            jwt.verify(&forged(2), b, &budget),
+            Err(JwtError::Signature)
+        ));
+        // A token verified before still works from a, and b's new valid token is verified.
+        assert!(jwt.verify(&valid, a, &budget).is_ok());
+        let fresh = keys.token("EdDSA", "ed", &good);
+        assert!(jwt.verify(&fresh, b, &budget).is_ok());
+        assert_eq!((budget.valid(), budget.invalid()), (2, 3));
+
+        // A token not valid yet is checked again next time: it may be valid then.
+        let soon = keys.token("ES256", "ec", &{
+            let mut claims = good.clone();
+            claims["nbf"] = json!(now() + 60);
+            claims
+        });
+        for _ in 0..2 {
+            let c = PeerPrefix::V4(3);
+            assert_eq!(
+                jwt.verify(&soon, c, &budget).unwrap_err(),
+                JwtError::NotYetValid
+            );
+        }
+        assert_eq!(budget.invalid(), 5);
     }
 
     #[test]

@@ -17,7 +17,6 @@
 use std::{
     collections::HashMap,
     hash::{BuildHasher, Hash, RandomState},
-    net::IpAddr,
     num::NonZeroU32,
     sync::{
         Arc,
@@ -49,7 +48,7 @@ use crate::{
     config::{AnonymousQuota, IdentityClass, QuotaConfig, QuotaLimits, RedisFallback},
     methods::MethodTable,
     ops::metrics::QuotaRefusals,
-    transport::listener::{PeerAddr, PeerInfo},
+    transport::listener::{PeerInfo, PeerPrefix},
 };
 
 /// The identity classes refusals are counted by (`greeter_quota_refused_total{class}`), indexed
@@ -79,11 +78,20 @@ impl Class {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Key {
     Named(Class, u64),
+    /// A caller without credentials, by its address ([`PeerPrefix`], flattened: 16 bytes).
     V4(u32),
-    /// The first 64 bits of an IPv6 address.
     V6(u64),
-    /// A Unix socket client's user.
     Uid(u32),
+}
+
+impl From<PeerPrefix> for Key {
+    fn from(prefix: PeerPrefix) -> Self {
+        match prefix {
+            PeerPrefix::V4(v4) => Self::V4(v4),
+            PeerPrefix::V6(v6) => Self::V6(v6),
+            PeerPrefix::Uid(uid) => Self::Uid(uid),
+        }
+    }
 }
 
 /// The caller of one call, as quotas see it.
@@ -125,22 +133,8 @@ fn identify<'a>(
             class: Class::Anonymous,
             name: None,
             issuer: None,
-            // Every listener puts the peer in the request; without one, all such calls share a
-            // bucket (a uid no user has) rather than go uncounted.
-            key: peer.map_or(Key::Uid(u32::MAX), |peer| peer_key(&peer.remote_addr)),
+            key: PeerPrefix::of(peer).into(),
         },
-    }
-}
-
-/// A peer's bucket: its IPv4 address, its IPv6 /64 (what one host is usually given), or its
-/// user on the Unix socket.
-fn peer_key(addr: &PeerAddr) -> Key {
-    match addr {
-        PeerAddr::Tcp(addr) => match addr.ip().to_canonical() {
-            IpAddr::V4(v4) => Key::V4(u32::from(v4)),
-            IpAddr::V6(v6) => Key::V6((u128::from(v6) >> 64) as u64),
-        },
-        PeerAddr::Unix { uid, .. } => Key::Uid(*uid),
     }
 }
 

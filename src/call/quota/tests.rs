@@ -6,7 +6,10 @@ use tonic::Code;
 use tonic_types::StatusExt as _;
 
 use super::{layer::refusal, *};
-use crate::config::{Config, IdentityQuota};
+use crate::{
+    config::{Config, IdentityQuota},
+    transport::listener::PeerAddr,
+};
 
 fn config(rate: f64, burst: u32) -> QuotaConfig {
     QuotaConfig {

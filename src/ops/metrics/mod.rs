@@ -67,18 +67,21 @@ impl CounterSet {
     }
 }
 
-/// `greeter_reloads_total{kind, outcome}`: series exist only for the kinds of file in use.
+/// `greeter_reloads_total{kind, outcome}`: series exist only for the kinds of file in use. JWKS
+/// files are counted per issuer too (`issuer`, one of the configured issuers): each reloads on
+/// its own.
 #[derive(Debug, Clone)]
-pub struct Reloads(Family<[(&'static str, &'static str); 2], Counter>);
+pub struct Reloads(Family<Vec<(&'static str, String)>, Counter>);
 
 impl Reloads {
     pub fn register(registry: &mut Registry) -> Self {
         let family = Family::default();
         registry.register(
             "greeter_reloads",
-            "Reloads of rotated files by kind (tls, tokens, jwks) and outcome: success; failure (the \
-             file did not load, the previous version stays in force); revoked (the file is gone: \
-             every token, or every client certificate, is refused until it is back)",
+            "Reloads of rotated files by kind (tls, tokens, jwks; jwks per issuer) and outcome: \
+             success; failure (the file did not load, the previous version stays in force); \
+             revoked (the file is gone: every token, or every client certificate, or the \
+             issuer's JWTs, are refused until it is back)",
             family.clone(),
         );
         Self(family)
@@ -86,9 +89,22 @@ impl Reloads {
 
     /// The counters of one kind of file, created at zero.
     pub fn kind(&self, kind: &'static str) -> ReloadOutcomes {
-        let counter = |outcome| {
-            self.0
-                .get_or_create_owned(&[("kind", kind), ("outcome", outcome)])
+        self.outcomes(vec![("kind", kind.to_owned())])
+    }
+
+    /// The counters of one JWT issuer's JWKS file (`kind="jwks"`), created at zero.
+    pub fn jwks_issuer(&self, issuer: &str) -> ReloadOutcomes {
+        self.outcomes(vec![
+            ("kind", "jwks".to_owned()),
+            ("issuer", issuer.to_owned()),
+        ])
+    }
+
+    fn outcomes(&self, labels: Vec<(&'static str, String)>) -> ReloadOutcomes {
+        let counter = |outcome: &str| {
+            let mut labels = labels.clone();
+            labels.push(("outcome", outcome.to_owned()));
+            self.0.get_or_create_owned(&labels)
         };
         ReloadOutcomes {
             success: counter("success"),
@@ -248,6 +264,18 @@ impl ServerCounters {
             self.trace_spans_dropped,
         );
     }
+}
+
+/// Registers `greeter_jwt_signature_checks_total{outcome}` (`valid`, `invalid`), read from the
+/// auth layer at each scrape; only when JWTs are accepted.
+pub fn register_jwt_signature_checks(registry: &mut Registry, checks: CounterFnSet) {
+    registry.register(
+        "greeter_jwt_signature_checks",
+        "JWT signature checks made (tokens answered from the caches of verified and refused \
+         tokens, or refused for a spent auth.jwt.peer_failure_burst, are not checked), by \
+         outcome: valid (signature and claims), invalid",
+        checks,
+    );
 }
 
 /// Registers the expiry of the serving certificate; the caller keeps the gauge current on reload.
@@ -411,6 +439,9 @@ mod tests {
         tls.record(ReloadOutcome::Success);
         tokens.record(ReloadOutcome::Failure);
         tokens.record(ReloadOutcome::Revoked);
+        reloads
+            .jwks_issuer("https://a.example")
+            .record(ReloadOutcome::Failure);
         let out = text(&registry);
         for line in [
             "greeter_reloads_total{kind=\"tls\",outcome=\"success\"} 1\n",
@@ -418,6 +449,8 @@ mod tests {
             "greeter_reloads_total{kind=\"tls\",outcome=\"revoked\"} 0\n",
             "greeter_reloads_total{kind=\"tokens\",outcome=\"failure\"} 1\n",
             "greeter_reloads_total{kind=\"tokens\",outcome=\"revoked\"} 1\n",
+            "greeter_reloads_total{kind=\"jwks\",issuer=\"https://a.example\",outcome=\"failure\"} 1\n",
+            "greeter_reloads_total{kind=\"jwks\",issuer=\"https://a.example\",outcome=\"success\"} 0\n",
         ] {
             assert!(out.contains(line), "{line} in {out}");
         }
