@@ -40,6 +40,7 @@ impl Config {
         check(&self.tls, origins)?;
         check(&self.tracing, origins)?;
         check(&self.quota, origins)?;
+        check(&self.faults, origins)?;
         self.validate_quota_issuers(origins)?;
         self.validate_method_patterns(origins)?;
         if self.auth.enabled {

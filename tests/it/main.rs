@@ -8,6 +8,7 @@ mod cli;
 mod compression;
 mod connect;
 mod crl;
+mod faults;
 mod greeter;
 mod health_reflection;
 mod hostile;
