@@ -2,7 +2,8 @@
 //! purpose, so that a client's retry policy, a mesh's outlier detection or an SLO alert can be
 //! seen to work before an incident needs them (podinfo's random errors and delays, for gRPC).
 //!
-//! Two triggers: a share of the calls to a method (`[faults.methods."PATTERN"]`), and a call's own
+//! Two triggers: a share of the calls to a method (`[faults.methods."PATTERN"]`), spread evenly
+//! rather than drawn at random, and a call's own
 //! `greeter-fault` metadata (`code=UNAVAILABLE`, `delay=200ms`, or both), honoured only for a
 //! caller holding the `faults` scope: anyone else sending it is refused, so no client can make a
 //! server look broken to its dashboards. Every injected fault is counted
@@ -17,7 +18,10 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -156,23 +160,40 @@ impl Fault {
     }
 }
 
-/// A method's fault, for `percent` of its calls.
-#[derive(Debug, Clone)]
+/// The whole of a method's calls, in hundredths of a percent.
+const ALL: u64 = 10_000;
+
+/// A method's fault, for `percent` of its calls, spread evenly: each call adds its share to a
+/// running sum and gets the fault when the sum passes a whole. Exactly that share in every
+/// stretch of calls, never a streak longer than the share implies (none at 50% or less): a
+/// rehearsal is repeatable, and a client retrying a call meets the share, not bad luck.
+#[derive(Debug)]
 struct MethodRule {
-    percent: f64,
+    /// The share, in hundredths of a percent.
+    share: u64,
+    calls: AtomicU64,
     fault: Fault,
 }
 
+impl MethodRule {
+    /// Whether this call, the next of the method's, gets the fault.
+    fn strikes(&self) -> bool {
+        let before = self.calls.fetch_add(self.share, Ordering::Relaxed) % ALL;
+        before + self.share >= ALL
+    }
+}
+
 fn method_rule(fault: &MethodFault) -> Result<MethodRule, String> {
-    if !(fault.percent > 0.0 && fault.percent <= 100.0) {
+    if !(fault.percent >= 0.01 && fault.percent <= 100.0) {
         return Err(format!(
-            "percent = {} must be above 0 and at most 100",
+            "percent = {} must be between 0.01 and 100",
             fault.percent
         ));
     }
     let code = fault.code.as_deref().map(parse_code).transpose()?;
     Ok(MethodRule {
-        percent: fault.percent,
+        share: (fault.percent * 100.0).round() as u64,
+        calls: AtomicU64::new(0),
         fault: Fault::new(code, fault.delay)?,
     })
 }
@@ -241,7 +262,7 @@ impl Faults {
         Ok(self
             .methods
             .lookup(path)
-            .filter(|rule| fastrand::f64() * 100.0 < rule.percent)
+            .filter(|rule| rule.strikes())
             .map(|rule| rule.fault.clone()))
     }
 }
@@ -396,11 +417,11 @@ mod tests {
                 ("a.S/M", fault(10.0, Some("INTERNAL"), None)),
                 "a pattern is",
             ),
-            (("/a.S/M", fault(0.0, Some("INTERNAL"), None)), "above 0"),
             (
-                ("/a.S/M", fault(100.5, Some("INTERNAL"), None)),
-                "at most 100",
+                ("/a.S/M", fault(0.0, Some("INTERNAL"), None)),
+                "between 0.01",
             ),
+            (("/a.S/M", fault(100.5, Some("INTERNAL"), None)), "and 100"),
             (("/a.S/M", fault(5.0, None, None)), "code = \"NAME\""),
             (("/a.S/M", fault(5.0, Some("OK"), None)), "one of CANCELLED"),
             (
@@ -453,6 +474,20 @@ mod tests {
     }
 
     #[test]
+    fn a_share_is_spread_evenly() {
+        let rule = method_rule(&fault(30.0, Some("UNAVAILABLE"), None)).unwrap();
+        let struck: Vec<bool> = (0..1000).map(|_| rule.strikes()).collect();
+        assert_eq!(struck.iter().filter(|&&f| f).count(), 300);
+        // Every stretch of ten calls has three faults, none of them next to another.
+        for window in struck.chunks(10) {
+            assert_eq!(window.iter().filter(|&&f| f).count(), 3, "{window:?}");
+        }
+        assert!(!struck.windows(2).any(|w| w[0] && w[1]));
+        let rare = method_rule(&fault(0.5, None, Some(1))).unwrap();
+        assert_eq!((0..1000).filter(|_| rare.strikes()).count(), 5);
+    }
+
+    #[test]
     fn a_share_of_the_calls_get_the_method_fault() {
         let injected = MethodCounters::register(
             &mut Default::default(),
@@ -473,21 +508,22 @@ mod tests {
             auth: None,
             injected,
         };
-        let chosen = |path: &str| {
+        let chosen = |path: &str| -> Vec<bool> {
             (0..2000)
-                .filter(|_| {
+                .map(|_| {
                     faults
                         .choose(path, &HeaderMap::new(), None)
                         .unwrap()
                         .is_some()
                 })
-                .count()
+                .collect()
         };
-        assert_eq!(chosen("/a.S/All"), 2000);
-        assert_eq!(chosen("/a.S/Other"), 0);
-        // 1000 expected; 6 standard deviations (22 each) either way.
+        assert!(chosen("/a.S/All").iter().all(|&f| f));
+        assert!(chosen("/a.S/Other").iter().all(|&f| !f));
+        // Exactly half, and never two in a row.
         let half = chosen("/a.S/Half");
-        assert!((868..=1132).contains(&half), "{half}");
+        assert_eq!(half.iter().filter(|&&f| f).count(), 1000);
+        assert!(!half.windows(2).any(|w| w[0] && w[1]), "{half:?}");
 
         // Metadata without auth: nobody holds the scope.
         let mut headers = HeaderMap::new();
