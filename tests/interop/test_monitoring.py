@@ -105,6 +105,8 @@ class Dates:
     cert_not_after: int
     ca_not_after: int
     crl_next_update: int
+    ca_cert: x509.Certificate
+    ca_key: ec.EllipticCurvePrivateKey
 
 
 def make_pki(out):
@@ -139,23 +141,30 @@ def make_pki(out):
                            critical=False)
             .sign(ca_key, hashes.SHA256()))
     crl_next = NOW + datetime.timedelta(days=CRL_DAYS)
-    crl = (x509.CertificateRevocationListBuilder()
-           .issuer_name(ca.subject).last_update(NOW - datetime.timedelta(hours=1))
-           .next_update(crl_next)
-           .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                          critical=False)
-           .add_extension(x509.CRLNumber(1), critical=False)
-           .sign(ca_key, hashes.SHA256()))
     paths = {name: out / name for name in ("ca.pem", "server.pem", "server.key", "ca.crl")}
     paths["ca.pem"].write_bytes(_pem(ca))
     paths["server.pem"].write_bytes(_pem(cert))
     paths["server.key"].write_bytes(key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
-    paths["ca.crl"].write_bytes(crl.public_bytes(serialization.Encoding.PEM))
-    return Dates(ca=paths["ca.pem"], cert=paths["server.pem"], key=paths["server.key"],
-                 crl=paths["ca.crl"], cert_not_after=int(cert_until.timestamp()),
-                 ca_not_after=int(ca_until.timestamp()), crl_next_update=int(crl_next.timestamp()))
+    dates = Dates(ca=paths["ca.pem"], cert=paths["server.pem"], key=paths["server.key"],
+                  crl=paths["ca.crl"], cert_not_after=int(cert_until.timestamp()),
+                  ca_not_after=int(ca_until.timestamp()), crl_next_update=int(crl_next.timestamp()),
+                  ca_cert=ca, ca_key=ca_key)
+    write_crl(dates, 1, crl_next)
+    return dates
+
+
+def write_crl(dates, number, next_update):
+    """Publishes an empty CRL of the CA, numbered `number`, promising the next by `next_update`."""
+    crl = (x509.CertificateRevocationListBuilder()
+           .issuer_name(dates.ca_cert.subject).last_update(NOW - datetime.timedelta(hours=1))
+           .next_update(next_update)
+           .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+               dates.ca_key.public_key()), critical=False)
+           .add_extension(x509.CRLNumber(number), critical=False)
+           .sign(dates.ca_key, hashes.SHA256()))
+    dates.crl.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
 
 
 # ---- the stack: greeter, traffic, Prometheus ---------------------------------------------------
@@ -335,6 +344,15 @@ def test_a_certificate_and_a_client_ca_near_expiry_fire_their_alerts(stack):
         assert [float(r["value"][1]) for r in result] == [expected], (metric, result)
     # A CRL three days from its nextUpdate is not stale.
     assert ("GreeterCrlStale", "firing") not in prometheus.alert_states()
+
+    # A CRL past its nextUpdate, published in place: greeter reloads it (tls.reload_interval),
+    # the gauge follows, and the stale-CRL alert fires.
+    overdue = NOW - datetime.timedelta(minutes=5)
+    write_crl(dates, 2, overdue)
+    wait_for(lambda: [float(r["value"][1]) for r in prometheus.query(
+        "greeter_tls_crl_next_update_timestamp_seconds")] == [overdue.timestamp()],
+             "the CRL gauge following the reload", prometheus)
+    wait_for(lambda: firing(prometheus, "GreeterCrlStale"), "GreeterCrlStale firing", prometheus)
 
 
 # PromQL words that are not series names.
