@@ -13,6 +13,7 @@ mod greeter;
 mod health_reflection;
 mod hostile;
 mod limits;
+mod monitoring;
 mod observability;
 mod quota;
 mod quota_redis;
