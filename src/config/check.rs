@@ -41,6 +41,21 @@ impl Config {
         check(&self.tracing, origins)?;
         check(&self.quota, origins)?;
         check(&self.faults, origins)?;
+        // Faults on a production-like server (TLS and auth) only from a config file, where the
+        // configuration is reviewed and versioned: never from a variable set in passing.
+        if self.faults.enabled
+            && self.tls.enabled
+            && self.auth.enabled
+            && !origins.set_by_file("faults.enabled")
+        {
+            return fail(
+                "faults.enabled",
+                "fault injection on a server with TLS and auth is turned on in a config file \
+                 only (faults.enabled = true in a --config file), not by the environment or the \
+                 command line"
+                    .into(),
+            );
+        }
         self.validate_quota_issuers(origins)?;
         self.validate_method_patterns(origins)?;
         if self.auth.enabled {

@@ -326,3 +326,38 @@ fn method_faults_are_refused_while_fault_injection_is_off() {
     assert!(error.contains("faults.toml"), "{error}");
     assert!(error.contains("UNAVAILABLE, DATA_LOSS"), "{error}");
 }
+
+#[test]
+fn a_production_like_server_takes_faults_from_a_config_file_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = tokens(dir.path());
+    let pki = crate::common::Pki::new();
+    let secure = format!(
+        "[tls]\nenabled = true\ncert = {:?}\nkey = {:?}\n[auth]\nenabled = true\ntokens_file = {tokens:?}\n",
+        pki.path("server.pem"),
+        pki.path("server.key"),
+    );
+    let load = |text: &str, env: &[(&str, &str)]| {
+        let file = dir.path().join("server.toml");
+        std::fs::write(&file, text).unwrap();
+        Config::load(&Sources {
+            files: vec![file],
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Sources::default()
+        })
+        .map_err(|e| e.to_string())
+    };
+    let variable = [("GREETER__FAULTS__ENABLED", "true")];
+    let error = load(&secure, &variable).unwrap_err();
+    assert!(
+        error.contains("GREETER__FAULTS__ENABLED") && error.contains("config file only"),
+        "{error}"
+    );
+    let config = load(&format!("{secure}[faults]\nenabled = true\n"), &[]).unwrap();
+    assert!(config.faults.enabled);
+    // Without TLS and auth (a laptop, a test), the variable is enough.
+    assert!(load("", &variable).unwrap().faults.enabled);
+}
