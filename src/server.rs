@@ -31,6 +31,7 @@ use crate::{
     call::auth::{self, AuthLayer, Authenticator, JwksError, Jwt, TokenStore, TokensError},
     call::connect::{ConnectError, ConnectLayer, Translator},
     call::deadline::DeadlinePolicy,
+    call::faults::{self, FaultLayer},
     call::gate::{GateLayer, Speaks},
     call::intake::{BufferBudget, IntakeLayer},
     call::lifetime::{CallLayer, CallStats},
@@ -42,9 +43,10 @@ use crate::{
     config::{AuthMode, Config, LimitsConfig, ProbeConfig, QuotaConfig, QuotaStore},
     methods::{self, Method, MethodTable, served_methods},
     ops::logging,
+    ops::memory::WorstCase,
     ops::metrics::{
-        self, CounterFn, CounterFnSet, GrpcMetrics, QuotaRefusals, QuotaStoreMetrics, Reloads,
-        ServerCounters, ServerMetrics, exporter,
+        self, CounterFn, CounterFnSet, GrpcMetrics, MethodCounters, QuotaRefusals,
+        QuotaStoreMetrics, Reloads, ServerCounters, ServerMetrics, TlsExpiry, exporter,
     },
     ops::reload::{self, Triggers, Watched},
     ops::shutdown,
@@ -326,6 +328,14 @@ impl Server {
             }
             false => None,
         };
+        let worst_case = WorstCase::of(&config, largest_request_bytes(&config)).total();
+        let (version, commit) = (env!("CARGO_PKG_VERSION"), env!("GREETER_GIT_COMMIT"));
+        metrics::register_facts(&mut registry, version, commit, worst_case);
+        let injected = metrics::faults_injected(faults::KINDS);
+        let injected =
+            MethodCounters::register(&mut registry, &injected, &served_methods(&descriptor_sets));
+        let faults = (config.faults.enabled)
+            .then(|| FaultLayer::new(&config.faults, credentials.auth.clone(), injected));
         spawn_reloaders(&config, &credentials, &background, &mut registry);
         let exporter = metrics_listener.map(|metrics_listener| {
             tokio::spawn(listener::serve_http1(
@@ -400,7 +410,8 @@ impl Server {
         // [web]: CORS, the page, grpc-web to gRPC; with [connect]: Connect to gRPC ->
         // request id, log span, metrics and access log -> auth (who is calling) -> quotas per
         // caller -> call budgets by trust (sheds) -> request bytes held (per-method message
-        // limits, server-wide budget) -> deadline, drain and cancellation -> route -> handler.
+        // limits, server-wide budget) -> deadline, drain and cancellation -> with [faults]:
+        // failed or delayed on purpose -> route -> handler.
         let shared = Shared {
             observe: ObserveLayer::new(Arc::new(resolver), metrics_addr.is_some()).traced(
                 telemetry
@@ -450,6 +461,7 @@ impl Server {
                     shed: Arc::clone(&stats.shed),
                 },
                 quota: QuotaLayer::new(quotas),
+                faults,
             },
             routes,
             AuthLayer::new(credentials.auth.clone(), auth_failures.clone()),
@@ -505,6 +517,7 @@ impl Server {
                         },
                         // Probes are never counted against a quota.
                         quota: QuotaLayer::new(None),
+                        faults: None,
                     },
                     probe_routes,
                     AuthLayer::new(None, auth_failures),
@@ -589,6 +602,7 @@ impl Shared {
                 ))
                 .layer(shared.intake.clone())
                 .layer(shared.call_layer.clone())
+                .option_layer(listener.faults.clone())
                 .service(routes.clone());
             let (settings, draining) = (Arc::clone(&listener.settings), shared.draining.clone());
             // Monomorphic paths rather than one boxed service: without [web] or [connect], calls
@@ -634,8 +648,8 @@ impl Shared {
 }
 
 /// What differs between listeners (main and Unix socket, probe): the HTTP protocol settings,
-/// grpc-web or not, Connect or not, the call budgets their calls draw from, and the quotas they
-/// count against.
+/// grpc-web or not, Connect or not, the call budgets their calls draw from, the quotas they
+/// count against, and the faults injected.
 struct PerListener {
     settings: Arc<connection::Settings>,
     gate: GateLayer,
@@ -643,6 +657,8 @@ struct PerListener {
     connect: Option<ConnectLayer>,
     budgets: Budgets,
     quota: QuotaLayer,
+    /// `[faults]`, on the main listener when enabled; never on the probe port.
+    faults: Option<FaultLayer>,
 }
 
 /// One count in `greeter_connections_open` while the connection is served.
@@ -822,12 +838,17 @@ fn spawn_reloaders(
     let reloads = Reloads::register(registry);
     let seen = &credentials.seen;
     if let Some((material, leaf)) = &credentials.tls {
+        let (expiry, (ca, crl)) = (
+            TlsExpiry::register(registry, &config.tls),
+            tls::client_dates(&config.tls),
+        );
+        expiry.set(leaf.not_after_unix, ca, crl);
         tls::spawn_reloader(
             &config.tls,
             config.serves_http1(),
             seen.tls.clone(),
             material.clone(),
-            metrics::register_certificate_expiry(registry, leaf.not_after_unix),
+            expiry,
             triggers.clone(),
             reloads.kind("tls"),
         );

@@ -10,7 +10,8 @@
 //! - [`quota`]: per-caller rate quotas (token buckets), refusing with RetryInfo and QuotaFailure;
 //! - [`limit`]: call budgets by trust class, shedding instead of queueing;
 //! - [`intake`]: request bytes held (per-method message limits, server-wide budget);
-//! - [`lifetime`]: the deadline ([`deadline`] is its policy), the end at shutdown, a client gone.
+//! - [`lifetime`]: the deadline ([`deadline`] is its policy), the end at shutdown, a client gone;
+//! - [`faults`]: failed and delayed calls on purpose, for rehearsals (only with `[faults]`).
 //!
 //! [`resolve`] is what they share: `observe` resolves the call's method once, into everything the
 //! layers further in need, and hands it down in the request's extensions. [`body`] is the
@@ -20,6 +21,7 @@ pub mod auth;
 pub mod body;
 pub mod connect;
 pub mod deadline;
+pub mod faults;
 pub mod gate;
 pub mod intake;
 pub mod lifetime;

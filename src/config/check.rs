@@ -40,6 +40,22 @@ impl Config {
         check(&self.tls, origins)?;
         check(&self.tracing, origins)?;
         check(&self.quota, origins)?;
+        check(&self.faults, origins)?;
+        // Faults on a production-like server (TLS and auth) only from a config file, where the
+        // configuration is reviewed and versioned: never from a variable set in passing.
+        if self.faults.enabled
+            && self.tls.enabled
+            && self.auth.enabled
+            && !origins.set_by_file("faults.enabled")
+        {
+            return fail(
+                "faults.enabled",
+                "fault injection on a server with TLS and auth is turned on in a config file \
+                 only (faults.enabled = true in a --config file), not by the environment or the \
+                 command line"
+                    .into(),
+            );
+        }
         self.validate_quota_issuers(origins)?;
         self.validate_method_patterns(origins)?;
         if self.auth.enabled {
@@ -66,10 +82,11 @@ impl Config {
     /// would otherwise apply to nothing, silently. Well-formedness is each section's own check.
     fn validate_method_patterns(&self, origins: &Origins<'_>) -> Result<(), ConfigError> {
         let served = methods::served_methods(&methods::DESCRIPTOR_SETS);
-        let tables: [(&str, Vec<&String>); 3] = [
+        let tables: [(&str, Vec<&String>); 4] = [
             ("auth.policy", self.auth.policy.keys().collect()),
             ("deadline.methods", self.deadline.methods.keys().collect()),
             ("quota.methods", self.quota.methods.keys().collect()),
+            ("faults.methods", self.faults.methods.keys().collect()),
         ];
         for (key, patterns) in tables {
             for pattern in patterns {

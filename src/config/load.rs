@@ -157,6 +157,15 @@ impl Origins<'_> {
         ConfigError::new(self.origin_of(key), Some(key), message)
     }
 
+    /// Whether a `--config` file set `key`, and neither the environment nor the command line
+    /// overrode it.
+    pub(super) fn set_by_file(&self, key: &str) -> bool {
+        let var = env_var_name(key);
+        !self.0.overrides.iter().any(|(k, _)| k == key)
+            && !self.0.env.iter().any(|(name, _)| *name == var)
+            && self.0.files.iter().any(|file| file_sets(file, key))
+    }
+
     fn origin_of(&self, key: &str) -> String {
         if self.0.overrides.iter().any(|(k, _)| k == key) {
             return OVERRIDE_ORIGIN.to_owned();

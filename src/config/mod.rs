@@ -51,6 +51,7 @@ pub struct Config {
     pub tracing: TracingConfig,
     pub quota: QuotaConfig,
     pub connect: ConnectConfig,
+    pub faults: FaultsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -634,6 +635,33 @@ pub enum AnonymousQuota {
     Peer,
     /// Not counted.
     Exempt,
+}
+
+/// Fault injection for rehearsals (`call::faults`): failed and delayed calls on purpose, so that
+/// a client's retries, a mesh's outlier detection or an alert can be seen to work.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultsConfig {
+    /// Off in the embedded default and, explicitly, in `config/production.toml`: `methods` and
+    /// the `greeter-fault` header do nothing (and `methods` is refused) until a config says `true`.
+    pub enabled: bool,
+    /// Method pattern -> the fault a share of its calls get. A later layer removes an entry by
+    /// setting it to `""`.
+    #[serde(deserialize_with = "values::removable::map")]
+    pub methods: BTreeMap<String, MethodFault>,
+}
+
+/// `[faults.methods."PATTERN"]`: `percent` of the calls are delayed by `delay`, then (or instead)
+/// answered with `code`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MethodFault {
+    pub percent: f64,
+    /// A gRPC status code by its canonical name, e.g. `"UNAVAILABLE"`.
+    #[serde(default)]
+    pub code: Option<String>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub delay: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

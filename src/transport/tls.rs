@@ -31,12 +31,10 @@ use x509_parser::{
     revocation_list::CertificateRevocationList,
 };
 
-use prometheus_client::metrics::gauge::Gauge;
-
 use crate::{
     config::{ClientAuth, Problem, Section, TlsConfig},
     ops::{
-        metrics::ReloadOutcomes,
+        metrics::{ReloadOutcomes, TlsExpiry},
         reload::{Reloaded, Triggers, Watched},
     },
     transport::client_trust::{self, ClientTrust, TrustDigest, TrustWatch},
@@ -510,6 +508,34 @@ impl ClientIdentity {
     }
 }
 
+/// The dates of the client-side material, as Unix seconds: when the first certificate of
+/// `tls.client_ca` expires, and the earliest `nextUpdate` of the `tls.client_crl_files` (`None`
+/// where there is no such file, it does not read, or no list has a `nextUpdate`). Read apart from
+/// [`load`], which has checked the files, so the verifier's code stays as it is.
+pub fn client_dates(settings: &TlsConfig) -> (Option<i64>, Option<i64>) {
+    let ca = (settings.client_auth != ClientAuth::None)
+        .then(|| read_certs(&settings.client_ca).ok())
+        .flatten()
+        .and_then(|certs| {
+            certs
+                .iter()
+                .filter_map(|der| X509Certificate::from_der(der).ok())
+                .map(|(_, cert)| cert.validity().not_after.timestamp())
+                .min()
+        });
+    let crl = settings
+        .client_crl_files
+        .iter()
+        .filter_map(|path| read_crls(path).ok())
+        .flatten()
+        .filter_map(|der| {
+            let (_, crl) = CertificateRevocationList::from_der(&der).ok()?;
+            crl.next_update().map(|t| t.timestamp())
+        })
+        .min();
+    (ca, crl)
+}
+
 /// The current server config, swappable while serving, and (with client certificates) its
 /// client trust for open connections to follow.
 #[derive(Debug, Clone)]
@@ -566,7 +592,7 @@ pub fn spawn_reloader(
     http1: bool,
     files: Watched,
     material: Reloadable,
-    expiry: Gauge,
+    expiry: TlsExpiry,
     triggers: Triggers,
     outcomes: ReloadOutcomes,
 ) {
@@ -580,7 +606,8 @@ pub fn spawn_reloader(
         move || {
             reload(&settings, http1).map(|(loaded, revoked)| {
                 material.install(loaded.config, loaded.trust);
-                expiry.set(loaded.leaf.not_after_unix);
+                let (ca, crl) = client_dates(&settings);
+                expiry.set(loaded.leaf.not_after_unix, ca, crl);
                 let summary = format!(
                     "certificate serial {} ({})",
                     loaded.leaf.serial, loaded.leaf.subject

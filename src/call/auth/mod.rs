@@ -233,6 +233,20 @@ impl Authenticator {
         &self.policy
     }
 
+    /// Whether the call's credentials grant `scope`, whatever its method requires: for a layer
+    /// further in that offers more to some callers (fault injection's metadata and its `faults`
+    /// scope). Verifies the credentials again, so ask only for the calls that need it.
+    pub fn grants(
+        &self,
+        scope: &str,
+        path: &str,
+        headers: &http::HeaderMap,
+        peer: Option<&PeerInfo>,
+    ) -> bool {
+        let rule = Rule::Scope(scope.to_owned());
+        self.check(Some(&rule), path, headers, peer).is_ok()
+    }
+
     /// The verdict for one call to `path`, whose method requires `rule`.
     fn check(
         &self,

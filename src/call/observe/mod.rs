@@ -35,6 +35,7 @@ use trace::{CallSpan, CallTracer};
 
 use crate::{
     call::auth::Caller,
+    call::faults::InjectedFault,
     call::limit::ShedBy,
     call::resolve::Resolver,
     ops::metrics::{MethodMetrics, grpc::CODE_NAMES},
@@ -168,6 +169,7 @@ where
                 peer: peer.cloned(),
                 unknown_path: method.is_unknown().then(|| shortened(path)),
                 caller: None,
+                fault: None,
             }),
         });
         let received = count.then(|| {
@@ -209,6 +211,8 @@ struct AccessLog {
     unknown_path: Option<Box<str>>,
     /// Who the auth layer admitted the call as.
     caller: Option<Caller>,
+    /// What `[faults]` did to the call, on purpose.
+    fault: Option<InjectedFault>,
 }
 
 impl Drop for CallRecord {
@@ -246,6 +250,7 @@ impl Drop for CallRecord {
                     duration_ms = took.as_micros() as f64 / 1000.0,
                     request_id = log.request_id.to_str().unwrap_or_default(),
                     trace_id = trace.as_ref().map(CallSpan::trace_id),
+                    fault = log.fault.as_ref().map(|f| &*f.0),
                     "call finished"
                 )
             };
@@ -405,6 +410,7 @@ where
             }
             if let Some(log) = &mut record.log {
                 log.caller = response.extensions_mut().remove::<Caller>();
+                log.fault = response.extensions_mut().remove::<InjectedFault>();
             }
         }
         response

@@ -8,8 +8,12 @@
 //! - [`process`]: `process_*`, read from `/proc` at each scrape.
 //! - [`exporter`]: what the metrics listener answers (`GET /metrics`); the listener itself is
 //!   `transport::listener::serve_http1`.
-//! - here: `greeter_*`, what the server itself does (connections, TLS, auth, reloads).
+//! - [`by_method`]: `greeter_*` counters by method and one more label (quota refusals, faults).
+//! - [`quota`]: quota refusals, and the shared quota store's health.
+//! - here: `greeter_*`, what the server itself does (connections, TLS, auth, reloads), and what
+//!   it is (build, worst-case memory).
 
+pub mod by_method;
 pub mod exporter;
 pub mod grpc;
 pub mod process;
@@ -17,14 +21,29 @@ pub mod quota;
 
 use std::fmt;
 
+use crate::config::{ClientAuth, TlsConfig};
+
 use prometheus_client::{
     encoding::{EncodeMetric, MetricEncoder, NoLabelSet},
     metrics::{MetricType, TypedMetric, counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
+pub use by_method::{Descriptor, MethodCounters};
 pub use grpc::{GrpcMetrics, MethodMetrics};
 pub use quota::{QuotaRefusals, QuotaStoreMetrics};
+
+/// `greeter_faults_injected_total`; its `kind` values are the fault layer's.
+pub fn faults_injected(kinds: &'static [&'static str]) -> Descriptor {
+    Descriptor {
+        name: "greeter_faults_injected",
+        help: "Faults injected on purpose ([faults]: a method's percentage or a caller's \
+               greeter-fault header), by kind (error: answered with the configured code; delay: \
+               held before the handler ran) and method: a rehearsal, not an incident",
+        label: "kind",
+        values: kinds,
+    }
+}
 
 /// One label pair with static key and value: every `greeter_*` label value is known up front.
 pub type Label = [(&'static str, &'static str); 1];
@@ -278,16 +297,86 @@ pub fn register_jwt_signature_checks(registry: &mut Registry, checks: CounterFnS
     );
 }
 
-/// Registers the expiry of the serving certificate; the caller keeps the gauge current on reload.
-pub fn register_certificate_expiry(registry: &mut Registry, not_after_unix: i64) -> Gauge {
-    let gauge = Gauge::default();
-    gauge.set(not_after_unix);
+/// The dates of the TLS material that end something: the serving certificate's `notAfter`, the
+/// client CA's (the first of its certificates to expire) and the revocation lists' `nextUpdate`
+/// (the earliest). The TLS reloader keeps them current; alerts page before any of them passes.
+#[derive(Debug, Clone)]
+pub struct TlsExpiry {
+    certificate: Gauge,
+    client_ca: Option<Gauge>,
+    crl: Option<Gauge>,
+}
+
+impl TlsExpiry {
+    /// Registers a series for each date the configuration has: the client CA's with client
+    /// certificates on, the CRLs' with `tls.client_crl_files`.
+    pub fn register(registry: &mut Registry, tls: &TlsConfig) -> Self {
+        let client_ca = tls.client_auth != ClientAuth::None;
+        let crls = !tls.client_crl_files.is_empty();
+        let mut gauge = |name: &str, help: &str| {
+            let gauge = Gauge::default();
+            registry.register(name, help, gauge.clone());
+            gauge
+        };
+        Self {
+            certificate: gauge(
+                "greeter_tls_certificate_expiry_timestamp_seconds",
+                "When the serving TLS certificate expires (notAfter), as a Unix timestamp; \
+                 follows reloads",
+            ),
+            client_ca: client_ca.then(|| {
+                gauge(
+                    "greeter_tls_client_ca_expiry_timestamp_seconds",
+                    "When the first certificate of the client CA bundle (tls.client_ca) expires \
+                     (notAfter), as a Unix timestamp; follows reloads",
+                )
+            }),
+            crl: crls.then(|| {
+                gauge(
+                    "greeter_tls_crl_next_update_timestamp_seconds",
+                    "The earliest nextUpdate of the revocation lists (tls.client_crl_files), as \
+                     a Unix timestamp: when their issuer promised a newer list; follows reloads",
+                )
+            }),
+        }
+    }
+
+    /// Sets the dates of material just loaded; a date the material does not have (a CRL
+    /// without nextUpdate) leaves its gauge as it was.
+    pub fn set(&self, certificate: i64, client_ca: Option<i64>, crl: Option<i64>) {
+        self.certificate.set(certificate);
+        for (gauge, value) in [(&self.client_ca, client_ca), (&self.crl, crl)] {
+            if let (Some(gauge), Some(value)) = (gauge, value) {
+                gauge.set(value);
+            }
+        }
+    }
+}
+
+/// `greeter_build_info{version, commit} 1`, and `greeter_memory_worst_case_bytes`: what the
+/// build is (to tell a rollout's versions apart on a dashboard) and the most memory the
+/// configuration lets clients make the process hold (`greeter config check` prints the same), so
+/// an alert can compare the process's resident memory with it.
+pub fn register_facts(registry: &mut Registry, version: &str, commit: &str, worst_case: u64) {
+    let info = Family::<[(&'static str, String); 2], Gauge>::default();
+    info.get_or_create(&[
+        ("version", version.to_owned()),
+        ("commit", commit.to_owned()),
+    ])
+    .set(1);
     registry.register(
-        "greeter_tls_certificate_expiry_timestamp_seconds",
-        "When the serving TLS certificate expires, as a Unix timestamp; follows reloads",
-        gauge.clone(),
+        "greeter_build_info",
+        "The build serving: its version and git commit; always 1",
+        info,
     );
-    gauge
+    let bytes: Gauge = Gauge::default();
+    bytes.set(i64::try_from(worst_case).unwrap_or(i64::MAX));
+    registry.register(
+        "greeter_memory_worst_case_bytes",
+        "The most memory the configured limits let clients make the server hold (greeter \
+         config check prints it): set the container's memory limit at or above it",
+        bytes,
+    );
 }
 
 type Read = Box<dyn Fn() -> u64 + Send + Sync>;
