@@ -4,7 +4,7 @@
 //! `rustls::ServerConfig` and accepts with tokio-rustls. Rotation swaps the whole config (cert, key
 //! and client CA together) behind an `ArcSwap`: each new connection reads the current one. Open
 //! connections keep the server certificate they shook hands with; a change of what is trusted in
-//! client certificates reaches them through [`client_trust`](super::client_trust).
+//! client certificates reaches them through [`super::client_trust`].
 
 use std::{
     path::{Path, PathBuf},
