@@ -719,6 +719,94 @@ async fn token_file_is_followed_when_it_rotates_under_a_running_bench() {
     assert!(ok * 2 > requests, "{report}");
 }
 
+#[tokio::test]
+async fn a_refused_jwt_names_its_kind_in_the_access_line_never_the_token() {
+    use greeter::pb::{HelloRequest, greeter_client::GreeterClient};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let keygen = run(&[
+        "jwt",
+        "keygen",
+        "--key",
+        &path("jwt.key"),
+        "--jwks",
+        &path("jwks.json"),
+    ]);
+    assert!(keygen.status.success(), "{}", stderr(&keygen));
+    std::fs::write(path("tokens.toml"), "").unwrap();
+    let config = json_log_config(
+        dir.path(),
+        &format!(
+            "[auth]\nenabled = true\ntokens_file = {:?}\n[[auth.jwt.issuers]]\n\
+             issuer = \"https://dev.example\"\njwks_file = {:?}\naudiences = [\"greeter\"]\n\
+             [[auth.jwt.rules]]\nclaim = \"sub\"\npattern = \"*\"\nscopes = [\"greeter\"]\n",
+            path("tokens.toml"),
+            path("jwks.json")
+        ),
+    );
+    let server = BinaryServer::start(&config, &[]);
+    let mint = |iss: &str, aud: &str| {
+        let output = run(&[
+            "jwt",
+            "mint",
+            "--key",
+            &path("jwt.key"),
+            "--iss",
+            iss,
+            "--sub",
+            "ci",
+            "--aud",
+            aud,
+        ]);
+        stdout(&output).trim().to_owned()
+    };
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut kinds = Vec::new();
+    for (token, kind) in [
+        (mint("https://dev.example", "other"), "audience"),
+        (mint("https://elsewhere.example", "greeter"), "issuer"),
+    ] {
+        let mut request = tonic::Request::new(HelloRequest { name: "x".into() });
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        request
+            .metadata_mut()
+            .insert("x-request-id", kind.parse().unwrap());
+        let refused = GreeterClient::new(channel.clone())
+            .say_hello(request)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        kinds.push((token, kind));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let logs = server.logs.lock().unwrap().clone();
+        let lines: Vec<serde_json::Value> = logs
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|e: &serde_json::Value| e["target"] == "greeter::access")
+            .collect();
+        if lines.len() == kinds.len() {
+            for (token, kind) in &kinds {
+                let line = lines.iter().find(|l| l["request_id"] == *kind).unwrap();
+                assert_eq!(line["refused"], *kind, "{line}");
+                assert_eq!(line["auth"], "none", "{line}");
+                assert!(!logs.contains(token.as_str()), "the token is never logged");
+            }
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{logs}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[test]
 fn environment_errors_name_the_variable() {
     let output = greeter_bin()

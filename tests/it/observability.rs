@@ -690,7 +690,9 @@ async fn the_binary_logs_one_json_access_line_per_call_with_its_request_id() {
     let refused = by_id[refused_id.as_str()];
     assert_eq!(refused["code"], "Unauthenticated");
     assert_eq!(refused["auth"], "none");
+    assert_eq!(refused["refused"], "missing_credentials", "{refused}");
     assert!(refused.get("identity").is_none(), "{refused}");
+    assert!(ok.get("refused").is_none(), "{ok}");
 
     let late = by_id[late_id.as_str()];
     assert_eq!(late["method"], "/helloworld.Greeter/SayHelloStreamReply");

@@ -68,6 +68,23 @@ pub enum JwtError {
 }
 
 impl JwtError {
+    /// The refusal's kind, for the access line: a handful of words, never the token or a claim.
+    pub fn class(&self) -> &'static str {
+        match self {
+            Self::Malformed | Self::Claim(_) => "malformed",
+            Self::Algorithm | Self::KeyMismatch => "algorithm",
+            Self::Issuer => "issuer",
+            Self::NoKid | Self::UnknownKid => "unknown_key",
+            Self::Signature => "signature",
+            Self::Expired => "expired",
+            Self::NotYetValid | Self::IssuedInFuture => "not_yet_valid",
+            Self::Audience => "audience",
+            Self::PeerBudget(_) => "peer_budget",
+        }
+    }
+}
+
+impl JwtError {
     /// Whether the refusal holds for as long as the keys do, so the token may be refused from
     /// the [`FailureCache`]: not a token that becomes valid later (`nbf`, `iat`), not a refusal
     /// for a spent budget, which says nothing about the token.

@@ -77,6 +77,8 @@ const MISSING_SCOPE: &str = "missing_scope";
 #[derive(Debug)]
 struct Refusal {
     reason: &'static str,
+    /// What the access line says of it: the reason, or a JWT's finer kind (`expired`, ...).
+    kind: &'static str,
     status: Status,
     caller: Option<Caller>,
 }
@@ -85,11 +87,17 @@ impl Refusal {
     fn new(reason: &'static str, status: Status) -> Self {
         Self {
             reason,
+            kind: reason,
             status,
             caller: None,
         }
     }
 }
+
+/// Why the auth layer refused a call, in the response's extensions for the access line
+/// (`"refused":"expired"`): a refused call's line otherwise says only `"auth":"none"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthRefused(pub &'static str);
 
 /// Who made a call, as established by the auth layer; in the request extensions for handlers and
 /// logs. Never holds the token itself.
@@ -346,11 +354,15 @@ impl Authenticator {
 /// carries the message a second time (base64, in `grpc-status-details-bin`), and this answer must
 /// cost what refusing garbage costs (with it, 1.5 µs more server CPU per call: BENCHMARKS.md).
 fn jwt_refusal(error: JwtError) -> Refusal {
-    match error {
+    let refusal = match error {
         JwtError::PeerBudget(_) => {
             Refusal::new(JWT_BUDGET, Status::resource_exhausted(error.to_string()))
         }
-        error => Refusal::new(INVALID_JWT, Status::unauthenticated(error.to_string())),
+        ref error => Refusal::new(INVALID_JWT, Status::unauthenticated(error.to_string())),
+    };
+    Refusal {
+        kind: error.class(),
+        ..refusal
     }
 }
 
@@ -448,12 +460,14 @@ where
             }
             Err(Refusal {
                 reason,
+                kind,
                 status,
                 caller,
             }) => {
                 self.failures.inc(reason);
                 tracing::debug!(path = request.uri().path(), code = ?status.code(), reason, "call refused: {}", status.message());
                 let mut response = status.into_http();
+                response.extensions_mut().insert(AuthRefused(kind));
                 // Identified but not allowed: the access line names who was refused.
                 if let Some(caller) = caller {
                     response.extensions_mut().insert(caller);

@@ -34,7 +34,7 @@ use frames::MessageCounter;
 use trace::{CallSpan, CallTracer};
 
 use crate::{
-    call::auth::Caller,
+    call::auth::{AuthRefused, Caller},
     call::faults::InjectedFault,
     call::limit::ShedBy,
     call::resolve::Resolver,
@@ -170,6 +170,7 @@ where
                 unknown_path: method.is_unknown().then(|| shortened(path)),
                 caller: None,
                 fault: None,
+                refused: None,
             }),
         });
         let received = count.then(|| {
@@ -213,6 +214,8 @@ struct AccessLog {
     caller: Option<Caller>,
     /// What `[faults]` did to the call, on purpose.
     fault: Option<InjectedFault>,
+    /// Why the auth layer refused the call.
+    refused: Option<AuthRefused>,
 }
 
 impl Drop for CallRecord {
@@ -251,6 +254,7 @@ impl Drop for CallRecord {
                     request_id = log.request_id.to_str().unwrap_or_default(),
                     trace_id = trace.as_ref().map(CallSpan::trace_id),
                     fault = log.fault.as_ref().map(|f| &*f.0),
+                    refused = log.refused.map(|r| r.0),
                     "call finished"
                 )
             };
@@ -411,6 +415,7 @@ where
             if let Some(log) = &mut record.log {
                 log.caller = response.extensions_mut().remove::<Caller>();
                 log.fault = response.extensions_mut().remove::<InjectedFault>();
+                log.refused = response.extensions_mut().remove::<AuthRefused>();
             }
         }
         response
