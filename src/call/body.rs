@@ -1,14 +1,17 @@
 //! A body passed through unchanged while something watches its frames or rides along until it is
 //! dropped: the delegation (`poll_frame`, `is_end_stream`, `size_hint`) layers would otherwise each
-//! repeat.
+//! repeat. And the draining of a body answered unread.
 
 use std::{
     pin::Pin,
     task::{Context, Poll},
 };
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt as _;
 use pin_project_lite::pin_project;
 
 /// What rides along with a [`Watched`] body: it sees every frame, and is dropped with the body.
@@ -61,4 +64,24 @@ impl<B: Body<Data = Bytes>, W: Watch> Body for Watched<B, W> {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// How long a request body answered unread may take to arrive, to be thrown away.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads `body` to its end and drops what it reads, up to `max` bytes and [`DRAIN_TIMEOUT`]: a
+/// request answered before its body was read (a refusal) then ends cleanly for a client still
+/// sending it (see `connect::request::Unread::discard` for why, over each HTTP version).
+pub async fn drain<B: Body<Data = Bytes>>(body: B, max: usize) {
+    let mut body = std::pin::pin!(body);
+    let mut seen = 0usize;
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            seen = seen.saturating_add(frame.data_ref().map_or(0, Bytes::len));
+            if seen > max {
+                break;
+            }
+        }
+    })
+    .await;
 }

@@ -23,14 +23,14 @@ use std::{
 use bytes::Bytes;
 use futures_util::{
     TryFutureExt as _,
-    future::{Either, MapOk, Ready, ready},
+    future::{BoxFuture, Either, MapOk, Ready, ready},
 };
 use http::{HeaderValue, Method, StatusCode, header};
 use http_body_util::Full;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
-use crate::call::connect;
+use crate::call::{body, connect};
 
 const GRPC_TYPES: &str = "application/grpc, application/grpc+proto";
 const GRPC_WEB_TYPES: &str = "application/grpc-web, application/grpc-web+proto, \
@@ -217,14 +217,23 @@ pub struct Gate<S> {
 
 type Answer<B> = http::Response<http_body_util::Either<Body, B>>;
 
+/// The most bytes of a refused request's body read and thrown away.
+const REFUSED_DRAIN_BYTES: usize = 64 << 10;
+
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Gate<S>
 where
     S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Error: Send + 'static,
+    ReqBody: http_body::Body<Data = Bytes> + Send + 'static,
+    ResBody: Send + 'static,
 {
     type Response = Answer<ResBody>;
     type Error = S::Error;
     type Future = Either<
-        Ready<Result<Answer<ResBody>, S::Error>>,
+        Either<
+            Ready<Result<Answer<ResBody>, S::Error>>,
+            BoxFuture<'static, Result<Answer<ResBody>, S::Error>>,
+        >,
         MapOk<S::Future, fn(http::Response<ResBody>) -> Answer<ResBody>>,
     >;
 
@@ -232,10 +241,23 @@ where
         self.inner.poll_ready(cx)
     }
 
+    /// A refused request's body is drained, so a client still sending it reads the answer
+    /// (`body::drain`): over HTTP/2 beside the answer, over HTTP/1.1 before it.
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        match self.speaks.refuse(&request) {
-            Some(answer) => Either::Left(ready(Ok(answer.map(http_body_util::Either::Left)))),
-            None => Either::Right(self.inner.call(request).map_ok(passed as fn(_) -> _)),
+        let Some(answer) = self.speaks.refuse(&request) else {
+            return Either::Right(self.inner.call(request).map_ok(passed as fn(_) -> _));
+        };
+        let answer = answer.map(http_body_util::Either::Left);
+        let http1 = request.version() < http::Version::HTTP_2;
+        let body = request.into_body();
+        if http1 {
+            Either::Left(Either::Right(Box::pin(async move {
+                body::drain(body, REFUSED_DRAIN_BYTES).await;
+                Ok(answer)
+            })))
+        } else {
+            tokio::spawn(body::drain(body, REFUSED_DRAIN_BYTES));
+            Either::Left(Either::Left(ready(Ok(answer))))
         }
     }
 }

@@ -8,7 +8,6 @@
 use std::{
     pin::Pin,
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use bytes::{Bytes, BytesMut};
@@ -23,6 +22,7 @@ use super::{
     codec::{Codec, gunzip},
     protocol::{self, COMPRESSED, Framing, split_envelope},
 };
+use crate::call::body;
 
 /// What the response side needs to know of the call.
 pub struct Plan {
@@ -62,9 +62,6 @@ impl Refusal {
     }
 }
 
-/// How long an unread HTTP/1.1 request body may take to arrive, to be thrown away.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// The most bytes thrown away of a request refused before translation (a bad header, a path no
 /// service has): enough for any served method's message, which such a request was meant to be.
 pub const REFUSED_DRAIN_BYTES: usize = 64 << 10;
@@ -90,7 +87,7 @@ where
     }
 
     /// Reads and discards the body if no one read it, at most `max` bytes and for at most
-    /// [`DRAIN_TIMEOUT`], so that a call answered before its body was read ends cleanly.
+    /// [`body::DRAIN_TIMEOUT`], so that a call answered before its body was read ends cleanly.
     ///
     /// Over HTTP/1.1, a server that answers a request it has not read closes the connection, and
     /// a client still writing the body fails with a broken pipe instead of reading the answer: a
@@ -109,26 +106,11 @@ where
             return;
         };
         if http1 {
-            drain(body, max).await;
+            body::drain(body, max).await;
         } else {
-            tokio::spawn(drain(body, max));
+            tokio::spawn(body::drain(body, max));
         }
     }
-}
-
-/// Reads `body` to its end and drops what it reads, up to `max` bytes and [`DRAIN_TIMEOUT`].
-async fn drain<B: http_body::Body<Data = Bytes>>(body: B, max: usize) {
-    let mut body = std::pin::pin!(body);
-    let mut seen = 0usize;
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while let Some(Ok(frame)) = body.frame().await {
-            seen = seen.saturating_add(frame.data_ref().map_or(0, Bytes::len));
-            if seen > max {
-                break;
-            }
-        }
-    })
-    .await;
 }
 
 /// The gRPC request for a Connect request's `parts` and its body (`unread`), or why there is none.
