@@ -28,43 +28,47 @@ use tower_http::add_extension::AddExtensionLayer;
 use tracing::{info, warn};
 
 use crate::{
-    call::auth::{self, AuthLayer, Authenticator, JwksError, Jwt, TokenStore, TokensError},
+    call::auth::{self, AuthLayer, Authenticator, JwksError, TokensError},
     call::connect::{ConnectError, ConnectLayer, Translator},
     call::deadline::DeadlinePolicy,
     call::faults::{self, FaultLayer},
     call::gate::{GateLayer, Speaks},
-    call::intake::{BufferBudget, IntakeLayer},
-    call::lifetime::{CallLayer, CallStats},
-    call::limit::{Budget, Budgets, LimitLayer, ShedBy, ShedCount},
+    call::intake::IntakeLayer,
+    call::lifetime::CallLayer,
+    call::limit::{Budget, Budgets, LimitLayer},
     call::observe::{ObserveLayer, trace::CallTracer},
-    call::quota::{self, QuotaLayer, Quotas, RedisStore, RedisStoreError},
+    call::quota::{QuotaLayer, RedisStoreError},
     call::resolve::{Resolver, Tables},
     call::web::WebLayer,
-    config::{AuthMode, Config, LimitsConfig, ProbeConfig, QuotaConfig, QuotaStore},
-    methods::{self, Method, MethodTable, served_methods},
-    ops::logging,
+    config::{Config, ProbeConfig},
+    methods::{self, served_methods},
     ops::memory::WorstCase,
-    ops::metrics::{
-        self, CounterFn, CounterFnSet, GrpcMetrics, MethodCounters, QuotaRefusals,
-        QuotaStoreMetrics, Reloads, ServerCounters, ServerMetrics, TlsExpiry, exporter,
-    },
-    ops::reload::{self, Triggers, Watched},
+    ops::metrics::{self, GrpcMetrics, MethodCounters, ServerMetrics, exporter},
     ops::shutdown,
-    ops::telemetry::{ExportMaterial, SpanQueue, Telemetry, TelemetryError},
+    ops::telemetry::{Telemetry, TelemetryError},
     pb::greeter_server::GreeterServer,
-    service::health::{self, Health},
+    service::health::Health,
     service::{self, Greeter, compressed},
     transport::connection::{self, Activity},
     transport::listener::{
         self, Connection, ConnectionBudget, ConnectionSlot, Listener, OnConnection, PeerCounts,
         TlsAccept,
     },
-    transport::tls::{self, CertSummary, Reloadable, TlsError},
+    transport::tls::TlsError,
     transport::unix_socket::{UnixSocket, UnixSocketError},
 };
 
-/// The largest reflection request: a file name or a symbol, with room to spare.
-const REFLECTION_MAX_REQUEST_BYTES: usize = 16 * 1024;
+mod counters;
+mod credentials;
+mod tables;
+
+use counters::{OpenConnection, server_counters};
+use credentials::spawn_reloaders;
+use tables::{message_limits, quotas};
+
+pub use counters::Stats;
+pub use credentials::Credentials;
+pub use tables::largest_request_bytes;
 
 /// The service name health reports for the Greeter, as gRPC's health protocol spells it.
 pub const GREETER_SERVICE: &str = "helloworld.Greeter";
@@ -116,71 +120,6 @@ impl ServerError {
             Self::Bind { .. } | Self::Signals(_) | Self::Reflection(_) | Self::Connect(_) => false,
         }
     }
-}
-
-/// TLS and token material, loaded and checked: what `config check` verifies beyond the config
-/// file itself, and what `bind` needs before it opens a socket.
-pub struct Credentials {
-    pub tls: Option<(Reloadable, CertSummary)>,
-    pub auth: Option<Authenticator>,
-    /// The trace exporter's headers and TLS files, with `tracing.enabled`.
-    pub tracing: Option<ExportMaterial>,
-    /// The reloaded files as they were just before this load: the reloaders start from it.
-    seen: Seen,
-}
-
-/// Each reloader's files, as they were just before the load (none for a reloader that does not
-/// run: nothing is read for it).
-#[derive(Default)]
-struct Seen {
-    tls: Watched,
-    tokens: Watched,
-    /// One per JWT issuer, in the order of `auth.jwt.issuers`.
-    jwks: Vec<Watched>,
-}
-
-impl Credentials {
-    pub fn load(config: &Config) -> Result<Self, ServerError> {
-        let mut seen = Seen::default();
-        let tls = if config.tls.enabled {
-            seen.tls = tls::watched(&config.tls);
-            Some(tls::load(&config.tls, config.serves_http1())?.into_reloadable())
-        } else {
-            None
-        };
-        let auth = if config.auth.enabled {
-            let tokens = if uses_tokens(config) {
-                seen.tokens = auth::watched_tokens(&config.auth);
-                TokenStore::load(&config.auth.tokens_file)?
-            } else {
-                TokenStore::default()
-            };
-            let auth = Authenticator::new(&config.auth, tokens);
-            Some(if config.auth.jwt.issuers.is_empty() {
-                auth
-            } else {
-                seen.jwks = auth::watched_jwks(&config.auth);
-                auth.with_jwt(Jwt::load(&config.auth.jwt)?)
-            })
-        } else {
-            None
-        };
-        let tracing = config
-            .tracing
-            .enabled
-            .then(|| ExportMaterial::load(&config.tracing))
-            .transpose()?;
-        Ok(Self {
-            tls,
-            auth,
-            tracing,
-            seen,
-        })
-    }
-}
-
-fn uses_tokens(config: &Config) -> bool {
-    config.auth.mode != AuthMode::ClientCert
 }
 
 /// A bound, not yet serving, greeter server. Binding first lets callers (tests, the CLI) learn the
@@ -659,214 +598,6 @@ struct PerListener {
     quota: QuotaLayer,
     /// `[faults]`, on the main listener when enabled; never on the probe port.
     faults: Option<FaultLayer>,
-}
-
-/// One count in `greeter_connections_open` while the connection is served.
-struct OpenConnection(Gauge);
-
-impl OpenConnection {
-    fn new(gauge: Gauge) -> Self {
-        gauge.inc();
-        Self(gauge)
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
-/// Counters of what the server refused or cut short.
-#[derive(Debug)]
-pub struct Stats {
-    pub calls: Arc<CallStats>,
-    pub shed: Arc<ShedCount>,
-    /// Connections accepted (TLS ones once their handshake succeeded), probe port included.
-    pub connections_accepted: Arc<AtomicU64>,
-    /// Request bytes held for messages still arriving, and the calls refused over them.
-    pub buffered: Arc<BufferBudget>,
-}
-
-impl Stats {
-    fn new(limits: &LimitsConfig) -> Self {
-        Self {
-            calls: Arc::default(),
-            shed: Arc::default(),
-            connections_accepted: Arc::default(),
-            buffered: Arc::new(BufferBudget::new(limits.max_buffered_request_bytes)),
-        }
-    }
-}
-
-/// The quota tables, and the shared store when `quota.store = "redis"` (tried once here: a
-/// refused password stops startup, an unreachable Redis does not).
-async fn quotas(
-    config: &QuotaConfig,
-    registry: &mut Registry,
-    descriptor_sets: &[&[u8]],
-    background: &CancellationToken,
-) -> Result<Arc<Quotas>, ServerError> {
-    let refusals =
-        QuotaRefusals::register(registry, quota::CLASSES, &served_methods(descriptor_sets));
-    let mut quotas = Quotas::new(config, refusals);
-    if config.store == QuotaStore::Redis {
-        let metrics =
-            QuotaStoreMetrics::register(registry, quota::STORE_ERROR_KINDS, quota::STORE_FALLBACKS);
-        let store = RedisStore::connect(&config.redis, metrics).await?;
-        tracing::info!(
-            url = %config.redis.url,
-            password = if config.redis.password_file.as_os_str().is_empty() { "none" } else { "from quota.redis.password_file" },
-            timeout = ?config.redis.timeout,
-            on_error = ?config.redis.on_error,
-            "quota store: Redis, shared by every process pointed at it"
-        );
-        quotas = quotas.shared_in(store);
-    }
-    let quotas = Arc::new(quotas);
-    quotas.spawn_forgetting(background.clone());
-    Ok(quotas)
-}
-
-/// The server's own counters as `greeter_*` metrics, read at each scrape.
-fn server_counters(
-    stats: &Stats,
-    main: &ConnectionBudget,
-    probe: &ConnectionBudget,
-    spans: Option<Arc<SpanQueue>>,
-) -> ServerCounters {
-    let shed = Arc::clone(&stats.shed);
-    ServerCounters {
-        connections_accepted: {
-            let accepted = Arc::clone(&stats.connections_accepted);
-            CounterFn::new(move || accepted.load(Ordering::Relaxed))
-        },
-        calls_shed: ShedBy::ALL
-            .into_iter()
-            .fold(CounterFnSet::new("limit"), |set, by| {
-                let shed = Arc::clone(&shed);
-                set.with(by.as_str(), move || shed.by(by))
-            }),
-        requests_refused_oversize: {
-            let buffered = Arc::clone(&stats.buffered);
-            CounterFn::new(move || buffered.refused())
-        },
-        calls_deadline_exceeded: {
-            let calls = Arc::clone(&stats.calls);
-            CounterFn::new(move || calls.deadline_exceeded())
-        },
-        calls_cancelled: {
-            let calls = Arc::clone(&stats.calls);
-            CounterFn::new(move || calls.cancelled())
-        },
-        streams_ended_by_shutdown: {
-            let calls = Arc::clone(&stats.calls);
-            CounterFn::new(move || calls.ended_by_shutdown())
-        },
-        connections_refused_per_peer: [("main", main), ("probe", probe)].into_iter().fold(
-            CounterFnSet::new("listener"),
-            |set, (name, budget)| {
-                let counts = budget.per_peer.clone();
-                set.with(name, move || counts.as_ref().map_or(0, |c| c.refused()))
-            },
-        ),
-        log_lines_dropped: CounterFn::new(logging::dropped_lines),
-        trace_spans_dropped: [
-            (
-                "queue_full",
-                SpanQueue::dropped_queue_full as fn(&SpanQueue) -> u64,
-            ),
-            ("export_failed", SpanQueue::dropped_export_failed),
-        ]
-        .into_iter()
-        .fold(CounterFnSet::new("reason"), |set, (reason, read)| {
-            let spans = spans.clone();
-            set.with(reason, move || spans.as_deref().map_or(0, read))
-        }),
-    }
-}
-
-/// The largest request message any served method accepts: a Connect call may buffer twice it
-/// (JSON), which `greeter config check`'s worst case counts ([`crate::ops::memory`]).
-pub fn largest_request_bytes(config: &Config) -> usize {
-    let limits = message_limits(config, &[]);
-    limits.greeter.max(limits.reflection)
-}
-
-/// The largest request message each method accepts: what its request type can usefully hold,
-/// never more than `limits.max_recv_message_bytes` (which applies to paths no service has).
-struct MessageLimits {
-    table: MethodTable<usize>,
-    greeter: usize,
-    reflection: usize,
-}
-
-fn message_limits(config: &Config, served: &[Method]) -> MessageLimits {
-    let any = config.limits.max_recv_message_bytes;
-    let cap = |bytes: usize| bytes.min(any);
-    let greeter = cap(service::max_request_bytes(&config.greeter));
-    let reflection = cap(REFLECTION_MAX_REQUEST_BYTES);
-    let health = cap(health::MAX_REQUEST_BYTES);
-    let served = served.iter().map(|method| {
-        let max_bytes = match method.service.as_str() {
-            GREETER_SERVICE => greeter,
-            "grpc.health.v1.Health" => health,
-            s if s.starts_with("grpc.reflection.") => reflection,
-            _ => any,
-        };
-        (method.path(), max_bytes)
-    });
-    MessageLimits {
-        table: MethodTable::new(std::iter::once(("*".to_owned(), any)).chain(served)),
-        greeter,
-        reflection,
-    }
-}
-
-/// Re-reads TLS material and tokens when their files change or SIGHUP arrives, counting the
-/// outcomes and keeping the certificate expiry gauge current.
-fn spawn_reloaders(
-    config: &Config,
-    credentials: &Credentials,
-    stop: &CancellationToken,
-    registry: &mut Registry,
-) {
-    let triggers = Triggers {
-        hangups: reload::hangups(),
-        stop: stop.clone(),
-    };
-    let reloads = Reloads::register(registry);
-    let seen = &credentials.seen;
-    if let Some((material, leaf)) = &credentials.tls {
-        let (expiry, (ca, crl)) = (
-            TlsExpiry::register(registry, &config.tls),
-            tls::client_dates(&config.tls),
-        );
-        expiry.set(leaf.not_after_unix, ca, crl);
-        tls::spawn_reloader(
-            &config.tls,
-            config.serves_http1(),
-            seen.tls.clone(),
-            material.clone(),
-            expiry,
-            triggers.clone(),
-            reloads.kind("tls"),
-        );
-    }
-    if let Some(auth) = &credentials.auth
-        && uses_tokens(config)
-    {
-        auth::spawn_token_reloader(
-            auth.clone(),
-            &config.auth,
-            seen.tokens.clone(),
-            triggers.clone(),
-            reloads.kind("tokens"),
-        );
-    }
-    if let Some(auth) = &credentials.auth {
-        auth::spawn_jwks_reloaders(auth, &config.auth, seen.jwks.clone(), &triggers, &reloads);
-    }
 }
 
 async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, ServerError> {
