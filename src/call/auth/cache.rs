@@ -150,16 +150,19 @@ mod tests {
     fn bounded_expired_first() {
         let cache = TokenCache::new(3);
         cache.insert([1; 32], verified(50), 10);
-        cache.insert([2; 32], verified(500), 10);
+        cache.insert([2; 32], verified(50), 10);
         cache.insert([3; 32], verified(500), 10);
+        // Full at 60, when 1 and 2 have expired: both go, not one arbitrary entry (which would
+        // leave 3 entries, and might be the valid one).
         cache.insert([4; 32], verified(500), 60);
-        assert_eq!(cache.len(), 3);
+        assert_eq!(cache.len(), 2);
+        assert!(cache.get(&[3; 32], 60).is_some());
         assert!(cache.get(&[4; 32], 60).is_some());
-        assert!(cache.get(&[2; 32], 60).is_some());
         // Full of valid entries: one of them makes room.
         cache.insert([5; 32], verified(500), 60);
+        cache.insert([8; 32], verified(500), 60);
         assert_eq!(cache.len(), 3);
-        assert!(cache.get(&[5; 32], 60).is_some());
+        assert!(cache.get(&[8; 32], 60).is_some());
 
         let huge = Arc::new(Verified {
             subject: "x".repeat(JWT_CACHE_IDENTITY_BYTES).into(),

@@ -561,6 +561,11 @@ mod tests {
         // Issued at the leeway's edge: still accepted.
         let edge = keys.token("ES256", "ec", &with("iat", json!(now + 5)));
         assert!(jwt.verify_anywhere(&edge).is_ok());
+        // Expired, but within the leeway (5 s): accepted; just past it: refused.
+        let lenient = keys.token("ES256", "ec", &claims(sub, -3));
+        assert!(jwt.verify_anywhere(&lenient).is_ok());
+        let late = keys.token("ES256", "ec", &claims(sub, -8));
+        assert_eq!(jwt.verify_anywhere(&late).unwrap_err(), JwtError::Expired);
         let token = keys.token("ES256", "ec", &good);
         let (head, rest) = token.split_once('.').unwrap();
         let sig = rest.split_once('.').unwrap().1;

@@ -186,6 +186,15 @@ mod tests {
             &mut scopes,
         );
         assert_eq!(scopes, ["greeter", "reflection"]);
+        // The issuer-restricted rule applies to its own issuer's tokens.
+        let mut scopes = vec![];
+        claim_scopes(
+            &rules,
+            "https://elsewhere",
+            claims.as_object().unwrap(),
+            &mut scopes,
+        );
+        assert_eq!(scopes, ["greeter", "reflection", "other"]);
 
         let mut scopes = vec![];
         let claims = json!({"sub": 42, "groups": "admins-not"});
