@@ -263,6 +263,17 @@ def test_the_span_says_how_the_caller_authenticated(tmp_path, receiver):
     token = new_token(tokens, "traced-caller", ["greeter"])
     config = tracing_config(tmp_path / "token.toml", endpoint,
                             **{"auth.enabled": True, "auth.tokens_file": tokens})
+    # The same server takes JWTs from a development issuer too (greeter jwt keygen / mint).
+    greeter_cli("jwt", "keygen", "--key", tmp_path / "jwt.key", "--jwks", tmp_path / "jwks.json",
+                cwd=tmp_path)
+    with open(config, "a") as f:
+        f.write('[[auth.jwt.issuers]]\nissuer = "https://traced.example"\n'
+                f'jwks_file = {toml_str(tmp_path / "jwks.json")}\naudiences = ["greeter"]\n'
+                '[[auth.jwt.rules]]\nclaim = "sub"\npattern = "*"\nscopes = ["greeter"]\n')
+    jwt = greeter_cli("jwt", "mint", "--key", tmp_path / "jwt.key", "--iss",
+                      "https://traced.example", "--sub", "traced-workload", "--aud", "greeter",
+                      cwd=tmp_path).stdout.strip()
+    jwt_trace = "eaf7651916cd43dd8448eb211c80319c"
     pki = make_pki(tmp_path / "pki")
     probe = f"127.0.0.1:{free_port()}"
     mtls = tracing_config(tmp_path / "mtls.toml", endpoint,
@@ -277,6 +288,10 @@ def test_the_span_says_how_the_caller_authenticated(tmp_path, receiver):
                 helloworld_pb2.HelloRequest(name="token"), timeout=RPC_TIMEOUT,
                 metadata=[("authorization", f"Bearer {token}"),
                           ("traceparent", f"00-{token_trace}-b7ad6b7169203331-01")])
+            helloworld_pb2_grpc.GreeterStub(channel).SayHello(
+                helloworld_pb2.HelloRequest(name="jwt"), timeout=RPC_TIMEOUT,
+                metadata=[("authorization", f"Bearer {jwt}"),
+                          ("traceparent", f"00-{jwt_trace}-b7ad6b7169203331-01")])
     finally:
         server.stop()
     server = GreeterProcess(tmp_path / "mtls", config=mtls, health_addr=probe)
@@ -289,7 +304,8 @@ def test_the_span_says_how_the_caller_authenticated(tmp_path, receiver):
                 metadata=[("traceparent", f"00-{cert_trace}-b7ad6b7169203331-01")])
     finally:
         server.stop()
-    for trace_id, auth in [(token_trace, "token"), (cert_trace, "client_cert")]:
+    cases = [(token_trace, "token"), (jwt_trace, "jwt"), (cert_trace, "client_cert")]
+    for trace_id, auth in cases:
         [span] = receiver.received.wait_for(lambda s: s.trace_id.hex() == trace_id, auth)
         assert attrs(span)["greeter.auth"] == auth
 
