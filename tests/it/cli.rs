@@ -27,6 +27,15 @@ fn run(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// A tokens file entry for `token`, held by `name`, with the `greeter` scope.
+fn tokens_entry(token: &str, name: &str) -> String {
+    greeter::call::auth::entry_toml(&greeter::call::auth::entry_for(
+        token,
+        name,
+        &["greeter".into()],
+    ))
+}
+
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -228,15 +237,7 @@ fn config_check_checks_the_tls_and_token_files_too() {
     let pki = common::generate_pki("client");
     let cert = write(dir.path(), "server.pem", &pki.server_cert);
     let key = write(dir.path(), "server.key", &pki.server_key);
-    let tokens = write(
-        dir.path(),
-        "tokens.toml",
-        &greeter::call::auth::entry_toml(&greeter::call::auth::entry_for(
-            "t",
-            "ops",
-            &["greeter".into()],
-        )),
-    );
+    let tokens = write(dir.path(), "tokens.toml", &tokens_entry("t", "ops"));
     let secure = |cert: &Path, tokens: &Path| {
         format!(
             "[tls]\nenabled = true\ncert = {:?}\nkey = {:?}\n\
@@ -285,15 +286,7 @@ fn errors_about_secret_files_name_file_line_and_column_never_the_content() {
     let pki = common::generate_pki("client");
     let cert = write(dir.path(), "server.pem", &pki.server_cert);
     let key = write(dir.path(), "server.key", &pki.server_key);
-    let tokens = write(
-        dir.path(),
-        "tokens.toml",
-        &greeter::call::auth::entry_toml(&greeter::call::auth::entry_for(
-            "t",
-            "ops",
-            &["greeter".into()],
-        )),
-    );
+    let tokens = write(dir.path(), "tokens.toml", &tokens_entry("t", "ops"));
     let check = |name: &str, config: String| {
         let config = write(dir.path(), name, &config);
         let output = run(&["config", "check", "-c", config.to_str().unwrap()]);
@@ -367,15 +360,7 @@ fn every_configuration_failure_exits_2_and_a_taken_port_exits_1() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing");
     let missing = missing.to_str().unwrap();
-    let tokens = write(
-        dir.path(),
-        "tokens.toml",
-        &greeter::call::auth::entry_toml(&greeter::call::auth::entry_for(
-            "t",
-            "ops",
-            &["greeter".into()],
-        )),
-    );
+    let tokens = write(dir.path(), "tokens.toml", &tokens_entry("t", "ops"));
     let not_a_socket = write(dir.path(), "not-a-socket", "a regular file");
     let cases = [
         ("an unknown key", "[server]\nlisten_on = 1\n".to_owned()),
@@ -664,13 +649,7 @@ async fn token_file_is_followed_when_it_rotates_under_a_running_bench() {
     // file changes at the same moment, as a kubelet's projected token does.
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens.toml");
-    let entry = |token: &str| {
-        greeter::call::auth::entry_toml(&greeter::call::auth::entry_for(
-            token,
-            "workload",
-            &["greeter".into()],
-        ))
-    };
+    let entry = |token: &str| tokens_entry(token, "workload");
     std::fs::write(&tokens, entry("first")).unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "first\n").unwrap();
