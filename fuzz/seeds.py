@@ -5,8 +5,10 @@ Byte-level targets get their inputs as such. http_connection gets the bytes real
 the wire: curl's HTTP/2 (prior knowledge) and HTTP/1.1 requests, captured here by a loopback
 listener, each prefixed with 0xffffffff, which `arbitrary` reads as the target's `Bytes` variant.
 connect_message's inputs are a codec byte (odd: JSON), a two-byte limit, then the body.
-The structured targets (request_id, trace_context, jwt) are seeded from a short run of their
-own, minimized with `cargo fuzz cmin`: their inputs are `arbitrary`'s encoding, not wire bytes.
+jwt gets tokens whose every field is right (and variants), written in `arbitrary`'s encoding
+of the target's input, so acceptance and the scope rules are reached from the first run.
+The structured targets (request_id, trace_context, jwt) are also seeded from a short run of
+their own, merged with `-set_cover_merge=1`: their inputs are `arbitrary`'s encoding.
 """
 
 import gzip
@@ -38,10 +40,29 @@ def frame(message, flags=0):
     return bytes([flags]) + len(message).to_bytes(4, "big") + message
 
 
+def tag(index, variants):
+    """The u32 (little-endian) that `arbitrary` maps to an enum's variant `index`."""
+    value = -(-index * 2**32 // variants)
+    assert value * variants >> 32 == index
+    return value.to_bytes(4, "little")
+
+
+# fuzz_targets/jwt.rs: Name's variants, and Val::Right (index 0 of 7).
+ALG, KID, TYP, ISS, AUD, SUB, EXP, NBF, IAT, SCOPE = range(10)
+RIGHT = tag(0, 7)
+
+
+def jwt_fields(names):
+    """Part::Fields (index 1 of 2), each field with its right value, then the end of the list."""
+    return tag(1, 2) + b"".join(b"\x01" + tag(n, 11) + RIGHT for n in names) + b"\x00"
+
+
 def capture(curl_args):
-    """The bytes curl sends to a listener that never answers."""
+    """The bytes curl sends to a listener that never answers, on greeter's default port so the
+    captured authority (hence the file) is the same on every run."""
     server = socket.socket()
-    server.bind(("127.0.0.1", 0))
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 50051))
     server.listen(1)
     port = server.getsockname()[1]
     received = bytearray()
@@ -76,14 +97,23 @@ def main():
     bodies = [
         (1, b'{"name":"you"}'),
         (1, b"{}"),
-        (1, gzip.compress(b'{"name":"gz"}')),
+        (1, gzip.compress(b'{"name":"gz"}', mtime=0)),
         (1, frame(b'{"name":"a"}') + frame(b'{"name":"b"}')),
         (0, hello("you")),
         (0, frame(hello("stream")) + frame(b"", flags=2)),
-        (0, frame(gzip.compress(hello("gz")), flags=1)),
+        (0, frame(gzip.compress(hello("gz"), mtime=0), flags=1)),
     ]
     for json, body in bodies:
         write("connect_message", bytes([json, 0x00, 0x10]) + body)
+
+    ours = tag(0, 2)
+    for header, claims in [
+        ([ALG, KID], [ISS, AUD, SUB, EXP]),
+        ([ALG, KID, TYP], [ISS, AUD, SUB, EXP, NBF, IAT, SCOPE]),
+        ([ALG, KID], [ISS, AUD, SUB]),
+        ([ALG], [ISS, AUD, SUB, EXP]),
+    ]:
+        write("jwt", jwt_fields(header) + jwt_fields(claims) + ours)
 
     auth = ["-H", f"authorization: Bearer {TOKEN}"]
     grpc_body = os.path.join(HERE, "target", "seed-grpc-body")
