@@ -17,18 +17,21 @@ use crate::{
 /// Parses a `grpc-timeout` value: up to 8 ASCII digits and a unit (H, M, S, m, u, n), per the
 /// gRPC over HTTP/2 spec. `None` for anything else; a malformed header is treated as absent.
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+    // Bytes, not chars: a multi-byte last character is no unit (and no place to split a `str`).
+    let (&unit, digits) = value.as_bytes().split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let amount: u64 = digits.parse().ok()?;
+    let amount = digits
+        .iter()
+        .fold(0u64, |amount, digit| amount * 10 + u64::from(digit - b'0'));
     Some(match unit {
-        "H" => Duration::from_secs(amount * 3600),
-        "M" => Duration::from_secs(amount * 60),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
+        b'H' => Duration::from_secs(amount * 3600),
+        b'M' => Duration::from_secs(amount * 60),
+        b'S' => Duration::from_secs(amount),
+        b'm' => Duration::from_millis(amount),
+        b'u' => Duration::from_micros(amount),
+        b'n' => Duration::from_nanos(amount),
         _ => return None,
     })
 }
@@ -120,6 +123,16 @@ mod tests {
             Some(Duration::from_nanos(99_999_999))
         );
         for bad in ["", "S", "123456789S", "1x", "-1S", "1.5S", " 1S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    /// Found by `fuzz/fuzz_targets/timeouts.rs`: a value ending in a multi-byte character used to
+    /// panic splitting the `str` inside it. Headers reach the parser only as visible ASCII, but
+    /// the function is public and takes any `str`.
+    #[test]
+    fn a_multi_byte_last_character_is_no_unit() {
+        for bad in ["\u{e9}", "5\u{e9}", "/5\u{717}", " 9\u{1dd}"] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
     }

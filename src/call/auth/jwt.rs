@@ -635,6 +635,26 @@ mod tests {
         assert_eq!(budget.invalid(), 5);
     }
 
+    /// From `fuzz/fuzz_targets/jwt.rs`, whose oracle wanted whole seconds: a fractional `nbf`
+    /// (RFC 7519's NumericDate allows one) is judged by its value, like a whole one.
+    #[test]
+    fn a_fractional_nbf_is_judged_by_its_value() {
+        let keys = Signers::new();
+        let jwt = verifier(&keys, 0);
+        let mut claims = claims("system:serviceaccount:shop:a", 600);
+        claims["nbf"] = json!(5e-324);
+        assert!(
+            jwt.verify_anywhere(&keys.token("ES256", "ec", &claims))
+                .is_ok()
+        );
+        claims["nbf"] = json!(now() as f64 + 3600.5);
+        let token = keys.token("ES256", "ec", &claims);
+        assert_eq!(
+            jwt.verify_anywhere(&token).unwrap_err(),
+            JwtError::NotYetValid
+        );
+    }
+
     #[test]
     fn jwt_shape() {
         assert!(looks_like_jwt("eyJh.eyJz.c2ln"));

@@ -47,8 +47,10 @@ use crate::{
     methods::MethodKind,
 };
 
-pub use codec::Codec;
-pub use protocol::{Framing, kind};
+// The envelope, gzip and timeout parsers are public for fuzz/ (connect_message, timeouts), which
+// holds them to oracles directly rather than through a whole call.
+pub use codec::{Codec, gunzip};
+pub use protocol::{Framing, envelope, grpc_timeout, kind, split_envelope};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
