@@ -160,9 +160,9 @@ mod tests {
         assert!(cache.get(&[4; 32], 60).is_some());
         // Full of valid entries: one of them makes room.
         cache.insert([5; 32], verified(500), 60);
-        cache.insert([8; 32], verified(500), 60);
+        cache.insert([9; 32], verified(500), 60);
         assert_eq!(cache.len(), 3);
-        assert!(cache.get(&[8; 32], 60).is_some());
+        assert!(cache.get(&[9; 32], 60).is_some());
 
         let huge = Arc::new(Verified {
             subject: "x".repeat(JWT_CACHE_IDENTITY_BYTES).into(),
