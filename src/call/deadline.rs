@@ -10,6 +10,7 @@ use std::time::Duration;
 use tonic::codegen::http::HeaderMap;
 
 use crate::{
+    call::grpc_headers::GRPC_TIMEOUT,
     config::{DeadlineConfig, DeadlineLimits, Problem, Section},
     methods::{self, MethodTable},
 };
@@ -90,7 +91,7 @@ impl DeadlinePolicy {
 /// none, capped at the method's maximum. A limit of zero means "none".
 pub fn budget(limits: &DeadlineLimits, headers: &HeaderMap) -> Option<Duration> {
     let asked = headers
-        .get("grpc-timeout")
+        .get(GRPC_TIMEOUT)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout);
     let wanted = asked.or(nonzero(limits.default));

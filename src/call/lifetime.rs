@@ -30,7 +30,11 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Status, codegen::http};
 use tower::{Layer, Service};
 
-use crate::call::{deadline, resolve::Resolved};
+use crate::call::{
+    deadline,
+    grpc_headers::{GRPC_MESSAGE, GRPC_STATUS},
+    resolve::Resolved,
+};
 
 /// The log target of a call's end (deadline, client gone): `greeter::call=debug` in `log.filter`
 /// shows them, wherever this module lives.
@@ -339,17 +343,15 @@ impl<B> Drop for CallBody<B> {
 /// Rewrites tonic's OUT_OF_RANGE for an over-size message to RESOURCE_EXHAUSTED (see module docs).
 fn size_limit_is_resource_exhausted(headers: &mut http::HeaderMap) {
     const OUT_OF_RANGE: &str = "11";
-    let over_size = headers
-        .get("grpc-status")
-        .is_some_and(|s| s == OUT_OF_RANGE)
+    let over_size = headers.get(GRPC_STATUS).is_some_and(|s| s == OUT_OF_RANGE)
         && headers
-            .get("grpc-message")
+            .get(GRPC_MESSAGE)
             .and_then(|m| m.to_str().ok())
             // grpc-message is percent-encoded (tonic encodes spaces too).
             .is_some_and(|m| m.replace("%20", " ").contains("message length too large"));
     if over_size {
         headers.insert(
-            "grpc-status",
+            GRPC_STATUS,
             http::HeaderValue::from(tonic::Code::ResourceExhausted as i32),
         );
     }

@@ -15,7 +15,8 @@
 //!
 //! [`resolve`] is what they share: `observe` resolves the call's method once, into everything the
 //! layers further in need, and hands it down in the request's extensions. [`body`] is the
-//! pass-through body of the layers that only watch a body or hold something until it ends.
+//! pass-through body of the layers that only watch a body or hold something until it ends;
+//! [`grpc_headers`] the header names they read, ready-made.
 
 pub mod auth;
 pub mod body;
@@ -23,6 +24,7 @@ pub mod connect;
 pub mod deadline;
 pub mod faults;
 pub mod gate;
+pub mod grpc_headers;
 pub mod intake;
 pub mod lifetime;
 pub mod limit;

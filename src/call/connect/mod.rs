@@ -43,6 +43,7 @@ use tonic::body::Body;
 use tower::{Layer, Service, ServiceExt as _};
 
 use crate::{
+    call::grpc_headers::GRPC_STATUS,
     config::{CompressionConfig, Encoding},
     methods::MethodKind,
 };
@@ -252,7 +253,7 @@ where
         }
     };
     let Ok(answer) = calls.oneshot(grpc).await;
-    if answer.headers().contains_key("grpc-status") {
+    if answer.headers().contains_key(GRPC_STATUS) {
         unread.discard(http1, plan.rpc.max_request_bytes).await;
     }
     match framing {

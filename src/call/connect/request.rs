@@ -22,7 +22,7 @@ use super::{
     codec::{Codec, gunzip},
     protocol::{self, COMPRESSED, Framing, split_envelope},
 };
-use crate::call::body;
+use crate::call::{body, grpc_headers::GRPC_TIMEOUT};
 
 /// What the response side needs to know of the call.
 pub struct Plan {
@@ -200,7 +200,7 @@ where
     );
     headers.insert(header::TE, HeaderValue::from_static("trailers"));
     if let Some(timeout) = timeout {
-        headers.insert("grpc-timeout", timeout);
+        headers.insert(GRPC_TIMEOUT, timeout);
     }
     let body = match framing {
         Framing::Unary => unary_body(unread.share(), Arc::clone(&rpc), codec, gzipped),

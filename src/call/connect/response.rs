@@ -16,6 +16,7 @@ use super::{
     protocol::{self, COMPRESSED, Framing, split_envelope},
     request::{Plan, Refusal},
 };
+use crate::call::grpc_headers::GRPC_ENCODING;
 
 /// A Connect error answered without a gRPC call behind it.
 pub fn refusal(refusal: Refusal) -> http::Response<Body> {
@@ -225,7 +226,7 @@ fn grpc_message(headers: &HeaderMap, flags: u8, message: Bytes) -> Result<Bytes,
     if flags & COMPRESSED == 0 {
         return Ok(message);
     }
-    match headers.get("grpc-encoding").map(HeaderValue::as_bytes) {
+    match headers.get(GRPC_ENCODING).map(HeaderValue::as_bytes) {
         Some(b"gzip") => gunzip(&message, usize::MAX - 1),
         _ => Err(Status::internal(
             "a reply compressed with an unknown encoding",
