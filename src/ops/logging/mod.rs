@@ -12,16 +12,13 @@
 //! JSON lines are formatted by `json`, which keeps tracing-subscriber's JSON shape at a fraction
 //! of its cost per line.
 
+mod batch;
 mod json;
 mod refused_authority;
 
-use std::{
-    io::{BufWriter, IsTerminal as _},
-    sync::OnceLock,
-};
+use std::{io::IsTerminal as _, sync::OnceLock};
 
 use tracing::Subscriber;
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{
     EnvFilter, Layer, fmt, fmt::MakeWriter, layer::SubscriberExt as _, registry::LookupSpan,
     util::SubscriberInitExt as _,
@@ -42,31 +39,24 @@ impl Section for LogConfig {
     }
 }
 
-/// Log lines queued for the writer thread at most; past that, lines are dropped and counted
-/// ([`dropped_lines`]) rather than making a call wait for stderr. About 300 bytes a line: ~2.5 MiB.
-const QUEUED_LINES: usize = 8192;
+/// The server's writer, once its subscriber is installed: for its count of dropped lines.
+static WRITER: OnceLock<batch::BatchWriter> = OnceLock::new();
 
-/// The writer thread's buffer: lines that arrive together leave in one `write(2)`.
-const WRITE_BUFFER_BYTES: usize = 64 << 10;
-
-/// The queued writer's count of dropped lines, once the server's subscriber is installed.
-static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
-
-/// Lines dropped because the writer's queue was full (`greeter_log_lines_dropped_total`).
+/// Lines dropped because the writer's buffer was full (`greeter_log_lines_dropped_total`).
 pub fn dropped_lines() -> u64 {
-    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+    WRITER.get().map_or(0, batch::BatchWriter::dropped)
 }
 
 /// Keeps the writer thread of [`init`] alive; dropping it writes out every queued line, so hold
 /// it until the last line that matters (the drain's) has been logged.
 #[must_use = "dropping the guard stops the log writer"]
 pub struct LogGuard {
-    _writer: Option<WorkerGuard>,
+    _writer: Option<batch::WriterGuard>,
 }
 
 /// Installs the server's global subscriber: lines are formatted on the thread that logs them and
-/// handed to a writer thread through a bounded queue, which writes them to stderr in batches.
-/// A call never waits for stderr (a full queue drops the line and counts it), and the access log
+/// appended to a bounded buffer that a writer thread writes to stderr in batches ([`batch`]).
+/// A call never waits for stderr (a full buffer drops the line and counts it), and the access log
 /// costs no system call per call.
 ///
 /// `RUST_LOG`, when set, wins over `filter` so an operator can raise verbosity without editing
@@ -74,17 +64,13 @@ pub struct LogGuard {
 /// filter applies to the lines written; h2's refusals of malformed authorities reach
 /// `refused_authority` whatever it says.
 pub fn init(filter: &str, format: LogFormat) -> LogGuard {
-    let (writer, guard) = NonBlockingBuilder::default()
-        .buffered_lines_limit(QUEUED_LINES)
-        .lossy(true)
-        .thread_name("greeter-log")
-        .finish(BufWriter::with_capacity(
-            WRITE_BUFFER_BYTES,
-            std::io::stderr(),
-        ));
-    let counter = writer.error_counter();
-    if install(filter, format, writer) {
-        let _ = DROPPED.set(counter);
+    let Ok((writer, guard)) = batch::spawn(std::io::stderr()) else {
+        // No thread to write for us: write directly rather than not at all.
+        install(filter, format, std::io::stderr);
+        return LogGuard { _writer: None };
+    };
+    if install(filter, format, writer.clone()) {
+        let _ = WRITER.set(writer);
         LogGuard {
             _writer: Some(guard),
         }
