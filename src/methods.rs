@@ -69,9 +69,17 @@ pub const DESCRIPTOR_SETS: [&[u8]; 5] = [
 ];
 
 /// The one list every layer reads (metrics, tables, Connect, reflection, the config's checks):
-/// [`DESCRIPTOR_SETS`] and those of the services `added` beside them.
+/// [`DESCRIPTOR_SETS`] and those of the services `added` beside them, each once. A service whose
+/// proto is under `proto/` is described by `pb::FILE_DESCRIPTOR_SET` already, and is added with it
+/// all the same: registered twice, reflection and the metrics would list its methods twice.
 pub fn descriptor_sets(added: &[&'static [u8]]) -> Vec<&'static [u8]> {
-    DESCRIPTOR_SETS.iter().chain(added).copied().collect()
+    let mut sets = DESCRIPTOR_SETS.to_vec();
+    for set in added {
+        if !sets.contains(set) {
+            sets.push(set);
+        }
+    }
+    sets
 }
 
 /// Every method of every service in encoded `FileDescriptorSet`s.
@@ -255,6 +263,14 @@ mod tests {
         assert_eq!(table.lookup("/b.T/M"), Some(&1));
         assert_eq!(table.specific("/b.T/M"), None);
         assert_eq!(MethodTable::<u8>::new([]).lookup("/a.S/M"), None);
+    }
+
+    #[test]
+    fn each_descriptor_set_is_read_once() {
+        let own: &[u8] = b"another set";
+        let sets = descriptor_sets(&[crate::pb::FILE_DESCRIPTOR_SET, own, own]);
+        assert_eq!(sets.len(), DESCRIPTOR_SETS.len() + 1);
+        assert_eq!(sets.last(), Some(&own));
     }
 
     #[test]

@@ -21,7 +21,8 @@ pub struct OwnService {
 
 impl OwnService {
     /// `service`: a tonic-generated server, e.g. `TallyServer::new(Tally::default())`;
-    /// `descriptor_set`: the encoded `FileDescriptorSet` describing it (and what it imports).
+    /// `descriptor_set`: the encoded `FileDescriptorSet` describing it (and what it imports):
+    /// [`crate::pb::FILE_DESCRIPTOR_SET`] for a proto under `proto/`.
     pub fn new<S>(service: S, descriptor_set: &'static [u8]) -> Self
     where
         S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
