@@ -1,6 +1,6 @@
 //! Compiles every proto under `proto/` with protox (a pure-Rust protobuf compiler), so building
 //! greeter needs no system `protoc`, and writes the encoded descriptor set that reflection, the
-//! Connect translation and every per-method table read ([`greeter::methods::DESCRIPTOR_SETS`]).
+//! Connect translation and every per-method table read (`greeter::methods::DESCRIPTOR_SETS`).
 //! The protos of the examples (`examples/proto/`) are compiled the same way into files of their
 //! own, which only the examples and tests include: the server does not serve them.
 
@@ -16,10 +16,16 @@ use prost::Message as _;
 /// describes it; compiled here too, reflection would be given two descriptors of one file.
 const NOT_OURS: &str = "proto/grpc";
 
+/// The protos of the examples and tests only.
+const EXAMPLES: &str = "examples/proto";
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=build.rs");
     compile("proto", Some(Path::new(NOT_OURS)), "greeter")?;
-    compile("examples/proto", None, "examples")?;
+    // Absent from builds of the binary alone: the container image's context holds no examples.
+    if Path::new(EXAMPLES).is_dir() {
+        compile(EXAMPLES, None, "examples")?;
+    }
     emit_git_commit();
     Ok(())
 }
