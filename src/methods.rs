@@ -6,6 +6,10 @@ use std::collections::BTreeMap;
 use prost::Message as _;
 use prost_types::FileDescriptorSet;
 
+mod bound;
+
+pub use bound::largest_requests;
+
 /// The four gRPC call shapes, named as go-grpc-prometheus labels them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MethodKind {
@@ -52,9 +56,10 @@ impl Method {
     }
 }
 
-/// What the server serves, and describes by reflection: helloworld, health, both reflection
-/// protocols (grpcurl before 1.9 and many tools speak only v1alpha), and google.rpc's Status and
-/// BadRequest, so clients can decode error details by reflection.
+/// What the server serves, and describes by reflection: every proto under `proto/` (helloworld),
+/// health, both reflection protocols (grpcurl before 1.9 and many tools speak only v1alpha), and
+/// google.rpc's Status and BadRequest, so clients can decode error details by reflection. A server
+/// serving services of its own adds theirs ([`descriptor_sets`]).
 pub const DESCRIPTOR_SETS: [&[u8]; 5] = [
     crate::pb::FILE_DESCRIPTOR_SET,
     tonic_health::pb::FILE_DESCRIPTOR_SET,
@@ -62,6 +67,20 @@ pub const DESCRIPTOR_SETS: [&[u8]; 5] = [
     tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
     tonic_types::pb::FILE_DESCRIPTOR_SET,
 ];
+
+/// The one list every layer reads (metrics, tables, Connect, reflection, the config's checks):
+/// [`DESCRIPTOR_SETS`] and those of the services `added` beside them, each once. A service whose
+/// proto is under `proto/` is described by `pb::FILE_DESCRIPTOR_SET` already, and is added with it
+/// all the same: registered twice, reflection and the metrics would list its methods twice.
+pub fn descriptor_sets(added: &[&'static [u8]]) -> Vec<&'static [u8]> {
+    let mut sets = DESCRIPTOR_SETS.to_vec();
+    for set in added {
+        if !sets.contains(set) {
+            sets.push(set);
+        }
+    }
+    sets
+}
 
 /// Every method of every service in encoded `FileDescriptorSet`s.
 ///
@@ -244,6 +263,14 @@ mod tests {
         assert_eq!(table.lookup("/b.T/M"), Some(&1));
         assert_eq!(table.specific("/b.T/M"), None);
         assert_eq!(MethodTable::<u8>::new([]).lookup("/a.S/M"), None);
+    }
+
+    #[test]
+    fn each_descriptor_set_is_read_once() {
+        let own: &[u8] = b"another set";
+        let sets = descriptor_sets(&[crate::pb::FILE_DESCRIPTOR_SET, own, own]);
+        assert_eq!(sets.len(), DESCRIPTOR_SETS.len() + 1);
+        assert_eq!(sets.last(), Some(&own));
     }
 
     #[test]

@@ -29,7 +29,12 @@ fn check(section: &impl Section, origins: &Origins<'_>) -> Result<(), ConfigErro
 
 impl Config {
     /// Checks what types alone cannot: ranges, non-empty lists, and the secure-by-default guard.
-    pub(super) fn validate(&self, origins: &Origins<'_>) -> Result<(), ConfigError> {
+    /// `added`: the descriptor sets of services served beside the built-in ones.
+    pub(super) fn validate(
+        &self,
+        origins: &Origins<'_>,
+        added: &[&'static [u8]],
+    ) -> Result<(), ConfigError> {
         let fail = |key: &str, message: String| Err(origins.error(key, message));
 
         check(&self.greeter, origins)?;
@@ -57,7 +62,7 @@ impl Config {
             );
         }
         self.validate_quota_issuers(origins)?;
-        self.validate_method_patterns(origins)?;
+        self.validate_method_patterns(origins, added)?;
         if self.auth.enabled {
             self.validate_auth(origins)?;
         }
@@ -80,8 +85,12 @@ impl Config {
 
     /// Every per-method table names methods (or services) the server serves: a mistyped pattern
     /// would otherwise apply to nothing, silently. Well-formedness is each section's own check.
-    fn validate_method_patterns(&self, origins: &Origins<'_>) -> Result<(), ConfigError> {
-        let served = methods::served_methods(&methods::DESCRIPTOR_SETS);
+    fn validate_method_patterns(
+        &self,
+        origins: &Origins<'_>,
+        added: &[&'static [u8]],
+    ) -> Result<(), ConfigError> {
+        let served = methods::served_methods(&methods::descriptor_sets(added));
         let tables: [(&str, Vec<&String>); 4] = [
             ("auth.policy", self.auth.policy.keys().collect()),
             ("deadline.methods", self.deadline.methods.keys().collect()),

@@ -66,6 +66,13 @@ impl Config {
     /// key or a value of the wrong type is reported against the file or variable that holds it
     /// rather than against the merged whole.
     pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
+        Self::load_serving(sources, &[])
+    }
+
+    /// [`Config::load`] for a server that serves services of its own beside the built-in ones
+    /// (`server::OwnService`): `added` are their descriptor sets, so that per-method tables may
+    /// name their methods and a mistyped pattern is still caught.
+    pub fn load_serving(sources: &Sources, added: &[&'static [u8]]) -> Result<Self, ConfigError> {
         for file in &sources.files {
             if !file.is_file() {
                 return Err(ConfigError::new(
@@ -103,7 +110,7 @@ impl Config {
                 .map_err(|e| convert(e, OVERRIDE_ORIGIN))?;
         }
         let config = build(merged, "the merged config")?;
-        config.validate(&Origins(sources))?;
+        config.validate(&Origins(sources), added)?;
         Ok(config)
     }
 }

@@ -60,6 +60,7 @@ use crate::{
 
 mod counters;
 mod credentials;
+mod own;
 mod tables;
 
 use counters::{OpenConnection, server_counters};
@@ -68,6 +69,7 @@ use tables::{message_limits, quotas};
 
 pub use counters::Stats;
 pub use credentials::Credentials;
+pub use own::OwnService;
 pub use tables::largest_request_bytes;
 
 /// The service name health reports for the Greeter, as gRPC's health protocol spells it.
@@ -134,6 +136,7 @@ pub struct Server {
     web: Option<WebLayer>,
     health: Health,
     stats: Arc<Stats>,
+    own: Vec<OwnService>,
 }
 
 impl Server {
@@ -141,6 +144,13 @@ impl Server {
     /// service until [`Server::serve`] runs, so a probe never sees SERVING before calls can be
     /// answered.
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
+        Self::bind_with(config, Vec::new()).await
+    }
+
+    /// [`Server::bind`], serving `own` services beside the built-in ones, through the same layers
+    /// (ARCHITECTURE.md, "Adding your own service"). Load `config` with
+    /// [`Config::load_serving`], so its per-method tables may name their methods.
+    pub async fn bind_with(config: Config, own: Vec<OwnService>) -> Result<Self, ServerError> {
         let credentials = Credentials::load(&config)?;
         let web = config.web.enabled.then(|| WebLayer::new(&config.web));
         let listener = bind(config.server.listen, "server.listen").await?;
@@ -157,7 +167,10 @@ impl Server {
             Some(addr) => Some(bind(addr, "metrics.listen").await?),
             None => None,
         };
-        let health = Health::new(["", GREETER_SERVICE], &config.health);
+        let names = ["", GREETER_SERVICE]
+            .into_iter()
+            .chain(own.iter().map(OwnService::name));
+        let health = Health::new(names, &config.health);
         let stats = Arc::new(Stats::new(&config.limits));
         Ok(Self {
             config,
@@ -169,6 +182,7 @@ impl Server {
             web,
             health,
             stats,
+            own,
         })
     }
 
@@ -220,6 +234,7 @@ impl Server {
             web,
             health,
             stats,
+            own,
         } = self;
         let (unix_socket, unix_listener) = unix.unzip();
 
@@ -230,7 +245,10 @@ impl Server {
         let _stop_background = background.clone().drop_guard();
 
         let limits = &config.limits;
-        let descriptor_sets = methods::DESCRIPTOR_SETS;
+        let own_sets: Vec<_> = own.iter().map(OwnService::descriptor_set).collect();
+        let descriptor_sets = methods::descriptor_sets(&own_sets);
+        let declared: Vec<_> = own.iter().filter_map(OwnService::declared).collect();
+        let message_limits = message_limits(&config, &descriptor_sets, &declared);
 
         // Every series exists from here on, at zero; the layers and tasks get handles on them.
         let mut registry = Registry::default();
@@ -267,7 +285,7 @@ impl Server {
             }
             false => None,
         };
-        let worst_case = WorstCase::of(&config, largest_request_bytes(&config)).total();
+        let worst_case = WorstCase::of(&config, message_limits.largest).total();
         let (version, commit) = (env!("CARGO_PKG_VERSION"), env!("GREETER_GIT_COMMIT"));
         metrics::register_facts(&mut registry, version, commit, worst_case);
         let injected = metrics::faults_injected(faults::KINDS);
@@ -286,7 +304,6 @@ impl Server {
             ))
         });
         let served = served_methods(&descriptor_sets);
-        let message_limits = message_limits(&config, &served);
         // Every per-method setting, looked up once per method here rather than once per call.
         let resolver = Resolver::new(
             &served,
@@ -339,7 +356,10 @@ impl Server {
                 reflection()
                     .build_v1alpha()?
                     .max_decoding_message_size(message_limits.reflection),
-            )
+            );
+        let routes = own
+            .iter()
+            .fold(routes, |routes, service| service.add_to(routes))
             .prepare();
         let probe_routes = Routes::new(health.probe_service()).prepare();
 

@@ -1,17 +1,25 @@
 //! Tables built once at startup from the config and the served methods: the quota tables (and
-//! their shared store), and each method's largest request message.
+//! their shared store), and each method's largest request message, derived from its request type
+//! where the type bounds it.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use super::{GREETER_SERVICE, ServerError};
+use tonic_health::pb::health_server;
+use tonic_reflection::pb::{
+    v1::server_reflection_server as reflection_v1,
+    v1alpha::server_reflection_server as reflection_v1alpha,
+};
+
+use super::ServerError;
 use crate::{
     call::quota::{self, Quotas, RedisStore},
     config::{Config, QuotaConfig, QuotaStore},
-    methods::{Method, MethodTable, served_methods},
+    methods::{DESCRIPTOR_SETS, MethodTable, largest_requests, served_methods},
     ops::metrics::{QuotaRefusals, QuotaStoreMetrics},
+    pb::greeter_server,
     service::{self, health},
 };
 
@@ -47,39 +55,110 @@ pub(super) async fn quotas(
     Ok(quotas)
 }
 
-/// The largest request message any served method accepts: a Connect call may buffer twice it
-/// (JSON), which `greeter config check`'s worst case counts ([`crate::ops::memory`]).
+/// The largest request message any method the built-in server serves accepts: a Connect call may
+/// buffer twice it (JSON), which `greeter config check`'s worst case counts
+/// ([`crate::ops::memory`]).
 pub fn largest_request_bytes(config: &Config) -> usize {
-    let limits = message_limits(config, &[]);
-    limits.greeter.max(limits.reflection)
+    message_limits(config, &DESCRIPTOR_SETS, &[]).largest
 }
 
-/// The largest request message each method accepts: what its request type can usefully hold,
-/// never more than `limits.max_recv_message_bytes` (which applies to paths no service has).
+/// Room beyond the largest encoding of a request type, for the fields a client built from a newer
+/// version of the proto sends and this server skips: refusing those would break the compatibility
+/// protobuf is designed for.
+const NEWER_FIELDS_BYTES: usize = 1024;
+
+/// The largest request message each method accepts, never more than
+/// `limits.max_recv_message_bytes` (which applies to paths no service has): the largest encoding
+/// of its request type, with [`NEWER_FIELDS_BYTES`] of room, when the type has one; else what its
+/// service declares its requests can usefully hold; else `limits.max_recv_message_bytes`.
 pub(super) struct MessageLimits {
     pub(super) table: MethodTable<usize>,
     pub(super) greeter: usize,
     pub(super) reflection: usize,
+    /// The largest of them all.
+    pub(super) largest: usize,
 }
 
-pub(super) fn message_limits(config: &Config, served: &[Method]) -> MessageLimits {
+/// `own`: what services of one's own declare ([`super::OwnService::max_request_bytes`]), by
+/// name.
+pub(super) fn message_limits(
+    config: &Config,
+    descriptor_sets: &[&[u8]],
+    own: &[(&str, usize)],
+) -> MessageLimits {
     let any = config.limits.max_recv_message_bytes;
     let cap = |bytes: usize| bytes.min(any);
     let greeter = cap(service::max_request_bytes(&config.greeter));
     let reflection = cap(REFLECTION_MAX_REQUEST_BYTES);
-    let health = cap(health::MAX_REQUEST_BYTES);
-    let served = served.iter().map(|method| {
-        let max_bytes = match method.service.as_str() {
-            GREETER_SERVICE => greeter,
-            "grpc.health.v1.Health" => health,
-            s if s.starts_with("grpc.reflection.") => reflection,
-            _ => any,
-        };
-        (method.path(), max_bytes)
-    });
+    let declared: HashMap<&str, usize> = [
+        (greeter_server::SERVICE_NAME, greeter),
+        (health_server::SERVICE_NAME, health::MAX_REQUEST_BYTES),
+        (reflection_v1::SERVICE_NAME, reflection),
+        (reflection_v1alpha::SERVICE_NAME, reflection),
+    ]
+    .into_iter()
+    .chain(own.iter().copied())
+    .collect();
+    let largest_encodings = largest_requests(descriptor_sets);
+    let served: Vec<(String, usize)> = served_methods(descriptor_sets)
+        .iter()
+        .map(|method| {
+            let path = method.path();
+            let max_bytes = largest_encodings
+                .get(&path)
+                .map(|bytes| bytes.saturating_add(NEWER_FIELDS_BYTES))
+                .or_else(|| declared.get(method.service.as_str()).copied())
+                .unwrap_or(any);
+            (path, cap(max_bytes))
+        })
+        .collect();
+    let largest = served.iter().map(|&(_, bytes)| bytes).max().unwrap_or(any);
     MessageLimits {
         table: MethodTable::new(std::iter::once(("*".to_owned(), any)).chain(served)),
         greeter,
         reflection,
+        largest,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `examples/proto`'s descriptor set: tally.v1.Tally, whose requests are scalars only.
+    const EXAMPLES: &[u8] = tonic::include_file_descriptor_set!("examples_descriptor");
+
+    #[test]
+    fn limits_are_derived_from_request_types_or_declared_by_their_service() {
+        let config = Config::embedded();
+        let sets = crate::methods::descriptor_sets(&[EXAMPLES]);
+        let limits = message_limits(&config, &sets, &[("tally.v1.Tally", 100)]);
+        let limit = |path| *limits.table.lookup(path).unwrap();
+        // A sint64 takes at most 10 bytes and its tag 1: what a request type bounds wins over what
+        // its service declares, with room for the fields of a newer proto.
+        assert_eq!(limit("/tally.v1.Tally/Add"), 11 + NEWER_FIELDS_BYTES);
+        assert_eq!(limit("/tally.v1.Tally/Watch"), 12 + NEWER_FIELDS_BYTES);
+        // Requests holding a string: what their service declares.
+        assert_eq!(
+            limit("/helloworld.Greeter/SayHello"),
+            service::max_request_bytes(&config.greeter)
+        );
+        assert_eq!(
+            limit("/grpc.health.v1.Health/Check"),
+            health::MAX_REQUEST_BYTES
+        );
+        assert_eq!(
+            limit("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            REFLECTION_MAX_REQUEST_BYTES
+        );
+        // Paths no service has, and everything past the server-wide limit.
+        let any = config.limits.max_recv_message_bytes;
+        assert_eq!(limit("/billing.Invoices/Create"), any);
+        assert_eq!(limits.largest, REFLECTION_MAX_REQUEST_BYTES);
+        let mut small = config.clone();
+        small.limits.max_recv_message_bytes = 8;
+        let capped = message_limits(&small, &sets, &[]);
+        assert_eq!(capped.table.lookup("/tally.v1.Tally/Add"), Some(&8));
+        assert_eq!(capped.largest, 8);
     }
 }

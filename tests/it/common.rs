@@ -12,7 +12,7 @@ use std::{
 
 use greeter::{
     config::{Config, Sources},
-    server::{Server, ServerError},
+    server::{OwnService, Server, ServerError},
 };
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
@@ -49,7 +49,14 @@ impl TestServer {
     }
 
     pub async fn start_with(config: Config) -> Self {
-        let server = Server::bind(config).await.expect("bind a loopback port");
+        Self::start_serving(config, Vec::new()).await
+    }
+
+    /// Serving `own` services beside the built-in ones ([`Server::bind_with`]).
+    pub async fn start_serving(config: Config, own: Vec<OwnService>) -> Self {
+        let server = Server::bind_with(config, own)
+            .await
+            .expect("bind a loopback port");
         let addr = server.local_addr();
         let probe_addr = server.probe_addr();
         let metrics_addr = server.metrics_addr();

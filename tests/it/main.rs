@@ -16,6 +16,7 @@ mod jwt;
 mod limits;
 mod monitoring;
 mod observability;
+mod own_service;
 mod quota;
 mod quota_redis;
 mod shutdown;
