@@ -245,6 +245,16 @@ def prepare_peers(args, work, greeter_bin, bare_bin):
                       [str(greeter_bin), "serve", "--config", str(production), "--config", str(plain)],
                       p, ready="health", binary=greeter_bin))
 
+    # The plaintext peer with its access log filtered out: what the log costs on one core, which
+    # is what a pod with `cpu: 1` gets (the writer thread shares it with the runtime).
+    p, probe = free_port(), free_port()
+    nolog = work / "nolog.toml"
+    nolog.write_text(PLAIN_OVERRIDES.format(port=p, probe=probe) + BENCH_OVERRIDES
+                     + "[log]\nfilter = \"warn\"\n" + extra())
+    peers.append(Peer("greeter-nolog", "greeter (plaintext, access log off)",
+                      [str(greeter_bin), "serve", "--config", str(production), "--config", str(nolog)],
+                      p, ready="health", binary=greeter_bin))
+
     # The plaintext peer plus [connect]: what a JSON unary call costs against a gRPC one on the
     # same server, and what serving Connect (and so HTTP/1.1 detection) costs gRPC calls.
     p, probe = free_port(), free_port()
