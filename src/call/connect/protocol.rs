@@ -30,14 +30,26 @@ pub const PROTOCOL_VERSION: HeaderName = HeaderName::from_static("connect-protoc
 pub const STREAM_CONTENT_ENCODING: HeaderName = HeaderName::from_static("connect-content-encoding");
 pub const STREAM_ACCEPT_ENCODING: HeaderName = HeaderName::from_static("connect-accept-encoding");
 
+/// The prefix of every gRPC (and grpc-web) content type: none of Connect's starts with it.
+const GRPC: &[u8] = b"application/grpc";
+
 /// Whether `request` is a Connect call and how: a `POST` with one of Connect's content types
 /// (parameters such as `charset=utf-8` allowed). Anything else is gRPC, grpc-web or the page.
 pub fn classify<B>(request: &http::Request<B>) -> Option<(Framing, Codec)> {
     if request.method() != Method::POST {
         return None;
     }
-    let value = request.headers().get(header::CONTENT_TYPE)?.to_str().ok()?;
-    kind(value.split(';').next()?.trim())
+    let value = request.headers().get(header::CONTENT_TYPE)?.as_bytes();
+    // gRPC calls, nearly every call on a port that serves both, are told apart first and at the
+    // cost of one comparison: they made a gRPC call with `[connect]` on ~1,700 instructions
+    // dearer than with it off.
+    if value
+        .get(..GRPC.len())
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case(GRPC))
+    {
+        return None;
+    }
+    kind(std::str::from_utf8(value).ok()?.split(';').next()?.trim())
 }
 
 /// The framing and codec of one of Connect's content types, without parameters.
@@ -259,6 +271,39 @@ pub fn end_stream(status: &Status, trailers: &HeaderMap, pool: &DescriptorPool) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Connect's four content types, with parameters and in any case, and nothing else: gRPC's
+    /// (told apart by their prefix, first) are never Connect calls, nor is a GET.
+    #[test]
+    fn connect_calls_are_told_from_grpc_ones_by_content_type() {
+        let request = |method: Method, content_type: &str| {
+            http::Request::builder()
+                .method(method)
+                .header(header::CONTENT_TYPE, content_type)
+                .body(())
+                .unwrap()
+        };
+        for (content_type, expected) in [
+            ("application/json", Some((Framing::Unary, Codec::Json))),
+            ("Application/JSON; charset=utf-8", Some((Framing::Unary, Codec::Json))),
+            ("application/proto", Some((Framing::Unary, Codec::Proto))),
+            ("application/connect+json", Some((Framing::Stream, Codec::Json))),
+            ("application/connect+proto ;x=y", Some((Framing::Stream, Codec::Proto))),
+            ("application/grpc", None),
+            ("APPLICATION/GRPC+proto", None),
+            ("application/grpc-web+json", None),
+            ("application/grp", None),
+            ("text/plain", None),
+            ("", None),
+        ] {
+            assert_eq!(
+                classify(&request(Method::POST, content_type)),
+                expected,
+                "{content_type:?}"
+            );
+        }
+        assert_eq!(classify(&request(Method::GET, "application/json")), None);
+    }
 
     #[test]
     fn timeouts_become_grpc_timeouts() {
