@@ -149,13 +149,18 @@ def targets(rows):
 
     at_least = lambda t: lambda v: v >= t  # noqa: E731
     at_most = lambda t: lambda v: v <= t  # noqa: E731
-    lines = ["targets (issue 8; issue 4 for TLS + token):"]
-    lines.append(check("greeter plaintext / bare, unary h2load", r(full["sat"], base["sat"]), ">= 0.90",
-                       at_least(0.90)))
-    lines.append(check("bare / greeter plaintext, CPU per call", r(base["cpu_us"], full["cpu_us"]), ">= 0.90",
-                       at_least(0.90)))
-    lines.append(check("greeter TLS+token / bare plaintext, unary h2load", r(tls["sat"], base["sat"]),
-                       ">= 0.80", at_least(0.80)))
+    lines = ["targets (issue 25 for unary throughput on the pinned core; issue 4 for TLS + token against "
+             "plaintext; issue 8 for the rest):"]
+    lines.append(check("greeter plaintext / bare, unary h2load (issue 25; goal 1.10)", r(full["sat"], base["sat"]),
+                       ">= 1.0", at_least(1.0)))
+    lines.append(check("greeter TLS+token / bare plaintext, unary h2load (issue 25)", r(tls["sat"], base["sat"]),
+                       ">= 0.95", at_least(0.95)))
+    if "greeter-nolog" in rows:
+        # What the access log costs on one core, to set against what it costs in instructions
+        # (benches/instructions: production against production-nolog).
+        nolog = rows["greeter-nolog"]
+        lines.append(f"  [info] greeter access log on / off, unary h2load: {r(full['sat'], nolog['sat'])}; "
+                     f"CPU per call off / on: {r(nolog['cpu_us'], full['cpu_us'])}")
     lines.append(check("greeter TLS+token / greeter plaintext, unary h2load (issue 4)",
                        r(tls["sat"], full["sat"]), ">= 0.80", at_least(0.80)))
     lines.append(check("greeter TLS+token / greeter plaintext, unary greeter bench (issue 4)",
