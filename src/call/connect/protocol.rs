@@ -285,10 +285,19 @@ mod tests {
         };
         for (content_type, expected) in [
             ("application/json", Some((Framing::Unary, Codec::Json))),
-            ("Application/JSON; charset=utf-8", Some((Framing::Unary, Codec::Json))),
+            (
+                "Application/JSON; charset=utf-8",
+                Some((Framing::Unary, Codec::Json)),
+            ),
             ("application/proto", Some((Framing::Unary, Codec::Proto))),
-            ("application/connect+json", Some((Framing::Stream, Codec::Json))),
-            ("application/connect+proto ;x=y", Some((Framing::Stream, Codec::Proto))),
+            (
+                "application/connect+json",
+                Some((Framing::Stream, Codec::Json)),
+            ),
+            (
+                "application/connect+proto ;x=y",
+                Some((Framing::Stream, Codec::Proto)),
+            ),
             ("application/grpc", None),
             ("APPLICATION/GRPC+proto", None),
             ("application/grpc-web+json", None),

@@ -159,23 +159,25 @@ where
         let tally = trace.as_ref().map(|trace| trace.received.clone());
         // Boxed: a record is ~600 bytes (most of it the trace span), and the response body that
         // carries it is moved by every layer and by hyper; copying it cost more than the box.
-        let record = (count || log || trace.is_some()).then(|| Box::new(CallRecord {
-            method: Arc::clone(method),
-            count,
-            started: Instant::now(),
-            code: None,
-            ended: false,
-            trace,
-            log: log.then(|| AccessLog {
-                quiet,
-                request_id: request_id.clone(),
-                peer: peer.cloned(),
-                unknown_path: method.is_unknown().then(|| shortened(path)),
-                caller: None,
-                fault: None,
-                refused: None,
-            }),
-        }));
+        let record = (count || log || trace.is_some()).then(|| {
+            Box::new(CallRecord {
+                method: Arc::clone(method),
+                count,
+                started: Instant::now(),
+                code: None,
+                ended: false,
+                trace,
+                log: log.then(|| AccessLog {
+                    quiet,
+                    request_id: request_id.clone(),
+                    peer: peer.cloned(),
+                    unknown_path: method.is_unknown().then(|| shortened(path)),
+                    caller: None,
+                    fault: None,
+                    refused: None,
+                }),
+            })
+        });
         let received = count.then(|| {
             method.started();
             method.msg_received.clone()
