@@ -5,7 +5,8 @@
 //! Every term is a limit the server enforces times what one unit of it can hold:
 //! - connections (main listener and Unix socket share `max_connections`; the probe port has its
 //!   own 64): the state of an open TLS + HTTP/2 connection, plus the request bytes HTTP/2 flow
-//!   control lets a client send before the server reads them (the connection window);
+//!   control lets a client send before the server reads them (the connection window), and with
+//!   JWTs accepted, the last one the connection presented ([`RECENT_JWT_BYTES`]);
 //! - calls (`max_concurrent_calls`, the anonymous budget when auth is on, the probe's 32): the
 //!   call's own state, its headers (up to `max_header_list_bytes`), and the reply bytes queued for
 //!   a client that does not read (up to the stream window);
@@ -43,6 +44,10 @@ const SPAN_BYTES: u64 = 2 << 10;
 pub const JWT_CACHE_IDENTITY_BYTES: usize = 1 << 10;
 /// One cached JWT: its hash, the map's slot, the entry and the identity's allocations.
 pub const JWT_CACHE_ENTRY_BYTES: u64 = JWT_CACHE_IDENTITY_BYTES as u64 + 512;
+/// The largest JWT a connection remembers as the last one it presented ([`crate::call::auth`]'s
+/// per-connection memo): a projected service-account token is ~1 KiB; a larger one is verified
+/// through the cache on every call instead.
+pub const RECENT_JWT_BYTES: usize = 2 << 10;
 /// One refused JWT remembered: its 32-byte hash and why it was refused (24 bytes) in a hash map,
 /// with its control bytes, load factor and room to grow.
 pub const JWT_FAILURE_ENTRY_BYTES: u64 = 128;
@@ -101,7 +106,12 @@ impl WorstCase {
         Self {
             connections: connections as u64,
             bytes_per_connection: CONNECTION_BYTES
-                + u64::from(limits.initial_connection_window_bytes),
+                + u64::from(limits.initial_connection_window_bytes)
+                + if accepts_jwts(config) {
+                    RECENT_JWT_BYTES as u64
+                } else {
+                    0
+                },
             calls: calls as u64,
             bytes_per_call: CALL_BYTES
                 + u64::from(limits.max_header_list_bytes)
@@ -136,10 +146,14 @@ impl WorstCase {
     }
 }
 
+fn accepts_jwts(config: &Config) -> bool {
+    config.auth.enabled && !config.auth.jwt.issuers.is_empty()
+}
+
 /// The bound of the JWT caches and the peers' failure budgets, when JWTs are accepted at all.
 fn jwt_cache_bytes(config: &Config) -> u64 {
     let auth = &config.auth;
-    if auth.enabled && !auth.jwt.issuers.is_empty() {
+    if accepts_jwts(config) {
         auth.jwt.cache_size as u64 * JWT_CACHE_ENTRY_BYTES
             + auth.jwt.failure_cache_size as u64 * JWT_FAILURE_ENTRY_BYTES
             + JWT_PEERS_TRACKED as u64 * JWT_PEER_BYTES
@@ -223,9 +237,10 @@ mod tests {
     }
 
     #[test]
-    fn the_jwt_cache_counts_when_jwts_are_accepted() {
+    fn the_jwt_caches_count_when_jwts_are_accepted() {
         let mut config = config(&[("auth.enabled", "true")]);
         let without = WorstCase::of(&config, LARGEST).total();
+        let connections = WorstCase::of(&config, LARGEST).connections;
         config.auth.jwt.issuers.push(crate::config::JwtIssuer {
             issuer: "https://k8s".into(),
             jwks_file: "jwks.json".into(),
@@ -233,14 +248,16 @@ mod tests {
             scopes_claim: None,
         });
         let with = WorstCase::of(&config, LARGEST).total();
-        let peers = JWT_PEERS_TRACKED as u64 * JWT_PEER_BYTES;
+        // The peers' failure budgets, and each connection's last JWT.
+        let fixed =
+            JWT_PEERS_TRACKED as u64 * JWT_PEER_BYTES + connections * RECENT_JWT_BYTES as u64;
         assert_eq!(
             with - without,
-            4096 * (JWT_CACHE_ENTRY_BYTES + JWT_FAILURE_ENTRY_BYTES) + peers
+            4096 * (JWT_CACHE_ENTRY_BYTES + JWT_FAILURE_ENTRY_BYTES) + fixed
         );
         config.auth.jwt.cache_size = 0;
         config.auth.jwt.failure_cache_size = 0;
-        assert_eq!(WorstCase::of(&config, LARGEST).total(), without + peers);
+        assert_eq!(WorstCase::of(&config, LARGEST).total(), without + fixed);
     }
 
     #[test]

@@ -8,7 +8,10 @@
 //! `scopes_claim`. Refusals say why, never echoing the token or its claims.
 
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -124,6 +127,10 @@ struct Issuer {
     keys: Keys,
 }
 
+/// Numbers every [`Jwt`] made, so a verdict remembered outside one ([`super::recent`]) can tell
+/// which keys gave it.
+static GENERATIONS: AtomicU64 = AtomicU64::new(0);
+
 /// One generation of the trusted issuers' keys, with its caches of verified and refused tokens.
 /// Replaced as a whole when a JWKS file changes.
 #[derive(Debug)]
@@ -133,6 +140,8 @@ pub struct Jwt {
     leeway: u64,
     cache: TokenCache,
     refused: FailureCache,
+    /// Tells this generation's verdicts from another's ([`super::recent`]).
+    generation: u64,
 }
 
 /// A token past the cheap checks, about to have its signature checked.
@@ -175,7 +184,13 @@ impl Jwt {
             leeway: config.leeway.as_secs(),
             cache: TokenCache::new(config.cache_size),
             refused: FailureCache::new(config.failure_cache_size),
+            generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
         }
+    }
+
+    /// Unique to this generation of the keys in the process.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The next generation after issuer `index`'s JWKS file reloaded: its new `keys`, the other
@@ -331,7 +346,7 @@ fn refusal(kind: &ErrorKind) -> JwtError {
     }
 }
 
-fn now() -> u64 {
+pub(super) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

@@ -10,6 +10,7 @@ mod check;
 mod crypto;
 mod jwks;
 mod jwt;
+mod recent;
 mod reload;
 mod rules;
 mod tokens;
@@ -32,6 +33,7 @@ pub use budget::SignatureBudget;
 pub use jwks::JwksError;
 pub use jwt::Jwt;
 use jwt::JwtError;
+use recent::RecentJwt;
 pub use reload::{spawn_jwks_reloaders, spawn_token_reloader, watched_jwks, watched_tokens};
 pub use tokens::{
     Holder, TOKEN_PREFIX, TokenEntry, TokenStore, TokensError, entry_for, entry_toml, generate,
@@ -252,16 +254,18 @@ impl Authenticator {
         peer: Option<&PeerInfo>,
     ) -> bool {
         let rule = Rule::Scope(scope.to_owned());
-        self.check(Some(&rule), path, headers, peer).is_ok()
+        self.check(Some(&rule), path, headers, peer, None).is_ok()
     }
 
-    /// The verdict for one call to `path`, whose method requires `rule`.
+    /// The verdict for one call to `path`, whose method requires `rule`; `recent`, the JWT its
+    /// connection presented last.
     fn check(
         &self,
         rule: Option<&Rule>,
         path: &str,
         headers: &http::HeaderMap,
         peer: Option<&PeerInfo>,
+        recent: Option<&RecentJwt>,
     ) -> Result<Caller, Refusal> {
         let required = match rule {
             Some(Rule::Open) => return Ok(Caller::Anonymous),
@@ -285,9 +289,12 @@ impl Authenticator {
             (AuthMode::Token | AuthMode::Either, Some(token), _)
             | (AuthMode::Both, Some(token), Some(_)) => match &jwt {
                 Some(jwt) if jwt::looks_like_jwt(token) => {
-                    verified = jwt
-                        .verify(token, PeerPrefix::of(peer), &self.signatures)
-                        .map_err(jwt_refusal)?;
+                    let peer = PeerPrefix::of(peer);
+                    verified = match recent {
+                        Some(recent) => recent.verify(jwt, token, peer, &self.signatures),
+                        None => jwt.verify(token, peer, &self.signatures),
+                    }
+                    .map_err(jwt_refusal)?;
                     let caller = Caller::Jwt {
                         subject: Arc::clone(&verified.subject),
                         issuer: Arc::clone(&verified.issuer),
@@ -414,6 +421,7 @@ impl<S> Layer<S> for AuthLayer {
             inner,
             auth: self.auth.clone(),
             failures: self.failures.clone(),
+            recent: Arc::default(),
         }
     }
 }
@@ -423,6 +431,9 @@ pub struct AuthService<S> {
     inner: S,
     auth: Option<Authenticator>,
     failures: CounterSet,
+    /// The stack is built per connection, and hyper clones it per call: shared by the
+    /// connection's calls only.
+    recent: Arc<RecentJwt>,
 }
 
 impl<S, B, ResBody> Service<http::Request<B>> for AuthService<S>
@@ -446,6 +457,7 @@ where
                 request.uri().path(),
                 request.headers(),
                 request.extensions().get::<PeerInfo>(),
+                Some(&self.recent),
             ),
         };
         match verdict {

@@ -45,7 +45,7 @@ impl Authenticator {
         headers: &http::HeaderMap,
         peer: Option<&PeerInfo>,
     ) -> Result<Caller, Status> {
-        self.check(self.policy.lookup(path), path, headers, peer)
+        self.check(self.policy.lookup(path), path, headers, peer, None)
             .map_err(|r| r.status)
     }
 }
@@ -158,6 +158,7 @@ fn refusals_name_their_reason() {
             path,
             &headers(header),
             Some(&peer(false)),
+            None,
         )
         .unwrap_err()
         .reason
