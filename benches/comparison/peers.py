@@ -238,32 +238,23 @@ def prepare_peers(args, work, greeter_bin, bare_bin):
 
     production = ROOT / "config" / "production.toml"
     extra = loopback_listeners(greeter_bin, production)
-    p, probe = free_port(), free_port()
-    plain = work / "plain.toml"
-    plain.write_text(PLAIN_OVERRIDES.format(port=p, probe=probe) + BENCH_OVERRIDES + extra())
-    peers.append(Peer("greeter", "greeter (prod stack, plaintext)",
-                      [str(greeter_bin), "serve", "--config", str(production), "--config", str(plain)],
-                      p, ready="health", binary=greeter_bin))
 
-    # The plaintext peer with its access log filtered out: what the log costs on one core, which
-    # is what a pod with `cpu: 1` gets (the writer thread shares it with the runtime).
-    p, probe = free_port(), free_port()
-    nolog = work / "nolog.toml"
-    nolog.write_text(PLAIN_OVERRIDES.format(port=p, probe=probe) + BENCH_OVERRIDES
-                     + "[log]\nfilter = \"warn\"\n" + extra())
-    peers.append(Peer("greeter-nolog", "greeter (plaintext, access log off)",
-                      [str(greeter_bin), "serve", "--config", str(production), "--config", str(nolog)],
-                      p, ready="health", binary=greeter_bin))
+    def plaintext(key, label, layer="", **kwargs):
+        """A greeter peer on production.toml, plaintext, with `layer` (TOML) over it."""
+        p, probe = free_port(), free_port()
+        config = work / f"{key}.toml"
+        config.write_text(PLAIN_OVERRIDES.format(port=p, probe=probe) + BENCH_OVERRIDES + layer + extra())
+        peers.append(Peer(key, label,
+                          [str(greeter_bin), "serve", "--config", str(production), "--config", str(config)],
+                          p, ready="health", binary=greeter_bin, **kwargs))
 
-    # The plaintext peer plus [connect]: what a JSON unary call costs against a gRPC one on the
-    # same server, and what serving Connect (and so HTTP/1.1 detection) costs gRPC calls.
-    p, probe = free_port(), free_port()
-    connect = work / "connect.toml"
-    connect.write_text(PLAIN_OVERRIDES.format(port=p, probe=probe) + BENCH_OVERRIDES
-                       + "[connect]\nenabled = true\n" + extra())
-    peers.append(Peer("greeter-connect", "greeter (plaintext, + Connect)",
-                      [str(greeter_bin), "serve", "--config", str(production), "--config", str(connect)],
-                      p, ready="health", binary=greeter_bin, json=True))
+    plaintext("greeter", "greeter (prod stack, plaintext)")
+    # The access log filtered out: what the log costs on one core, which is what a pod with
+    # `cpu: 1` gets (the writer thread shares it with the runtime).
+    plaintext("greeter-nolog", "greeter (plaintext, access log off)", '[log]\nfilter = "warn"\n')
+    # With [connect]: what a JSON unary call costs against a gRPC one on the same server, and what
+    # serving Connect (and so HTTP/1.1 detection) costs gRPC calls.
+    plaintext("greeter-connect", "greeter (plaintext, + Connect)", "[connect]\nenabled = true\n", json=True)
 
     certs = work / "certs"
     run([str(greeter_bin), "certs", "generate", "--out", str(certs)], stdout=subprocess.DEVNULL)
@@ -298,14 +289,8 @@ def prepare_peers(args, work, greeter_bin, bare_bin):
         # (sink.py): the cost of a span per call, sampled at 1% and at 100%.
         endpoint = f"http://127.0.0.1:{sink.start()}"
         for ratio, key in ((0.01, "greeter-trace-0.01"), (1.0, "greeter-trace-1")):
-            p, probe = free_port(), free_port()
-            traced = work / f"{key}.toml"
-            traced.write_text(PLAIN_OVERRIDES.format(port=p, probe=probe) + BENCH_OVERRIDES + extra()
-                              + f'[tracing]\nenabled = true\nendpoint = "{endpoint}"\n'
-                              f"sample_ratio = {ratio}\n")
-            peers.append(Peer(key, f"greeter (prod stack, plaintext), traces at {ratio:g}",
-                              [str(greeter_bin), "serve", "--config", str(production), "--config", str(traced)],
-                              p, ready="health", binary=greeter_bin))
+            plaintext(key, f"greeter (prod stack, plaintext), traces at {ratio:g}",
+                      f'[tracing]\nenabled = true\nendpoint = "{endpoint}"\nsample_ratio = {ratio}\n')
 
     if "python" not in args.skip:
         server = build_python_server(work)
