@@ -4,7 +4,7 @@
 //! 80% of its lifetime). The verified-token cache is keyed by the token's SHA-256, which for a
 //! projected service-account token (~400 bytes to ~1 KiB) costs more than the rest of a call's
 //! authentication: ~10,000 instructions a call under callgrind (BENCHMARKS.md). Comparing the
-//! token byte for byte with the one this connection presented last costs a few dozen.
+//! token with the one this connection presented last, in constant time, costs a fraction.
 //!
 //! Per connection (each connection's auth service holds one), so it holds one token at most
 //! ([`RECENT_JWT_BYTES`] at most, which `greeter config check` counts per connection), and a
@@ -13,6 +13,8 @@
 //! caches) and while the token is valid.
 
 use std::sync::{Arc, Mutex, PoisonError};
+
+use subtle::ConstantTimeEq as _;
 
 use super::{
     SignatureBudget,
@@ -54,8 +56,12 @@ impl RecentJwt {
         let recent = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         recent
             .as_ref()
+            // In constant time: a connection from a proxy carries several callers' calls, and
+            // one of them must not learn another's token from how long a comparison took.
             .filter(|r| {
-                r.generation == generation && r.verified.valid_until >= now && *r.token == *token
+                r.generation == generation
+                    && r.verified.valid_until >= now
+                    && bool::from(r.token.as_bytes().ct_eq(token.as_bytes()))
             })
             .map(|r| Arc::clone(&r.verified))
     }
