@@ -358,6 +358,43 @@ mod tests {
         assert_eq!(json_body(answer).await["code"], "internal");
     }
 
+    /// The translated request keeps the caller's metadata and none of the headers that describe
+    /// the Connect request itself (the gate has already read `host`).
+    #[test]
+    fn translation_keeps_metadata_and_drops_connects_own_headers() {
+        let request = http::Request::post("/helloworld.Greeter/SayHelloStreamReply")
+            .header("content-type", "application/connect+json")
+            .header("host", "localhost")
+            .header("connect-accept-encoding", "gzip")
+            .header("connect-timeout-ms", "250")
+            .header("grpc-timeout", "1n")
+            .header("authorization", "Bearer token")
+            .header("x-custom", "c")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let (parts, body) = request.into_parts();
+        let unread = request::Unread::new(body);
+        let translated =
+            request::translate(&translator(), parts, &unread, Framing::Stream, Codec::Json);
+        let Ok((grpc, _)) = translated else {
+            panic!("a valid Connect request is translated");
+        };
+        let mut names: Vec<_> = grpc.headers().keys().map(|name| name.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "authorization",
+                "content-type",
+                "grpc-timeout",
+                "te",
+                "x-custom"
+            ]
+        );
+        assert_eq!(grpc.headers()["grpc-timeout"], "250m");
+        assert_eq!(grpc.headers()["content-type"], "application/grpc");
+    }
+
     #[tokio::test]
     async fn unary_metadata_is_headers_and_trailer_headers() {
         let answer = response::unary(plan("/helloworld.Greeter/SayHello"), grpc_answer("hi")).await;
