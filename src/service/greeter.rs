@@ -156,3 +156,24 @@ impl greeter_server::Greeter for Greeter {
         Ok(Response::new(Box::pin(replies)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn greetings_must_be_visible_text_and_names_at_least_a_byte() {
+        let config = Config::embedded().greeter;
+        assert!(config.check().is_ok());
+        for bad in [" ", "", "tab\there", "bell\u{7}"] {
+            let mut greeter = config.clone();
+            greeter.stream_greetings = vec!["Hi".into(), bad.into()];
+            let problem = greeter.check().unwrap_err();
+            assert_eq!(problem.key, "greeter.stream_greetings", "{bad:?}");
+        }
+        let mut greeter = config;
+        greeter.max_name_bytes = 0;
+        assert_eq!(greeter.check().unwrap_err().key, "greeter.max_name_bytes");
+    }
+}

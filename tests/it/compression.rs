@@ -75,6 +75,11 @@ async fn unary_replies_are_compressed_for_clients_that_accept_it_when_large_enou
     assert!(was_compressed, "a 600-byte reply is compressed");
     assert!(compressed(&server, "SayHelloAgain", &long, "identity,gzip").await);
 
+    // From exactly 512 bytes on: "Hello, " + 501 bytes + "!" is 509 bytes of text, which a
+    // HelloReply encodes in 512 (a tag byte, two of length).
+    assert!(compressed(&server, "SayHello", &"x".repeat(501), "gzip").await);
+    assert!(!compressed(&server, "SayHello", &"x".repeat(500), "gzip").await);
+
     // Greetings are too small to gain: plain even to a client that accepts gzip.
     assert!(!compressed(&server, "SayHello", "you", "gzip").await);
     // Streams carry greetings too, and tonic fixes a stream's compression before the handler

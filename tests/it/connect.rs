@@ -393,6 +393,20 @@ async fn gzip_requests_and_replies() {
     assert_eq!(envelopes.len(), 11);
     assert_eq!(envelopes[0].0, 1, "compressed flag");
     assert_eq!(gunzip(&envelopes[0].1), br#"{"message":"Hello, gz!"}"#);
+    // ... and plain to a client that does not accept gzip, however small min_reply_bytes.
+    let answer = post(
+        &server,
+        true,
+        "/helloworld.Greeter/SayHelloStreamReply",
+        &[STREAM_JSON],
+        envelope(0, br#"{"name":"plain"}"#),
+    )
+    .await;
+    assert_eq!(answer.header("connect-content-encoding"), None);
+    assert_eq!(
+        answer.envelopes()[0],
+        (0, Bytes::from(r#"{"message":"Hello, plain!"}"#))
+    );
 
     // A gzip bomb inflates no further than the method's limit.
     let bomb = gzip(json!({"name": "b".repeat(1 << 20)}).to_string().as_bytes());
@@ -409,16 +423,40 @@ async fn gzip_requests_and_replies() {
 }
 
 #[tokio::test]
+async fn gzip_requests_are_refused_where_compression_accept_lacks_it() {
+    let mut config = test_config(&[]);
+    config.compression.accept = vec![greeter::config::Encoding::Zstd];
+    let server = TestServer::start_with(config).await;
+    let answer = post(
+        &server,
+        false,
+        "/helloworld.Greeter/SayHello",
+        &[JSON, ("content-encoding", "gzip")],
+        gzip(br#"{"name":"gz"}"#),
+    )
+    .await;
+    assert_eq!(answer.status, 501);
+    assert_eq!(answer.json()["code"], "unimplemented");
+    assert_eq!(answer.header("accept-encoding"), Some("identity"));
+}
+
+#[tokio::test]
 async fn only_replies_from_compression_min_reply_bytes_are_gzipped() {
     // compression.min_reply_bytes is 512 by default: a greeting of a short name stays plain
-    // even for a client that accepts gzip; one of a 600-byte name is gzipped.
+    // even for a client that accepts gzip; one of a 600-byte name is gzipped, if the client
+    // accepts gzip.
     let server = TestServer::start().await;
-    for (name, gzipped) in [("s".to_owned(), false), ("z".repeat(600), true)] {
+    for (name, accepts, gzipped) in [
+        ("s".to_owned(), true, false),
+        ("z".repeat(600), true, true),
+        ("z".repeat(600), false, false),
+    ] {
+        let accept = ("accept-encoding", if accepts { "gzip" } else { "identity" });
         let answer = post(
             &server,
             false,
             "/helloworld.Greeter/SayHello",
-            &[JSON, ("accept-encoding", "gzip")],
+            &[JSON, accept],
             json!({"name": name}).to_string(),
         )
         .await;
@@ -631,6 +669,35 @@ async fn without_connect_json_posts_are_not_served() {
             .header("accept-post")
             .unwrap()
             .contains("application/json")
+    );
+    // gRPC passes the gate in any HTTP version: over HTTP/2 it is served, over HTTP/1.1 the
+    // Connect layer refuses it.
+    let reply = greeter::pb::greeter_client::GreeterClient::new(connect_only.channel().await)
+        .say_hello(HelloRequest { name: "x".into() })
+        .await
+        .unwrap();
+    assert_eq!(reply.into_inner().message, "Hello, x!");
+    let answer = post(
+        &connect_only,
+        false,
+        "/helloworld.Greeter/SayHello",
+        &[("content-type", "application/grpc")],
+        envelope(0, &HelloRequest { name: "x".into() }.encode_to_vec()),
+    )
+    .await;
+    assert_eq!(answer.status, 415);
+    assert!(
+        String::from_utf8_lossy(&answer.body)
+            .starts_with("over HTTP/1.1 this server speaks Connect"),
+        "{:?}",
+        answer.body
+    );
+    assert_eq!(
+        answer.header("accept-post"),
+        Some(
+            "application/json, application/proto, application/connect+json, \
+             application/connect+proto"
+        )
     );
     assert_eq!(
         http_request(connect_only.addr, "GET", "/", None)

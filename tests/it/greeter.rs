@@ -214,11 +214,13 @@ async fn unknown_methods_and_services_are_unimplemented() {
 }
 
 #[tokio::test]
-async fn stream_reply_ends_as_soon_as_the_last_greeting_is_sent() {
+async fn stream_reply_starts_at_once_and_ends_as_soon_as_the_last_greeting_is_sent() {
     let mut config = common::config_with(vec![("greeter.stream_interval".into(), "2s".into())]);
     config.greeter.stream_greetings = vec!["Hi".into(), "Yo".into()];
     let server = TestServer::start_with(config).await;
-    let mut replies = GreeterClient::new(server.channel().await)
+    let mut client = GreeterClient::new(server.channel().await);
+    let start = std::time::Instant::now();
+    let mut replies = client
         .say_hello_stream_reply(hello("you"))
         .await
         .unwrap()
@@ -226,6 +228,12 @@ async fn stream_reply_ends_as_soon_as_the_last_greeting_is_sent() {
     assert_eq!(
         replies.message().await.unwrap().unwrap().message,
         "Hi, you!"
+    );
+    // No interval before the first greeting either.
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
     );
     assert_eq!(
         replies.message().await.unwrap().unwrap().message,

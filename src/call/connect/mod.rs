@@ -286,28 +286,114 @@ mod tests {
         }
     }
 
+    fn hello_reply(message: &str) -> Vec<u8> {
+        crate::pb::HelloReply {
+            message: message.into(),
+        }
+        .encode_to_vec()
+    }
+
     /// A gRPC answer as the call stack gives it: headers with `x-head` and the gRPC ones, one
     /// HelloReply, then trailers with the status and `x-trail` (twice).
     fn grpc_answer(message: &str) -> http::Response<Body> {
-        let reply = crate::pb::HelloReply {
-            message: message.into(),
-        }
-        .encode_to_vec();
-        let frame = protocol::envelope(0, &reply);
+        grpc_frames(
+            "identity",
+            vec![protocol::envelope(0, &hello_reply(message))],
+        )
+    }
+
+    /// [`grpc_answer`] with other frames, sent with `grpc-encoding: encoding`.
+    fn grpc_frames(encoding: &'static str, frames: Vec<Bytes>) -> http::Response<Body> {
         let mut trailers = http::HeaderMap::new();
         trailers.insert("grpc-status", "0".parse().unwrap());
         trailers.append("x-trail", "t1".parse().unwrap());
         trailers.append("x-trail", "t2".parse().unwrap());
-        let frames = futures_util::stream::iter([
-            Ok::<_, Infallible>(http_body::Frame::data(frame)),
-            Ok(http_body::Frame::trailers(trailers)),
-        ]);
+        let frames = frames
+            .into_iter()
+            .map(http_body::Frame::data)
+            .chain([http_body::Frame::trailers(trailers)])
+            .map(Ok::<_, Infallible>);
         http::Response::builder()
             .header("content-type", "application/grpc")
-            .header("grpc-encoding", "identity")
+            .header("grpc-encoding", encoding)
             .header("x-head", "h")
-            .body(Body::new(http_body_util::StreamBody::new(frames)))
+            .body(Body::new(http_body_util::StreamBody::new(
+                futures_util::stream::iter(frames),
+            )))
             .unwrap()
+    }
+
+    async fn json_body(answer: http::Response<Body>) -> serde_json::Value {
+        let body = answer.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    /// tonic compresses a reply only for a request that asks (`grpc-accept-encoding`), which a
+    /// translated request never does; a compressed reply is still read, if its encoding is gzip.
+    #[tokio::test]
+    async fn a_compressed_reply_is_inflated_if_its_encoding_is_gzip() {
+        let frame = protocol::envelope(protocol::COMPRESSED, &codec::gzip(&hello_reply("hi")));
+        let say_hello = "/helloworld.Greeter/SayHello";
+        let gzipped = grpc_frames("gzip", vec![frame.clone()]);
+        let answer = response::unary(plan(say_hello), gzipped).await;
+        assert_eq!(answer.status(), 200);
+        assert_eq!(
+            json_body(answer).await,
+            serde_json::json!({"message": "hi"})
+        );
+        let answer = response::unary(plan(say_hello), grpc_frames("zstd", vec![frame])).await;
+        assert_eq!(answer.status(), 500);
+        assert_eq!(json_body(answer).await["code"], "internal");
+    }
+
+    #[tokio::test]
+    async fn a_unary_reply_of_two_messages_is_an_internal_error() {
+        let frame = protocol::envelope(0, &hello_reply("hi"));
+        let frames = vec![frame.clone(), frame];
+        let answer = response::unary(
+            plan("/helloworld.Greeter/SayHello"),
+            grpc_frames("identity", frames),
+        )
+        .await;
+        assert_eq!(answer.status(), 500);
+        assert_eq!(json_body(answer).await["code"], "internal");
+    }
+
+    /// The translated request keeps the caller's metadata and none of the headers that describe
+    /// the Connect request itself (the gate has already read `host`).
+    #[test]
+    fn translation_keeps_metadata_and_drops_connects_own_headers() {
+        let request = http::Request::post("/helloworld.Greeter/SayHelloStreamReply")
+            .header("content-type", "application/connect+json")
+            .header("host", "localhost")
+            .header("connect-accept-encoding", "gzip")
+            .header("connect-timeout-ms", "250")
+            .header("grpc-timeout", "1n")
+            .header("authorization", "Bearer token")
+            .header("x-custom", "c")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let (parts, body) = request.into_parts();
+        let unread = request::Unread::new(body);
+        let translated =
+            request::translate(&translator(), parts, &unread, Framing::Stream, Codec::Json);
+        let Ok((grpc, _)) = translated else {
+            panic!("a valid Connect request is translated");
+        };
+        let mut names: Vec<_> = grpc.headers().keys().map(|name| name.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "authorization",
+                "content-type",
+                "grpc-timeout",
+                "te",
+                "x-custom"
+            ]
+        );
+        assert_eq!(grpc.headers()["grpc-timeout"], "250m");
+        assert_eq!(grpc.headers()["content-type"], "application/grpc");
     }
 
     #[tokio::test]

@@ -383,6 +383,12 @@ mod tests {
             split_envelope(&mut buf, 10).unwrap(),
             Some((COMPRESSED, Bytes::from_static(b"de")))
         );
+        buf.extend_from_slice(&envelope(0, &[7; 10]));
+        assert_eq!(
+            split_envelope(&mut buf, 10).unwrap(),
+            Some((0, Bytes::from_static(&[7; 10]))),
+            "a message of exactly the limit"
+        );
         buf.extend_from_slice(&envelope(0, &[0; 11])[..5]);
         let err = split_envelope(&mut buf, 10).unwrap_err();
         assert_eq!(err.code(), Code::ResourceExhausted);
