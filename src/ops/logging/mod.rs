@@ -55,7 +55,7 @@ pub struct LogGuard {
 }
 
 /// Installs the server's global subscriber: lines are formatted on the thread that logs them and
-/// appended to a bounded buffer that a writer thread writes to stderr in batches ([`batch`]).
+/// appended to a bounded buffer that a writer thread writes to stderr in batches (`batch.rs`).
 /// A call never waits for stderr (a full buffer drops the line and counts it), and the access log
 /// costs no system call per call.
 ///
