@@ -30,7 +30,10 @@ use http_body_util::Full;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
-use crate::call::{body, connect};
+use crate::call::{
+    body, connect,
+    grpc_headers::{GRPC_CONTENT_TYPE, starts_with_ignore_case},
+};
 
 const GRPC_TYPES: &str = "application/grpc, application/grpc+proto";
 const GRPC_WEB_TYPES: &str = "application/grpc-web, application/grpc-web+proto, \
@@ -140,14 +143,8 @@ fn essence(value: &[u8]) -> &[u8] {
 
 /// `application/grpc`, or `application/grpc+<codec>`; not grpc-web's `application/grpc-web`.
 fn is_grpc(content_type: &[u8]) -> bool {
-    const GRPC: &[u8] = b"application/grpc";
-    starts_with_ignore_case(content_type, GRPC)
-        && matches!(content_type.get(GRPC.len()), None | Some(b'+'))
-}
-
-fn starts_with_ignore_case(text: &[u8], prefix: &[u8]) -> bool {
-    text.get(..prefix.len())
-        .is_some_and(|start| start.eq_ignore_ascii_case(prefix))
+    starts_with_ignore_case(content_type, GRPC_CONTENT_TYPE)
+        && matches!(content_type.get(GRPC_CONTENT_TYPE.len()), None | Some(b'+'))
 }
 
 /// Whether the request names the server `localhost` or a loopback address (HTTP/2's `:authority`,

@@ -11,6 +11,7 @@ use serde_json::{Map, Value, json};
 use tonic::{Code, Status};
 
 use super::codec::Codec;
+use crate::call::grpc_headers::{GRPC_CONTENT_TYPE, starts_with_ignore_case};
 
 /// How a call's messages travel: unary calls carry one bare message each way, streaming calls
 /// (`application/connect+...`) enveloped messages and an end-of-stream message.
@@ -30,9 +31,6 @@ pub const PROTOCOL_VERSION: HeaderName = HeaderName::from_static("connect-protoc
 pub const STREAM_CONTENT_ENCODING: HeaderName = HeaderName::from_static("connect-content-encoding");
 pub const STREAM_ACCEPT_ENCODING: HeaderName = HeaderName::from_static("connect-accept-encoding");
 
-/// The prefix of every gRPC (and grpc-web) content type: none of Connect's starts with it.
-const GRPC: &[u8] = b"application/grpc";
-
 /// Whether `request` is a Connect call and how: a `POST` with one of Connect's content types
 /// (parameters such as `charset=utf-8` allowed). Anything else is gRPC, grpc-web or the page.
 pub fn classify<B>(request: &http::Request<B>) -> Option<(Framing, Codec)> {
@@ -43,10 +41,8 @@ pub fn classify<B>(request: &http::Request<B>) -> Option<(Framing, Codec)> {
     // gRPC calls, nearly every call on a port that serves both, are told apart first and at the
     // cost of one comparison: they made a gRPC call with `[connect]` on ~1,700 instructions
     // dearer than with it off.
-    if value
-        .get(..GRPC.len())
-        .is_some_and(|prefix| prefix.eq_ignore_ascii_case(GRPC))
-    {
+    // None of Connect's content types starts with gRPC's (or grpc-web's) prefix.
+    if starts_with_ignore_case(value, GRPC_CONTENT_TYPE) {
         return None;
     }
     kind(std::str::from_utf8(value).ok()?.split(';').next()?.trim())
