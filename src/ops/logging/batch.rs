@@ -151,12 +151,11 @@ impl BatchWriter {
             shared.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let was_empty = state.lines.is_empty();
         let before = state.lines.len();
         state.lines.extend_from_slice(line);
         let filled = before < shared.high_water && state.lines.len() >= shared.high_water;
         drop(state);
-        if was_empty || filled {
+        if before == 0 || filled {
             shared.wake.notify_one();
         }
     }
@@ -254,6 +253,31 @@ mod tests {
             std::thread::sleep(FLUSH_INTERVAL);
         }
         assert_eq!(out.text(), "alone\n");
+    }
+
+    /// A line that finds the writer asleep wakes it: the writer sleeps without a timeout while
+    /// the buffer is empty (an idle server wakes for nothing), so the line must.
+    #[test]
+    fn a_line_wakes_the_sleeping_writer() {
+        let out = Out::default();
+        let (writer, _guard) = spawn(out.clone()).unwrap();
+        let written = |text: &str| {
+            let waited = Instant::now();
+            while out.text() != text {
+                assert!(
+                    waited.elapsed() < Duration::from_secs(10),
+                    "{text:?} never written"
+                );
+                std::thread::sleep(FLUSH_INTERVAL);
+            }
+        };
+        write_line(&writer, "first\n");
+        written("first\n");
+        // Time for the writer to go back to sleep on the empty buffer; the check below passes
+        // however long it takes when lines wake it, and fails when they do not.
+        std::thread::sleep(Duration::from_millis(100));
+        write_line(&writer, "second\n");
+        written("first\nsecond\n");
     }
 
     /// A full buffer drops lines whole and counts them; what fits is still written.
