@@ -421,7 +421,9 @@ impl<S> Layer<S> for AuthLayer {
             inner,
             auth: self.auth.clone(),
             failures: self.failures.clone(),
-            recent: Arc::default(),
+            recent: (self.auth.as_ref())
+                .is_some_and(|auth| auth.jwt.is_some())
+                .then(Arc::default),
         }
     }
 }
@@ -432,8 +434,8 @@ pub struct AuthService<S> {
     auth: Option<Authenticator>,
     failures: CounterSet,
     /// The stack is built per connection, and hyper clones it per call: shared by the
-    /// connection's calls only.
-    recent: Arc<RecentJwt>,
+    /// connection's calls only. `None` where no JWT is accepted, so no call pays for it.
+    recent: Option<Arc<RecentJwt>>,
 }
 
 impl<S, B, ResBody> Service<http::Request<B>> for AuthService<S>
@@ -457,7 +459,7 @@ where
                 request.uri().path(),
                 request.headers(),
                 request.extensions().get::<PeerInfo>(),
-                Some(&self.recent),
+                self.recent.as_deref(),
             ),
         };
         match verdict {
