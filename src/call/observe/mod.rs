@@ -39,12 +39,13 @@ use crate::{
     call::grpc_headers::GRPC_STATUS,
     call::limit::ShedBy,
     call::resolve::Resolver,
+    ops::logging::access::{self, AccessLine},
     ops::metrics::{MethodMetrics, grpc::CODE_NAMES},
     transport::listener::{PeerAddr, PeerInfo},
 };
 
 /// The target of the per-call log line: `greeter::access=off` in `log.filter` switches it off.
-pub const ACCESS_TARGET: &str = "greeter::access";
+pub const ACCESS_TARGET: &str = access::TARGET;
 
 /// The target of the per-call span, at DEBUG: `greeter::request=debug` (or any filter enabling
 /// debug for it, like `greeter=debug`) puts the call's request id on every line logged while the
@@ -169,6 +170,7 @@ where
                 trace,
                 log: log.then(|| AccessLog {
                     quiet,
+                    spanned: !span.is_disabled(),
                     request_id: request_id.clone(),
                     peer: peer.cloned(),
                     unknown_path: method.is_unknown().then(|| shortened(path)),
@@ -214,6 +216,9 @@ struct CallRecord {
 /// The fields only the access log needs.
 struct AccessLog {
     quiet: bool,
+    /// The call's span is on (`greeter::request=debug`): a line logged inside it carries its
+    /// fields, so it goes through tracing.
+    spanned: bool,
     request_id: HeaderValue,
     peer: Option<PeerInfo>,
     /// The path as the client sent it, for a method no service has.
@@ -248,31 +253,47 @@ impl Drop for CallRecord {
         let peer = log.peer.as_ref().map(|p| PeerText::new(p.remote_addr));
         // Every value is a `str` or a number: `fmt` (Display, Debug) would cost more than the
         // rest of the line.
-        macro_rules! access {
-            ($level:expr) => {
-                tracing::event!(
-                    target: ACCESS_TARGET,
-                    $level,
-                    method = log.unknown_path.as_deref().unwrap_or(self.method.path()),
-                    peer = peer.as_ref().map(PeerText::as_str),
-                    auth,
-                    identity,
-                    code = CODE_NAMES[usize::from(code)],
-                    duration_ms = took.as_micros() as f64 / 1000.0,
-                    request_id = log.request_id.to_str().unwrap_or_default(),
-                    trace_id = trace.as_deref().map(CallSpan::trace_id),
-                    fault = log.fault.as_ref().map(|f| &*f.0),
-                    refused = log.refused.map(|r| r.0),
-                    // A `str` field, not a format string: formatting `"call finished"` through
-                    // `fmt::Arguments` cost ~700 instructions a call. The line is the same.
-                    message = "call finished",
-                )
-            };
-        }
-        if log.quiet {
-            access!(Level::DEBUG);
-        } else {
-            access!(Level::INFO);
+        let line = AccessLine {
+            level: if log.quiet { Level::DEBUG } else { Level::INFO },
+            method: log.unknown_path.as_deref().unwrap_or(self.method.path()),
+            peer: peer.as_ref().map(PeerText::as_str),
+            auth,
+            identity,
+            code: CODE_NAMES[usize::from(code)],
+            duration_ms: took.as_micros() as f64 / 1000.0,
+            request_id: log.request_id.to_str().unwrap_or_default(),
+            trace_id: trace.as_deref().map(CallSpan::trace_id),
+            fault: log.fault.as_ref().map(|f| &*f.0),
+            refused: log.refused.map(|r| r.0),
+        };
+        // Inside the call's span the line carries the span's fields, which only tracing writes.
+        if log.spanned || !line.write_directly() {
+            macro_rules! access {
+                ($level:expr) => {
+                    tracing::event!(
+                        target: ACCESS_TARGET,
+                        $level,
+                        method = line.method,
+                        peer = line.peer,
+                        auth = line.auth,
+                        identity = line.identity,
+                        code = line.code,
+                        duration_ms = line.duration_ms,
+                        request_id = line.request_id,
+                        trace_id = line.trace_id,
+                        fault = line.fault,
+                        refused = line.refused,
+                        // A `str` field, not a format string: formatting `"call finished"` through
+                        // `fmt::Arguments` cost ~700 instructions a call. The line is the same.
+                        message = access::MESSAGE,
+                    )
+                };
+            }
+            if log.quiet {
+                access!(Level::DEBUG);
+            } else {
+                access!(Level::INFO);
+            }
         }
         if let Some(trace) = trace {
             trace.finish(code);

@@ -143,7 +143,8 @@ impl BatchWriter {
         self.shared.dropped.load(Ordering::Relaxed)
     }
 
-    fn append(&self, line: &[u8]) {
+    /// Queues one whole line (or drops and counts it when the buffer is full).
+    pub(super) fn append(&self, line: &[u8]) {
         let shared = &*self.shared;
         let mut state = shared.lock();
         if state.closed || state.lines.len() + line.len() > shared.max_queued {

@@ -214,14 +214,7 @@ impl<W: fmt::Write> Visit for Members<'_, W> {
     // faster than `fmt`, whose machinery dominates the cost of a short line.
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        // JSON has no NaN or infinity; serde_json writes them as null too.
-        self.member(field, |w| {
-            if value.is_finite() {
-                w.write_str(zmij::Buffer::new().format_finite(value))
-            } else {
-                w.write_str("null")
-            }
-        });
+        self.member(field, |w| write_f64(w, value));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
@@ -290,8 +283,17 @@ impl fmt::Write for Staged {
     }
 }
 
+/// `value` as serde_json writes it: JSON has no NaN or infinity, so those are `null`.
+pub(super) fn write_f64(writer: &mut impl fmt::Write, value: f64) -> fmt::Result {
+    if value.is_finite() {
+        writer.write_str(zmij::Buffer::new().format_finite(value))
+    } else {
+        writer.write_str("null")
+    }
+}
+
 /// `s` as a JSON string, quotes included.
-fn write_string(writer: &mut impl fmt::Write, s: &str) -> fmt::Result {
+pub(super) fn write_string(writer: &mut impl fmt::Write, s: &str) -> fmt::Result {
     writer.write_char('"')?;
     Escaped(&mut *writer).write_str(s)?;
     writer.write_char('"')
@@ -350,7 +352,10 @@ impl<W: fmt::Write> fmt::Write for Escaped<W> {
 
 /// RFC 3339 in UTC with microseconds, as tracing-subscriber writes it
 /// (`2026-11-24T16:21:55.930074Z`), from digits rather than through `fmt` padding.
-fn write_timestamp(writer: &mut impl fmt::Write, now: std::time::SystemTime) -> fmt::Result {
+pub(super) fn write_timestamp(
+    writer: &mut impl fmt::Write,
+    now: std::time::SystemTime,
+) -> fmt::Result {
     let since_epoch = now
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();

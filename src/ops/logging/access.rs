@@ -1,0 +1,248 @@
+//! The access line, written straight to the server's log writer.
+//!
+//! One line per call is the log's whole cost at INFO, and as a tracing event it went through the
+//! dispatcher, the per-layer filter, the formatting layer's buffers and a dynamic `Visit` call
+//! per field: ~4,300 instructions a call, most of a call's observability (BENCHMARKS.md). The
+//! line's shape is fixed, so where the server logs JSON lines through its own writer this writes
+//! the same bytes (members in the same order, the same escaping, timestamp and numbers) without
+//! the machinery. Everything else, and the access line in text format or inside the call's
+//! span, still goes through tracing.
+//!
+//! What stays tracing's: whether the line is written at all. `call::observe` asks the
+//! subscriber once per call (`tracing::enabled!` on [`TARGET`]), so `log.filter` and `RUST_LOG`
+//! switch it off as before.
+
+use std::{cell::RefCell, sync::OnceLock};
+
+use tracing::Level;
+
+use super::{
+    batch::BatchWriter,
+    json::{write_f64, write_string, write_timestamp},
+};
+
+/// The writer access lines go to directly: set once the server's subscriber writes JSON lines
+/// through it, never otherwise (text format, client commands, tests with their own subscriber).
+static DIRECT: OnceLock<BatchWriter> = OnceLock::new();
+
+/// Sends access lines straight to `writer` from now on.
+pub(super) fn write_directly_to(writer: BatchWriter) {
+    let _ = DIRECT.set(writer);
+}
+
+/// A finished call, as its access line reports it. `None` members are left out of the line, as
+/// tracing leaves out an event's `None` fields.
+#[derive(Debug, Clone, Copy)]
+pub struct AccessLine<'a> {
+    pub level: Level,
+    pub method: &'a str,
+    pub peer: Option<&'a str>,
+    pub auth: &'a str,
+    pub identity: Option<&'a str>,
+    pub code: &'a str,
+    pub duration_ms: f64,
+    pub request_id: &'a str,
+    pub trace_id: Option<&'a str>,
+    pub fault: Option<&'a str>,
+    pub refused: Option<&'a str>,
+}
+
+/// The line's `message`, and the event's when tracing writes it.
+pub const MESSAGE: &str = "call finished";
+
+/// The access line's target: `greeter::access=off` in `log.filter` switches it off.
+pub const TARGET: &str = "greeter::access";
+
+impl AccessLine<'_> {
+    /// Writes the line to the server's writer, unless the server has none for direct lines
+    /// (then the caller logs it as a tracing event): true when it was written (or dropped
+    /// because the writer's buffer was full, and counted).
+    pub fn write_directly(&self) -> bool {
+        let Some(writer) = DIRECT.get() else {
+            return false;
+        };
+        thread_local! {
+            static LINE: RefCell<String> = RefCell::new(String::with_capacity(512));
+        }
+        LINE.with(|line| match line.try_borrow_mut() {
+            Ok(mut line) => {
+                line.clear();
+                self.format(&mut line);
+                writer.append(line.as_bytes());
+                // A huge unknown path must not pin its size in every thread for good.
+                if line.capacity() > 64 * 1024 {
+                    *line = String::with_capacity(512);
+                }
+            }
+            Err(_) => {
+                let mut line = String::new();
+                self.format(&mut line);
+                writer.append(line.as_bytes());
+            }
+        });
+        true
+    }
+
+    /// The line as `json::JsonLines` formats the event, byte for byte.
+    fn format(&self, line: &mut String) {
+        line.push_str("{\"timestamp\":\"");
+        // Writing to a `String` cannot fail.
+        let _ = write_timestamp(line, std::time::SystemTime::now());
+        line.push_str("\",\"level\":\"");
+        line.push_str(self.level.as_str());
+        line.push_str("\",\"method\":");
+        let _ = write_string(line, self.method);
+        member(line, "peer", self.peer);
+        line.push_str(",\"auth\":");
+        let _ = write_string(line, self.auth);
+        member(line, "identity", self.identity);
+        line.push_str(",\"code\":");
+        let _ = write_string(line, self.code);
+        line.push_str(",\"duration_ms\":");
+        let _ = write_f64(line, self.duration_ms);
+        line.push_str(",\"request_id\":");
+        let _ = write_string(line, self.request_id);
+        member(line, "trace_id", self.trace_id);
+        member(line, "fault", self.fault);
+        member(line, "refused", self.refused);
+        line.push_str(",\"message\":\"");
+        line.push_str(MESSAGE);
+        line.push_str("\",\"target\":\"");
+        line.push_str(TARGET);
+        line.push_str("\"}\n");
+    }
+}
+
+/// `,"name":"value"`, or nothing for `None`.
+fn member(line: &mut String, name: &str, value: Option<&str>) {
+    if let Some(value) = value {
+        line.push_str(",\"");
+        line.push_str(name);
+        line.push_str("\":");
+        let _ = write_string(line, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing_subscriber::{fmt::MakeWriter, layer::SubscriberExt as _};
+
+    use super::*;
+    use crate::ops::logging::json::{JsonLines, JsonSpanFields};
+
+    /// Collects what tracing's formatter writes.
+    #[derive(Clone, Default)]
+    struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Lines {
+        type Writer = Self;
+
+        fn make_writer(&'a self) -> Self::Writer {
+            self.clone()
+        }
+    }
+
+    /// The line as the event `call::observe` logs where nothing is written directly.
+    fn as_event(line: &AccessLine<'_>) -> String {
+        let lines = Lines::default();
+        let layer = tracing_subscriber::fmt::layer()
+            .fmt_fields(JsonSpanFields)
+            .event_format(JsonLines)
+            .with_writer(lines.clone());
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || {
+            tracing::event!(
+                target: TARGET,
+                Level::INFO,
+                method = line.method,
+                peer = line.peer,
+                auth = line.auth,
+                identity = line.identity,
+                code = line.code,
+                duration_ms = line.duration_ms,
+                request_id = line.request_id,
+                trace_id = line.trace_id,
+                fault = line.fault,
+                refused = line.refused,
+                message = MESSAGE,
+            );
+        });
+        String::from_utf8(lines.0.lock().unwrap().clone()).unwrap()
+    }
+
+    /// Everything but the timestamp, which differs between two lines.
+    fn without_timestamp(line: &str) -> &str {
+        let at = line.find("\",\"level\"").expect("a timestamp first");
+        &line[at..]
+    }
+
+    #[test]
+    fn direct_lines_are_the_events_lines_byte_for_byte() {
+        let full = AccessLine {
+            level: Level::INFO,
+            method: "/helloworld.Greeter/SayHello",
+            peer: Some("127.0.0.1:4242"),
+            auth: "jwt",
+            identity: Some("spiffe://example.org/\"quoted\"\\\n"),
+            code: "PERMISSION_DENIED",
+            duration_ms: 12.345,
+            request_id: "0123456789abcdef0123456789abcdef",
+            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736"),
+            fault: Some("delay"),
+            refused: Some("scope"),
+        };
+        let bare = AccessLine {
+            peer: None,
+            identity: None,
+            trace_id: None,
+            fault: None,
+            refused: None,
+            duration_ms: 0.001,
+            auth: "none",
+            code: "OK",
+            ..full
+        };
+        for line in [full, bare] {
+            let mut direct = String::new();
+            line.format(&mut direct);
+            let event = as_event(&line);
+            assert_eq!(without_timestamp(&direct), without_timestamp(&event));
+            assert!(direct.starts_with("{\"timestamp\":\"20"), "{direct}");
+            serde_json::from_str::<serde_json::Value>(direct.trim_end()).unwrap();
+        }
+    }
+
+    #[test]
+    fn levels_are_written_as_tracing_names_them() {
+        let mut line = String::new();
+        AccessLine {
+            level: Level::DEBUG,
+            method: "/grpc.health.v1.Health/Check",
+            peer: None,
+            auth: "none",
+            identity: None,
+            code: "OK",
+            duration_ms: 0.5,
+            request_id: "r",
+            trace_id: None,
+            fault: None,
+            refused: None,
+        }
+        .format(&mut line);
+        let json: serde_json::Value = serde_json::from_str(line.trim_end()).unwrap();
+        assert_eq!(json["level"], "DEBUG");
+        assert_eq!(json["target"], "greeter::access");
+        assert_eq!(json["message"], "call finished");
+        assert!(line.ends_with("}\n"));
+    }
+}
