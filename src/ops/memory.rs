@@ -6,7 +6,7 @@
 //! - connections (main listener and Unix socket share `max_connections`; the probe port has its
 //!   own 64): the state of an open TLS + HTTP/2 connection, plus the request bytes HTTP/2 flow
 //!   control lets a client send before the server reads them (the connection window), and with
-//!   JWTs accepted, the last one the connection presented ([`RECENT_JWT_BYTES`]);
+//!   bearer tokens accepted, the last one the connection presented ([`RECENT_TOKEN_BYTES`]);
 //! - calls (`max_concurrent_calls`, the anonymous budget when auth is on, the probe's 32): the
 //!   call's own state, its headers (up to `max_header_list_bytes`), and the reply bytes queued for
 //!   a client that does not read (up to the stream window);
@@ -28,7 +28,7 @@
 
 use std::fmt;
 
-use crate::config::{Config, ProbeConfig};
+use crate::config::{AuthMode, Config, ProbeConfig};
 
 /// The process at rest: code, runtime, metric registry, descriptor sets.
 const BASE_BYTES: u64 = 16 << 20;
@@ -44,10 +44,10 @@ const SPAN_BYTES: u64 = 2 << 10;
 pub const JWT_CACHE_IDENTITY_BYTES: usize = 1 << 10;
 /// One cached JWT: its hash, the map's slot, the entry and the identity's allocations.
 pub const JWT_CACHE_ENTRY_BYTES: u64 = JWT_CACHE_IDENTITY_BYTES as u64 + 512;
-/// The largest JWT a connection remembers as the last one it presented ([`crate::call::auth`]'s
-/// per-connection memo): a projected service-account token is ~1 KiB; a larger one is verified
-/// through the cache on every call instead.
-pub const RECENT_JWT_BYTES: usize = 2 << 10;
+/// The largest bearer token a connection remembers as the last one it presented
+/// ([`crate::call::auth`]'s per-connection memo): a projected service-account token is ~1 KiB,
+/// a static one 43 bytes; a larger one is hashed on every call instead.
+pub const RECENT_TOKEN_BYTES: usize = 2 << 10;
 /// One refused JWT remembered: its 32-byte hash and why it was refused (24 bytes) in a hash map,
 /// with its control bytes, load factor and room to grow.
 pub const JWT_FAILURE_ENTRY_BYTES: u64 = 128;
@@ -107,8 +107,8 @@ impl WorstCase {
             connections: connections as u64,
             bytes_per_connection: CONNECTION_BYTES
                 + u64::from(limits.initial_connection_window_bytes)
-                + if accepts_jwts(config) {
-                    RECENT_JWT_BYTES as u64
+                + if accepts_bearer_tokens(config) {
+                    RECENT_TOKEN_BYTES as u64
                 } else {
                     0
                 },
@@ -144,6 +144,10 @@ impl WorstCase {
             + self.quota_callers
             + self.base
     }
+}
+
+fn accepts_bearer_tokens(config: &Config) -> bool {
+    config.auth.enabled && config.auth.mode != AuthMode::ClientCert
 }
 
 fn accepts_jwts(config: &Config) -> bool {
@@ -237,10 +241,30 @@ mod tests {
     }
 
     #[test]
+    fn each_connections_last_token_counts_where_bearer_tokens_are_accepted() {
+        let off = WorstCase::of(&config(&[]), LARGEST).bytes_per_connection;
+        let mut on = config(&[("auth.enabled", "true")]);
+        for (mode, counted) in [
+            (AuthMode::Token, true),
+            (AuthMode::Either, true),
+            (AuthMode::Both, true),
+            (AuthMode::ClientCert, false),
+        ] {
+            on.auth.mode = mode;
+            let per_connection = WorstCase::of(&on, LARGEST).bytes_per_connection;
+            let last_token = if counted {
+                RECENT_TOKEN_BYTES as u64
+            } else {
+                0
+            };
+            assert_eq!(per_connection - off, last_token, "{mode:?}");
+        }
+    }
+
+    #[test]
     fn the_jwt_caches_count_when_jwts_are_accepted() {
         let mut config = config(&[("auth.enabled", "true")]);
         let without = WorstCase::of(&config, LARGEST).total();
-        let connections = WorstCase::of(&config, LARGEST).connections;
         config.auth.jwt.issuers.push(crate::config::JwtIssuer {
             issuer: "https://k8s".into(),
             jwks_file: "jwks.json".into(),
@@ -248,9 +272,8 @@ mod tests {
             scopes_claim: None,
         });
         let with = WorstCase::of(&config, LARGEST).total();
-        // The peers' failure budgets, and each connection's last JWT.
-        let fixed =
-            JWT_PEERS_TRACKED as u64 * JWT_PEER_BYTES + connections * RECENT_JWT_BYTES as u64;
+        // The peers' failure budgets (each connection's last token counts with tokens alone).
+        let fixed = JWT_PEERS_TRACKED as u64 * JWT_PEER_BYTES;
         assert_eq!(
             with - without,
             4096 * (JWT_CACHE_ENTRY_BYTES + JWT_FAILURE_ENTRY_BYTES) + fixed

@@ -209,6 +209,9 @@ async fn tokens_file_reloads_add_and_revoke_and_a_bad_file_keeps_the_old_set() {
     ]);
     eventually(&channel, "grt_second", hello.clone()).await;
 
+    // The connection's last token is the one revoked: it must not be answered from the
+    // connection's memory of it (call/auth/recent.rs) once the file no longer holds it.
+    assert_eq!(say_hello(&channel, Some("Bearer grt_first")).await, hello);
     tokens.write(&[("grt_second", "second", &["greeter"])]);
     eventually(&channel, "grt_first", Err(Code::Unauthenticated)).await;
 

@@ -33,7 +33,7 @@ pub use budget::SignatureBudget;
 pub use jwks::JwksError;
 pub use jwt::Jwt;
 use jwt::JwtError;
-use recent::RecentJwt;
+use recent::RecentToken;
 pub use reload::{spawn_jwks_reloaders, spawn_token_reloader, watched_jwks, watched_tokens};
 pub use tokens::{
     Holder, TOKEN_PREFIX, TokenEntry, TokenStore, TokensError, entry_for, entry_toml, generate,
@@ -257,15 +257,15 @@ impl Authenticator {
         self.check(Some(&rule), path, headers, peer, None).is_ok()
     }
 
-    /// The verdict for one call to `path`, whose method requires `rule`; `recent`, the JWT its
-    /// connection presented last.
+    /// The verdict for one call to `path`, whose method requires `rule`; `recent`, the bearer
+    /// token its connection presented last.
     fn check(
         &self,
         rule: Option<&Rule>,
         path: &str,
         headers: &http::HeaderMap,
         peer: Option<&PeerInfo>,
-        recent: Option<&RecentJwt>,
+        recent: Option<&RecentToken>,
     ) -> Result<Caller, Refusal> {
         let required = match rule {
             Some(Rule::Open) => return Ok(Caller::Anonymous),
@@ -302,7 +302,11 @@ impl Authenticator {
                     (caller, &verified.scopes)
                 }
                 _ => {
-                    let holder = tokens.authenticate(token).ok_or_else(|| {
+                    let holder = match recent {
+                        Some(recent) => recent.authenticate(&tokens, token),
+                        None => tokens.authenticate(token),
+                    };
+                    let holder = holder.ok_or_else(|| {
                         Refusal::new(
                             INVALID_TOKEN,
                             Status::unauthenticated("invalid bearer token"),
@@ -422,7 +426,7 @@ impl<S> Layer<S> for AuthLayer {
             auth: self.auth.clone(),
             failures: self.failures.clone(),
             recent: (self.auth.as_ref())
-                .is_some_and(|auth| auth.jwt.is_some())
+                .is_some_and(|auth| auth.mode != AuthMode::ClientCert)
                 .then(Arc::default),
         }
     }
@@ -434,8 +438,8 @@ pub struct AuthService<S> {
     auth: Option<Authenticator>,
     failures: CounterSet,
     /// The stack is built per connection, and hyper clones it per call: shared by the
-    /// connection's calls only. `None` where no JWT is accepted, so no call pays for it.
-    recent: Option<Arc<RecentJwt>>,
+    /// connection's calls only. `None` where no bearer token is accepted, so no call pays for it.
+    recent: Option<Arc<RecentToken>>,
 }
 
 impl<S, B, ResBody> Service<http::Request<B>> for AuthService<S>

@@ -4,7 +4,14 @@
 //! is enough (no salt or slow KDF is needed for secrets that cannot be guessed), and operators can
 //! compute an entry with `printf %s "$TOKEN" | sha256sum`.
 
-use std::{collections::HashSet, path::Path, sync::Arc};
+use std::{
+    collections::HashSet,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use base64::Engine as _;
 use ring::{
@@ -63,11 +70,17 @@ pub struct Holder {
     pub scopes: Vec<String>,
 }
 
+/// Numbers the stores parsed in this process, so that a per-connection memo can tell a holder
+/// found in this store from one found in a store since replaced by a reload ([`super::recent`]).
+static GENERATIONS: AtomicU64 = AtomicU64::new(1);
+
 /// The loaded tokens, ready for lookups.
 #[derive(Debug, Default)]
 pub struct TokenStore {
     hashes: Vec<[u8; 32]>,
     holders: Vec<Holder>,
+    /// Unique to each parsed file in the process; 0 for the empty default store.
+    generation: u64,
 }
 
 impl TokenStore {
@@ -86,7 +99,10 @@ impl TokenStore {
             path: path.to_owned(),
             reason: config::secret::toml_error(text, &e),
         })?;
-        let mut store = Self::default();
+        let mut store = Self {
+            generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
+            ..Self::default()
+        };
         let mut names = HashSet::new();
         for entry in file.tokens {
             let fail = |reason: &str| TokensError::Entry {
@@ -127,10 +143,15 @@ impl TokenStore {
         self.holders.is_empty()
     }
 
-    /// Finds the holder of `token`. Every stored hash is compared, in constant time, whether or
-    /// not an earlier one matched, so timing reveals neither which entry matched nor how much of
-    /// a hash did.
+    /// Finds the holder of `token`.
     pub fn authenticate(&self, token: &str) -> Option<&Holder> {
+        self.find(token).and_then(|index| self.holder(index))
+    }
+
+    /// The index of `token`'s holder. Every stored hash is compared, in constant time, whether
+    /// or not an earlier one matched, so timing reveals neither which entry matched nor how much
+    /// of a hash did.
+    pub fn find(&self, token: &str) -> Option<usize> {
         let presented = sha256(token);
         let mut found = None;
         for (i, hash) in self.hashes.iter().enumerate() {
@@ -138,7 +159,17 @@ impl TokenStore {
                 found = Some(i);
             }
         }
-        found.map(|i| &self.holders[i])
+        found
+    }
+
+    /// The holder [`TokenStore::find`] found at `index`.
+    pub fn holder(&self, index: usize) -> Option<&Holder> {
+        self.holders.get(index)
+    }
+
+    /// Tells this store's indexes from another's: unique to each file parsed in the process.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 }
 
