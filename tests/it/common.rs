@@ -6,7 +6,10 @@ use std::{
     net::SocketAddr,
     path::Path,
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -123,6 +126,8 @@ pub struct BinaryServer {
     /// The metrics listener, on an ephemeral loopback port so servers can run side by side.
     pub metrics_addr: Option<SocketAddr>,
     pub logs: Arc<Mutex<String>>,
+    /// While set, nothing reads the server's stderr: a stuck log collector.
+    logs_stalled: Arc<AtomicBool>,
 }
 
 impl BinaryServer {
@@ -151,6 +156,8 @@ impl BinaryServer {
         let logs = Arc::new(Mutex::new(String::new()));
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let sink = Arc::clone(&logs);
+        let logs_stalled = Arc::new(AtomicBool::new(false));
+        let stalled = Arc::clone(&logs_stalled);
         std::thread::spawn(move || {
             let mut addr_tx = Some(addr_tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -166,6 +173,10 @@ impl BinaryServer {
                 let mut logs = sink.lock().unwrap();
                 logs.push_str(&line);
                 logs.push('\n');
+                drop(logs);
+                while stalled.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
         });
         let (addr, metrics_addr) = match addr_rx.recv_timeout(Duration::from_secs(15)) {
@@ -183,7 +194,14 @@ impl BinaryServer {
             addr,
             metrics_addr,
             logs,
+            logs_stalled,
         }
+    }
+
+    /// Stops (or resumes) reading the server's stderr: once the pipe is full, the server's log
+    /// writer blocks in `write(2)`, as it would behind a stuck collector.
+    pub fn stall_logs(&self, stalled: bool) {
+        self.logs_stalled.store(stalled, Ordering::Relaxed);
     }
 
     pub fn addr_arg(&self) -> String {

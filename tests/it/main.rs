@@ -14,6 +14,7 @@ mod health_reflection;
 mod hostile;
 mod jwt;
 mod limits;
+mod logging;
 mod monitoring;
 mod observability;
 mod own_service;
