@@ -251,8 +251,6 @@ impl Drop for CallRecord {
         };
         let (auth, identity) = identity(log.caller.as_ref(), log.peer.as_ref());
         let peer = log.peer.as_ref().map(|p| PeerText::new(p.remote_addr));
-        // Every value is a `str` or a number: `fmt` (Display, Debug) would cost more than the
-        // rest of the line.
         let line = AccessLine {
             level: if log.quiet { Level::DEBUG } else { Level::INFO },
             method: log.unknown_path.as_deref().unwrap_or(self.method.path()),
@@ -266,35 +264,7 @@ impl Drop for CallRecord {
             fault: log.fault.as_ref().map(|f| &*f.0),
             refused: log.refused.map(|r| r.0),
         };
-        // Inside the call's span the line carries the span's fields, which only tracing writes.
-        if log.spanned || !line.write_directly() {
-            macro_rules! access {
-                ($level:expr) => {
-                    tracing::event!(
-                        target: ACCESS_TARGET,
-                        $level,
-                        method = line.method,
-                        peer = line.peer,
-                        auth = line.auth,
-                        identity = line.identity,
-                        code = line.code,
-                        duration_ms = line.duration_ms,
-                        request_id = line.request_id,
-                        trace_id = line.trace_id,
-                        fault = line.fault,
-                        refused = line.refused,
-                        // A `str` field, not a format string: formatting `"call finished"` through
-                        // `fmt::Arguments` cost ~700 instructions a call. The line is the same.
-                        message = access::MESSAGE,
-                    )
-                };
-            }
-            if log.quiet {
-                access!(Level::DEBUG);
-            } else {
-                access!(Level::INFO);
-            }
-        }
+        line.log(log.spanned);
         if let Some(trace) = trace {
             trace.finish(code);
         }

@@ -400,7 +400,7 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::sync::{Arc, Mutex};
 
     use tracing_subscriber::{fmt::MakeWriter, layer::SubscriberExt as _};
@@ -430,15 +430,20 @@ mod tests {
         }
     }
 
-    fn capture(emit: impl FnOnce()) -> Vec<serde_json::Value> {
+    /// What `emit` logs, formatted as the server formats JSON lines.
+    pub fn capture_text(emit: impl FnOnce()) -> String {
         let lines = Lines::default();
         let layer = tracing_subscriber::fmt::layer()
             .fmt_fields(JsonSpanFields)
             .event_format(JsonLines)
             .with_writer(lines.clone());
         tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), emit);
-        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
-        text.lines()
+        String::from_utf8(lines.0.lock().unwrap().clone()).unwrap()
+    }
+
+    fn capture(emit: impl FnOnce()) -> Vec<serde_json::Value> {
+        capture_text(emit)
+            .lines()
             .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
             .collect()
     }
