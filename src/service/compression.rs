@@ -21,7 +21,8 @@ use crate::{
     service::Greeter,
 };
 
-const ACCEPT_ENCODING: &str = "grpc-accept-encoding";
+/// The encodings a gRPC client accepts in replies.
+pub(super) const ACCEPT_ENCODING: &str = "grpc-accept-encoding";
 
 /// The Greeter with the configured request and reply encodings.
 pub fn compressed(
