@@ -1000,3 +1000,80 @@ async fn the_last_lines_of_a_drain_are_written_before_the_process_exits() {
         "the drain's last line is written: {logs}"
     );
 }
+
+/// A log collector that stops reading (stderr full) costs no call a wait: the lines the writer's
+/// buffer cannot take are dropped and counted, for the alert on
+/// `greeter_log_lines_dropped_total`.
+#[tokio::test]
+async fn lines_a_stuck_stderr_cannot_take_are_dropped_and_counted() {
+    use std::io::BufRead as _;
+
+    let mut child = common::greeter_bin()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env_remove("RUST_LOG")
+        .env("GREETER__LOG__FORMAT", "json")
+        .env("GREETER__METRICS__LISTEN", "127.0.0.1:0")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read up to the start line, then never again: the pipe fills, then the writer's buffer.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let start = loop {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "no start line");
+        if line.contains("greeter serving") {
+            break serde_json::from_str::<serde_json::Value>(&line).unwrap();
+        }
+    };
+    let address = |key: &str| -> SocketAddr { start[key].as_str().unwrap().parse().unwrap() };
+    let server = BinaryServer {
+        child,
+        addr: address("listen"),
+        metrics_addr: Some(address("metrics")),
+        logs: Default::default(),
+    };
+    let metrics_addr = server.metrics_addr.unwrap();
+    assert_eq!(dropped(metrics_addr).await, 0.0);
+
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // Long access lines (~650 bytes: the longest path and request id logged), so that the
+    // pipe and the 2 MiB buffer fill within ~3,500 calls.
+    let path =
+        http::uri::PathAndQuery::try_from(format!("/evil.Scanner/{}", "P".repeat(300))).unwrap();
+    let request_id = "r".repeat(128);
+    let mut calls = 0;
+    while dropped(metrics_addr).await == 0.0 {
+        assert!(calls < 20_000, "{calls} calls and no line dropped");
+        let batch: Vec<_> = (0..100)
+            .map(|_| {
+                let mut grpc = tonic::client::Grpc::new(channel.clone());
+                let path = path.clone();
+                let mut request = Request::new(hello("x"));
+                request
+                    .metadata_mut()
+                    .insert("x-request-id", request_id.parse().unwrap());
+                tokio::spawn(async move {
+                    grpc.ready().await.unwrap();
+                    let codec =
+                        tonic_prost::ProstCodec::<HelloRequest, greeter::pb::HelloReply>::default();
+                    grpc.unary(request, path, codec).await.unwrap_err()
+                })
+            })
+            .collect();
+        // Each call is answered; with which error does not matter here.
+        for call in batch {
+            call.await.unwrap();
+        }
+        calls += 100;
+    }
+}
+
+async fn dropped(metrics_addr: SocketAddr) -> f64 {
+    common::metric(metrics_addr, "greeter_log_lines_dropped_total").await
+}
