@@ -1077,3 +1077,91 @@ async fn lines_a_stuck_stderr_cannot_take_are_dropped_and_counted() {
 async fn dropped(metrics_addr: SocketAddr) -> f64 {
     common::metric(metrics_addr, "greeter_log_lines_dropped_total").await
 }
+
+/// h2 refuses a stream whose `:authority` is not a valid authority before greeter sees it
+/// (hyperium/h2#487), as grpcio's is for `unix:` targets: the server warns what the client must
+/// change, once a minute at most however often the client retries.
+#[tokio::test]
+async fn a_malformed_authority_is_warned_about_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(&config, "[log]\nformat = \"json\"\nfilter = \"info\"\n").unwrap();
+    let server = BinaryServer::start(&config, &[]);
+    for _ in 0..2 {
+        refused_for_its_authority(server.addr).await;
+    }
+    // The warnings are logged as h2 refuses, before this call's access line.
+    let mut call = Request::new(hello("after"));
+    call.metadata_mut()
+        .insert("x-request-id", "after-refusals".parse().unwrap());
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    GreeterClient::new(channel).say_hello(call).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let logs = loop {
+        let logs = server.logs.lock().unwrap().clone();
+        if logs.contains("after-refusals") {
+            break logs;
+        }
+        assert!(Instant::now() < deadline, "no access line:\n{logs}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let warnings: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|event| event["message"].as_str().unwrap_or("").contains("h2#487"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{logs}");
+    assert_eq!(warnings[0]["level"], "WARN");
+    assert!(
+        warnings[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("grpc.default_authority"),
+        "{logs}"
+    );
+}
+
+/// A call whose `:authority` is a socket path, in frames written by hand (no HTTP/2 client sends
+/// one), on a connection of its own; returns once the server has refused it.
+async fn refused_for_its_authority(addr: SocketAddr) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    // HPACK: :method POST and :scheme http from the static table, then :path and :authority as
+    // literals without indexing (their names from the static table, values not Huffman-coded).
+    let mut block = vec![0x83, 0x86];
+    for (name, value) in [
+        (4, "/helloworld.Greeter/SayHello"),
+        (1, "/run/greeter.sock"),
+    ] {
+        block.extend_from_slice(&[name, u8::try_from(value.len()).unwrap()]);
+        block.extend_from_slice(value.as_bytes());
+    }
+    let mut frames = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS (none), then HEADERS on stream 1 with END_STREAM and END_HEADERS.
+    frames.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    frames.extend_from_slice(&[0, 0, u8::try_from(block.len()).unwrap(), 1, 5, 0, 0, 0, 1]);
+    frames.extend_from_slice(&block);
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(&frames).await.unwrap();
+    // Frames until RST_STREAM (3) or GOAWAY (7): h2 has decoded the headers and refused them.
+    let refused = async {
+        loop {
+            let mut header = [0; 9];
+            tcp.read_exact(&mut header).await.unwrap();
+            let len =
+                usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+            let mut payload = vec![0; len];
+            tcp.read_exact(&mut payload).await.unwrap();
+            if header[3] == 3 || header[3] == 7 {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), refused)
+        .await
+        .expect("the stream refused within 10 s");
+}
