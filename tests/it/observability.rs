@@ -910,6 +910,42 @@ fn log_format_auto_is_coloured_text_on_a_terminal() {
 }
 
 // Multi-threaded: the client's connection answers the GOAWAY while `terminate` blocks.
+/// With no metrics listener (`metrics.listen = ""`) calls are not counted, but still logged.
+#[tokio::test]
+async fn calls_are_logged_without_a_metrics_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(&config, "[log]\nformat = \"json\"\nfilter = \"info\"\n").unwrap();
+    let server = BinaryServer::start_with_env(&config, &[], &[("GREETER__METRICS__LISTEN", "")]);
+    assert_eq!(server.metrics_addr, None);
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut call = Request::new(hello("unmetered"));
+    call.metadata_mut()
+        .insert("x-request-id", "unmetered".parse().unwrap());
+    GreeterClient::new(channel).say_hello(call).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let logs = server.logs.lock().unwrap().clone();
+        if let Some(line) = access_lines(&logs)
+            .into_iter()
+            .find(|line| line["request_id"] == "unmetered")
+        {
+            assert_eq!(line["method"], "/helloworld.Greeter/SayHello", "{line}");
+            assert_eq!(line["code"], "OK", "{line}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no access line within 5s:\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_off_in_the_filter_and_rust_log_taking_precedence() {
     let dir = tempfile::tempdir().unwrap();
