@@ -1201,3 +1201,52 @@ async fn refused_for_its_authority(addr: SocketAddr) {
         .await
         .expect("the stream refused within 10 s");
 }
+
+/// A call the client cancels: the line logged as its handler's work is dropped carries the call's
+/// request id, like every line logged while the call runs.
+#[tokio::test]
+async fn the_cancellation_line_carries_the_calls_request_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        "[log]\nformat = \"json\"\nfilter = \"info,greeter::call=debug,greeter::request=debug\"\n\
+         [greeter]\nstream_interval = \"10s\"\n",
+    )
+    .unwrap();
+    let server = BinaryServer::start(&config, &[]);
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut call = Request::new(hello("cancelled"));
+    call.metadata_mut()
+        .insert("x-request-id", "cancelled-call".parse().unwrap());
+    let mut replies = GreeterClient::new(channel)
+        .say_hello_stream_reply(call)
+        .await
+        .unwrap()
+        .into_inner();
+    replies.message().await.unwrap().unwrap();
+    drop(replies);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        let logs = server.logs.lock().unwrap().clone();
+        if let Some(line) = logs
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|event| {
+                event["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("call cancelled"))
+            })
+        {
+            break line;
+        }
+        assert!(Instant::now() < deadline, "no cancellation line:\n{logs}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(line["span"]["request_id"], "cancelled-call", "{line}");
+    assert_eq!(line["span"]["name"], "grpc", "{line}");
+}
