@@ -108,6 +108,14 @@ fn zero_durations_that_cannot_work_are_refused() {
 }
 
 #[test]
+fn a_log_filter_the_subscriber_cannot_parse_is_refused() {
+    let error = with_overrides(&[("log.filter", "info,greeter=loud")]).unwrap_err();
+    assert_eq!(error.key.as_deref(), Some("log.filter"), "{error}");
+    assert!(error.message.contains("not a valid log filter"), "{error}");
+    with_overrides(&[("log.filter", "info,greeter::access=off")]).expect("a valid filter");
+}
+
+#[test]
 fn a_later_file_removes_a_map_entry_with_an_empty_string() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("later.toml");

@@ -910,6 +910,42 @@ fn log_format_auto_is_coloured_text_on_a_terminal() {
 }
 
 // Multi-threaded: the client's connection answers the GOAWAY while `terminate` blocks.
+/// With no metrics listener (`metrics.listen = ""`) calls are not counted, but still logged.
+#[tokio::test]
+async fn calls_are_logged_without_a_metrics_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(&config, "[log]\nformat = \"json\"\nfilter = \"info\"\n").unwrap();
+    let server = BinaryServer::start_with_env(&config, &[], &[("GREETER__METRICS__LISTEN", "")]);
+    assert_eq!(server.metrics_addr, None);
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut call = Request::new(hello("unmetered"));
+    call.metadata_mut()
+        .insert("x-request-id", "unmetered".parse().unwrap());
+    GreeterClient::new(channel).say_hello(call).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let logs = server.logs.lock().unwrap().clone();
+        if let Some(line) = access_lines(&logs)
+            .into_iter()
+            .find(|line| line["request_id"] == "unmetered")
+        {
+            assert_eq!(line["method"], "/helloworld.Greeter/SayHello", "{line}");
+            assert_eq!(line["code"], "OK", "{line}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no access line within 5s:\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_off_in_the_filter_and_rust_log_taking_precedence() {
     let dir = tempfile::tempdir().unwrap();
@@ -999,4 +1035,218 @@ async fn the_last_lines_of_a_drain_are_written_before_the_process_exits() {
         logs.contains("all calls finished"),
         "the drain's last line is written: {logs}"
     );
+}
+
+/// A log collector that stops reading (stderr full) costs no call a wait: the lines the writer's
+/// buffer cannot take are dropped and counted, for the alert on
+/// `greeter_log_lines_dropped_total`.
+#[tokio::test]
+async fn lines_a_stuck_stderr_cannot_take_are_dropped_and_counted() {
+    use std::io::BufRead as _;
+
+    let mut child = common::greeter_bin()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env_remove("RUST_LOG")
+        .env("GREETER__LOG__FORMAT", "json")
+        .env("GREETER__METRICS__LISTEN", "127.0.0.1:0")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read up to the start line, then never again: the pipe fills, then the writer's buffer.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let start = loop {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "no start line");
+        if line.contains("greeter serving") {
+            break serde_json::from_str::<serde_json::Value>(&line).unwrap();
+        }
+    };
+    let address = |key: &str| -> SocketAddr { start[key].as_str().unwrap().parse().unwrap() };
+    let server = BinaryServer {
+        child,
+        addr: address("listen"),
+        metrics_addr: Some(address("metrics")),
+        logs: Default::default(),
+    };
+    let metrics_addr = server.metrics_addr.unwrap();
+    assert_eq!(dropped(metrics_addr).await, 0.0);
+
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // Long access lines (~650 bytes: the longest path and request id logged), so that the
+    // pipe and the 2 MiB buffer fill within ~3,500 calls.
+    let path =
+        http::uri::PathAndQuery::try_from(format!("/evil.Scanner/{}", "P".repeat(300))).unwrap();
+    let request_id = "r".repeat(128);
+    let mut calls = 0;
+    while dropped(metrics_addr).await == 0.0 {
+        assert!(calls < 20_000, "{calls} calls and no line dropped");
+        let batch: Vec<_> = (0..100)
+            .map(|_| {
+                let mut grpc = tonic::client::Grpc::new(channel.clone());
+                let path = path.clone();
+                let mut request = Request::new(hello("x"));
+                request
+                    .metadata_mut()
+                    .insert("x-request-id", request_id.parse().unwrap());
+                tokio::spawn(async move {
+                    grpc.ready().await.unwrap();
+                    let codec =
+                        tonic_prost::ProstCodec::<HelloRequest, greeter::pb::HelloReply>::default();
+                    grpc.unary(request, path, codec).await.unwrap_err()
+                })
+            })
+            .collect();
+        // Each call is answered; with which error does not matter here.
+        for call in batch {
+            call.await.unwrap();
+        }
+        calls += 100;
+    }
+}
+
+async fn dropped(metrics_addr: SocketAddr) -> f64 {
+    common::metric(metrics_addr, "greeter_log_lines_dropped_total").await
+}
+
+/// h2 refuses a stream whose `:authority` is not a valid authority before greeter sees it
+/// (hyperium/h2#487), as grpcio's is for `unix:` targets: the server warns what the client must
+/// change, once a minute at most however often the client retries.
+#[tokio::test]
+async fn a_malformed_authority_is_warned_about_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(&config, "[log]\nformat = \"json\"\nfilter = \"info\"\n").unwrap();
+    let server = BinaryServer::start(&config, &[]);
+    for _ in 0..2 {
+        refused_for_its_authority(server.addr).await;
+    }
+    // The warnings are logged as h2 refuses, before this call's access line.
+    let mut call = Request::new(hello("after"));
+    call.metadata_mut()
+        .insert("x-request-id", "after-refusals".parse().unwrap());
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    GreeterClient::new(channel).say_hello(call).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let logs = loop {
+        let logs = server.logs.lock().unwrap().clone();
+        if logs.contains("after-refusals") {
+            break logs;
+        }
+        assert!(Instant::now() < deadline, "no access line:\n{logs}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let warnings: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|event| event["message"].as_str().unwrap_or("").contains("h2#487"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{logs}");
+    assert_eq!(warnings[0]["level"], "WARN");
+    assert!(
+        warnings[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("grpc.default_authority"),
+        "{logs}"
+    );
+}
+
+/// A call whose `:authority` is a socket path, in frames written by hand (no HTTP/2 client sends
+/// one), on a connection of its own; returns once the server has refused it.
+async fn refused_for_its_authority(addr: SocketAddr) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    // HPACK: :method POST and :scheme http from the static table, then :path and :authority as
+    // literals without indexing (their names from the static table, values not Huffman-coded).
+    let mut block = vec![0x83, 0x86];
+    for (name, value) in [
+        (4, "/helloworld.Greeter/SayHello"),
+        (1, "/run/greeter.sock"),
+    ] {
+        block.extend_from_slice(&[name, u8::try_from(value.len()).unwrap()]);
+        block.extend_from_slice(value.as_bytes());
+    }
+    let mut frames = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS (none), then HEADERS on stream 1 with END_STREAM and END_HEADERS.
+    frames.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    frames.extend_from_slice(&[0, 0, u8::try_from(block.len()).unwrap(), 1, 5, 0, 0, 0, 1]);
+    frames.extend_from_slice(&block);
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(&frames).await.unwrap();
+    // Frames until RST_STREAM (3) or GOAWAY (7): h2 has decoded the headers and refused them.
+    let refused = async {
+        loop {
+            let mut header = [0; 9];
+            tcp.read_exact(&mut header).await.unwrap();
+            let len =
+                usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+            let mut payload = vec![0; len];
+            tcp.read_exact(&mut payload).await.unwrap();
+            if header[3] == 3 || header[3] == 7 {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), refused)
+        .await
+        .expect("the stream refused within 10 s");
+}
+
+/// A call the client cancels: the line logged as its handler's work is dropped carries the call's
+/// request id, like every line logged while the call runs.
+#[tokio::test]
+async fn the_cancellation_line_carries_the_calls_request_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        "[log]\nformat = \"json\"\nfilter = \"info,greeter::call=debug,greeter::request=debug\"\n\
+         [greeter]\nstream_interval = \"10s\"\n",
+    )
+    .unwrap();
+    let server = BinaryServer::start(&config, &[]);
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut call = Request::new(hello("cancelled"));
+    call.metadata_mut()
+        .insert("x-request-id", "cancelled-call".parse().unwrap());
+    let mut replies = GreeterClient::new(channel)
+        .say_hello_stream_reply(call)
+        .await
+        .unwrap()
+        .into_inner();
+    replies.message().await.unwrap().unwrap();
+    drop(replies);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        let logs = server.logs.lock().unwrap().clone();
+        if let Some(line) = logs
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|event| {
+                event["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("call cancelled"))
+            })
+        {
+            break line;
+        }
+        assert!(Instant::now() < deadline, "no cancellation line:\n{logs}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(line["span"]["request_id"], "cancelled-call", "{line}");
+    assert_eq!(line["span"]["name"], "grpc", "{line}");
 }

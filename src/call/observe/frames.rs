@@ -191,4 +191,15 @@ mod tests {
         messages.count(&Frame::<Bytes>::trailers(Default::default()), &counter);
         assert_eq!(counter.get(), 2);
     }
+
+    #[test]
+    fn with_metrics_and_a_trace_both_count() {
+        let (counter, tally) = (Counter::default(), Counter::default());
+        let mut counting = Counting::new(Some(counter.clone()), Some(tally.clone()));
+        let mut stream = message(2);
+        stream.extend(message(0));
+        counting.frame(&Frame::data(Bytes::from(stream)));
+        counting.frame(&Frame::data(Bytes::from(message(1))));
+        assert_eq!((counter.get(), tally.get()), (3, 3));
+    }
 }

@@ -544,7 +544,10 @@ mod tests {
         assert_eq!(status_code(&HeaderMap::new()), None);
         assert_eq!(status_code(&headers("0")), Some(0));
         assert_eq!(status_code(&headers("16")), Some(16));
-        for bad in ["17", "99", "-1", "x", "", "123"] {
+        // A leading zero is still a decimal digit.
+        assert_eq!(status_code(&headers("09")), Some(9));
+        // Bytes just below and above the digits are not codes: ':' is not 10, nor '@' 16.
+        for bad in ["17", "99", "-1", "x", "", "123", "/", ":", "@", "1:"] {
             assert_eq!(status_code(&headers(bad)), Some(UNKNOWN), "{bad:?}");
         }
     }

@@ -79,6 +79,9 @@ mod tests {
         let a = for_request(&HeaderMap::new());
         let b = generate();
         assert_ne!(a, b);
+        // 128 random bits each: a thousand never collide.
+        let ids: std::collections::HashSet<_> = (0..1000).map(|_| generate()).collect();
+        assert_eq!(ids.len(), 1000);
         for id in [a, b] {
             let text = id.to_str().unwrap();
             assert_eq!(text.len(), 32, "{text}");

@@ -242,6 +242,28 @@ mod tests {
         assert_eq!(writer.dropped(), 0);
     }
 
+    /// A batch gathers for the interval after its first line: lines trickling in meanwhile share
+    /// its write rather than waking the writer one by one. Each write but the last covers at least
+    /// an interval, however slowly this machine runs the loop.
+    #[test]
+    fn lines_trickling_in_share_a_write() {
+        let out = Out::default();
+        let (writer, guard) = spawn(out.clone()).unwrap();
+        let started = Instant::now();
+        for i in 0..100 {
+            write_line(&writer, &format!("line {i}\n"));
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        let took = started.elapsed();
+        drop(guard);
+        let most = took.as_micros() / FLUSH_INTERVAL.as_micros() + 2;
+        assert!(
+            out.writes() as u128 <= most,
+            "{} writes for 100 lines in {took:?}",
+            out.writes()
+        );
+    }
+
     /// Lines show up without a flush from the caller: the interval writes them.
     #[test]
     fn a_lone_line_is_written_after_the_interval() {
@@ -313,9 +335,12 @@ mod tests {
         for _ in 0..12 {
             write_line(&writer, &b);
         }
-        assert_eq!(writer.dropped(), 2);
+        // Read before the writer is released: a failed assertion would unwind with the gate
+        // held and hang in the guard's join.
+        let dropped = writer.dropped();
         drop(held);
         drop(guard);
+        assert_eq!(dropped, 2);
         assert_eq!(out.text(), a + &b.repeat(10));
     }
 

@@ -87,3 +87,59 @@ impl Visit for Message {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tracing_subscriber::{Registry, layer::SubscriberExt as _};
+
+    use super::*;
+
+    /// h2's DEBUG event for a refused stream, as h2 0.4 words it.
+    fn h2_refuses(authority: &str) {
+        tracing::debug!(
+            target: "h2::server",
+            "{MALFORMED_AUTHORITY} ({authority:?}): invalid uri character"
+        );
+    }
+
+    /// When the layer last warned after `events` ran: the warning itself cannot be seen here, as
+    /// tracing drops events logged while a scoped subscriber handles one (the server's global
+    /// one takes them; tests/it/observability.rs reads them there).
+    fn last_warned(layer: impl Layer<Registry> + Send + Sync, events: impl FnOnce()) -> u64 {
+        let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(layer));
+        tracing::dispatcher::with_default(&dispatch, events);
+        let layer = dispatch
+            .downcast_ref::<RefusedAuthority>()
+            .expect("the layer");
+        layer.last.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn only_h2_refusing_a_malformed_authority_is_warned_about() {
+        let unrelated = || {
+            tracing::debug!(target: "h2::server", "malformed headers: missing :path");
+            tracing::debug!(target: "h2::client", "{MALFORMED_AUTHORITY} (\"x\")");
+        };
+        assert_eq!(last_warned(layer(), unrelated), 0);
+        assert_ne!(last_warned(layer(), || h2_refuses("/run/greeter.sock")), 0);
+    }
+
+    #[test]
+    fn the_next_warning_comes_a_minute_after_the_last() {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        for (ago, warned) in [
+            (QUIET_SECONDS / 2, false),
+            (QUIET_SECONDS, true),
+            (3600, true),
+        ] {
+            let refused = RefusedAuthority {
+                last: AtomicU64::new(now - ago),
+            };
+            let last = last_warned(refused, || h2_refuses("/run/greeter.sock"));
+            assert_eq!(last >= now, warned, "{ago} s after the last warning");
+        }
+    }
+}
