@@ -170,7 +170,6 @@ where
                 trace,
                 log: log.then(|| AccessLog {
                     quiet,
-                    spanned: !span.is_disabled(),
                     request_id: request_id.clone(),
                     peer: peer.cloned(),
                     unknown_path: method.is_unknown().then(|| shortened(path)),
@@ -216,9 +215,6 @@ struct CallRecord {
 /// The fields only the access log needs.
 struct AccessLog {
     quiet: bool,
-    /// The call's span is on (`greeter::request=debug`): a line logged inside it carries its
-    /// fields, so it goes through tracing.
-    spanned: bool,
     request_id: HeaderValue,
     peer: Option<PeerInfo>,
     /// The path as the client sent it, for a method no service has.
@@ -264,7 +260,7 @@ impl Drop for CallRecord {
             fault: log.fault.as_ref().map(|f| &*f.0),
             refused: log.refused.map(|r| r.0),
         };
-        line.log(log.spanned);
+        line.log();
         if let Some(trace) = trace {
             trace.finish(code);
         }

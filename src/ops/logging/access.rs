@@ -5,8 +5,8 @@
 //! per field: ~4,300 instructions a call, most of a call's observability (BENCHMARKS.md). The
 //! line's shape is fixed, so where the server logs JSON lines through its own writer this writes
 //! the same bytes (members in the same order, the same escaping, timestamp and numbers) without
-//! the machinery. Everything else, and the access line in text format or inside the call's
-//! span, still goes through tracing.
+//! the machinery. Everything else, and the access line in text format, still goes through
+//! tracing.
 //!
 //! What stays tracing's: whether the line is written at all. `call::observe` asks the
 //! subscriber once per call (`tracing::enabled!` on [`TARGET`]), so `log.filter` and `RUST_LOG`
@@ -54,10 +54,11 @@ const MESSAGE: &str = "call finished";
 pub const TARGET: &str = "greeter::access";
 
 impl AccessLine<'_> {
-    /// Logs the line: straight to the server's writer where there is one, else (and inside the
-    /// call's span, `in_span`, whose fields only tracing writes) as a tracing event.
-    pub fn log(&self, in_span: bool) {
-        if in_span || !self.write_directly() {
+    /// Logs the line: straight to the server's writer where there is one, else as a tracing
+    /// event. Either way outside any span: `call::observe` finishes a call's record after leaving
+    /// the call's span, so the event's line has no span fields for the direct one to miss.
+    pub fn log(&self) {
+        if !self.write_directly() {
             self.event();
         }
     }
