@@ -514,6 +514,30 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn errors_and_128_bit_integers_are_written() {
+        let err = std::io::Error::other("disk \"full\"");
+        let text = capture_text(|| {
+            tracing::info!(
+                error = &err as &(dyn std::error::Error + 'static),
+                big = u128::MAX,
+                small = i128::MIN,
+                "failed"
+            );
+        });
+        let line: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        assert_eq!(line["error"], "disk \"full\"");
+        // Past 64 bits serde_json reads a float: the digits are checked as written.
+        assert!(
+            text.contains(r#""big":340282366920938463463374607431768211455,"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#""small":-170141183460469231731687303715884105728,"#),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn timestamps_match_rfc_3339_with_microseconds() {
         let at = |secs: u64, micros: u64| {
             let mut text = String::new();
