@@ -504,6 +504,28 @@ pub(super) mod tests {
         }
     }
 
+    /// Against the plain scan, on text that seldom needs escaping (the fast scan's case) and on
+    /// any bytes: a word it wrongly passes over would go out unescaped.
+    #[test]
+    fn the_fast_scan_agrees_with_a_byte_by_byte_one() {
+        let mut rng = fastrand::Rng::with_seed(25);
+        for _ in 0..20_000 {
+            let len = rng.usize(0..40);
+            let rare = rng.u8(..);
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    if rng.u8(..) < rare {
+                        rng.u8(..)
+                    } else {
+                        rng.u8(0x20..0x7f)
+                    }
+                })
+                .collect();
+            let plain = bytes.iter().position(|&b| needs_escape(b));
+            assert_eq!(first_to_escape(&bytes), plain, "{bytes:?}");
+        }
+    }
+
     #[test]
     fn long_formatted_values_are_written_whole() {
         let long = "x\"y".repeat(200);
