@@ -252,11 +252,12 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        // The auth layer, which runs first, marks every admitted call with its caller.
-        let anonymous = matches!(
-            request.extensions().get::<Caller>(),
-            Some(Caller::Anonymous)
-        );
+        // The auth layer, which runs first, marks every call it admits with credentials with its
+        // caller: a call without one is anonymous.
+        let anonymous = request
+            .extensions()
+            .get::<Caller>()
+            .is_none_or(|caller| *caller == Caller::Anonymous);
         match self.limits.admit(anonymous) {
             Ok(permit) => LimitFuture::Admitted {
                 inner: self.inner.call(request),

@@ -3,7 +3,8 @@
 //! RESOURCE_EXHAUSTED at once, with `google.rpc.RetryInfo` (when a token is back) and
 //! `google.rpc.QuotaFailure` (which quota) in the status details, as Google APIs do.
 //!
-//! The layer runs right after auth, which has put the call's [`Caller`] in the request: refused
+//! The layer runs right after auth, which has put the call's [`Caller`] in the request (none for
+//! an anonymous call): refused
 //! calls never take a concurrency slot. Each caller's bucket is keyed by its identity class and a
 //! hash of its identity (fixed-size keys: no allocation per call, and a caller's name never
 //! grows the tables); callers without credentials by their peer address. The tables are bounded
