@@ -32,7 +32,7 @@ use tower::{Layer, Service};
 
 use crate::call::{
     deadline,
-    grpc_headers::{GRPC_MESSAGE, GRPC_STATUS},
+    grpc_headers::{GRPC_MESSAGE, GRPC_STATUS, grpc_status},
     resolve::Resolved,
 };
 
@@ -223,7 +223,10 @@ where
         if let Poll::Ready(response) = this.inner.poll(cx) {
             let ending = this.ending.take().expect("polled after completion");
             return Poll::Ready(response.map(|mut r| {
-                size_limit_is_resource_exhausted(r.headers_mut());
+                // Only a trailers-only answer (an empty body) has a status in its headers.
+                if r.body().is_end_stream() {
+                    size_limit_is_resource_exhausted(r.headers_mut());
+                }
                 r.map(|inner| CallBody {
                     // A trailers-only answer (every error status) is over before it is sent:
                     // hyper drops it unpolled, which is no cancellation.
@@ -343,7 +346,7 @@ impl<B> Drop for CallBody<B> {
 /// Rewrites tonic's OUT_OF_RANGE for an over-size message to RESOURCE_EXHAUSTED (see module docs).
 fn size_limit_is_resource_exhausted(headers: &mut http::HeaderMap) {
     const OUT_OF_RANGE: &str = "11";
-    let over_size = headers.get(GRPC_STATUS).is_some_and(|s| s == OUT_OF_RANGE)
+    let over_size = grpc_status(headers).is_some_and(|s| s == OUT_OF_RANGE)
         && headers
             .get(GRPC_MESSAGE)
             .and_then(|m| m.to_str().ok())
