@@ -9,8 +9,8 @@
 //! tracing.
 //!
 //! What stays tracing's: whether the line is written at all. `call::observe` asks the
-//! subscriber once per call (`tracing::enabled!` on [`TARGET`]), so `log.filter` and `RUST_LOG`
-//! switch it off as before.
+//! subscriber (`tracing::enabled!` on [`TARGET`]) when the server is built, so `log.filter` and
+//! `RUST_LOG` switch it off as before.
 
 use std::{cell::RefCell, sync::OnceLock};
 
@@ -36,12 +36,20 @@ pub(super) fn write_directly_to(writer: BatchWriter) {
 pub struct AccessLine<'a> {
     pub level: Level,
     pub method: &'a str,
+    /// `method` is a path the server serves, from its own tables: written without the escaping
+    /// scan. False for a client's unknown path, which may hold anything.
+    pub served: bool,
+    /// Digits, dots, colons, brackets and `unix:uid=..,pid=..`: written without the escaping scan.
     pub peer: Option<&'a str>,
-    pub auth: &'a str,
+    /// A name from a fixed set ([`Caller::class`](crate::call::auth::Caller::class)): written
+    /// without the escaping scan, as are `level` and `code`.
+    pub auth: &'static str,
     pub identity: Option<&'a str>,
-    pub code: &'a str,
+    /// The status code's name (`OK`, `NOT_FOUND`, ...).
+    pub code: &'static str,
     pub duration_ms: f64,
     pub request_id: &'a str,
+    /// 32 hex digits: written without the escaping scan.
     pub trace_id: Option<&'a str>,
     pub fault: Option<&'a str>,
     pub refused: Option<&'a str>,
@@ -131,18 +139,22 @@ impl AccessLine<'_> {
         line.push_str("\",\"level\":\"");
         line.push_str(self.level.as_str());
         line.push_str("\",\"method\":");
-        let _ = write_string(line, self.method);
-        member(line, "peer", self.peer);
+        if self.served {
+            plain(line, self.method);
+        } else {
+            let _ = write_string(line, self.method);
+        }
+        plain_member(line, "peer", self.peer);
         line.push_str(",\"auth\":");
-        let _ = write_string(line, self.auth);
+        plain(line, self.auth);
         member(line, "identity", self.identity);
         line.push_str(",\"code\":");
-        let _ = write_string(line, self.code);
+        plain(line, self.code);
         line.push_str(",\"duration_ms\":");
         let _ = write_f64(line, self.duration_ms);
         line.push_str(",\"request_id\":");
         let _ = write_string(line, self.request_id);
-        member(line, "trace_id", self.trace_id);
+        plain_member(line, "trace_id", self.trace_id);
         member(line, "fault", self.fault);
         member(line, "refused", self.refused);
         line.push_str(",\"message\":\"");
@@ -150,6 +162,24 @@ impl AccessLine<'_> {
         line.push_str("\",\"target\":\"");
         line.push_str(TARGET);
         line.push_str("\"}\n");
+    }
+}
+
+/// `value` as a JSON string, for values of the server's own making that need no escaping
+/// (`AccessLine`'s test compares the line with the tracing event's, which escapes everything).
+fn plain(line: &mut String, value: &str) {
+    line.push('"');
+    line.push_str(value);
+    line.push('"');
+}
+
+/// `,"name":"value"` without escaping (see [`plain`]), or nothing for `None`.
+fn plain_member(line: &mut String, name: &str, value: Option<&str>) {
+    if let Some(value) = value {
+        line.push_str(",\"");
+        line.push_str(name);
+        line.push_str("\":");
+        plain(line, value);
     }
 }
 
@@ -184,6 +214,7 @@ mod tests {
         let full = AccessLine {
             level: Level::INFO,
             method: "/helloworld.Greeter/SayHello",
+            served: true,
             peer: Some("127.0.0.1:4242"),
             auth: "jwt",
             identity: Some("spiffe://example.org/\"quoted\"\\\n"),
@@ -205,7 +236,13 @@ mod tests {
             code: "OK",
             ..full
         };
-        for line in [full, bare] {
+        let unknown = AccessLine {
+            method: "/\"odd\\path\u{1}",
+            served: false,
+            peer: Some("[::1%3]:4242"),
+            ..bare
+        };
+        for line in [full, bare, unknown] {
             let mut direct = String::new();
             line.format(&mut direct);
             let event = as_event(&line);
@@ -216,11 +253,37 @@ mod tests {
     }
 
     #[test]
+    fn the_names_written_plainly_need_no_escaping() {
+        use crate::{call::auth::Caller, ops::metrics::grpc::CODE_NAMES};
+        let name: std::sync::Arc<str> = "n".into();
+        let callers = [
+            Caller::Anonymous,
+            Caller::Token(name.clone()),
+            Caller::Jwt {
+                subject: name.clone(),
+                issuer: name,
+            },
+            Caller::ClientCert("c".into()),
+        ];
+        for written in CODE_NAMES
+            .iter()
+            .copied()
+            .chain(callers.iter().map(Caller::class))
+        {
+            let (mut plainly, mut escaped) = (String::new(), String::new());
+            plain(&mut plainly, written);
+            write_string(&mut escaped, written).unwrap();
+            assert_eq!(plainly, escaped);
+        }
+    }
+
+    #[test]
     fn levels_are_written_as_tracing_names_them() {
         let mut line = String::new();
         AccessLine {
             level: Level::DEBUG,
             method: "/grpc.health.v1.Health/Check",
+            served: true,
             peer: None,
             auth: "none",
             identity: None,
