@@ -49,6 +49,24 @@ pub struct PeerInfo {
     pub remote_addr: PeerAddr,
     /// The verified client certificate's identity, when the client presented one.
     pub client_cert: Option<Arc<ClientIdentity>>,
+    /// `remote_addr` as text, made once per connection: the access line writes it on every call.
+    remote_text: Arc<str>,
+}
+
+impl PeerInfo {
+    pub fn new(remote_addr: PeerAddr, client_cert: Option<Arc<ClientIdentity>>) -> Self {
+        Self {
+            remote_addr,
+            client_cert,
+            remote_text: remote_addr.to_string().into(),
+        }
+    }
+
+    /// The peer's address as `Display` writes it: digits, dots, colons, brackets and `%` for an
+    /// IPv6 address, `unix:uid=..,pid=..` for a Unix socket client.
+    pub fn remote_text(&self) -> &str {
+        &self.remote_text
+    }
 }
 
 /// Where a connection comes from.
@@ -408,13 +426,7 @@ pub async fn accept(
             _permit: permit,
             _peer: peer_slot,
         };
-        let plain = |io| {
-            let peer = PeerInfo {
-                remote_addr,
-                client_cert: None,
-            };
-            Connection::new(io, peer)
-        };
+        let plain = |io| Connection::new(io, PeerInfo::new(remote_addr, None));
         let tcp = match stream {
             Either::Left(tcp) => tcp,
             Either::Right(unix) => {
@@ -454,10 +466,7 @@ pub async fn accept(
                     let revocable = trust
                         .and_then(|trust| PresentedChain::new(certs, trust))
                         .map(|chain| Revocable { chain, revoked });
-                    let peer = PeerInfo {
-                        remote_addr,
-                        client_cert,
-                    };
+                    let peer = PeerInfo::new(remote_addr, client_cert);
                     let io = Either::Right(Either::Left(Box::new(stream)));
                     let connection = Connection {
                         revocable,

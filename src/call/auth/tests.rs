@@ -26,15 +26,15 @@ fn headers(value: Option<&str>) -> http::HeaderMap {
 }
 
 fn peer(with_cert: bool) -> PeerInfo {
-    PeerInfo {
-        remote_addr: PeerAddr::Tcp("127.0.0.1:1".parse().unwrap()),
-        client_cert: with_cert.then(|| {
+    PeerInfo::new(
+        PeerAddr::Tcp("127.0.0.1:1".parse().unwrap()),
+        with_cert.then(|| {
             Arc::new(ClientIdentity {
                 subject: "CN=client".into(),
                 sans: vec![],
             })
         }),
-    }
+    )
 }
 
 impl Authenticator {

@@ -13,8 +13,6 @@ pub mod request_id;
 pub mod trace;
 
 use std::{
-    fmt,
-    net::SocketAddr,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -41,7 +39,7 @@ use crate::{
     call::resolve::Resolver,
     ops::logging::access::{self, AccessLine},
     ops::metrics::{MethodMetrics, grpc::CODE_NAMES},
-    transport::listener::{PeerAddr, PeerInfo},
+    transport::listener::PeerInfo,
 };
 
 /// The target of the per-call log line: `greeter::access=off` in `log.filter` switches it off.
@@ -274,17 +272,16 @@ impl Drop for CallRecord {
             return;
         };
         let (auth, identity) = identity(log.caller.as_ref(), log.peer.as_ref());
-        let peer = log.peer.as_ref().map(|p| PeerText::new(p.remote_addr));
         let line = AccessLine {
             level: if log.quiet { Level::DEBUG } else { Level::INFO },
             method: log.unknown_path.as_deref().unwrap_or(self.method.path()),
             served: log.unknown_path.is_none(),
-            peer: peer.as_ref().map(PeerText::as_str),
+            peer: log.peer.as_ref().map(PeerInfo::remote_text),
             auth,
             identity,
             code: CODE_NAMES[usize::from(code)],
-            // Microseconds fit a u64 for 584,000 years, and a u64 converts in one instruction.
-            duration_ms: took.as_micros() as u64 as f64 / 1000.0,
+            // Microseconds fit a u64 for 584,000 years.
+            duration_us: took.as_micros() as u64,
             request_id: log.request_id.to_str().unwrap_or_default(),
             trace_id: trace.as_deref().map(CallSpan::trace_id),
             fault: log.fault.as_ref().map(|f| &*f.0),
@@ -310,66 +307,6 @@ fn identity<'a>(
             Some(cert) => ("client_cert", Some(&cert.subject)),
             None => ("none", None),
         },
-    }
-}
-
-/// A peer address as text, built on the stack: `SocketAddr`'s `Display` goes through `fmt` once
-/// per octet, which alone cost as much as the rest of an access line.
-struct PeerText {
-    bytes: [u8; 64],
-    len: usize,
-}
-
-impl PeerText {
-    fn new(addr: PeerAddr) -> Self {
-        let mut text = Self {
-            bytes: [0; 64],
-            len: 0,
-        };
-        let mut digits = itoa::Buffer::new();
-        match addr {
-            PeerAddr::Tcp(SocketAddr::V4(v4)) => {
-                for (i, octet) in v4.ip().octets().into_iter().enumerate() {
-                    if i > 0 {
-                        text.push(".");
-                    }
-                    text.push(digits.format(octet));
-                }
-                text.push(":");
-                text.push(digits.format(v4.port()));
-            }
-            // At most 63 bytes (`[` 39 `%` 10 `]:` 5), so it fits.
-            PeerAddr::Tcp(SocketAddr::V6(v6)) => {
-                let _ = fmt::Write::write_fmt(&mut text, format_args!("{v6}"));
-            }
-            // At most 39 bytes.
-            PeerAddr::Unix { uid, pid } => {
-                text.push("unix:uid=");
-                text.push(digits.format(uid));
-                if let Some(pid) = pid {
-                    text.push(",pid=");
-                    text.push(digits.format(pid));
-                }
-            }
-        }
-        text
-    }
-
-    fn push(&mut self, s: &str) {
-        let end = (self.len + s.len()).min(self.bytes.len());
-        self.bytes[self.len..end].copy_from_slice(&s.as_bytes()[..end - self.len]);
-        self.len = end;
-    }
-
-    fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.bytes[..self.len]).expect("whole ASCII pieces only")
-    }
-}
-
-impl fmt::Write for PeerText {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        self.push(s);
-        Ok(())
     }
 }
 
@@ -548,6 +485,7 @@ impl<B> Drop for ObserveBody<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::listener::PeerAddr;
 
     fn headers(status: &'static str) -> HeaderMap {
         let mut headers = HeaderMap::new();
@@ -583,13 +521,13 @@ mod tests {
 
     #[test]
     fn identity_prefers_the_admitted_caller_then_the_certificate() {
-        let cert = PeerInfo {
-            remote_addr: PeerAddr::Tcp("127.0.0.1:1".parse().unwrap()),
-            client_cert: Some(Arc::new(crate::transport::tls::ClientIdentity {
+        let cert = PeerInfo::new(
+            PeerAddr::Tcp("127.0.0.1:1".parse().unwrap()),
+            Some(Arc::new(crate::transport::tls::ClientIdentity {
                 subject: "CN=client".into(),
                 sans: vec![],
             })),
-        };
+        );
         let token = Caller::Token("ci".into());
         assert_eq!(identity(Some(&token), Some(&cert)), ("token", Some("ci")));
         assert_eq!(
@@ -597,28 +535,5 @@ mod tests {
             ("client_cert", Some("CN=client"))
         );
         assert_eq!(identity(None, None), ("none", None));
-    }
-
-    #[test]
-    fn peer_text_matches_display() {
-        for addr in [
-            "0.0.0.0:0",
-            "127.0.0.1:50051",
-            "255.255.255.255:65535",
-            "[::1]:8080",
-            "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff%4294967295]:65535",
-        ] {
-            let addr = PeerAddr::Tcp(addr.parse().unwrap());
-            assert_eq!(PeerText::new(addr).as_str(), addr.to_string());
-        }
-        for addr in [
-            PeerAddr::Unix {
-                uid: u32::MAX,
-                pid: Some(i32::MIN),
-            },
-            PeerAddr::Unix { uid: 0, pid: None },
-        ] {
-            assert_eq!(PeerText::new(addr).as_str(), addr.to_string());
-        }
     }
 }

@@ -27,10 +27,7 @@ fn quotas(config: &QuotaConfig) -> Quotas {
 }
 
 fn peer(addr: &str) -> PeerInfo {
-    PeerInfo {
-        remote_addr: PeerAddr::Tcp(addr.parse::<SocketAddr>().unwrap()),
-        client_cert: None,
-    }
+    PeerInfo::new(PeerAddr::Tcp(addr.parse::<SocketAddr>().unwrap()), None)
 }
 
 #[test]

@@ -18,7 +18,7 @@ use tracing::Level;
 
 use super::{
     batch::BatchWriter,
-    json::{write_f64, write_string, write_timestamp},
+    json::{write_millis, write_string, write_timestamp},
 };
 
 /// The writer access lines go to directly: set once the server's subscriber writes JSON lines
@@ -47,7 +47,8 @@ pub struct AccessLine<'a> {
     pub identity: Option<&'a str>,
     /// The status code's name (`OK`, `NOT_FOUND`, ...).
     pub code: &'static str,
-    pub duration_ms: f64,
+    /// The call's duration, written as milliseconds (`duration_ms`, up to three decimals).
+    pub duration_us: u64,
     pub request_id: &'a str,
     /// 32 hex digits: written without the escaping scan.
     pub trace_id: Option<&'a str>,
@@ -85,7 +86,7 @@ impl AccessLine<'_> {
                     auth = self.auth,
                     identity = self.identity,
                     code = self.code,
-                    duration_ms = self.duration_ms,
+                    duration_ms = self.duration_us as f64 / 1000.0,
                     request_id = self.request_id,
                     trace_id = self.trace_id,
                     fault = self.fault,
@@ -151,7 +152,7 @@ impl AccessLine<'_> {
         line.push_str(",\"code\":");
         plain(line, self.code);
         line.push_str(",\"duration_ms\":");
-        let _ = write_f64(line, self.duration_ms);
+        let _ = write_millis(line, self.duration_us);
         line.push_str(",\"request_id\":");
         let _ = write_string(line, self.request_id);
         plain_member(line, "trace_id", self.trace_id);
@@ -219,7 +220,7 @@ mod tests {
             auth: "jwt",
             identity: Some("spiffe://example.org/\"quoted\"\\\n"),
             code: "PERMISSION_DENIED",
-            duration_ms: 12.345,
+            duration_us: 12_345,
             request_id: "0123456789abcdef0123456789abcdef",
             trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736"),
             fault: Some("delay"),
@@ -231,7 +232,7 @@ mod tests {
             trace_id: None,
             fault: None,
             refused: None,
-            duration_ms: 0.001,
+            duration_us: 1,
             auth: "none",
             code: "OK",
             ..full
@@ -288,7 +289,7 @@ mod tests {
             auth: "none",
             identity: None,
             code: "OK",
-            duration_ms: 0.5,
+            duration_us: 500,
             request_id: "r",
             trace_id: None,
             fault: None,

@@ -292,6 +292,31 @@ pub(super) fn write_f64(writer: &mut impl fmt::Write, value: f64) -> fmt::Result
     }
 }
 
+/// `micros` microseconds as milliseconds: the text [`write_f64`] gives `micros as f64 / 1000.0`
+/// (the shortest that reads back, `12.345`, `0.5`, `3.0`), from integer digits rather than
+/// through a float formatter.
+pub(super) fn write_millis(writer: &mut impl fmt::Write, micros: u64) -> fmt::Result {
+    // Below 2^50 the float's spacing is far finer than a microsecond: the shortest text that reads
+    // back is the decimal itself. Past it (35 years) the float formatter decides.
+    if micros >= 1 << 50 {
+        return write_f64(writer, micros as f64 / 1000.0);
+    }
+    let mut digits = itoa::Buffer::new();
+    writer.write_str(digits.format(micros / 1000))?;
+    writer.write_char('.')?;
+    let mut fraction = micros % 1000;
+    if fraction == 0 {
+        return writer.write_char('0');
+    }
+    let mut place = 100;
+    while fraction > 0 {
+        writer.write_char(digit(fraction / place))?;
+        fraction %= place;
+        place /= 10;
+    }
+    Ok(())
+}
+
 /// `s` as a JSON string, quotes included.
 pub(super) fn write_string(writer: &mut impl fmt::Write, s: &str) -> fmt::Result {
     writer.write_char('"')?;
@@ -599,11 +624,34 @@ pub(super) mod tests {
         assert_eq!(at(0, 0), "1970-01-01T00:00:00.000000Z");
         assert_eq!(at(951_782_400, 7), "2000-02-29T00:00:00.000007Z");
         assert_eq!(at(1_795_537_315, 930_074), "2026-11-24T16:21:55.930074Z");
+        // The same second again, from the thread's kept text; then the next one.
+        assert_eq!(at(1_795_537_315, 40), "2026-11-24T16:21:55.000040Z");
+        assert_eq!(at(1_795_537_316, 0), "2026-11-24T16:21:56.000000Z");
         assert_eq!(at(4_102_444_799, 999_999), "2099-12-31T23:59:59.999999Z");
         // Past the century (2100 is not a leap year) and on the last day of a 400-year era.
         assert_eq!(at(4_107_585_600, 0), "2100-03-01T12:00:00.000000Z");
         assert_eq!(at(4_133_980_800, 0), "2101-01-01T00:00:00.000000Z");
         assert_eq!(at(13_574_649_599, 0), "2400-02-29T23:59:59.000000Z");
+        assert_eq!(at(0, 999_999), "1970-01-01T00:00:00.999999Z");
+    }
+
+    #[test]
+    fn milliseconds_read_as_the_float_formatter_writes_them() {
+        let check = |micros: u64| {
+            let (mut direct, mut float) = (String::new(), String::new());
+            write_millis(&mut direct, micros).unwrap();
+            write_f64(&mut float, micros as f64 / 1000.0).unwrap();
+            assert_eq!(direct, float, "{micros} µs");
+        };
+        (0..=200_000).for_each(check);
+        let mut rng = fastrand::Rng::with_seed(25);
+        for _ in 0..200_000 {
+            let bits = rng.u32(17..=52);
+            check(rng.u64(..1 << bits));
+        }
+        [(1 << 50) - 1, 1 << 50, u64::MAX]
+            .into_iter()
+            .for_each(check);
     }
 
     #[test]
