@@ -512,6 +512,25 @@ pub async fn wait_for_metric(metrics_addr: SocketAddr, series: &str, want: f64) 
     }
 }
 
+/// Polls `server`'s captured logs (every 20ms) until `found` returns `Some` for them, or fails
+/// after `within` with `what` and the logs so far.
+pub async fn wait_for_log_line<T>(
+    server: &BinaryServer,
+    within: Duration,
+    what: &str,
+    mut found: impl FnMut(&str) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        let logs = server.logs.lock().unwrap().clone();
+        if let Some(found) = found(&logs) {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "{what}:\n{logs}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A TCP connection to `addr` from `source` (any 127.0.0.0/8 address is loopback).
 pub async fn tcp_from(
     source: std::net::Ipv4Addr,

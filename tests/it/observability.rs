@@ -641,23 +641,19 @@ async fn the_binary_logs_one_json_access_line_per_call_with_its_request_id() {
         .insert("x-request-id", "after-health".parse().unwrap());
     client.say_hello(last).await.unwrap();
 
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let lines = loop {
-        let logs = server.logs.lock().unwrap().clone();
-        let lines = access_lines(&logs);
-        if lines
-            .iter()
-            .any(|line| line["request_id"] == "after-health")
-        {
-            break lines;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no access line for the last call within 5s:\n{logs}"
-        );
-        drop(logs);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let lines = common::wait_for_log_line(
+        &server,
+        Duration::from_secs(5),
+        "no access line for the last call within 5s",
+        |logs| {
+            let lines = access_lines(logs);
+            lines
+                .iter()
+                .any(|line| line["request_id"] == "after-health")
+                .then_some(lines)
+        },
+    )
+    .await;
     let logs = server.logs.lock().unwrap().clone();
     assert!(
         lines
@@ -745,18 +741,13 @@ async fn a_refusal_for_a_missing_scope_logs_who_was_refused() {
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
 
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let line = loop {
-        let logs = server.logs.lock().unwrap().clone();
-        if let Some(line) = access_lines(&logs)
-            .into_iter()
-            .find(|line| line["request_id"] == "access-log-denied")
-        {
-            break line;
-        }
-        assert!(Instant::now() < deadline, "no access line:\n{logs}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let line =
+        common::wait_for_log_line(&server, Duration::from_secs(5), "no access line", |logs| {
+            access_lines(logs)
+                .into_iter()
+                .find(|line| line["request_id"] == "access-log-denied")
+        })
+        .await;
     // The token was verified; only its scope was missing: the line names its holder.
     assert_eq!(line["code"], "PermissionDenied", "{line}");
     assert_eq!(line["auth"], "token", "{line}");
@@ -927,23 +918,19 @@ async fn calls_are_logged_without_a_metrics_listener() {
     call.metadata_mut()
         .insert("x-request-id", "unmetered".parse().unwrap());
     GreeterClient::new(channel).say_hello(call).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let logs = server.logs.lock().unwrap().clone();
-        if let Some(line) = access_lines(&logs)
-            .into_iter()
-            .find(|line| line["request_id"] == "unmetered")
-        {
-            assert_eq!(line["method"], "/helloworld.Greeter/SayHello", "{line}");
-            assert_eq!(line["code"], "OK", "{line}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no access line within 5s:\n{logs}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let line = common::wait_for_log_line(
+        &server,
+        Duration::from_secs(5),
+        "no access line within 5s",
+        |logs| {
+            access_lines(logs)
+                .into_iter()
+                .find(|line| line["request_id"] == "unmetered")
+        },
+    )
+    .await;
+    assert_eq!(line["method"], "/helloworld.Greeter/SayHello", "{line}");
+    assert_eq!(line["code"], "OK", "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -969,15 +956,11 @@ async fn access_off_in_the_filter_and_rust_log_taking_precedence() {
         // Everything the process logs is in once its last line is.
         let (code, _) = server.terminate();
         assert_eq!(code, Some(0));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let logs = loop {
-            let logs = server.logs.lock().unwrap().clone();
-            if logs.contains("all calls finished") {
-                break logs;
-            }
-            assert!(Instant::now() < deadline, "no last line:\n{logs}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let logs =
+            common::wait_for_log_line(&server, Duration::from_secs(5), "no last line", |logs| {
+                logs.contains("all calls finished").then(|| logs.to_owned())
+            })
+            .await;
         assert_eq!(
             access_lines(&logs).len(),
             access_lines_wanted,
@@ -1059,15 +1042,11 @@ async fn a_malformed_authority_is_warned_about_once() {
         .await
         .unwrap();
     GreeterClient::new(channel).say_hello(call).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let logs = loop {
-        let logs = server.logs.lock().unwrap().clone();
-        if logs.contains("after-refusals") {
-            break logs;
-        }
-        assert!(Instant::now() < deadline, "no access line:\n{logs}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let logs =
+        common::wait_for_log_line(&server, Duration::from_secs(5), "no access line", |logs| {
+            logs.contains("after-refusals").then(|| logs.to_owned())
+        })
+        .await;
     let warnings: Vec<serde_json::Value> = logs
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
@@ -1153,23 +1132,21 @@ async fn the_cancellation_line_carries_the_calls_request_id() {
         .into_inner();
     replies.message().await.unwrap().unwrap();
     drop(replies);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let line = loop {
-        let logs = server.logs.lock().unwrap().clone();
-        if let Some(line) = logs
-            .lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .find(|event| {
-                event["message"]
-                    .as_str()
-                    .is_some_and(|m| m.starts_with("call cancelled"))
-            })
-        {
-            break line;
-        }
-        assert!(Instant::now() < deadline, "no cancellation line:\n{logs}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let line = common::wait_for_log_line(
+        &server,
+        Duration::from_secs(5),
+        "no cancellation line",
+        |logs| {
+            logs.lines()
+                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                .find(|event| {
+                    event["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("call cancelled"))
+                })
+        },
+    )
+    .await;
     assert_eq!(line["span"]["request_id"], "cancelled-call", "{line}");
     assert_eq!(line["span"]["name"], "grpc", "{line}");
 }
