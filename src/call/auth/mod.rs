@@ -406,14 +406,19 @@ fn bearer_token(headers: &http::HeaderMap) -> Result<Option<&str>, Status> {
 /// extensions (for the access log, which wraps this layer and never sees the request again).
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
-    auth: Option<Authenticator>,
+    /// Behind one `Arc`: hyper clones the connection's stack for every call, and the
+    /// authenticator's own seven would cost that clone (and its drop) seven counts each.
+    auth: Option<Arc<Authenticator>>,
     failures: CounterSet,
 }
 
 impl AuthLayer {
     /// `failures` counts refusals by reason ([`REFUSAL_REASONS`]).
     pub fn new(auth: Option<Authenticator>, failures: CounterSet) -> Self {
-        Self { auth, failures }
+        Self {
+            auth: auth.map(Arc::new),
+            failures,
+        }
     }
 }
 
@@ -435,7 +440,7 @@ impl<S> Layer<S> for AuthLayer {
 #[derive(Debug, Clone)]
 pub struct AuthService<S> {
     inner: S,
-    auth: Option<Authenticator>,
+    auth: Option<Arc<Authenticator>>,
     failures: CounterSet,
     /// The stack is built per connection, and hyper clones it per call: shared by the
     /// connection's calls only. `None` where no bearer token is accepted, so no call pays for it.
