@@ -112,7 +112,8 @@ impl Logs {
 }
 
 impl ObserveLayer {
-    /// Built after the process's subscriber is installed: see [`ObserveLayer::logs`].
+    /// Built after the process's subscriber is installed: the layer asks it once what the log
+    /// filter lets through.
     pub fn new(methods: Arc<Resolver>, count: bool) -> Self {
         Self {
             methods,
