@@ -39,7 +39,8 @@ pub struct AccessLine<'a> {
     /// `method` is a path the server serves, from its own tables: written without the escaping
     /// scan. False for a client's unknown path, which may hold anything.
     pub served: bool,
-    /// Digits, dots, colons, brackets and `unix:uid=..,pid=..`: written without the escaping scan.
+    /// Digits, dots, colons, brackets, `%` and `unix:uid=..,pid=..`: written without the escaping
+    /// scan.
     pub peer: Option<&'a str>,
     /// A name from a fixed set ([`Caller::class`](crate::call::auth::Caller::class)): written
     /// without the escaping scan, as are `level` and `code`.
@@ -140,24 +141,20 @@ impl AccessLine<'_> {
         line.push_str("\",\"level\":\"");
         line.push_str(self.level.as_str());
         line.push_str("\",\"method\":");
-        if self.served {
-            plain(line, self.method);
-        } else {
-            let _ = write_string(line, self.method);
-        }
-        plain_member(line, "peer", self.peer);
+        string(line, self.method, !self.served);
+        member(line, "peer", self.peer, false);
         line.push_str(",\"auth\":");
         plain(line, self.auth);
-        member(line, "identity", self.identity);
+        member(line, "identity", self.identity, true);
         line.push_str(",\"code\":");
         plain(line, self.code);
         line.push_str(",\"duration_ms\":");
         let _ = write_millis(line, self.duration_us);
         line.push_str(",\"request_id\":");
         let _ = write_string(line, self.request_id);
-        plain_member(line, "trace_id", self.trace_id);
-        member(line, "fault", self.fault);
-        member(line, "refused", self.refused);
+        member(line, "trace_id", self.trace_id, false);
+        member(line, "fault", self.fault, true);
+        member(line, "refused", self.refused, true);
         line.push_str(",\"message\":\"");
         line.push_str(MESSAGE);
         line.push_str("\",\"target\":\"");
@@ -174,23 +171,22 @@ fn plain(line: &mut String, value: &str) {
     line.push('"');
 }
 
-/// `,"name":"value"` without escaping (see [`plain`]), or nothing for `None`.
-fn plain_member(line: &mut String, name: &str, value: Option<&str>) {
-    if let Some(value) = value {
-        line.push_str(",\"");
-        line.push_str(name);
-        line.push_str("\":");
+/// `value` as a JSON string: escaped, or as it is where it is the server's own (see [`plain`]).
+fn string(line: &mut String, value: &str, escape: bool) {
+    if escape {
+        let _ = write_string(line, value);
+    } else {
         plain(line, value);
     }
 }
 
 /// `,"name":"value"`, or nothing for `None`.
-fn member(line: &mut String, name: &str, value: Option<&str>) {
+fn member(line: &mut String, name: &str, value: Option<&str>, escape: bool) {
     if let Some(value) = value {
         line.push_str(",\"");
         line.push_str(name);
         line.push_str("\":");
-        let _ = write_string(line, value);
+        string(line, value, escape);
     }
 }
 
